@@ -1,0 +1,574 @@
+"""Typed configuration: one dataclass per concern, YAML + ``key=value`` overrides.
+
+Load with :func:`load_config`::
+
+    cfg = load_config("configs/embedded.yaml", ["backbone.steps=40", "decode.gamma=1.0"])
+
+Every dataclass validates itself in ``__post_init__`` and raises :class:`ConfigError`
+whose message names the field (``backbone.steps``), the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config field '{name}' = {value!r} is invalid: expected {allowed}")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, "a finite number")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(
+            name,
+            value,
+            f"a number {'>' if lo_open else '>='} {lo}"
+            + (f" and {'<' if hi_open else '<='} {hi}" if hi is not None else ""),
+        )
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        _fail(
+            name,
+            value,
+            f"a number {'<' if hi_open else '<='} {hi}"
+            + (f" and {'>' if lo_open else '>='} {lo}" if lo is not None else ""),
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(name, value, f"one of {list(choices)}")
+
+
+METHODS = ("rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "base", "morlhf", "ric", "modpo")
+"""Decoding methods the engine knows (``base`` = plain SFT/base policy)."""
+
+
+@dataclass
+class ModelConfig:
+    """The base (SFT) policy every adapter is trained on."""
+
+    name_or_path: str = "embedded:smollm2-135m-instruct"
+    """HF hub id, local directory, ``embedded:smollm2-135m-instruct`` or ``tiny-random``."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16."""
+    trust_remote_code: bool = False
+    """Run model code from the hub. Off unless you trust the repository."""
+    max_context: int = 1024
+    """Prompt + completion token limit enforced by decoding and serving."""
+    chat_template: bool = True
+    """Wrap prompts with the tokenizer's chat template when it has one."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
+            _fail("model.name_or_path", self.name_or_path, "a HF id, a local path or 'embedded:<name>'")
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_range("model.max_context", self.max_context, 16, 1_000_000)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA shape shared by backbones (value models may override ``r``)."""
+
+    r: int = 8
+    """Rank (paper: 64 on Llama-2-7B)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the delta is (alpha / r) * B A (paper: 128)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Linear layer names to adapt (attention and/or MLP projections)."""
+
+    def __post_init__(self) -> None:
+        _check_range("lora.r", self.r, 1, 4096)
+        _check_range("lora.alpha", self.alpha, 0, None, lo_open=True)
+        _check_range("lora.dropout", self.dropout, 0, 1, hi_open=True)
+        if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
+            _fail("lora.target_modules", self.target_modules, "a non-empty list of module names")
+
+
+@dataclass
+class TaskConfig:
+    """Prompts and objectives (reward functions)."""
+
+    name: str = "embedded"
+    """Prompt source: embedded | hh_rlhf | summary | parquet (a file with a 'prompt' column)."""
+    objectives: list[str] = field(default_factory=lambda: ["relevance", "positivity"])
+    """Objective names from the registry (see mage_ray.tasks.objectives), or 'hf:<id or path>[@index]'."""
+    data_path: str | None = None
+    """Dataset id or local file/dir for hh_rlhf / summary / parquet tasks (None: the task's default)."""
+    n_train: int = 256
+    """Training prompts used (at most)."""
+    n_val: int = 16
+    """Validation prompts used by sweeps (at most)."""
+    n_test: int = 64
+    """Test prompts used by evaluation (at most)."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (in tokens) are truncated from the left."""
+    reward_device: str = "cpu"
+    """Device for reward models: cpu | cuda."""
+
+    def __post_init__(self) -> None:
+        _check_choice("task.name", self.name, ("embedded", "hh_rlhf", "summary", "parquet"))
+        if not isinstance(self.objectives, list) or len(self.objectives) < 2:
+            _fail("task.objectives", self.objectives, "a list of at least 2 objective names")
+        if len(set(self.objectives)) != len(self.objectives):
+            _fail("task.objectives", self.objectives, "distinct objective names")
+        for f in ("n_train", "n_val", "n_test"):
+            _check_range(f"task.{f}", getattr(self, f), 1, 10_000_000)
+        _check_range("task.max_prompt_tokens", self.max_prompt_tokens, 8, 1_000_000)
+
+
+@dataclass
+class BackboneConfig:
+    """Stage 1 (Seek): n LoRA backbones, backbone i trained on h_i = w_i^T r (Eq. 11)."""
+
+    trainer: str = "grpo"
+    """grpo | rloo (online, TRL) | wrpo (offline preference optimisation)."""
+    beta: float = 0.7
+    """Dominant weight of B(beta) (Eq. 12); 1.0 = Rewarded Soups backbones."""
+    steps: int = 30
+    """Optimizer steps per backbone."""
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.05
+    """KL penalty coefficient against the base policy (TRL 'beta')."""
+    num_generations: int = 4
+    """Completions sampled per prompt (the GRPO group size)."""
+    prompts_per_step: int = 2
+    """Prompts per optimizer step per worker."""
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    """Sampling temperature during training rollouts."""
+    sft_steps: int = 0
+    """Optional SFT stage before RL (tasks with SFT data only)."""
+    num_workers: int = 1
+    """Ray Train workers per backbone (data parallel)."""
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: str = "PACK"
+    """PACK | SPREAD | STRICT_PACK | STRICT_SPREAD for each backbone's workers."""
+    max_failures: int = 2
+    """Worker failures tolerated per backbone run (resume from last checkpoint)."""
+    checkpoint_every: int = 10
+    """Checkpoint the adapter every this many steps."""
+    morlhf: bool = False
+    """Also train one MORLHF model per evaluation-grid preference (w = mu)."""
+    wrpo_alpha_max: float = 0.5
+    """WRPO: final fusion coefficient of the progressive schedule."""
+    wrpo_sources: list[str] = field(default_factory=list)
+    """WRPO: extra source models (HF ids / paths); the other backbones are always sources."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("backbone.trainer", self.trainer, ("grpo", "rloo", "wrpo"))
+        _check_range("backbone.beta", self.beta, 0, 1)
+        _check_range("backbone.steps", self.steps, 1, 10_000_000)
+        _check_range("backbone.learning_rate", self.learning_rate, 0, 1, lo_open=True)
+        _check_range("backbone.kl_coef", self.kl_coef, 0, None)
+        _check_range("backbone.num_generations", self.num_generations, 2, 1024)
+        _check_range("backbone.prompts_per_step", self.prompts_per_step, 1, 100_000)
+        _check_range("backbone.max_completion_length", self.max_completion_length, 1, 100_000)
+        _check_range("backbone.temperature", self.temperature, 0, 10, lo_open=True)
+        _check_range("backbone.sft_steps", self.sft_steps, 0, 10_000_000)
+        _check_range("backbone.num_workers", self.num_workers, 1, 10_000)
+        _check_choice(
+            "backbone.placement_strategy",
+            self.placement_strategy,
+            ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        )
+        _check_range("backbone.max_failures", self.max_failures, -1, 1000)
+        _check_range("backbone.checkpoint_every", self.checkpoint_every, 1, 10_000_000)
+        _check_range("backbone.wrpo_alpha_max", self.wrpo_alpha_max, 0, 1)
+        _check_resources("backbone.resources_per_worker", self.resources_per_worker)
+
+
+def _check_resources(name: str, res: Any) -> None:
+    if not isinstance(res, dict) or not all(isinstance(k, str) for k in res):
+        _fail(name, res, "a mapping like {CPU: 1, GPU: 1}")
+    for k, v in res.items():
+        _check_range(f"{name}.{k}", v, 0, None)
+
+
+@dataclass
+class ValueConfig:
+    """Stage 2 explicit value models: base + LoRA + vocab-sized head, Eq. 16."""
+
+    rollouts_per_prompt: int = 2
+    """Sampled responses per training prompt for the rollout Parquet."""
+    rollout_max_tokens: int = 32
+    rollout_batch_size: int = 16
+    steps: int = 40
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    val_fraction: float = 0.1
+    """Fraction of rollouts held out for validation MSE and ranking accuracy."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in (
+            "rollouts_per_prompt",
+            "rollout_max_tokens",
+            "rollout_batch_size",
+            "steps",
+            "batch_size",
+            "lora_r",
+            "num_workers",
+        ):
+            _check_range(f"value.{f}", getattr(self, f), 1, 10_000_000)
+        _check_range("value.learning_rate", self.learning_rate, 0, 1, lo_open=True)
+        _check_range("value.lora_alpha", self.lora_alpha, 0, None, lo_open=True)
+        _check_range("value.val_fraction", self.val_fraction, 0, 1, hi_open=True)
+        _check_resources("value.resources_per_worker", self.resources_per_worker)
+
+
+@dataclass
+class SweepConfig:
+    """Ray Tune sweep of beta (trains), then alpha and gamma (decode only), by hypervolume."""
+
+    betas: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 1.0, 3.0, 5.0])
+    beta_step_fraction: float = 0.2
+    """Fraction of backbone.steps used by each beta trial (paper: 20%)."""
+    gamma_method: str = "mage-e-m"
+    """Method whose gamma is tuned."""
+    grid_step: float = 0.25
+    """Preference-grid step used on validation prompts during the sweep."""
+    max_concurrent_trials: int = 0
+    """0 = as many as the cluster's resources hold."""
+    train_full: bool = True
+    """Train the chosen beta for the full backbone.steps (else keep the trial's backbones)."""
+
+    def __post_init__(self) -> None:
+        if not self.betas:
+            _fail("sweep.betas", self.betas, "a non-empty list")
+        for b in self.betas:
+            _check_range("sweep.betas[]", b, 0, 1)
+        for a in self.alphas:
+            _check_range("sweep.alphas[]", a, -1, 10)
+        for g in self.gammas:
+            _check_range("sweep.gammas[]", g, 0, 1000)
+        _check_range("sweep.beta_step_fraction", self.beta_step_fraction, 0, 1, lo_open=True)
+        _check_choice("sweep.gamma_method", self.gamma_method, METHODS)
+        _check_range("sweep.grid_step", self.grid_step, 0, 1, lo_open=True)
+        _check_range("sweep.max_concurrent_trials", self.max_concurrent_trials, 0, 10_000)
+
+
+@dataclass
+class DecodeConfig:
+    """Defaults of the decode engine (every request may override them)."""
+
+    method: str = "mage-e-m"
+    gamma: float = 1.0
+    """Guidance strength in pi_base * exp(gamma * V) (Eq. 25)."""
+    alpha: float = 0.0
+    """Extrapolation away from the SFT model (Eq. 13)."""
+    max_new_tokens: int = 48
+    max_tokens_limit: int = 512
+    """Hard upper bound on max_new_tokens a request may ask for."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    beam_width: int = 1
+    """Beam lookahead (Table 4): b beams..."""
+    beam_expansion: int = 1
+    """...each expanded into c candidates..."""
+    lookahead: int = 1
+    """...re-ranked every l tokens."""
+    batch_size: int = 16
+    """Rows decoded together by batch jobs (evaluation, grids)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("decode.method", self.method, METHODS)
+        _check_range("decode.gamma", self.gamma, 0, 1000)
+        _check_range("decode.alpha", self.alpha, -1, 10)
+        _check_range("decode.max_tokens_limit", self.max_tokens_limit, 1, 1_000_000)
+        _check_range("decode.max_new_tokens", self.max_new_tokens, 1, self.max_tokens_limit)
+        _check_range("decode.temperature", self.temperature, 0, 100, lo_open=True)
+        _check_range("decode.top_k", self.top_k, 0, 10_000_000)
+        _check_range("decode.top_p", self.top_p, 0, 1, lo_open=True)
+        for f in ("beam_width", "beam_expansion", "lookahead", "batch_size"):
+            _check_range(f"decode.{f}", getattr(self, f), 1, 100_000)
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve replica pool and HTTP ingress."""
+
+    host: str = "127.0.0.1"
+    """Bind address; localhost unless you mean to expose it."""
+    port: int = 8000
+    num_replicas: int = 1
+    autoscaling: dict[str, Any] | None = None
+    """Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}."""
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    auth_token_env: str | None = None
+    """Name of an environment variable holding a bearer token; None disables auth."""
+    max_body_bytes: int = 1_000_000
+    max_prompts_per_grid: int = 64
+    max_grid_points: int = 256
+
+    def __post_init__(self) -> None:
+        _check_range("serve.port", self.port, 1, 65535)
+        _check_range("serve.num_replicas", self.num_replicas, 1, 10_000)
+        _check_range("serve.max_batch_size", self.max_batch_size, 1, 4096)
+        _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0, 60)
+        _check_range("serve.max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, 1_000_000)
+        _check_range("serve.num_cpus", self.num_cpus, 0, 1024)
+        _check_range("serve.num_gpus", self.num_gpus, 0, 64)
+        _check_range("serve.max_body_bytes", self.max_body_bytes, 1024, 1 << 31)
+        _check_range("serve.max_prompts_per_grid", self.max_prompts_per_grid, 1, 100_000)
+        _check_range("serve.max_grid_points", self.max_grid_points, 1, 100_000)
+        if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
+            _fail("serve.autoscaling", self.autoscaling, "a mapping (Serve autoscaling_config) or null")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation over a preference grid."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m"]
+    )
+    grid_step: float = 0.1
+    """Simplex-lattice step (2 objectives, 0.1 -> 11 points)."""
+    ref_point: list[float] | None = None
+    """Hypervolume reference point (one per objective); None = the task's recorded default."""
+    min_test_prompts: int = 4
+    """Refuse to evaluate on fewer test prompts than this."""
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            _check_choice("eval.methods[]", m, METHODS)
+        _check_range("eval.grid_step", self.grid_step, 0, 1, lo_open=True)
+        if self.ref_point is not None:
+            for v in self.ref_point:
+                _check_range("eval.ref_point[]", v)
+        _check_range("eval.min_test_prompts", self.min_test_prompts, 1, 1_000_000)
+
+
+@dataclass
+class StorageConfig:
+    """Where runs, checkpoints, bundles and reports go."""
+
+    storage_path: str = "runs"
+    """Local directory or cloud URI (s3://, gs://) for Ray Train/Tune storage and artifacts."""
+    run_name: str = "default"
+    cache_dir: str = field(
+        default_factory=lambda: os.environ.get("MAGE_RAY_CACHE", str(Path.home() / ".cache" / "mage_ray"))
+    )
+    """Converted models and other re-usable caches."""
+
+    def __post_init__(self) -> None:
+        if not self.storage_path:
+            _fail("storage.storage_path", self.storage_path, "a directory or a cloud URI")
+        if not self.run_name or "/" in self.run_name:
+            _fail("storage.run_name", self.run_name, "a non-empty name without '/'")
+
+    @property
+    def run_dir(self) -> str:
+        """Root of this run's artifacts: ``<storage_path>/<run_name>``."""
+        return f"{self.storage_path.rstrip('/')}/{self.run_name}"
+
+
+@dataclass
+class Config:
+    """The whole job configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def n_objectives(self) -> int:
+        return len(self.task.objectives)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML/CLI value to the annotated type, or raise naming the field."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if tp is Any:
+        return value
+    if origin is None and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(name, value, f"a mapping of {tp.__name__} fields")
+        return _build(tp, value, name)
+    if origin in (list,):
+        if isinstance(value, str):
+            value = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
+        if not isinstance(value, list):
+            _fail(name, value, "a list")
+        return [_coerce(f"{name}[]", v, args[0]) for v in value] if args else value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            _fail(name, value, "a mapping")
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0]) if len(inner) == 1 else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        _fail(name, value, "true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(name, value, "an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        _fail(name, value, "an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(name, value, "a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(name, value, "a number")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            _fail(name, value, "a string")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config field(s) {unknown} in {where}; allowed: {sorted(known)}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a nested dict plus ``key=value`` overrides."""
+    data = dict(data or {})
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is malformed: expected section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), raw.strip())
+    return _build(Config, data, "")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (shipped configs: configs/*.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
+            )
+    cfg = config_from_dict(data, overrides)
+    _cross_validate(cfg)
+    return cfg
+
+
+def _cross_validate(cfg: Config) -> None:
+    n = cfg.n_objectives
+    if cfg.eval.ref_point is not None and len(cfg.eval.ref_point) != n:
+        _fail("eval.ref_point", cfg.eval.ref_point, f"{n} values, one per objective {cfg.task.objectives}")
+    if not (1.0 / n < cfg.backbone.beta <= 1.0):
+        _fail(
+            "backbone.beta",
+            cfg.backbone.beta,
+            f"a number in (1/n, 1] = ({1.0 / n:.3f}, 1] for n={n} objectives",
+        )
+    for b in cfg.sweep.betas:
+        if not (1.0 / n < b <= 1.0):
+            _fail("sweep.betas[]", b, f"numbers in (1/n, 1] = ({1.0 / n:.3f}, 1]")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML (the exact config a run used, for its manifest)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def add_config_args(parser) -> None:
+    """Standard job CLI: ``--config FILE`` then ``section.field=value`` overrides."""
+    parser.add_argument("--config", default="configs/embedded.yaml", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
