@@ -1,0 +1,519 @@
+"""The end-to-end chain on one config: backbones -> rollouts -> value models -> sweep -> bundle -> report.
+
+Each stage is a plain function that writes its artifacts under ``<run_dir>`` and a stage record
+``<run_dir>/stages/<stage>.json`` when it is done; a rerun (after a crash, ``ray job stop``, or on purpose)
+skips finished stages, and the stages themselves skip finished artifacts (complete manifests, rollout
+shards, finished Tune trials), so nothing is lost and nothing is redone.
+
+Stages (MAGE Sec 5.2):
+  beta       Tune: one trial per beta in sweep.betas; each trains its n backbones for
+             sweep.beta_step_fraction of backbone.steps and reports the validation HV of Bone Soup.
+  backbones  the chosen beta trained in full, and the beta = 1 (Rewarded Soups) backbones that the
+             rs / mod baselines need.
+  rollouts   Ray Data: base-policy samples on training prompts, scored by every objective (Parquet).
+  values     one explicit value model per objective (Ray Train).
+  alpha      Tune: Bone Soup extrapolation alpha (Eq. 13) by validation HV (decode only).
+  gamma      Tune: guidance strength gamma (Eq. 25) of sweep.gamma_method by validation HV (decode only).
+  bundle     the servable bundle with the chosen beta, alpha, gamma, + the sweep report.
+  morlhf     (pipeline, when backbone.morlhf) one model per evaluation-grid preference.
+  evaluate   (pipeline) every method of eval.methods on the test prompts over the eval grid.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mage_ray.config import Config, config_from_dict
+from mage_ray.manifest import join, read_json, write_json_atomic
+
+ONE = 1.0  # beta of Rewarded Soups backbones (B = I)
+
+
+def _stage_path(cfg: Config, stage: str) -> str:
+    return join(cfg.storage.run_dir, "stages", f"{stage}.json")
+
+
+def stage_done(cfg: Config, stage: str) -> dict | None:
+    p = Path(_stage_path(cfg, stage))
+    return read_json(p) if p.exists() else None
+
+
+def _finish(cfg: Config, stage: str, record: dict, t0: float) -> dict:
+    record = {**record, "stage": stage, "seconds": round(time.time() - t0, 1)}
+    write_json_atomic(_stage_path(cfg, stage), record)
+    print(f"[pipeline] stage {stage!r} done in {record['seconds']:.0f} s", flush=True)
+    return record
+
+
+def _banner(stage: str, text: str) -> None:
+    print(f"\n[pipeline] === {stage}: {text}", flush=True)
+
+
+def _short_steps(cfg: Config) -> int:
+    return max(1, int(round(cfg.backbone.steps * cfg.sweep.beta_step_fraction)))
+
+
+def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
+    from mage_ray.train.ray_train import backbone_dir
+
+    return [backbone_dir(cfg, beta, nm) for nm in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation HV of a set of adapters (used inside Tune trials)
+
+
+def validation_hv(
+    cfg: Config, bundle_dir: str, method: str, *, alpha: float | None = None, gamma: float | None = None
+) -> dict:
+    """Decode the validation prompts over the sweep grid with ``method`` and return HV and friends."""
+    from mage_ray.bundle import load_bundle
+    from mage_ray.decode import Engine
+    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.soup import preference_grid
+    from mage_ray.tasks.objectives import load_objectives
+    from mage_ray.tasks.prompts import load_prompts
+
+    objectives = load_objectives(cfg.task)
+    prompts = load_prompts(cfg.task, "validation")
+    engine = Engine(load_bundle(bundle_dir), cfg.decode)
+    grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
+    kw: dict[str, Any] = {}
+    if alpha is not None:
+        kw["alpha"] = float(alpha)
+    if gamma is not None:
+        kw["gamma"] = float(gamma)
+    summary = evaluate(
+        engine,
+        objectives,
+        prompts,
+        [method],
+        grid,
+        ref_point=reference_point(objectives, cfg.eval.ref_point),
+        batch_size=cfg.decode.batch_size,
+        request_kwargs=kw,
+        progress=False,
+    )
+    m = summary["methods"][method]["metrics"]
+    return {
+        "hv": float(m["hv"]),
+        "controllability": float(m["controllability"]),
+        "inner_product": float(m["inner_product"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _beta_trial(params: dict, *, base: dict) -> None:
+    """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
+    from ray import tune
+
+    from mage_ray.bundle import build_bundle
+    from mage_ray.soup import backbone_weights
+    from mage_ray.train.ray_train import backbone_dir, train_backbone_ray
+
+    cfg = config_from_dict(base, [f"backbone.beta={params['backbone.beta']}"])
+    beta = cfg.backbone.beta
+    steps = _short_steps(cfg)
+    names = [f"b{i}_s{steps}" for i in range(cfg.n_objectives)]
+    dirs = [backbone_dir(cfg, beta, nm) for nm in names]
+    t0 = time.time()
+    # Train-inside-Tune: this trial drives one TorchTrainer per backbone (trials run concurrently across betas).
+    for i, (w, nm, d) in enumerate(zip(backbone_weights(cfg.n_objectives, beta), names, dirs)):
+        train_backbone_ray(
+            cfg,
+            w.tolist(),
+            name=nm,
+            out_dir=d,
+            steps=steps,
+            extra_manifest={"kind": "backbone", "beta": beta, "index": i, "sweep_trial": True},
+        )
+    train_s = time.time() - t0
+    bdir = join(cfg.storage.run_dir, "sweep", f"beta_{beta:g}", "bundle")
+    build_bundle(
+        bdir,
+        model=cfg.model,
+        objectives=cfg.task.objectives,
+        beta=beta,
+        backbones=dirs,
+        alpha=0.0,
+        gamma=0.0,
+        default_method="bs",
+    )
+    res = validation_hv(cfg, bdir, "bs", alpha=0.0)
+    tune.report({**res, "train_seconds": train_s})
+
+
+def stage_beta(cfg: Config) -> dict:
+    rec = stage_done(cfg, "beta")
+    if rec:
+        return rec
+    t0 = time.time()
+    betas = [float(b) for b in cfg.sweep.betas]
+    _banner("beta", f"Tune over beta in {betas}, {_short_steps(cfg)} steps per backbone each")
+    if len(betas) == 1:
+        return _finish(
+            cfg, "beta", {"best": {"backbone.beta": betas[0]}, "rows": [], "note": "single candidate"}, t0
+        )
+    from ray import tune
+
+    from mage_ray.sweep import run_tune_stage
+
+    best, rows = run_tune_stage(
+        cfg,
+        "beta",
+        tune.with_parameters(_beta_trial, base=cfg.to_dict()),
+        {"backbone.beta": tune.grid_search(betas)},
+        resources={"CPU": 0, "memory": 2**26},
+        max_concurrent=1,
+    )
+    return _finish(cfg, "beta", {"best": best, "rows": rows}, t0)
+
+
+def stage_backbones(cfg: Config, beta: float) -> dict:
+    rec = stage_done(cfg, "backbones")
+    if rec and rec.get("beta") == beta:
+        return rec
+    from mage_ray.train.ray_train import train_backbones
+
+    t0 = time.time()
+    n = cfg.n_objectives
+    names = [f"b{i}" for i in range(n)]
+    _banner("backbones", f"{n} backbones of B({beta}) x {cfg.backbone.steps} steps")
+    train_backbones(cfg, beta=beta, names=names)
+    record: dict[str, Any] = {"beta": beta, "backbones": backbone_dirs(cfg, beta, names)}
+    record["train_seconds_bs"] = round(time.time() - t0, 1)
+    if beta != ONE and _needs_rs(cfg):
+        t1 = time.time()
+        _banner("backbones", f"{n} Rewarded Soups backbones (beta = 1) x {cfg.backbone.steps} steps")
+        train_backbones(cfg, beta=ONE, names=names)
+        record["rs_backbones"] = backbone_dirs(cfg, ONE, names)
+        record["train_seconds_rs"] = round(time.time() - t1, 1)
+    elif beta == ONE:
+        record["rs_backbones"] = record["backbones"]
+    return _finish(cfg, "backbones", record, t0)
+
+
+def _needs_rs(cfg: Config) -> bool:
+    return any(m in ("rs", "mod", "mage-i") for m in cfg.eval.methods)
+
+
+def _needs_values(cfg: Config) -> bool:
+    return any(m in ("mage-e", "mage-e-m") for m in cfg.eval.methods) or cfg.sweep.gamma_method in (
+        "mage-e",
+        "mage-e-m",
+    )
+
+
+def stage_rollouts(cfg: Config) -> dict:
+    rec = stage_done(cfg, "rollouts")
+    if rec:
+        return rec
+    from mage_ray.train.rollouts import generate_rollouts
+
+    t0 = time.time()
+    _banner("rollouts", f"{cfg.value.rollouts_per_prompt} samples x {cfg.task.n_train} prompts (Ray Data)")
+    path = generate_rollouts(cfg, use_ray=True)
+    return _finish(cfg, "rollouts", {"path": path}, t0)
+
+
+def stage_values(cfg: Config, rollouts: str) -> dict:
+    rec = stage_done(cfg, "values")
+    if rec:
+        return rec
+    from mage_ray.train.values import train_value_models
+
+    t0 = time.time()
+    _banner("values", f"{cfg.n_objectives} explicit value models x {cfg.value.steps} steps (Ray Train)")
+    manifests = train_value_models(cfg, rollouts)
+    from mage_ray.train.values import value_model_dir
+
+    dirs = [value_model_dir(cfg, o) for o in cfg.task.objectives]
+    metrics = {
+        m.get("objective"): {k: m.get(k) for k in ("val_mse", "val_mse_constant", "ranking_accuracy")}
+        for m in manifests
+    }
+    return _finish(cfg, "values", {"values": dirs, "metrics": metrics}, t0)
+
+
+def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str) -> None:
+    from ray import tune
+
+    cfg = config_from_dict(base)
+    tune.report(
+        validation_hv(
+            cfg, bundle_dir, method, alpha=params.get("decode.alpha"), gamma=params.get("decode.gamma")
+        )
+    )
+
+
+def stage_decode_param(
+    cfg: Config,
+    stage: str,
+    bundle_dir: str,
+    method: str,
+    param: str,
+    values: list[float],
+    fixed: dict[str, float],
+) -> dict:
+    rec = stage_done(cfg, stage)
+    if rec:
+        return rec
+    t0 = time.time()
+    _banner(stage, f"Tune over {param} in {values} for {method} (decode only)")
+    if len(values) == 1:
+        return _finish(cfg, stage, {"best": {param: values[0]}, "rows": []}, t0)
+    from ray import tune
+
+    from mage_ray.sweep import run_tune_stage
+
+    space = {param: tune.grid_search(values), **fixed}
+    best, rows = run_tune_stage(
+        cfg,
+        stage,
+        tune.with_parameters(_decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method),
+        space,
+        resources={"CPU": 1},
+    )
+    return _finish(cfg, stage, {"best": best, "rows": rows, "method": method}, t0)
+
+
+def _bundle(
+    cfg: Config,
+    out: str,
+    beta: float,
+    bb: dict,
+    values: list[str],
+    alpha: float,
+    gamma: float,
+    extra: dict | None = None,
+):
+    from mage_ray.bundle import build_bundle
+    from mage_ray.evaluate import reference_point
+    from mage_ray.tasks.objectives import load_objectives
+
+    try:
+        ref = reference_point(load_objectives(cfg.task), cfg.eval.ref_point)
+    except ValueError:
+        ref = None
+    return build_bundle(
+        out,
+        model=cfg.model,
+        objectives=cfg.task.objectives,
+        beta=beta,
+        backbones=bb["backbones"],
+        rs_backbones=bb.get("rs_backbones", []),
+        values=values,
+        alpha=alpha,
+        gamma=gamma,
+        default_method=cfg.decode.method,
+        ref_point=ref,
+        **(extra or {}),
+    )
+
+
+def run_sweep(cfg: Config) -> dict:
+    """Stages beta -> backbones -> rollouts -> values -> alpha -> gamma -> bundle; returns the summary."""
+    t0 = time.time()
+    beta = float(stage_beta(cfg)["best"]["backbone.beta"])
+    bb = stage_backbones(cfg, beta)
+    values: list[str] = []
+    if _needs_values(cfg):
+        values = stage_values(cfg, stage_rollouts(cfg)["path"])["values"]
+    work = join(cfg.storage.run_dir, "sweep", "work_bundle")
+    if not Path(work, "bundle.json").exists():
+        _bundle(cfg, work, beta, bb, values, cfg.decode.alpha, cfg.decode.gamma)
+    a_rec = stage_decode_param(
+        cfg, "alpha", work, "bs", "decode.alpha", [float(a) for a in cfg.sweep.alphas], {}
+    )
+    alpha = float(a_rec["best"]["decode.alpha"])
+    gmethod = (
+        cfg.sweep.gamma_method
+        if (values or cfg.sweep.gamma_method not in ("mage-e", "mage-e-m"))
+        else "mage-i-m"
+    )
+    g_rec = stage_decode_param(
+        cfg,
+        "gamma",
+        work,
+        gmethod,
+        "decode.gamma",
+        [float(g) for g in cfg.sweep.gammas],
+        {"decode.alpha": alpha},
+    )
+    gamma = float(g_rec["best"]["decode.gamma"])
+    bundle_dir = join(cfg.storage.run_dir, "bundle")
+    _bundle(cfg, bundle_dir, beta, bb, values, alpha, gamma)
+    summary = {
+        "beta": beta,
+        "alpha": alpha,
+        "gamma": gamma,
+        "bundle": bundle_dir,
+        "seconds": round(time.time() - t0, 1),
+    }
+    write_sweep_report(cfg, summary)
+    print(f"[pipeline] bundle ready: {bundle_dir} (beta={beta}, alpha={alpha}, gamma={gamma})", flush=True)
+    return summary
+
+
+def write_sweep_report(cfg: Config, summary: dict) -> str:
+    """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``."""
+    from mage_ray.evaluate import atomic_write_text
+    from mage_ray.sweep import plot_sweep, rows_markdown
+
+    out = Path(join(cfg.storage.run_dir, "report"))
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"# Sweep report: {cfg.storage.run_name}\n",
+        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}.\n",
+    ]
+    for stage, param in (("beta", "backbone.beta"), ("alpha", "decode.alpha"), ("gamma", "decode.gamma")):
+        rec = stage_done(cfg, stage) or {}
+        rows = rec.get("rows") or []
+        parts.append(f"\n## {stage}" + (f" ({rec.get('method')})" if rec.get("method") else "") + "\n\n")
+        if rows:
+            parts.append(rows_markdown(rows, [param]))
+            plot_sweep(rows, param, out / f"sweep_{stage}.png")
+            parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
+        else:
+            parts.append(f"single candidate: {rec.get('best')}\n")
+    vals = stage_done(cfg, "values")
+    if vals:
+        parts.append(
+            "\n## value models (validation)\n\n| objective | val MSE | constant-predictor MSE | ranking acc |\n|---|---|---|---|\n"
+        )
+        for o, m in vals.get("metrics", {}).items():
+            parts.append(
+                f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
+            )
+    atomic_write_text(out / "sweep.md", "".join(parts))
+    write_json_atomic(out / "sweep.json", summary)
+    return str(out / "sweep.md")
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:
+    from mage_ray.soup import preference_grid
+    from mage_ray.train.ray_train import morlhf_dir, train_morlhf
+
+    grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
+    rec = stage_done(cfg, "morlhf")
+    if not rec:
+        t0 = time.time()
+        _banner("morlhf", f"{len(grid)} MORLHF models (w = mu) x {cfg.backbone.steps} steps")
+        train_morlhf(cfg, grid)
+        rec = _finish(cfg, "morlhf", {"grid": grid.tolist()}, t0)
+    return [(list(map(float, mu)), morlhf_dir(cfg, mu)) for mu in grid]
+
+
+def run_pipeline(cfg: Config) -> dict:
+    """The whole chain + the evaluation report on the test prompts (``<run_dir>/report``)."""
+    from mage_ray.bundle import load_bundle
+    from mage_ray.decode import Engine
+    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.soup import preference_grid
+    from mage_ray.tasks.objectives import load_objectives
+    from mage_ray.tasks.prompts import load_prompts
+
+    t0 = time.time()
+    summary = run_sweep(cfg)
+    methods = list(cfg.eval.methods)
+    bundle_dir = summary["bundle"]
+    if cfg.backbone.morlhf or "morlhf" in methods:
+        entries = stage_morlhf(cfg)
+        bb = stage_done(cfg, "backbones") or {}
+        vals = (stage_done(cfg, "values") or {}).get("values", [])
+        _bundle(
+            cfg,
+            bundle_dir,
+            summary["beta"],
+            bb,
+            vals,
+            summary["alpha"],
+            summary["gamma"],
+            {"morlhf": entries},
+        )
+        if "morlhf" not in methods:
+            methods.append("morlhf")
+    rec = stage_done(cfg, "evaluate")
+    if not rec:
+        t1 = time.time()
+        objectives = load_objectives(cfg.task)
+        prompts = load_prompts(cfg.task, "test")
+        grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
+        _banner("evaluate", f"{len(methods)} methods x {len(grid)} preferences x {len(prompts)} test prompts")
+        engine = Engine(load_bundle(bundle_dir), cfg.decode)
+        report = evaluate(
+            engine,
+            objectives,
+            prompts,
+            methods,
+            grid,
+            ref_point=reference_point(objectives, cfg.eval.ref_point),
+            out_dir=join(cfg.storage.run_dir, "report"),
+            batch_size=cfg.decode.batch_size,
+            min_prompts=cfg.eval.min_test_prompts,
+            extra={"beta": summary["beta"], "alpha": summary["alpha"], "gamma": summary["gamma"]},
+            extra_columns={"train s": _train_seconds(cfg, methods)},
+        )
+        rec = _finish(
+            cfg,
+            "evaluate",
+            {
+                "report": join(cfg.storage.run_dir, "report"),
+                "methods": methods,
+                "decode_seconds": report.get("decode_seconds"),
+            },
+            t1,
+        )
+    total = round(time.time() - t0, 1)
+    print(
+        f"[pipeline] report: {rec['report']}/metrics.md and front.png ({total:.0f} s this invocation)",
+        flush=True,
+    )
+    return {**summary, "report": rec["report"], "seconds": total}
+
+
+def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
+    """Training wall time attributable to each method (from stage records), for the report table."""
+    bb = stage_done(cfg, "backbones") or {}
+    vals = stage_done(cfg, "values") or {}
+    ro = stage_done(cfg, "rollouts") or {}
+    mo = stage_done(cfg, "morlhf") or {}
+    bs = bb.get("train_seconds_bs")
+    rs = bb.get("train_seconds_rs", bs if bb.get("beta") == ONE else None)
+    v = (vals.get("seconds") or 0) + (ro.get("seconds") or 0)
+    out = {}
+    for m in methods:
+        t = {
+            "rs": rs,
+            "mod": rs,
+            "bs": bs,
+            "mage-i-m": bs,
+            "mage-i": (bs or 0) + (rs or 0) if rs else bs,
+            "mage-e": (bs or 0) + v,
+            "mage-e-m": (bs or 0) + v,
+            "morlhf": mo.get("seconds"),
+        }.get(m)
+        out[m] = "" if t is None else f"{t:.0f}"
+    return out
+
+
+def load_job_config(path: str, overrides: list[str]) -> Config:
+    from mage_ray.config import load_config
+
+    return load_config(path, overrides)
+
+
+def dumps(d: dict) -> str:
+    return json.dumps(d, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))

@@ -1,0 +1,40 @@
+"""What every job does first: parse ``--config`` + overrides, connect to (or start) Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mage_ray.config import Config, ConfigError, add_config_args, load_config
+
+
+def parse_job_args(description: str, extra=None) -> tuple[argparse.Namespace, Config]:
+    """``--config FILE [section.field=value ...]`` (+ job-specific flags via ``extra(parser)``).
+
+    A bad config prints one clear line and exits with status 2 (nothing is started).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, cfg
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
