@@ -1,0 +1,197 @@
+"""Decode-engine throughput per method versus plain decoding (our engine with method 'base', and HF generate).
+
+    .venv/bin/python bench/bench_decode.py                       # embedded SmolLM2-135M, 48 tokens, batch 1 and 16
+    .venv/bin/python bench/bench_decode.py --model tiny-random --new-tokens 8 --repeats 1   # smoke run
+
+Random LoRA adapters (r = 8 on q/k/v/o, n = 2 backbones and 2 value adapters) and random value heads [V, H]:
+timing only, the text is meaningless, so EOS is ignored and every request generates exactly --new-tokens tokens.
+Batch 16 uses 16 different preferences mu_i = (i/15, 1 - i/15) and 4 prompts of different lengths; the
+homogeneous control gives all 16 requests mu = (0.5, 0.5). Each configuration runs --repeats times, interleaved,
+and the fastest run is reported (the development machine is shared, so the minimum is the least disturbed one).
+Prints a markdown table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+
+from mage_ray.config import DecodeConfig, ModelConfig
+from mage_ray.decode import Engine, EngineParts, Request
+from mage_ray.lora_mix import LoraAdapter
+from mage_ray.models import format_prompt, load_policy
+
+PROMPTS = [
+    "Write a haiku about autumn.",
+    "Explain how a refrigerator keeps food cold.",
+    "Give me three tips for a job interview, with one sentence of reasoning for each tip.",
+    "What is the capital of France?",
+]
+METHODS = ["base", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m"]
+
+
+def random_adapter(model, name: str, seed: int, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    g = torch.Generator().manual_seed(seed)
+    modules, scaling = {}, {}
+    for mname, mod in model.named_modules():
+        if mname.split(".")[-1] in targets and isinstance(mod, torch.nn.Linear):
+            A = torch.randn(r, mod.in_features, generator=g) * 0.02  # [r, d_in]
+            B = torch.randn(mod.out_features, r, generator=g) * 0.02  # [d_out, r]
+            modules[mname], scaling[mname] = (A, B), 2.0
+    return LoraAdapter(name=name, modules=modules, scaling=scaling)
+
+
+def build_engine(model_name: str) -> Engine:
+    model, tok = load_policy(ModelConfig(name_or_path=model_name))
+    V, H = model.get_output_embeddings().out_features, model.config.hidden_size
+    values = []
+    for i in range(2):
+        g = torch.Generator().manual_seed(100 + i)
+        values.append(
+            SimpleNamespace(
+                adapter=random_adapter(model, f"v{i}", 10 + i),
+                head_weight=torch.randn(V, H, generator=g) * 0.01,
+                head_bias=torch.zeros(V),
+                manifest={},
+            )
+        )
+    parts = EngineParts(
+        model=model,
+        tokenizer=tok,
+        beta=0.7,
+        backbones=[random_adapter(model, f"b{i}", i) for i in range(2)],
+        values=values,
+    )
+    return Engine(parts, DecodeConfig(method="bs", gamma=1.0, alpha=0.0, max_tokens_limit=4096))
+
+
+def requests(method: str, batch: int, new: int, hetero: bool = True, alpha: float = 0.0) -> list[Request]:
+    out = []
+    for i in range(batch):
+        mu = [i / 15, 1 - i / 15] if hetero and batch > 1 else [0.5, 0.5]
+        out.append(
+            Request(
+                PROMPTS[i % len(PROMPTS)],
+                [round(x, 6) for x in mu],
+                method=method,
+                alpha=alpha,
+                max_new_tokens=new,
+                ignore_eos=True,
+            )
+        )
+    return out
+
+
+def time_engine(engine: Engine, reqs: list[Request]) -> tuple[float, int, int]:
+    t0 = time.perf_counter()
+    outs = engine.generate(reqs)
+    dt = time.perf_counter() - t0
+    errs = [o.error for o in outs if o.error]
+    if errs:
+        raise RuntimeError(errs[0])
+    return dt, sum(len(o.token_ids) for o in outs), max(o.rows_used for o in outs)
+
+
+def time_hf(model, tok, batch: int, new: int) -> tuple[float, int, int]:
+    texts = [format_prompt(tok, PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    dt = time.perf_counter() - t0
+    return dt, (out.shape[1] - enc["input_ids"].shape[1]) * batch, 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--out", default="bench_decode.json")
+    args = ap.parse_args()
+
+    engine = build_engine(args.model)
+    hf_model, hf_tok = load_policy(ModelConfig(name_or_path=args.model))  # a plain, unwrapped copy
+    configs = []  # (label, batch, runner)
+    for bsz in args.batch_sizes:
+        configs.append(("HF generate", bsz, lambda b=bsz: time_hf(hf_model, hf_tok, b, args.new_tokens)))
+        for m in args.methods:
+            configs.append((m, bsz, lambda m=m, b=bsz: time_engine(engine, requests(m, b, args.new_tokens))))
+            if m == "mage-i-m":
+                configs.append(
+                    (
+                        "mage-i-m (alpha=0.2)",
+                        bsz,
+                        lambda b=bsz: time_engine(
+                            engine, requests("mage-i-m", b, args.new_tokens, alpha=0.2)
+                        ),
+                    )
+                )
+        if bsz > 1:
+            for m in ("bs", "mage-e-m"):
+                configs.append(
+                    (
+                        f"{m} homogeneous mu",
+                        bsz,
+                        lambda m=m, b=bsz: time_engine(engine, requests(m, b, args.new_tokens, hetero=False)),
+                    )
+                )
+    for _, _, run in configs[:2]:  # warm-up (allocator, kernels)
+        run()
+    best: dict[tuple[str, int], tuple[float, int, int]] = {}
+    for rep in range(args.repeats):
+        for label, bsz, run in configs if rep % 2 == 0 else configs[::-1]:
+            dt, ntok, rows = run()
+            if (label, bsz) not in best or dt < best[(label, bsz)][0]:
+                best[(label, bsz)] = (dt, ntok, rows)
+            print(f"  rep {rep} {label:28s} batch {bsz:2d}: {dt:7.2f} s  {ntok / dt:7.1f} tok/s", flush=True)
+
+    rows_out = []
+    print(
+        f"\n{args.model}, {args.new_tokens} new tokens, {torch.get_num_threads()} threads, best of {args.repeats}\n"
+    )
+    print("| method | batch | rows/request | tokens/s | time vs engine `base` | time vs HF generate |")
+    print("|---|---|---|---|---|---|")
+    for label, bsz, _ in configs:
+        dt, ntok, rows = best[(label, bsz)]
+        base_dt, hf_dt = best[("base", bsz)][0], best[("HF generate", bsz)][0]
+        rows_out.append(
+            {
+                "method": label,
+                "batch": bsz,
+                "seconds": dt,
+                "tokens": ntok,
+                "tokens_per_s": ntok / dt,
+                "rows_per_request": rows,
+                "x_base": dt / base_dt,
+                "x_hf": dt / hf_dt,
+            }
+        )
+        print(
+            f"| {label} | {bsz} | {rows if label != 'HF generate' else '-'} | {ntok / dt:.1f} | "
+            f"{dt / base_dt:.2f}x | {dt / hf_dt:.2f}x |"
+        )
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "model": args.model,
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "threads": torch.get_num_threads(),
+                "results": rows_out,
+            },
+            f,
+            indent=2,
+        )
+
+
+if __name__ == "__main__":
+    main()

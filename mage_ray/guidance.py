@@ -1,0 +1,362 @@
+"""Decoding methods as data: which rows a request needs and how row outputs combine into next-token scores.
+
+Every method runs over ONE copy of the base weights (DESIGN.md §2). The engine loads K LoRA adapters into one
+``MixedLoraModel``; a request becomes a few *rows* that carry the same tokens but their own coefficient
+vector c [K] over those adapters. After the decoder body, a row yields
+
+* ``logp`` = log_softmax(lm_head(h)) [V]                       (rows that need next-token log-probs), and/or
+* ``value`` = sum_j e_j (W_j h + b_j) [V]                      (rows that carry value-head weights e [n]),
+
+where h is the row's final normalised hidden state and W_j, b_j is objective j's explicit value head. A
+:class:`Plan` then says, per request,
+
+    log pi_base = log_softmax( sum_{(r, w) in base} w * logp_r )          [V]   (one row, w = 1: logp_r itself)
+    V           = sum_{(r, kind, w) in guide} w * out_r                    [V]
+    score       = log pi_base + gamma * V                                   (Eq. 25 of mage.txt, in log space)
+
+Methods (mu = preference, lambda = B(beta)^-1 mu, soup(mu, a) = (1 + a) lambda, Eq. 13):
+
+========== ============================================================== =================================
+method     rows (coefficients)                                            combination
+========== ============================================================== =================================
+base       base c = 0                                                     log pi = logp_base
+rs         c = mu on rs_backbones (beta = 1)                              log pi = logp
+bs         c = soup(mu, alpha) on backbones (Bone Soup)                   log pi = logp
+mod        n experts, one-hot                                             log pi = log_softmax(sum_i w_i logp_i)
+mage-e     policy (bs) + n value rows (value adapter i one-hot, head i)   V = sum_i mu_i V_i            (ensemble)
+mage-e-m   policy (bs) + 1 value row (value adapters mixed by mu,         V = sum_i mu_i (W_i h + b_i)  (Eq. 24)
+           merged head sum_i mu_i head_i)
+mage-i     policy (bs) + ref (c = 0) + n experts one-hot                  V = sum_i w_i (logp_i - logp_ref) (Eq. 23)
+mage-i-m   policy (bs) + ref + merged pi*: c = soup(mu, 0) on backbones   V = logp_pi* - logp_ref      (Eq. 23/24)
+           ("bone", MAGE-I-M); c = mu with implicit_merge="naive"
+           (MAGE-I-M', Sec 5.6.1)
+morlhf     the MORLHF adapter trained at preference mu (one-hot)          log pi = logp
+modpo      the MODPO adapter trained at preference mu (one-hot)           log pi = logp
+ric        the RiC adapter, prompt rewritten by :func:`ric_prompt`        log pi = logp
+========== ============================================================== =================================
+
+Experts (mod, mage-i): the bundle's rs_backbones (beta = 1, expert i trained on objective i alone) with
+weights w = mu when it has them; otherwise the Bone Soup backbones with w = lambda = B^-1 mu, because backbone i
+was trained on w_i^T r (Eq. 11) and sum_i lambda_i w_i = B lambda = mu, so the lambda-weighted ensemble targets
+mu^T r. lambda may have negative entries (extrapolation), so w may be negative.
+
+MOD (Shi et al. 2024) is the reverse-KL form: next token from sum_i w_i log pi_i, renormalised.
+
+Users add methods with :func:`register_method`; ``build(layout, mu, args) -> Plan``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mage_ray.soup import merge_coefficients, soup_coefficients
+
+__all__ = [
+    "AdapterLayout",
+    "MethodSpec",
+    "Plan",
+    "PlanArgs",
+    "REGISTRY",
+    "Row",
+    "make_plan",
+    "method_names",
+    "register_method",
+    "ric_prompt",
+]
+
+VALUE_KINDS = ("none", "explicit", "implicit")
+"""How a method's guidance V enters a beam's sequence score (see decode.py): not at all, as the value of the
+last emitted token (explicit value models estimate the final reward), or summed over tokens (implicit:
+sum_t log pi*/pi_ref telescopes to V(x, y) - V(x), Eq. 21-23)."""
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Where each adapter group sits among the engine's K adapter columns."""
+
+    k: int
+    """Total adapters K (columns of the coefficient matrix)."""
+    n: int
+    """Number of objectives."""
+    beta: float
+    """B(beta) of the backbones (Eq. 12)."""
+    backbones: tuple[int, ...]
+    """Column of backbone i (B(beta) column order), length n."""
+    rs_backbones: tuple[int, ...] = ()
+    """Columns of the beta = 1 backbones, length n or 0."""
+    values: tuple[int, ...] = ()
+    """Columns of the explicit value models' adapters, length n or 0 (head j belongs to values[j])."""
+    morlhf: tuple[tuple[tuple[float, ...], int], ...] = ()
+    """(grid preference, column) of every MORLHF adapter."""
+    modpo: tuple[tuple[tuple[float, ...], int], ...] = ()
+    """(grid preference, column) of every MODPO adapter."""
+    ric: int | None = None
+    """Column of the RiC adapter, or None."""
+    ric_info: Mapping[str, Any] | None = None
+    """RiC manifest + bundle entry, handed to :func:`ric_prompt`."""
+
+    def coeffs(self, cols: Sequence[int] = (), weights: Sequence[float] | np.ndarray = ()) -> np.ndarray:
+        """A coefficient vector c [K]: ``weights`` on ``cols``, zero elsewhere."""
+        c = np.zeros(self.k, dtype=np.float64)  # [K]
+        if len(cols):
+            c[list(cols)] = np.asarray(weights, dtype=np.float64)
+        return c
+
+    def one_hot(self, col: int) -> np.ndarray:
+        return self.coeffs([col], [1.0])
+
+
+@dataclass
+class Row:
+    """One batch row of a request: its adapter coefficients and, for value rows, its head weights."""
+
+    coeffs: np.ndarray
+    """c [K] over the engine's adapters."""
+    heads: np.ndarray | None = None
+    """e [n]: this row's value output is sum_j e_j (W_j h + b_j); None = the row has no value output."""
+
+
+@dataclass
+class Plan:
+    """A request's rows and how their outputs combine (see the module docstring)."""
+
+    rows: list[Row]
+    base: list[tuple[int, float]]
+    """(row, w): log pi_base = log_softmax(sum w * logp_row)."""
+    guide: list[tuple[int, str, float]] = field(default_factory=list)
+    """(row, "logp" | "value", w): V = sum w * out_row (the engine multiplies by gamma)."""
+    value_kind: str = "none"
+    """One of VALUE_KINDS."""
+    prompt: Any = None
+    """Replacement prompt (RiC), or None to keep the request's."""
+
+    def needs_logits(self, r: int) -> bool:
+        return any(i == r for i, _ in self.base) or any(i == r and k == "logp" for i, k, _ in self.guide)
+
+    def needs_value(self, r: int) -> bool:
+        return any(i == r and k == "value" for i, k, _ in self.guide)
+
+
+@dataclass(frozen=True)
+class PlanArgs:
+    """Request fields a method may use besides mu."""
+
+    alpha: float = 0.0
+    """Extrapolation of the Bone Soup policy row (Eq. 13)."""
+    implicit_merge: str = "bone"
+    """mage-i-m's pi* merge: "bone" (Bone Soup, MAGE-I-M) or "naive" (c = mu, MAGE-I-M')."""
+    prompt: Any = None
+    """The request's prompt (RiC rewrites it)."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Callable[[AdapterLayout, np.ndarray | None, PlanArgs], Plan]
+    needs_preference: bool = True
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+"""Method name -> spec. Add entries with :func:`register_method`."""
+
+
+def register_method(name: str, *, needs_preference: bool = True):
+    """Decorator: register ``build(layout, mu, args) -> Plan`` as decoding method ``name``."""
+
+    def deco(build):
+        REGISTRY[name] = MethodSpec(name, build, needs_preference)
+        return build
+
+    return deco
+
+
+def method_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def ric_prompt(prompt: Any, mu: np.ndarray, manifest: Mapping[str, Any] | None) -> Any:
+    """RiC (Rewards-in-Context): prepend the preference's target scores to the prompt.
+
+    ``manifest`` is the RiC adapter's manifest.json updated with the bundle's ``ric`` entry; it holds the
+    normalised score ranges and the mapping. The targets come from RiC's preference-to-reward mapping and are
+    appended to the user text exactly as in training (one function, ``mage_ray.train.ric.ric_user_prompt``).
+    """
+    from mage_ray.train.ric import ric_prompt_for_preference
+
+    return ric_prompt_for_preference(prompt, mu, manifest)
+
+
+# ----- the methods -----
+
+
+def _need(cols: Sequence[int], method: str, what: str) -> None:
+    if not cols:
+        raise ValueError(f"method {method!r} needs {what}, which this bundle/engine does not have")
+
+
+def _policy(L: AdapterLayout, mu: np.ndarray, a: PlanArgs) -> Row:
+    """Bone Soup base: c = (1 + alpha) B(beta)^-1 mu on the backbones (Eq. 13)."""
+    return Row(L.coeffs(L.backbones, soup_coefficients(mu, L.beta, a.alpha)))
+
+
+def _experts(L: AdapterLayout, mu: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Expert columns and ensemble weights: rs_backbones with w = mu, else backbones with w = B^-1 mu."""
+    if L.rs_backbones:
+        return L.rs_backbones, np.asarray(mu, dtype=np.float64)
+    return L.backbones, merge_coefficients(mu, beta=L.beta)
+
+
+@register_method("base", needs_preference=False)
+def _base(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    return Plan([Row(L.coeffs())], base=[(0, 1.0)])
+
+
+@register_method("rs")
+def _rs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.rs_backbones, "rs", "rs_backbones (beta = 1 backbones)")
+    return Plan([Row(L.coeffs(L.rs_backbones, mu))], base=[(0, 1.0)])
+
+
+@register_method("bs")
+def _bs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    return Plan([_policy(L, mu, a)], base=[(0, 1.0)])
+
+
+@register_method("mod")
+def _mod(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    cols, w = _experts(L, mu)
+    return Plan([Row(L.one_hot(c)) for c in cols], base=[(i, float(w[i])) for i in range(len(cols))])
+
+
+@register_method("mage-e")
+def _mage_e(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.values, "mage-e", "explicit value models (bundle 'values')")
+    rows = [_policy(L, mu, a)] + [Row(L.one_hot(c), heads=np.eye(L.n)[i]) for i, c in enumerate(L.values)]
+    guide = [(1 + i, "value", float(mu[i])) for i in range(L.n)]  # V = sum_i mu_i V_i
+    return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="explicit")
+
+
+@register_method("mage-e-m")
+def _mage_e_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.values, "mage-e-m", "explicit value models (bundle 'values')")
+    merged = Row(L.coeffs(L.values, mu), heads=np.asarray(mu, dtype=np.float64))  # Eq. 24 on LoRA + head
+    return Plan(
+        [_policy(L, mu, a), merged], base=[(0, 1.0)], guide=[(1, "value", 1.0)], value_kind="explicit"
+    )
+
+
+@register_method("mage-i")
+def _mage_i(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    cols, w = _experts(L, mu)
+    rows = [_policy(L, mu, a), Row(L.coeffs())] + [Row(L.one_hot(c)) for c in cols]
+    # V = sum_i w_i (log pi_i - log pi_ref) = sum_i w_i log pi_i - (sum_i w_i) log pi_ref   (Eq. 23 per token)
+    guide = [(2 + i, "logp", float(w[i])) for i in range(len(cols))] + [(1, "logp", -float(np.sum(w)))]
+    return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="implicit")
+
+
+@register_method("mage-i-m")
+def _mage_i_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    if a.implicit_merge == "bone":
+        star = L.coeffs(L.backbones, soup_coefficients(mu, L.beta, 0.0))  # MAGE-I-M: Bone Soup, alpha = 0
+    elif a.implicit_merge == "naive":
+        star = L.coeffs(L.backbones, mu)  # MAGE-I-M' (Sec 5.6.1): naive merge c = mu
+    else:
+        raise ValueError(f"implicit_merge = {a.implicit_merge!r} is invalid: expected 'bone' or 'naive'")
+    rows = [_policy(L, mu, a), Row(L.coeffs()), Row(star)]
+    # V = log pi*_merge - log pi_ref   (Eq. 23 with the merged pi* of Eq. 24)
+    return Plan(rows, base=[(0, 1.0)], guide=[(2, "logp", 1.0), (1, "logp", -1.0)], value_kind="implicit")
+
+
+def _grid_adapter(entries, mu: np.ndarray, method: str) -> int:
+    _need(entries, method, f"{method} adapters (bundle '{method}')")
+    for pref, col in entries:
+        if np.max(np.abs(np.asarray(pref) - mu)) <= 1e-6:
+            return col
+    raise ValueError(
+        f"preference = {np.round(mu, 6).tolist()} has no {method} adapter (one per training preference); "
+        f"available: {[list(p) for p, _ in entries]}"
+    )
+
+
+@register_method("morlhf")
+def _morlhf(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    return Plan([Row(L.one_hot(_grid_adapter(L.morlhf, mu, "morlhf")))], base=[(0, 1.0)])
+
+
+@register_method("modpo")
+def _modpo(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    return Plan([Row(L.one_hot(_grid_adapter(L.modpo, mu, "modpo")))], base=[(0, 1.0)])
+
+
+@register_method("ric")
+def _ric(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    if L.ric is None:
+        raise ValueError(
+            "method 'ric' needs a RiC adapter (bundle 'ric'), which this bundle/engine does not have"
+        )
+    return Plan([Row(L.one_hot(L.ric))], base=[(0, 1.0)], prompt=ric_prompt(a.prompt, mu, L.ric_info))
+
+
+# ----- plan construction -----
+
+
+def simplify(plan: Plan) -> Plan:
+    """Drop zero-weight terms, merge identical rows (same c and head weights), drop rows nothing reads.
+
+    E.g. mage-i-m with alpha = 0 has pi* == policy (2 rows instead of 3); mage-e at mu = (1, 0) needs only the
+    first value row. Outputs are unchanged: identical rows give identical outputs.
+    """
+    base = [(r, w) for r, w in plan.base if w != 0.0]
+    guide = [(r, k, w) for r, k, w in plan.guide if w != 0.0]
+    used = sorted({r for r, _ in base} | {r for r, _, _ in guide})
+    new_index: dict[int, int] = {}
+    rows: list[Row] = []
+    keys: list[tuple] = []
+    for r in used:
+        row = plan.rows[r]
+        key = (
+            row.coeffs.tobytes(),
+            None if row.heads is None else np.asarray(row.heads, np.float64).tobytes(),
+        )
+        if key in keys:
+            new_index[r] = keys.index(key)
+        else:
+            new_index[r] = len(rows)
+            keys.append(key)
+            rows.append(row)
+
+    def merge(terms):
+        acc: dict[tuple, float] = {}
+        for t in terms:
+            key = (new_index[t[0]], *t[1:-1])
+            acc[key] = acc.get(key, 0.0) + t[-1]
+        return [(*k, w) for k, w in acc.items() if w != 0.0]
+
+    return Plan(rows, merge(base), merge(guide), plan.value_kind, plan.prompt)
+
+
+def make_plan(
+    method: str, layout: AdapterLayout, mu: np.ndarray | None, args: PlanArgs, gamma: float
+) -> Plan:
+    """Build and simplify the plan of one request. gamma = 0 drops the guidance rows (score = log pi_base)."""
+    if method not in REGISTRY:
+        raise ValueError(f"method = {method!r} is unknown: expected one of {method_names()}")
+    spec = REGISTRY[method]
+    if spec.needs_preference and mu is None:
+        raise ValueError(f"preference is required for method {method!r} (a list of {layout.n} weights)")
+    plan = spec.build(layout, mu, args)
+    if plan.value_kind not in VALUE_KINDS:
+        raise ValueError(f"method {method!r}: value_kind {plan.value_kind!r} not in {VALUE_KINDS}")
+    if gamma == 0.0:
+        plan.guide = []
+    for r, k, _ in plan.guide:
+        if k == "value" and plan.rows[r].heads is None:
+            raise ValueError(f"method {method!r}: guide reads the value of row {r}, which has no heads")
+    plan = simplify(plan)
+    if not plan.base:
+        raise ValueError(f"method {method!r} produced no base policy rows for this preference")
+    return plan

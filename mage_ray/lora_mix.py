@@ -1,0 +1,574 @@
+"""Exact per-row LoRA mixing (DESIGN.md section 2) and materialised merge / export.
+
+A linear layer is linear in its weights. For LoRA deltas dW_i = s_i B_i A_i on a shared frozen W0
+(Eq. 6 of ``mage.txt`` on the LoRA deltas, with the Bone Soup coefficients c = scale * B(beta)^-1 mu of Eq. 13):
+
+    (W0 + sum_i c_i s_i B_i A_i) x  =  W0 x + sum_i c_i s_i B_i (A_i x)                     (DESIGN.md §2)
+
+so a batch in which every row b has its own coefficient vector c_b runs in one forward over one copy of W0:
+
+    y = W0 x + ((x A_cat^T) * coef_row[b]) B_cat^T
+    A_cat [R, d_in] = [A_1; ...; A_K],  B_cat [d_out, R] = [B_1 ... B_K],  R = sum_i r_i
+    coef_row [b, R] = c_{b,i} * s_i repeated over adapter i's r_i columns
+
+This is PEFT's ``combination_type="cat"`` applied per row. PEFT's ``"linear"`` (and the original Rewarded
+Soups code, which averages A and B separately) is *not* this: (sum_i w_i B_i)(sum_j w_j A_j) has cross terms
+B_i A_j. Adapters may differ in rank and in the modules they target: a module an adapter does not target
+gets no columns from it.
+
+Only plain LoRA on ``nn.Linear`` is supported (no DoRA, LoRA bias, modules_to_save, Conv1D fan_in_fan_out or
+other PEFT variants); such adapters are refused with an :class:`AdapterError` naming the config field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AdapterError",
+    "LoraAdapter",
+    "MixedLinear",
+    "MixedLoraModel",
+    "adapter_from_peft",
+    "export_merged",
+    "load_adapter",
+    "merge_into_",
+    "merge_weights",
+    "rank_sum_adapter",
+    "save_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+# "base_model.model.<module>.lora_A.weight" (PEFT strips the adapter name; tolerate ".lora_A.<name>.weight").
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT config fields that change the forward away from W0 x + s B A x; any truthy value is refused.
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "velora_config",
+    "kasa_config",
+    "monteclora_config",
+)
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be loaded, saved or applied; the message names the field or module at fault."""
+
+
+# ----- the adapter container -----
+
+
+@dataclass
+class LoraAdapter:
+    """One plain LoRA adapter: dW_m = scaling[m] * B_m @ A_m for every targeted module m."""
+
+    name: str
+    """Adapter name (used in messages and as the column label of the coefficient matrix)."""
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Base module name ("model.layers.0.self_attn.q_proj") -> (A [r, d_in], B [d_out, r])."""
+    scaling: dict[str, float]
+    """Module name -> s = lora_alpha / r (lora_alpha / sqrt(r) with rslora)."""
+    config: dict = field(default_factory=dict)
+    """The adapter_config.json content (informational; :func:`save_adapter` rewrites r / alpha / targets)."""
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise AdapterError(f"adapter {self.name!r}: modules is empty (no LoRA weights)")
+        if set(self.modules) != set(self.scaling):
+            missing = sorted(set(self.modules) ^ set(self.scaling))
+            raise AdapterError(
+                f"adapter {self.name!r}: modules and scaling name different modules: {missing}"
+            )
+        for m, (A, B) in self.modules.items():
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise AdapterError(
+                    f"adapter {self.name!r}, module {m!r}: need A [r, d_in] and B [d_out, r], "
+                    f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+                )
+            if not math.isfinite(self.scaling[m]):
+                raise AdapterError(f"adapter {self.name!r}, module {m!r}: scaling must be finite")
+
+    def rank(self, module: str) -> int:
+        return self.modules[module][0].shape[0]
+
+    def delta(self, module: str) -> torch.Tensor:
+        """dW = s B A, shape [d_out, d_in], float32."""
+        A, B = self.modules[module]
+        return self.scaling[module] * (B.float() @ A.float())
+
+
+def _jsonable(config: dict) -> dict:
+    """A PEFT config dict with sets as sorted lists and enums as their values (what PEFT writes)."""
+    return json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+
+
+def _check_config(config: dict, where: str) -> None:
+    if config.get("peft_type", "LORA") not in ("LORA", None):
+        raise AdapterError(f"{where}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    if config.get("bias", "none") not in ("none", None):
+        raise AdapterError(f"{where}: bias={config['bias']!r} is not supported (only 'none')")
+    bad = [k for k in _UNSUPPORTED if config.get(k)]
+    if bad:
+        raise AdapterError(
+            f"{where}: config field(s) {bad} are set; only plain LoRA (W0 + s B A on nn.Linear) can be mixed "
+            "exactly. Set them to False/None when training."
+        )
+
+
+def _scaling_from_config(config: dict, module: str, r: int, where: str) -> float:
+    """s = alpha / r (alpha / sqrt(r) with use_rslora), with PEFT's rank_pattern / alpha_pattern lookup."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_cfg = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", r))
+    if int(r_cfg) != r:
+        raise AdapterError(f"{where}, module {module!r}: config says rank {r_cfg}, tensors have rank {r}")
+    if "lora_alpha" not in config:
+        raise AdapterError(f"{where}: config has no 'lora_alpha'")
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Load a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    Only safetensors is read: a pickled ``adapter_model.bin`` can run code on load and is refused.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist (or is not a directory)")
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{str(config_file)!r} not found: {str(path)!r} is not a PEFT adapter directory"
+        )
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(
+                f"{str(path)!r} holds only adapter_model.bin (pickle); load_adapter reads safetensors only. "
+                "Re-save it with PeftModel.save_pretrained(..., safe_serialization=True)."
+            )
+        raise FileNotFoundError(f"{str(weights_file)!r} not found")
+    config = json.loads(config_file.read_text())
+    name = name or path.name
+    _check_config(config, f"adapter {name!r} ({path})")
+    A: dict[str, torch.Tensor] = {}
+    B: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        match = _KEY_RE.match(key)
+        if match is None:
+            raise AdapterError(
+                f"adapter {name!r} ({path}): tensor {key!r} is not a LoRA A/B weight of a linear layer "
+                "(embedding LoRA, DoRA magnitudes, modules_to_save and biases are not supported)"
+            )
+        (A if match["which"] == "A" else B)[match["module"]] = tensor
+    if set(A) != set(B):
+        raise AdapterError(
+            f"adapter {name!r} ({path}): modules with only A or only B: {sorted(set(A) ^ set(B))}"
+        )
+    modules = {m: (A[m], B[m]) for m in sorted(A)}
+    scaling = {m: _scaling_from_config(config, m, A[m].shape[0], f"adapter {name!r}") for m in modules}
+    return LoraAdapter(name=name, modules=modules, scaling=scaling, config=config)
+
+
+def adapter_from_peft(peft_model, adapter_name: str = "default", name: str | None = None) -> LoraAdapter:
+    """Copy adapter ``adapter_name`` out of an in-memory ``PeftModel`` (the training side)."""
+    from peft.tuners.lora import LoraLayer
+
+    if adapter_name not in peft_model.peft_config:
+        raise AdapterError(
+            f"adapter_name {adapter_name!r} not in the PeftModel; has {sorted(peft_model.peft_config)}"
+        )
+    name = name or adapter_name
+    config = _jsonable(peft_model.peft_config[adapter_name].to_dict())
+    _check_config(config, f"adapter {name!r}")
+    modules, scaling = {}, {}
+    for module_name, module in peft_model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if adapter_name in getattr(module, "merged_adapters", []):
+            raise AdapterError(
+                f"adapter {name!r} is merged into {module_name!r}; unmerge it before exporting"
+            )
+        if type(module.get_base_layer()) is not nn.Linear:
+            raise AdapterError(
+                f"adapter {name!r}: {module_name!r} wraps {type(module.get_base_layer()).__name__}, "
+                "only nn.Linear is supported"
+            )
+        A = module.lora_A[adapter_name].weight.detach().clone()  # [r, d_in]
+        B = module.lora_B[adapter_name].weight.detach().clone()  # [d_out, r]
+        modules[module_name] = (A, B)
+        scaling[module_name] = float(module.scaling[adapter_name])
+    return LoraAdapter(name=name, modules=modules, scaling=scaling, config=config)
+
+
+# ----- per-row mixing -----
+
+
+class _MixState:
+    """Coefficient state shared by all MixedLinear modules of one model.
+
+    A *layout* is the tuple ((adapter index, rank, scaling), ...) of the adapters that target a module; modules
+    with the same layout share one coef_row [b, R], built once per :meth:`MixedLoraModel.set_coefficients`.
+    """
+
+    def __init__(self) -> None:
+        # per layout: (column -> adapter index [R], column -> s_i [R], dtype of the layers using it)
+        self.layouts: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]] = []
+        self.rows: list[torch.Tensor] | None = None  # per layout: coef_row [b, R]; None = base model
+
+
+class MixedLinear(nn.Linear):
+    """``nn.Linear`` plus K LoRA adapters mixed with per-row coefficients (DESIGN.md §2).
+
+    It shares the base layer's ``weight`` / ``bias`` parameters (state_dict keys do not change) and keeps the
+    concatenated adapters as non-persistent buffers, so ``.to(device/dtype)`` moves them along.
+    """
+
+    def __init__(
+        self, base: nn.Linear, A_cat: torch.Tensor, B_cat: torch.Tensor, layout: int, state: _MixState
+    ):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # W0 [d_out, d_in], shared
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = base.bias
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.register_buffer("lora_A_cat", A_cat.to(**like).contiguous(), persistent=False)  # [R, d_in]
+        self.register_buffer(
+            "lora_B_cat_t", B_cat.t().to(**like).contiguous(), persistent=False
+        )  # [R, d_out]
+        self.layout = layout
+        self._state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # W0 x + b: [b, t, d_out]
+        rows = self._state.rows
+        if rows is None:
+            return y
+        coef = rows[self.layout]  # [b, R] = c_{b,i} s_i per column
+        if coef.shape[0] != x.shape[0] and coef.shape[0] != 1:
+            raise ValueError(
+                f"coefficients have {coef.shape[0]} rows but the forward batch has {x.shape[0]}; "
+                "call set_coefficients with one row per batch row"
+            )
+        h = F.linear(x, self.lora_A_cat)  # x A_cat^T: [b, t, R]
+        h = h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])  # scale adapter i by c_bi s_i
+        if not y.is_contiguous():
+            return y + h @ self.lora_B_cat_t
+        # y += h B_cat^T, written into y ([b*t, R] @ [R, d_out]).
+        y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B_cat_t)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_rank_sum={self.lora_A_cat.shape[0]}, layout={self.layout}"
+
+
+def _target_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
+    seen: dict[str, None] = {}
+    for adapter in adapters:
+        seen.update(dict.fromkeys(adapter.modules))
+    return list(seen)
+
+
+def _users(adapters: Sequence[LoraAdapter], model: nn.Module | None, module: str):
+    """The (index, adapter) pairs that target ``module`` and, given a model, its checked nn.Linear."""
+    users = [(i, a) for i, a in enumerate(adapters) if module in a.modules]
+    layer = None
+    if model is not None:
+        for _, a in users:
+            layer = _linear_for(model, module, a)
+    return users, layer
+
+
+def _check_adapters(adapters: Sequence[LoraAdapter]) -> list[LoraAdapter]:
+    adapters = list(adapters)
+    if not adapters or not all(isinstance(a, LoraAdapter) for a in adapters):
+        raise AdapterError("adapters must be a non-empty list of LoraAdapter")
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapter names must be unique, got {names}")
+    return adapters
+
+
+def _linear_for(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Linear:
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        raise AdapterError(
+            f"adapter {adapter.name!r} targets {module!r}, which the model does not have"
+        ) from None
+    if not isinstance(layer, nn.Linear):
+        raise AdapterError(
+            f"adapter {adapter.name!r} targets {module!r}, a {type(layer).__name__}, not nn.Linear"
+        )
+    A, B = adapter.modules[module]
+    if A.shape[1] != layer.in_features or B.shape[0] != layer.out_features:
+        raise AdapterError(
+            f"adapter {adapter.name!r}, module {module!r}: A {tuple(A.shape)} / B {tuple(B.shape)} do not fit "
+            f"a Linear({layer.in_features} -> {layer.out_features})"
+        )
+    return layer
+
+
+def _check_coeffs(coeffs: Sequence[float] | torch.Tensor, k: int) -> torch.Tensor:
+    c = torch.as_tensor(coeffs, dtype=torch.float64).detach().cpu()
+    if c.shape != (k,):
+        raise ValueError(f"coeffs must have shape ({k},), one per adapter, got {tuple(c.shape)}")
+    if not torch.isfinite(c).all():
+        raise ValueError(f"coeffs must be finite, got {c.tolist()}")
+    return c
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _unwrap_(model: nn.Module) -> nn.Module:
+    """Swap every MixedLinear back to a plain nn.Linear holding the same parameters (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MixedLinear):
+            plain = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+            )
+            plain.weight, plain.bias = module.weight, module.bias
+            _replace(model, name, plain)
+    return model
+
+
+class MixedLoraModel:
+    """Wraps a base HF causal LM with K adapters; every batch row gets its own coefficient vector.
+
+    The model is modified in place: each targeted ``nn.Linear`` becomes a :class:`MixedLinear` that shares the
+    base weights. Call ``self.model`` as usual (also with ``past_key_values`` / ``use_cache=True``); the
+    coefficients set by :meth:`set_coefficients` apply to every forward until changed. Coefficients are model
+    state: drive one batch at a time per wrapper.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter]):
+        adapters = _check_adapters(adapters)
+        if any(isinstance(m, MixedLinear) for m in model.modules()):
+            raise AdapterError(
+                "model already holds MixedLinear layers; wrap a fresh model (or unwrap() first)"
+            )
+        self.model = model
+        self.adapters = adapters
+        self.adapter_names = [a.name for a in adapters]
+        self._state = _MixState()
+        layout_ids: dict[tuple, int] = {}
+        for module in _target_modules(adapters):
+            users, layer = _users(adapters, model, module)
+            key = tuple((i, a.rank(module), a.scaling[module]) for i, a in users)
+            if key not in layout_ids:
+                layout_ids[key] = len(self._state.layouts)
+                device = layer.weight.device
+                idx = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in key]).to(device)  # [R]
+                scale = torch.cat([torch.full((r,), s, dtype=torch.float64) for _, r, s in key]).to(
+                    device
+                )  # [R]
+                self._state.layouts.append((idx, scale, layer.weight.dtype))
+            A_cat = torch.cat([a.modules[module][0] for _, a in users], dim=0)  # [R, d_in]
+            B_cat = torch.cat([a.modules[module][1] for _, a in users], dim=1)  # [d_out, R]
+            _replace(model, module, MixedLinear(layer, A_cat, B_cat, layout_ids[key], self._state))
+        self._coeffs: torch.Tensor | None = None
+
+    @property
+    def current_coefficients(self) -> torch.Tensor | None:
+        """The [b, K] coefficients in force (None = base model)."""
+        return self._coeffs
+
+    def set_coefficients(self, coeffs: torch.Tensor | Sequence[Sequence[float]] | None) -> None:
+        """Per-row coefficients c [b, K] for the next forwards (any finite reals); None = base model.
+
+        A single row (b = 1) is broadcast over the batch.
+        """
+        if coeffs is None:
+            self._state.rows, self._coeffs = None, None
+            return
+        k = len(self.adapters)
+        c = torch.as_tensor(coeffs).detach()
+        if c.dim() != 2 or c.shape[1] != k or c.shape[0] < 1:
+            raise ValueError(
+                f"coeffs must have shape [batch, {k}] (one column per adapter {self.adapter_names}), "
+                f"got {tuple(c.shape)}"
+            )
+        if c.is_complex() or c.dtype == torch.bool:
+            raise ValueError(f"coeffs must be real numbers, got dtype {c.dtype}")
+        if not torch.isfinite(c).all():
+            bad = torch.nonzero(~torch.isfinite(c))[:, 0].unique().tolist()
+            raise ValueError(f"coeffs must be finite, got NaN/inf in rows {bad}")
+        rows = []
+        for idx, scale, dtype in self._state.layouts:
+            cd = c.to(device=idx.device, dtype=torch.float64)
+            rows.append((cd[:, idx] * scale).to(dtype).contiguous())  # coef_row [b, R] = c_{b,i} s_i
+        self._state.rows, self._coeffs = rows, c
+
+    @contextmanager
+    def coefficients(self, coeffs) -> Iterator[MixedLoraModel]:
+        """``with mixed.coefficients(c): mixed.model(...)``; resets to the base model (None) on exit."""
+        self.set_coefficients(coeffs)
+        try:
+            yield self
+        finally:
+            self.set_coefficients(None)
+
+    def unwrap(self) -> nn.Module:
+        """Restore plain nn.Linear layers in place and return the base model (this wrapper is then dead)."""
+        self.set_coefficients(None)
+        return _unwrap_(self.model)
+
+
+# ----- materialised merge and export -----
+
+
+def merge_into_(
+    model: nn.Module,
+    adapters: Sequence[LoraAdapter],
+    coeffs: Sequence[float] | torch.Tensor,
+    originals: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """In place: W = W0 + sum_i c_i s_i B_i A_i for every targeted module (Eq. 6 / 13 on LoRA deltas).
+
+    W0 is ``originals[module]`` when given (a snapshot, so the model can be re-merged for another c without
+    drift), else the current weight. The sum is one matmul per module: (B_cat * c s) @ A_cat, in float32.
+    """
+    adapters = _check_adapters(adapters)
+    c = _check_coeffs(coeffs, len(adapters))
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for module in _target_modules(adapters):
+            users, layer = _users(adapters, model, module)
+            if owners[id(layer.weight)] > 1:
+                raise AdapterError(
+                    f"{module!r} shares its weight with another module (tied embeddings); merging would change both"
+                )
+            W = layer.weight  # [d_out, d_in]
+            A_cat = torch.cat([a.modules[module][0].float() for _, a in users], dim=0)  # [R, d_in]
+            B_cat = torch.cat(
+                [a.modules[module][1].float() * (float(c[i]) * a.scaling[module]) for i, a in users], dim=1
+            )  # [d_out, R], columns scaled by c_i s_i
+            W0 = W if originals is None else originals[module]
+            delta = B_cat.to(W.device) @ A_cat.to(W.device)  # sum_i c_i s_i B_i A_i: [d_out, d_in]
+            W.copy_((W0.float() + delta).to(W.dtype))
+    return model
+
+
+def merge_weights(model: nn.Module, adapters: Sequence[LoraAdapter], coeffs: Sequence[float]) -> nn.Module:
+    """A deep copy of ``model`` (plain HF model, MixedLinear layers removed) with W0 + sum_i c_i s_i B_i A_i."""
+    merged = _unwrap_(copy.deepcopy(model))
+    return merge_into_(merged, adapters, coeffs)
+
+
+def rank_sum_adapter(
+    adapters: Sequence[LoraAdapter], coeffs: Sequence[float], name: str = "merged"
+) -> LoraAdapter:
+    """The exact merged delta as one adapter of rank sum_i r_i (PEFT's "cat"): A = [c_i s_i A_i], B = [B_i].
+
+    Scaling is folded into A, so every module has scaling 1 (saved as lora_alpha = r).
+    """
+    adapters = _check_adapters(adapters)
+    c = _check_coeffs(coeffs, len(adapters))
+    modules, scaling = {}, {}
+    for module in _target_modules(adapters):
+        users, _ = _users(adapters, None, module)
+        A = torch.cat([a.modules[module][0].float() * (float(c[i]) * a.scaling[module]) for i, a in users])
+        B = torch.cat([a.modules[module][1].float() for _, a in users], dim=1)
+        modules[module], scaling[module] = (A, B), 1.0  # A [R, d_in], B [d_out, R]
+    config = {k: v for k, v in adapters[0].config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    return LoraAdapter(name=name, modules=modules, scaling=scaling, config=config)
+
+
+def save_adapter(adapter: LoraAdapter, path: str | Path) -> None:
+    """Write a standard PEFT directory loadable by ``peft.PeftModel.from_pretrained``.
+
+    r / lora_alpha / rank_pattern / alpha_pattern / target_modules are rebuilt from the tensors so the file
+    always matches them: target_modules lists the exact module names, r is the most common rank, lora_alpha
+    gives the most common scaling (alpha = s r), and modules that differ get rank_pattern / alpha_pattern
+    entries (regex-escaped full names). Other config fields (base model, task type) are kept.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    ranks = {m: adapter.rank(m) for m in adapter.modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    s = Counter(adapter.scaling.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(m): rm for m, rm in ranks.items() if rm != r}
+    alpha_pattern = {
+        re.escape(m): _num(adapter.scaling[m] * ranks[m])
+        for m in adapter.modules
+        if adapter.scaling[m] * ranks[m] != s * r or ranks[m] != r
+    }
+    config = dict(adapter.config)
+    config.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=_num(s * r),
+        use_rslora=False,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        target_modules=sorted(adapter.modules),
+        bias="none",
+        use_dora=False,
+        modules_to_save=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        inference_mode=True,
+    )
+    config.setdefault("task_type", "CAUSAL_LM")
+    (path / CONFIG_NAME).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
+    tensors = {}
+    for m, (A, B) in adapter.modules.items():
+        tensors[f"{_PEFT_PREFIX}{m}.lora_A.weight"] = A.detach().contiguous().cpu()
+        tensors[f"{_PEFT_PREFIX}{m}.lora_B.weight"] = B.detach().contiguous().cpu()
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def export_merged(
+    model: nn.Module,
+    adapters: Sequence[LoraAdapter],
+    coeffs: Sequence[float],
+    path: str | Path,
+    tokenizer=None,
+) -> Path:
+    """Save the merged model W0 + sum_i c_i s_i B_i A_i as a plain HF safetensors checkpoint; return ``path``."""
+    path = Path(path).expanduser()
+    merged = merge_weights(model, adapters, coeffs)
+    merged.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

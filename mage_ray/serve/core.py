@@ -1,0 +1,541 @@
+"""The serving core: one decode engine, a request queue, micro-batching, streaming, grids. No Ray needed.
+
+:class:`Generator` owns ONE :class:`mage_ray.decode.Engine` (one copy of the base weights) and turns
+concurrent requests into engine batches: requests with different preferences and methods share a batch, each
+row with its own LoRA coefficients (DESIGN.md §2). The Ray Serve deployment (:mod:`mage_ray.serve.app`) is a
+thin shell around it; tests drive it directly with asyncio.
+
+Batching (the semantics of Serve's ``@serve.batch``, kept in this class so it can also cancel requests)::
+
+    submit(request) -> Ticket                 queued (interactive requests ahead of grid rows)
+    scheduler: wait for a request, then up to batch_wait_timeout_s for more, take <= max_batch_size,
+               run engine.stream(batch) in a worker thread, hand each step's TokenEvents to the tickets'
+               asyncio queues (the event loop never blocks on the model)
+    the next batch forms from whatever queued meanwhile, and starts as soon as the engine is free
+
+Why not ``@serve.batch`` itself: a Serve batch handler cannot tell which of its requests' clients went
+away, and the engine would keep decoding a disconnected stream to max_tokens. Here ``Ticket.cancel()`` (called
+when a stream is closed) makes the engine finish that request at its next step (``finish_reason
+"cancelled"``) and frees its rows; a ticket cancelled while queued never runs. The engine has no public
+cancellation hook yet, so :class:`CancellableEngine` adds one by overriding ``Engine._finish_check`` (the
+per-hypothesis finishing test); :attr:`Generator.stats` counts cancellations and decoded tokens.
+
+Continuous batching (admitting queued requests between decode steps of a running batch) would cut the wait of
+a request that arrives just after a batch started; the engine's ``stream`` takes a fixed request list, so it
+needs an admission hook in the engine first. Left for later; see docs/benchmarks.md for the measured numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mage_ray.bundle import Bundle, load_bundle
+from mage_ray.config import Config, DecodeConfig, ServeConfig
+from mage_ray.decode import Completion, Engine, Request, TokenEvent, parts_from_bundle
+from mage_ray.guidance import PlanArgs, make_plan, method_names
+from mage_ray.models import format_prompt
+from mage_ray.serve.schema import ApiError, Limits, prompt_text
+
+__all__ = ["BatchDecoder", "CancellableEngine", "Generator", "Ticket", "decode_defaults"]
+
+log = logging.getLogger(__name__)
+
+CANCELLED = "cancelled"
+
+
+class CancellableEngine(Engine):
+    """An Engine whose running requests can be stopped between decode steps.
+
+    ``cancel_check(index) -> bool`` (set by the caller for the duration of one ``stream`` call) is asked after
+    every step whether the request at ``index`` should stop; if so its hypotheses finish with
+    ``finish_reason = "cancelled"`` and the engine prunes their rows from the batch and the KV cache.
+    """
+
+    cancel_check: Callable[[int], bool] | None = None
+
+    def _finish_check(self, hyp) -> None:
+        super()._finish_check(hyp)
+        check = self.cancel_check
+        if hyp.finish_reason is None and check is not None and check(hyp.job.index):
+            hyp.finish_reason = CANCELLED
+
+
+def decode_defaults(cfg: Config, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
+    """The decode defaults a server uses: ``cfg.decode`` with the bundle's method, gamma and alpha.
+
+    The sweep chose the bundle's method / gamma / alpha, so they win over the YAML config; a command-line
+    override (``decode.gamma=2``) wins over the bundle.
+    """
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    d = cfg.decode
+    kw = {k: getattr(d, k) if f"decode.{k}" in given else v
+          for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))}
+    return DecodeConfig(**{**d.__dict__, **kw})
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request: its events arrive on ``queue`` (TokenEvent; the last one has finished=True)."""
+
+    request: Request
+    interactive: bool
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    """Set by :meth:`cancel` (from the event loop); read by the engine thread between steps."""
+    finished: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    completion: Completion | None = None
+
+    def cancel(self) -> None:
+        """Stop decoding this request (no-op once it finished)."""
+        self.cancelled = True
+
+    async def next(self) -> TokenEvent:
+        return await self.queue.get()
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Yield events until the finishing one; cancel the request if the consumer stops early."""
+        try:
+            while True:
+                ev = await self.queue.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    async def result(self) -> Completion:
+        async for ev in self.events():
+            if ev.finished:
+                return ev.completion
+        raise RuntimeError("stream ended without a final event")  # pragma: no cover
+
+
+def _error_event(index: int, msg: str) -> TokenEvent:
+    return TokenEvent(index, "", True, "error", Completion(text="", token_ids=[], finish_reason="error", error=msg))
+
+
+class Generator:
+    """Micro-batching front of one decode engine (see the module docstring). Use from one asyncio loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        serve_cfg: ServeConfig | None = None,
+        *,
+        reward_device: str = "cpu",
+        stuck_after_s: float = 300.0,
+        name: str = "mage",
+    ):
+        self.engine = engine
+        sc = serve_cfg or ServeConfig()
+        self.serve_cfg = sc
+        self.max_batch_size = sc.max_batch_size
+        self.batch_wait_timeout_s = sc.batch_wait_timeout_s
+        self.stuck_after_s = stuck_after_s
+        self.reward_device = reward_device
+        self.name = name
+        self.methods = tuple(self._available_methods())
+        self.limits = Limits(
+            n_objectives=engine.layout.n,
+            methods=self.methods,
+            max_tokens_limit=engine.defaults.max_tokens_limit,
+            max_prompts_per_grid=sc.max_prompts_per_grid,
+            max_grid_points=sc.max_grid_points,
+            objectives=tuple(engine.objectives),
+        )
+        self._tok = copy.deepcopy(engine.tokenizer)  # used only on the aux thread (fast tokenizers are not re-entrant)
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="mage-engine")
+        self._aux_thread = ThreadPoolExecutor(1, thread_name_prefix="mage-aux")
+        self._interactive: collections.deque[Ticket] = collections.deque()
+        self._bulk: collections.deque[Ticket] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrival: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._running: list[Ticket] | None = None
+        self._last_step = time.monotonic()
+        self._closed = False
+        self._objectives = None
+        self.counters = collections.Counter(
+            {k: 0 for k in ("requests", "completed", "cancelled", "errors", "tokens", "batches", "steps")}
+        )
+
+    @classmethod
+    def from_bundle(
+        cls, bundle_path: str | Path, cfg: Config, overrides: Sequence[str] = (), device: str | None = None
+    ) -> Generator:
+        """Load the bundle into a :class:`CancellableEngine` on ``device`` (default: cuda when
+        serve.num_gpus > 0 and a GPU is visible, else cpu)."""
+        import torch
+
+        if device is None:
+            device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        bundle = load_bundle(bundle_path)
+        engine = CancellableEngine(parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides),
+                                   device)
+        return cls(engine, cfg.serve, reward_device=cfg.task.reward_device, name=Path(bundle.root).name)
+
+    # ----- introspection -----
+
+    def _available_methods(self) -> list[str]:
+        """Registered methods this engine's adapters can run (probed with the uniform preference)."""
+        n = self.engine.layout.n
+        mu = np.full(n, 1.0 / n)
+        ok = []
+        for m in method_names():
+            try:
+                make_plan(m, self.engine.layout, mu, PlanArgs(0.0, "bone", "probe"), 1.0)
+            except (ValueError, NotImplementedError):
+                continue
+            ok.append(m)
+        return ok
+
+    def info(self) -> dict[str, Any]:
+        """What ``GET /v1/objectives`` returns: objective names and the decoding defaults."""
+        d = self.engine.defaults
+        return {
+            "objectives": list(self.engine.objectives),
+            "n_objectives": self.engine.layout.n,
+            "methods": list(self.methods),
+            "defaults": {"method": d.method, "gamma": d.gamma, "alpha": d.alpha, "beta": self.engine.layout.beta,
+                         "max_tokens": d.max_new_tokens, "do_sample": d.do_sample},
+            "limits": {"max_tokens": d.max_tokens_limit, "max_context": self.engine.max_context,
+                       "max_prompts_per_grid": self.limits.max_prompts_per_grid,
+                       "max_grid_points": self.limits.max_grid_points},
+            "model": self.name,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters (requests, completed, cancelled, errors, tokens, batches, steps) and queue state."""
+        running = self._running or []
+        return {**self.counters, "queued": len(self._interactive) + len(self._bulk),
+                "active": sum(not t.finished for t in running)}
+
+    def health(self) -> tuple[bool, str]:
+        """(ok, reason): the engine is loaded, the scheduler alive, and a running batch is not stuck."""
+        if self._closed:
+            return False, "shutting down"
+        if self._task is not None and self._task.done():
+            exc = None if self._task.cancelled() else self._task.exception()
+            return False, f"batch scheduler stopped: {exc!r}"
+        if self._running is not None and time.monotonic() - self._last_step > self.stuck_after_s:
+            return False, f"no decode step for {time.monotonic() - self._last_step:.0f}s (engine stuck)"
+        return True, "ok"
+
+    # ----- validation that needs the model -----
+
+    def _check_sync(self, req: Request, field_name: str) -> None:
+        d = self.engine.defaults
+        method = req.method or d.method
+        gamma = d.gamma if req.gamma is None else req.gamma
+        alpha = d.alpha if req.alpha is None else req.alpha
+        mu = None if req.preference is None else np.asarray(req.preference, dtype=np.float64)
+        try:
+            make_plan(method, self.engine.layout, mu, PlanArgs(alpha, req.implicit_merge, req.prompt), gamma)
+        except (ValueError, NotImplementedError) as e:
+            raise ApiError(400, str(e), "method") from None
+        max_new = d.max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        templated = self.engine.use_chat_template and bool(getattr(self._tok, "chat_template", None))
+        text = format_prompt(self._tok, req.prompt, self.engine.use_chat_template)
+        n = len(self._tok(text, add_special_tokens=not templated)["input_ids"])
+        if n + max_new > self.engine.max_context:
+            raise ApiError(400, f"{field_name} ({n} tokens) + max_tokens ({max_new}) exceeds the model context of "
+                                f"{self.engine.max_context} tokens: shorten the prompt or lower max_tokens",
+                           field_name)
+
+    async def check(self, req: Request, field_name: str = "prompt") -> None:
+        """Raise ApiError 400 if the method cannot run on this bundle or the prompt does not fit the context."""
+        await asyncio.get_running_loop().run_in_executor(self._aux_thread, self._check_sync, req, field_name)
+
+    # ----- queue and scheduler -----
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._task is not None and not self._task.done() and not self._loop.is_closed():
+                raise RuntimeError("Generator is already serving another event loop")
+            self._loop, self._arrival = loop, asyncio.Event()
+            self._task = loop.create_task(self._schedule(), name="mage-scheduler")
+        return loop
+
+    def submit(self, req: Request, interactive: bool = True) -> Ticket:
+        """Queue one request; its events arrive on the returned ticket. Raises ApiError 503 when closed."""
+        if self._closed:
+            raise ApiError(503, "server is shutting down", None, "unavailable")
+        self._ensure_loop()
+        t = Ticket(req, interactive)
+        (self._interactive if interactive else self._bulk).append(t)
+        self.counters["requests"] += 1
+        self._arrival.set()
+        return t
+
+    def _pending(self) -> int:
+        return len(self._interactive) + len(self._bulk)
+
+    def _take(self) -> list[Ticket]:
+        batch: list[Ticket] = []
+        for q in (self._interactive, self._bulk):
+            while q and len(batch) < self.max_batch_size:
+                t = q.popleft()
+                if t.cancelled:  # never started: finish it here
+                    self._finish(t, TokenEvent(0, "", True, CANCELLED, Completion("", [], CANCELLED)))
+                else:
+                    batch.append(t)
+        return batch
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrival.wait()
+            if not self._pending():
+                self._arrival.clear()
+                continue
+            deadline = loop.time() + self.batch_wait_timeout_s
+            while self._pending() < self.max_batch_size and (left := deadline - loop.time()) > 0:
+                self._arrival.clear()
+                try:
+                    await asyncio.wait_for(self._arrival.wait(), left)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not self._pending():
+                self._arrival.clear()
+            if not batch:
+                continue
+            self._running = batch
+            self._last_step = time.monotonic()
+            try:
+                await loop.run_in_executor(self._engine_thread, self._run_batch, batch, loop)
+            except Exception:  # noqa: BLE001  (never let one batch kill the scheduler)
+                log.exception("decode batch failed")
+            finally:
+                self._running = None
+
+    def _finish(self, t: Ticket, ev: TokenEvent) -> None:
+        """Runs on the loop thread: deliver the final event of a ticket and count it."""
+        if t.finished:
+            return
+        t.finished = True
+        t.completion = ev.completion
+        c = ev.completion
+        if c is not None:
+            self.counters["tokens"] += c.usage.completion_tokens
+        if ev.finish_reason == CANCELLED:
+            self.counters["cancelled"] += 1
+        elif ev.finish_reason == "error":
+            self.counters["errors"] += 1
+        else:
+            self.counters["completed"] += 1
+        t.queue.put_nowait(ev)
+
+    def _deliver(self, t: Ticket, ev: TokenEvent) -> None:
+        if ev.finished:
+            self._finish(t, ev)
+        elif not t.finished:
+            t.queue.put_nowait(ev)
+
+    def _run_batch(self, batch: list[Ticket], loop: asyncio.AbstractEventLoop) -> None:
+        """Engine thread: decode one batch, forwarding every step's events to the loop."""
+        eng = self.engine
+        cancellable = isinstance(eng, CancellableEngine)
+        if cancellable:
+            eng.cancel_check = lambda i: batch[i].cancelled
+        done = [False] * len(batch)
+        try:
+            self.counters["batches"] += 1
+            for events in eng.stream([t.request for t in batch]):
+                self._last_step = time.monotonic()
+                self.counters["steps"] += 1
+                for ev in events:
+                    done[ev.index] = done[ev.index] or ev.finished
+                    loop.call_soon_threadsafe(self._deliver, batch[ev.index], ev)
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory: fail this batch, keep serving)
+            log.exception("decode batch of %d failed", len(batch))
+            for i, t in enumerate(batch):
+                if not done[i]:
+                    loop.call_soon_threadsafe(self._deliver, t, _error_event(i, f"decoding failed: {e}"))
+        finally:
+            if cancellable:
+                eng.cancel_check = None
+
+    # ----- convenience API -----
+
+    async def generate(self, req: Request) -> Completion:
+        """Decode one request to completion (batched with whatever else is queued)."""
+        return await self.submit(req).result()
+
+    async def stream(self, req: Request) -> AsyncIterator[TokenEvent]:
+        """Events of one request; closing the iterator early cancels the request."""
+        async for ev in self.submit(req).events():
+            yield ev
+
+    async def generate_many(self, reqs: Sequence[Request], interactive: bool = False) -> list[Completion]:
+        """Decode many requests (queued behind interactive ones unless ``interactive``); results in order."""
+        tickets = [self.submit(r, interactive) for r in reqs]
+        try:
+            return list(await asyncio.gather(*(t.result() for t in tickets)))
+        finally:
+            for t in tickets:
+                if not t.finished:
+                    t.cancel()
+
+    # ----- grids -----
+
+    def _load_objectives(self):
+        if self._objectives is None:
+            from mage_ray.tasks.objectives import get_objective
+
+            self._objectives = [get_objective(n, device=self.reward_device) for n in self.engine.objectives]
+        return self._objectives
+
+    def _score_sync(self, prompts: list[str], texts: list[str]) -> np.ndarray:
+        from mage_ray.tasks.objectives import score
+
+        try:
+            objs = self._load_objectives()
+        except Exception as e:  # noqa: BLE001  (unknown objective, reward model not available offline)
+            raise ApiError(400, f"score: the bundle's objectives cannot be loaded here: {e}", "score") from None
+        return score(objs, prompts, texts)
+
+    async def score(self, prompts: list[str], texts: list[str]) -> np.ndarray:
+        """(N, n) scores of the bundle's objectives (loaded on first use)."""
+        return await asyncio.get_running_loop().run_in_executor(self._aux_thread, self._score_sync, prompts, texts)
+
+    async def grid(self, points: np.ndarray, prompts: list[Any], reqs: list[Request], score: bool = False) -> dict:
+        """Decode ``reqs`` (point-major: request p * len(prompts) + i) and summarise per preference point.
+
+        With ``score`` each text is scored by the bundle's objectives; per point the mean reward over the prompts
+        that decoded without error, and ``front[p]`` = no other point's mean reward vector dominates it.
+        """
+        from mage_ray.metrics import pareto_mask
+
+        for k, r in enumerate(reqs[: len(prompts)]):  # every point shares the prompts: check them once
+            await self.check(r, f"prompts[{k}]")
+        comps = await self.generate_many(reqs)
+        P, m = len(points), len(prompts)
+        scores = None
+        if score:
+            ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
+            scores = np.full((len(comps), self.engine.layout.n), np.nan)  # (P * m, n)
+            if ok:
+                scores[ok] = await self.score([prompt_text(prompts[k % m]) for k in ok], [comps[k].text for k in ok])
+        out_points, means = [], []
+        for p in range(P):
+            cs = comps[p * m:(p + 1) * m]
+            entry = {"preference": [float(x) for x in points[p]], "texts": [c.text for c in cs],
+                     "finish_reasons": [c.finish_reason for c in cs],
+                     "errors": [c.error for c in cs] if any(c.error for c in cs) else None}
+            if scores is not None:
+                block = scores[p * m:(p + 1) * m]
+                mean = [float(np.nanmean(block[:, j])) if np.isfinite(block[:, j]).any() else None
+                        for j in range(block.shape[1])]
+                entry["mean_rewards"] = mean
+                means.append(mean)
+            out_points.append(entry)
+        front = None
+        if means:
+            R = np.array([[(-math.inf if v is None else v) for v in row] for row in means], dtype=np.float64)
+            valid = np.isfinite(R).all(axis=1)
+            front = [False] * P
+            if valid.any():
+                mask = pareto_mask(R[valid])
+                for idx, f in zip(np.flatnonzero(valid), mask):
+                    front[int(idx)] = bool(f)
+        d = self.engine.defaults
+        tokens = sum(c.usage.completion_tokens for c in comps)
+        return {"objectives": list(self.engine.objectives), "method": reqs[0].method or d.method,
+                "n_prompts": m, "points": out_points, "front": front,
+                "usage": {"completion_tokens": tokens, "requests": len(comps)}}
+
+    # ----- shutdown -----
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running (at most ``timeout_s``); True if drained."""
+        end = time.monotonic() + timeout_s
+        while (self._pending() or self._running) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return not (self._pending() or self._running)
+
+    def close(self) -> None:
+        """Refuse new requests, cancel queued and running ones, stop the scheduler and threads."""
+        self._closed = True
+        for q in (self._interactive, self._bulk):
+            while q:
+                t = q.popleft()
+                t.cancel()
+                if self._loop is not None and not self._loop.is_closed():
+                    self._loop.call_soon_threadsafe(self._finish, t, _error_event(0, "server shut down"))
+        for t in self._running or []:
+            t.cancel()
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._engine_thread.shutdown(wait=False, cancel_futures=True)
+        self._aux_thread.shutdown(wait=False, cancel_futures=True)
+
+
+# ----- offline grids (Ray Data map_batches callables; plain classes, no Ray needed) -----
+
+
+class BatchDecoder:
+    """``map_batches`` callable holding one Engine: columns prompt, preference, method -> + text, finish_reason,
+    error, completion_tokens (and ``score_<objective>`` when ``objectives`` are given; NaN where decoding
+    failed). One call decodes its whole batch as one engine batch (mixed preferences and methods).
+
+    ``decode`` is a DecodeConfig (or its dict); ``methods`` limits the adapters loaded to those the methods use.
+    Scoring runs in the same actor, so a grid needs one actor pool (two pools can take every CPU of a small
+    cluster and starve the read tasks).
+    """
+
+    def __init__(self, bundle_path: str, decode: DecodeConfig | dict | None = None,
+                 methods: Sequence[str] | None = None, device: str = "cpu",
+                 objectives: Sequence[str] | None = None, reward_device: str = "cpu"):
+        bundle = load_bundle(bundle_path)
+        dcfg = DecodeConfig(**decode) if isinstance(decode, dict) else decode
+        self.engine = Engine(parts_from_bundle(bundle, device=device, methods=methods), dcfg, device)
+        self.names = list(objectives or [])
+        self.objectives = None
+        if self.names:
+            from mage_ray.tasks.objectives import get_objective
+
+            self.objectives = [get_objective(n, device=reward_device) for n in self.names]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        prompts = [str(p) for p in batch["prompt"]]
+        prefs = [[float(x) for x in p] for p in batch["preference"]]
+        methods = [str(m) for m in batch["method"]]
+        comps = self.engine.generate(
+            [Request(prompt=p, preference=mu, method=m) for p, mu, m in zip(prompts, prefs, methods)]
+        )
+        pref_col = np.empty(len(prefs), dtype=object)  # a list column in Parquet (not a tensor extension type)
+        for k, mu in enumerate(prefs):
+            pref_col[k] = mu
+        out = {
+            **batch,
+            "preference": pref_col,
+            "text": np.array([c.text for c in comps], dtype=object),
+            "finish_reason": np.array([c.finish_reason for c in comps], dtype=object),
+            "error": np.array([c.error or "" for c in comps], dtype=object),
+            "completion_tokens": np.array([c.usage.completion_tokens for c in comps], dtype=np.int64),
+        }
+        if self.objectives:
+            from mage_ray.tasks.objectives import score
+
+            ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
+            scores = np.full((len(comps), len(self.names)), np.nan)  # (B, n)
+            if ok:
+                scores[ok] = score(self.objectives, [prompts[k] for k in ok], [comps[k].text for k in ok])
+            out.update({f"score_{n}": scores[:, j] for j, n in enumerate(self.names)})
+        return out

@@ -1,0 +1,481 @@
+"""HTTP schema of the serving API: pydantic request bodies, their validation, and response/SSE builders.
+
+Endpoints (see :mod:`mage_ray.serve.app`):
+
+* ``POST /v1/generate``          :class:`GenerateBody`    native API (prompt or messages, preference, method, ...)
+* ``POST /v1/chat/completions``  :class:`ChatBody`        OpenAI-compatible; extra fields ``preference``, ``mage``
+* ``POST /v1/completions``       :class:`CompletionBody`  OpenAI-compatible; extra fields ``preference``, ``mage``
+* ``POST /v1/grid``              :class:`GridBody`        prompts x preference grid, optionally scored
+
+Validation happens in two steps. Pydantic checks types and fixed ranges (a NaN, a negative ``gamma``, an
+unknown field); :func:`to_request` then checks what depends on the served bundle (the preference length, the
+``max_tokens`` limit, the method registry) and builds a :class:`mage_ray.decode.Request`. Every failure is an
+:class:`ApiError` with the HTTP status, a message and the offending ``field`` (``preference[1]``,
+``mage.gamma``, ...); the app renders it as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape,
+so the ``openai`` client raises a ``BadRequestError`` carrying it).
+
+Sampling: the engine decodes greedily unless a request asks for sampling (the paper's guided argmax, Eq. 25).
+On the OpenAI endpoints ``temperature > 0`` (or ``top_p < 1``) turns sampling on and ``temperature = 0`` means
+greedy; with neither the engine's default applies. A request without ``preference`` gets the uniform one
+(1/n each); the response echoes the preference and method it was decoded with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mage_ray.decode import Completion, Request
+from mage_ray.soup import PreferenceError, preference_grid, validate_preference
+
+__all__ = [
+    "ApiError",
+    "ChatBody",
+    "ChatMessage",
+    "CompletionBody",
+    "GenerateBody",
+    "GridBody",
+    "GridSpec",
+    "Limits",
+    "MageParams",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "error_body",
+    "finish_reason",
+    "grid_points",
+    "grid_requests",
+    "parse_body",
+    "prompt_text",
+    "sse",
+    "to_request",
+]
+
+PREFERENCE_TOL = 1e-4
+"""A preference may miss sum 1 by this much (JSON rounding); it is then renormalised exactly."""
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ApiError(ValueError):
+    """A request the API refuses: HTTP ``status``, a message, and the request ``field`` at fault (or None)."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.field, self.type = status, message, field, type
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    """OpenAI-style error JSON: ``{"error": {message, type, param, code}}``."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.field, "code": err.status}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served bundle and config allow (the bundle-dependent half of validation)."""
+
+    n_objectives: int
+    methods: tuple[str, ...]
+    """Decoding methods this bundle can run."""
+    max_tokens_limit: int
+    """decode.max_tokens_limit: the most tokens one request may ask for."""
+    max_prompts_per_grid: int = 64
+    max_grid_points: int = 256
+    """Most preference points in one /v1/grid request."""
+    max_stop: int = 4
+    """Most stop strings per request."""
+    objectives: tuple[str, ...] = field(default=())
+
+
+# ----- request bodies -----
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"] = "user"
+    content: str
+
+
+class MageParams(_Body):
+    """Decoding options beyond OpenAI's (the ``mage`` field of the OpenAI-compatible endpoints)."""
+
+    method: str | None = None
+    """rs | bs | mod | mage-e | mage-e-m | mage-i | mage-i-m | base | ... (default: the bundle's)."""
+    gamma: Finite | None = Field(None, ge=0.0, le=1000.0)
+    """Guidance strength of Eq. 25."""
+    alpha: Finite | None = Field(None, gt=-1.0, le=10.0)
+    """Extrapolation of Eq. 13."""
+    do_sample: bool | None = None
+    top_k: int | None = Field(None, ge=0)
+    beam_width: int | None = Field(None, ge=1, le=64)
+    beam_expansion: int | None = Field(None, ge=1, le=64)
+    lookahead: int | None = Field(None, ge=1, le=4096)
+    implicit_merge: Literal["bone", "naive"] = "bone"
+    ignore_eos: bool = False
+    """Decode exactly max_tokens tokens (benchmarks)."""
+
+
+class GenerateBody(_Body):
+    """``POST /v1/generate``: one prompt (text or chat messages), one preference."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    preference: list[Finite] | None = None
+    method: str | None = None
+    gamma: Finite | None = Field(None, ge=0.0, le=1000.0)
+    alpha: Finite | None = Field(None, gt=-1.0, le=10.0)
+    max_tokens: int | None = Field(None, ge=1)
+    do_sample: bool | None = None
+    temperature: Finite | None = Field(None, gt=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
+    beam_width: int | None = Field(None, ge=1, le=64)
+    beam_expansion: int | None = Field(None, ge=1, le=64)
+    lookahead: int | None = Field(None, ge=1, le=4096)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    implicit_merge: Literal["bone", "naive"] = "bone"
+    ignore_eos: bool = False
+    stream: bool = False
+
+
+class _OpenAIBody(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, ...): ignore those; the ones that would change
+    # the result (n > 1, logprobs, penalties) are declared and refused when set.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    preference: list[Finite] | None = None
+    mage: MageParams = Field(default_factory=MageParams)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: Finite | None = Field(None, ge=0.0, le=100.0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    logprobs: bool | int | None = None
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
+
+
+class ChatBody(_OpenAIBody):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+
+
+class CompletionBody(_OpenAIBody):
+    """``POST /v1/completions`` (the prompt is still wrapped in the bundle's chat template when it has one)."""
+
+    prompt: str | list[str]
+
+
+class GridSpec(_Body):
+    """A simplex lattice: all mu with entries in {0, step, ..., 1} summing to 1 (``preference_grid``)."""
+
+    n_objectives: int = Field(ge=2, le=64)
+    step: Finite = Field(gt=0.0, le=1.0)
+
+
+class GridBody(_Body):
+    """``POST /v1/grid``: every prompt at every preference, one method; optionally scored by the objectives."""
+
+    prompts: list[str | list[ChatMessage]]
+    preferences: list[list[Finite]] | GridSpec
+    method: str | None = None
+    gamma: Finite | None = Field(None, ge=0.0, le=1000.0)
+    alpha: Finite | None = Field(None, gt=-1.0, le=10.0)
+    max_tokens: int | None = Field(None, ge=1)
+    do_sample: bool | None = None
+    temperature: Finite | None = Field(None, gt=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: Finite | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    score: bool = False
+
+
+# ----- parsing and validation -----
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("str", "list[", "function-", "constrained-")):  # union branch names
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """JSON bytes -> a validated body; malformed JSON or a bad field -> ApiError 400 naming the field."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", "body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", "body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errs = e.errors(include_url=False)
+        first = errs[0]
+        where = _loc(first["loc"])
+        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+        raise ApiError(400, f"{where}: {first['msg']}{more}", where) from None
+
+
+def check_preference(pref: list[float] | None, limits: Limits, method: str | None, name: str = "preference"):
+    """The preference as a float list on the simplex (uniform when omitted); ApiError naming the entry."""
+    n = limits.n_objectives
+    if pref is None:
+        return None if method == "base" else [1.0 / n] * n
+    try:
+        mu = validate_preference(pref, n, tol=PREFERENCE_TOL, name=name)
+    except PreferenceError as e:
+        msg = str(e)
+        bad = msg.split(" ", 1)[0] if msg.startswith(f"{name}[") else name
+        raise ApiError(400, f"{msg} (objectives: {list(limits.objectives) or n})", bad) from None
+    return [float(x) for x in mu / mu.sum()]
+
+
+def _stops(stop: str | list[str] | None, limits: Limits, name: str) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > limits.max_stop:
+        raise ApiError(400, f"{name}: at most {limits.max_stop} stop strings, got {len(stops)}", name)
+    if not all(stops):
+        raise ApiError(400, f"{name}: stop strings must be non-empty", name)
+    return stops or None
+
+
+def _max_tokens(v: int | None, limits: Limits, name: str) -> int | None:
+    if v is not None and v > limits.max_tokens_limit:
+        raise ApiError(400, f"{name} = {v} exceeds the server limit decode.max_tokens_limit = "
+                            f"{limits.max_tokens_limit}", name)
+    return v
+
+
+def _method(m: str | None, limits: Limits, name: str) -> str | None:
+    if m is not None and m not in limits.methods:
+        raise ApiError(400, f"{name} = {m!r} is not available: this server runs {list(limits.methods)}", name)
+    return m
+
+
+def _prompt(prompt: Any, name: str) -> Any:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ApiError(400, f"{name} is empty: expected non-empty text", name)
+        return prompt
+    if not prompt:
+        raise ApiError(400, f"{name} is empty: expected at least one chat message", name)
+    msgs = [{"role": m.role, "content": m.content} for m in prompt]
+    if not any(m["content"].strip() for m in msgs):
+        raise ApiError(400, f"{name}: every message is empty", name)
+    return msgs
+
+
+def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, prompt: Any = None) -> Request:
+    """Build the engine Request of one body (``prompt`` picks one prompt of a CompletionBody list)."""
+    if isinstance(body, GenerateBody):
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of 'prompt' (text) or 'messages' (chat)", "prompt")
+        p = _prompt(body.prompt, "prompt") if body.prompt is not None else _prompt(body.messages, "messages")
+        method = _method(body.method, limits, "method")
+        return Request(
+            prompt=p,
+            preference=check_preference(body.preference, limits, method),
+            method=method,
+            gamma=body.gamma,
+            alpha=body.alpha,
+            max_new_tokens=_max_tokens(body.max_tokens, limits, "max_tokens"),
+            do_sample=body.do_sample if body.do_sample is not None else (True if body.temperature else None),
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            beam_width=body.beam_width,
+            beam_expansion=body.beam_expansion,
+            lookahead=body.lookahead,
+            stop=_stops(body.stop, limits, "stop"),
+            seed=body.seed,
+            implicit_merge=body.implicit_merge,
+            ignore_eos=body.ignore_eos,
+        )
+    if body.n != 1:
+        raise ApiError(400, f"n = {body.n} is not supported: this server returns one choice (n = 1)", "n")
+    if body.logprobs:
+        raise ApiError(400, "logprobs are not supported", "logprobs")
+    for f in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, f):
+            raise ApiError(400, f"{f} is not supported (use 'mage' decoding options)", f)
+    if isinstance(body, ChatBody):
+        p = _prompt(body.messages, "messages")
+    else:
+        p = _prompt(prompt if prompt is not None else body.prompt, "prompt")
+    m = body.mage
+    method = _method(m.method, limits, "mage.method")
+    mt = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens, limits, mt)
+    do_sample = m.do_sample
+    temperature = body.temperature
+    if do_sample is None and temperature is not None:
+        do_sample = temperature > 0
+    if do_sample is None and body.top_p is not None and body.top_p < 1.0:
+        do_sample = True
+    if temperature == 0:
+        temperature = None  # greedy; the engine only reads temperature when sampling
+    return Request(
+        prompt=p,
+        preference=check_preference(body.preference, limits, method),
+        method=method,
+        gamma=m.gamma,
+        alpha=m.alpha,
+        max_new_tokens=max_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=m.top_k,
+        top_p=body.top_p,
+        beam_width=m.beam_width,
+        beam_expansion=m.beam_expansion,
+        lookahead=m.lookahead,
+        stop=_stops(body.stop, limits, "stop"),
+        seed=body.seed,
+        implicit_merge=m.implicit_merge,
+        ignore_eos=m.ignore_eos,
+    )
+
+
+def grid_points(body: GridBody, limits: Limits) -> np.ndarray:
+    """The (P, n) preference points of a grid body, bounded by ``limits.max_grid_points``."""
+    n = limits.n_objectives
+    if isinstance(body.preferences, GridSpec):
+        spec = body.preferences
+        if spec.n_objectives != n:
+            raise ApiError(400, f"preferences.n_objectives = {spec.n_objectives} but the bundle has {n} "
+                                f"objectives {list(limits.objectives)}", "preferences.n_objectives")
+        m = round(1.0 / spec.step)
+        if abs(m * spec.step - 1.0) > 1e-9:
+            raise ApiError(400, f"preferences.step = {spec.step} must divide 1 (1/step an integer)",
+                           "preferences.step")
+        count = math.comb(m + n - 1, n - 1)
+        if count > limits.max_grid_points:
+            raise ApiError(400, f"preferences: step {spec.step} gives {count} points, more than "
+                                f"serve.max_grid_points = {limits.max_grid_points}", "preferences.step")
+        return preference_grid(n, spec.step)
+    if not body.preferences:
+        raise ApiError(400, "preferences is empty", "preferences")
+    if len(body.preferences) > limits.max_grid_points:
+        raise ApiError(400, f"preferences has {len(body.preferences)} points, more than serve.max_grid_points "
+                            f"= {limits.max_grid_points}", "preferences")
+    rows = [check_preference(p, limits, None, name=f"preferences[{i}]") for i, p in enumerate(body.preferences)]
+    return np.asarray(rows, dtype=np.float64)
+
+
+def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any], list[Request]]:
+    """(points [P, n], prompts, requests in point-major order: request p * len(prompts) + i)."""
+    if not body.prompts:
+        raise ApiError(400, "prompts is empty", "prompts")
+    if len(body.prompts) > limits.max_prompts_per_grid:
+        raise ApiError(400, f"prompts has {len(body.prompts)} entries, more than serve.max_prompts_per_grid = "
+                            f"{limits.max_prompts_per_grid}", "prompts")
+    prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(body.prompts)]
+    points = grid_points(body, limits)
+    method = _method(body.method, limits, "method")
+    max_tokens = _max_tokens(body.max_tokens, limits, "max_tokens")
+    stops = _stops(body.stop, limits, "stop")
+    do_sample = body.do_sample if body.do_sample is not None else (True if body.temperature else None)
+    reqs = [
+        Request(prompt=p, preference=[float(x) for x in mu], method=method, gamma=body.gamma, alpha=body.alpha,
+                max_new_tokens=max_tokens, do_sample=do_sample, temperature=body.temperature, top_k=body.top_k,
+                top_p=body.top_p, stop=stops, seed=body.seed)
+        for mu in points
+        for p in prompts
+    ]
+    return points, prompts, reqs
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text objectives score a prompt by (chat messages joined by newlines)."""
+    return prompt if isinstance(prompt, str) else "\n".join(m.get("content", "") for m in prompt)
+
+
+# ----- responses -----
+
+
+def sse(data: Any) -> bytes:
+    """One server-sent event: ``data: <json>`` (or the literal ``[DONE]``) and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """Engine finish reasons -> OpenAI's: eos/stop -> "stop", length -> "length", others kept."""
+    return {"eos": "stop", "stop": "stop"}.get(reason, reason) if reason is not None else None
+
+
+def usage(c: Completion | None) -> dict[str, int]:
+    p = c.usage.prompt_tokens if c is not None else 0
+    k = c.usage.completion_tokens if c is not None else 0
+    return {"prompt_tokens": p, "completion_tokens": k, "total_tokens": p + k}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_response(rid: str, model: str, c: Completion, extra: dict) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": finish_reason(c.finish_reason), "logprobs": None}],
+        "usage": usage(c), "mage": extra,
+    }
+
+
+def chat_chunk(rid: str, model: str, delta: dict, reason: str | None = None, c: Completion | None = None,
+               extra: dict | None = None) -> dict[str, Any]:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}]}
+    if c is not None:
+        out["usage"] = usage(c)
+    if extra is not None:
+        out["mage"] = extra
+    return out
+
+
+def completion_response(rid: str, model: str, comps: list[Completion], extra: dict) -> dict[str, Any]:
+    tot = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for c in comps:
+        for k, v in usage(c).items():
+            tot[k] += v
+    return {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": i, "text": c.text, "finish_reason": finish_reason(c.finish_reason), "logprobs": None}
+                    for i, c in enumerate(comps)],
+        "usage": tot, "mage": extra,
+    }
+
+
+def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None = None,
+                     c: Completion | None = None) -> dict[str, Any]:
+    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+           "choices": [{"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}]}
+    if c is not None:
+        out["usage"] = usage(c)
+    return out

@@ -1,0 +1,714 @@
+"""Ray Train / Tune plumbing shared by mage_ray trainers, and the Stage 1 backbone runs built on it.
+
+Generic pieces (value models and other trainers reuse them with their own per-worker function):
+
+- :class:`Scaling` + :func:`run_torch_trainer`: one Ray Train V2 ``TorchTrainer`` run (data parallel, gloo on
+  CPU / nccl on GPU) with ``FailureConfig(max_failures)``; workers resume from ``ray.train.get_checkpoint()``.
+- :class:`ReportToRayCallback`: a ``transformers.TrainerCallback`` that reports every logged step to Ray
+  Train and attaches the Trainer checkpoint (adapter + optimizer + scheduler + trainer state) whenever the
+  Trainer saves one; :func:`restore_hf_checkpoint` brings it back in a restarted worker.
+- :func:`run_concurrent`: several runs at once. Ray 2.60 runs Train V2 inside Tune with a per-trial *driver*
+  function that builds and fits a ``TorchTrainer`` (``Tuner(trainer)`` is deprecated). The driver does no
+  compute, so its trial reserves no CPU (only a little ``memory``: a Tune trial needs a non-empty bundle)
+  and Train reserves the workers' resources in its own placement group; ``max_concurrent_trials`` is how
+  many runs' workers fit in the cluster.
+- :class:`ProgressPrinter`: a Train ``UserCallback`` (runs in the Train controller) printing one line per
+  reported step.
+
+Backbones (Stage 1, Eq. 11-12): :func:`train_backbones` trains the n columns of B(beta) concurrently,
+:func:`train_morlhf` one model per preference (w = mu). Each run's per-worker code is
+:func:`mage_ray.train.backbone.train_backbone`, the plain function. Results land in
+``<run_dir>/backbones/beta_<beta>/<name>/`` and ``<run_dir>/morlhf/mu_<...>/`` (adapter/, manifest.json,
+metrics.jsonl); a directory whose manifest says ``complete`` is not retrained. Ray Train's own state
+(checkpoints) lives under ``<run_dir>/ray`` with stable run names, so a relaunched job also resumes an
+interrupted backbone from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.train.v2.api.callback import UserCallback
+from transformers import TrainerCallback
+
+from mage_ray.config import BackboneConfig, Config
+from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+
+__all__ = [
+    "ConcurrentRunError",
+    "ProgressPrinter",
+    "FailOnceCallback",
+    "ReportToRayCallback",
+    "Scaling",
+    "backbone_dir",
+    "backbone_worker",
+    "max_concurrent_runs",
+    "morlhf_dir",
+    "prepare_sft_base",
+    "restore_hf_checkpoint",
+    "run_concurrent",
+    "run_torch_trainer",
+    "train_backbone_ray",
+    "train_backbones",
+    "train_morlhf",
+]
+
+FINAL = "final"
+"""Subdirectory of the last Ray checkpoint that holds the finished artifact (adapter + manifest)."""
+HF_CHECKPOINT = "checkpoint"
+"""Subdirectory of a Ray checkpoint that holds a transformers Trainer checkpoint."""
+FAIL_AT_STEP_ENV = "MAGE_RAY_FAIL_AT_STEP"
+FAIL_MARKER_ENV = "MAGE_RAY_FAIL_MARKER"
+DRIVER_MEMORY = 64 * 2**20
+"""Logical memory (bytes) a Tune trial reserves for a Train driver; it reserves no CPU."""
+
+
+class ConcurrentRunError(RuntimeError):
+    """One or more of the concurrently launched runs failed; the message lists each."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic Ray Train plumbing
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Workers of one Ray Train run (``ray.train.ScalingConfig``)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: str = "PACK"
+
+    @classmethod
+    def from_backbone(cls, b: BackboneConfig) -> Scaling:
+        return cls(b.num_workers, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy)
+
+    def scaling_config(self):
+        import ray.train
+
+        return ray.train.ScalingConfig(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=dict(self.resources_per_worker) or None,
+            placement_strategy=self.placement_strategy,
+        )
+
+
+def _storage(path: str) -> str:
+    """Ray needs an absolute local path (or a URI) for ``storage_path``."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def run_torch_trainer(
+    train_loop_per_worker: Callable[[dict], Any],
+    config: dict[str, Any],
+    *,
+    scaling: Scaling,
+    storage_path: str,
+    name: str,
+    max_failures: int = 0,
+    callbacks: Sequence[Any] = (),
+    num_to_keep: int | None = 2,
+):
+    """Fit one Ray Train V2 ``TorchTrainer``; return its ``ray.train.Result``.
+
+    ``name`` must be stable across relaunches (no timestamps): V2 restores a run with the same
+    (storage_path, name) from its latest checkpoint. Inside a Tune trial the reported metrics are
+    forwarded to Tune (``TuneReportCallback``). Raises ``ray.train.TrainingFailedError`` when workers
+    fail more than ``max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    cbs = list(callbacks)
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        cbs.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=scaling.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=_storage(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=cbs,
+        ),
+    )
+    return trainer.fit()
+
+
+def restore_hf_checkpoint(local_dir: str | Path) -> tuple[Path | None, Path | None]:
+    """Download ``ray.train.get_checkpoint()`` into ``local_dir``.
+
+    Returns ``(trainer_checkpoint, final_dir)``: the transformers Trainer checkpoint to resume from, and the
+    finished artifact when the run had already completed (both None on a fresh start).
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, None
+    local = Path(local_dir)
+    ckpt.to_directory(str(local))
+    final = local / FINAL
+    if (final / MANIFEST_NAME).is_file():
+        return None, final
+    hf = local / HF_CHECKPOINT
+    return (hf if hf.is_dir() else None), None
+
+
+def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Rank 0 reports ``artifact_dir`` (its files, not ``checkpoints/``) as checkpoint ``final/``; others
+    report the metrics only (every worker must call ``ray.train.report`` the same number of times).
+
+    Metrics never use the key ``done``: Tune reads it as "trial finished" and drops later results.
+    """
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="mage-final-") as tmp:
+        shutil.copytree(artifact_dir, Path(tmp) / FINAL, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _numeric(logs: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class ReportToRayCallback(TrainerCallback):
+    """Report each logged training step to Ray Train; attach the Trainer checkpoint when it saves one.
+
+    Steps whose checkpoint the Trainer is about to save are reported once, from ``on_save``, together with
+    that checkpoint (Ray checkpoint layout: ``checkpoint/`` = the Trainer's ``checkpoint-<step>``: adapter,
+    optimizer, scheduler, RNG and trainer state). Only log entries holding ``key`` count as steps (the
+    end-of-training summary does not). Every worker reports the same number of times (``ray.train.report``
+    is a barrier across workers).
+    """
+
+    def __init__(self, max_steps: int, key: str = "reward"):
+        self.max_steps = max_steps
+        self.key = key
+        self._pending: dict[str, float] | None = None
+        self._t = time.time()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import ray.train
+
+        if not logs or self.key not in logs:
+            return
+        now = time.time()
+        metrics = {
+            **_numeric(logs),
+            "step": state.global_step,
+            "max_steps": self.max_steps,
+            "wall_step_s": now - self._t,  # optimizer step + logging, as seen by this worker
+        }
+        if control.should_save:
+            self._pending = metrics
+        else:
+            ray.train.report(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        import ray.train
+
+        metrics, self._pending = (self._pending or {"step": state.global_step}), None
+        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ray.train.get_context().get_world_rank() == 0 and src.is_dir():
+            with tempfile.TemporaryDirectory(prefix="mage-ckpt-") as tmp:
+                shutil.copytree(src, Path(tmp) / HF_CHECKPOINT)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+class FailOnceCallback(TrainerCallback):
+    """Test hook: the rank-0 worker hard-exits (``os._exit(1)``) at the end of ``step``, once.
+
+    ``marker`` (a path every attempt sees) is created just before exiting; when it exists the hook does
+    nothing, so the restarted worker group trains on. Before exiting it waits ``delay_s``: the V2 controller
+    collects reports by polling workers (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 2 s), and a report
+    still queued in a dying worker is lost, so a real crash within ~2 s of a checkpoint resumes from the
+    checkpoint before it.
+    """
+
+    def __init__(self, step: int, marker: str, delay_s: float = 5.0):
+        self.step = int(step)
+        self.marker = str(marker)
+        self.delay_s = float(delay_s)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and state.is_world_process_zero and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            time.sleep(self.delay_s)
+            os._exit(1)
+
+
+def _fault_injection_from_env() -> dict[str, Any] | None:
+    """``MAGE_RAY_FAIL_AT_STEP=k`` (+ ``MAGE_RAY_FAIL_MARKER=path``) on the job driver: kill a worker once."""
+    step = os.environ.get(FAIL_AT_STEP_ENV)
+    if not step:
+        return None
+    marker = os.environ.get(FAIL_MARKER_ENV) or os.path.join(tempfile.gettempdir(), "mage_ray_fail_once")
+    return {"step": int(step), "marker": marker}
+
+
+class ProgressPrinter(UserCallback):
+    """Print one line per reported step: ``[label] step k/K | reward .. | <objective> .. | kl ..``.
+
+    Runs in the Train controller actor; Ray forwards its output to the driver's console.
+    """
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics:
+            print(format_progress(self.label, metrics[0], saved=checkpoint is not None), flush=True)
+
+
+def format_progress(label: str, m: dict[str, Any], saved: bool = False) -> str:
+    """One human-readable progress line from a reported metrics dict."""
+    if m.get("failed"):
+        return f"[{label}] FAILED: {m.get('error', '')}"
+    if m.get("complete"):
+        return f"[{label}] done: {int(m.get('step', 0))} steps, adapter ready"
+    parts = [f"[{label}] step {int(m.get('step', 0))}/{int(m.get('max_steps', 0))}"]
+    if "reward" in m:
+        parts.append(f"reward {m['reward']:.4f}")
+    objs = [
+        (k[len("rewards/") : -len("/mean")], v)
+        for k, v in m.items()
+        if k.startswith("rewards/") and k.endswith("/mean")
+    ]
+    if objs:
+        parts.append(" ".join(f"{k} {v:.4f}" for k, v in objs))
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.2e}")
+    if "wall_step_s" in m:
+        parts.append(f"{m['wall_step_s']:.1f} s/step")
+    return " | ".join(parts) + (" [ckpt]" if saved else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency via Tune
+
+
+def max_concurrent_runs(scaling: Scaling, n_runs: int, field_prefix: str = "backbone") -> int:
+    """How many runs of ``scaling`` fit in the cluster at once (1..n_runs).
+
+    Pre-flight check (``mage_ray.train.placement.check_resources``): raises InsufficientResourcesError
+    naming ``<field_prefix>.num_workers`` / ``resources_per_worker`` when not even one run fits, instead of
+    letting Ray wait forever for a placement group.
+    """
+    from mage_ray.train.placement import check_resources
+
+    fit = check_resources(
+        scaling.num_workers,
+        scaling.resources_per_worker,
+        scaling.use_gpu,
+        concurrent_runs=n_runs,
+        placement_strategy=scaling.placement_strategy,
+        field_prefix=field_prefix,
+    )
+    return max(1, fit)
+
+
+def _tune_driver(
+    trial_config: dict[str, Any], *, fn: Callable[..., dict], jobs: list[dict]
+) -> dict[str, Any]:
+    """Tune trial body: run job ``index`` and return its result (errors are returned, not raised, so every
+    job runs and the caller gets one clean report)."""
+    i = trial_config["index"]
+    try:
+        out = fn(**jobs[i])
+        return {"index": i, "ok": 1, "result_json": json.dumps(out, default=str)}
+    except Exception as e:  # noqa: BLE001 - reported back to the caller by run_concurrent
+        return {"index": i, "ok": 0, "error": f"{type(e).__name__}: {e}"}
+
+
+def run_concurrent(
+    fn: Callable[..., dict],
+    jobs: Sequence[dict[str, Any]],
+    *,
+    scaling: Scaling,
+    storage_path: str,
+    name: str,
+    labels: Sequence[str] | None = None,
+    max_concurrent: int | None = None,
+    field_prefix: str = "backbone",
+) -> list[dict]:
+    """Run ``fn(**job)`` for every job as concurrent Tune trials; return the results in job order.
+
+    ``fn`` is a driver (it typically calls :func:`run_torch_trainer`) and returns a JSON-able dict.
+    ``scaling`` is one job's Train workers; at most ``max_concurrent`` (default: as many as the cluster
+    holds, :func:`max_concurrent_runs`) run at once. Raises ConcurrentRunError listing every failed job after all finished.
+    """
+    from ray import tune
+
+    jobs = list(jobs)
+    labels = list(labels) if labels is not None else [str(i) for i in range(len(jobs))]
+    k = max_concurrent or max_concurrent_runs(scaling, len(jobs), field_prefix)
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_driver, fn=fn, jobs=jobs), {"CPU": 0, "memory": DRIVER_MEMORY}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"index": tune.grid_search(list(range(len(jobs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=_storage(storage_path), verbose=0),
+    )
+    grid = tuner.fit()
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+    for r in grid:
+        m = r.metrics or {}
+        i = r.config["index"] if r.config else m.get("index")
+        if r.error is not None:
+            errors.append(f"{labels[i]}: {str(r.error).strip().splitlines()[-1]}")
+        elif not m.get("ok"):
+            errors.append(f"{labels[i]}: {m.get('error', 'no result reported')}")
+        else:
+            results[i] = json.loads(m["result_json"])
+    if errors or len(results) != len(jobs):
+        missing = [
+            labels[i]
+            for i in range(len(jobs))
+            if i not in results and not any(e.startswith(labels[i] + ":") for e in errors)
+        ]
+        errors += [f"{lab}: no result" for lab in missing]
+        raise ConcurrentRunError(f"{len(errors)} of {len(jobs)} runs failed:\n  " + "\n  ".join(errors))
+    return [results[i] for i in range(len(jobs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones
+
+
+def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train per-worker loop: :func:`train_backbone` with step reports, checkpoints and resume.
+
+    ``config`` keys: cfg (Config), w, name, steps, out_name, and optionally objectives, prompts,
+    extra_manifest, fault_injection ({step, marker}). Resumes from ``ray.train.get_checkpoint()``
+    (adapter + optimizer + scheduler + step) after a worker failure; an objective failure is reported as
+    ``{"failed": 1, "error": ...}`` (not raised: retrying a deterministic error is pointless).
+    """
+    import ray.train
+
+    from mage_ray.train.backbone import ObjectiveFailure, train_backbone
+
+    work = Path(tempfile.mkdtemp(prefix=f"mage-{config['name']}-"))
+    try:
+        resume, final = restore_hf_checkpoint(work / "restored")
+        if final is not None:  # the run had finished: report the artifact again
+            report_final(
+                final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])}
+            )
+            return read_json(final / MANIFEST_NAME)
+        callbacks: list[TrainerCallback] = [ReportToRayCallback(config["steps"])]
+        if config.get("fault_injection"):
+            callbacks.append(FailOnceCallback(**config["fault_injection"]))
+        out = work / "out"
+        try:
+            manifest = train_backbone(
+                config["cfg"],
+                config["w"],
+                out,
+                name=config["name"],
+                steps=config["steps"],
+                objectives=config.get("objectives"),
+                prompts=config.get("prompts"),
+                callbacks=callbacks,
+                resume_checkpoint=resume,
+                quiet=True,
+                extra_manifest=config.get("extra_manifest"),
+            )
+        except ObjectiveFailure as e:
+            ray.train.report({"failed": 1.0, "error": str(e).split("; last checkpoint:")[0]})
+            return None
+        report_final(out, {"complete": 1.0, "step": float(manifest["steps_done"])})
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_run_name(cfg: Config, out_dir: str) -> str:
+    """Stable Ray Train run name for an artifact dir: its path below run_dir, '/' -> '--'."""
+    root = _storage(cfg.storage.run_dir).rstrip("/")
+    rel = (
+        out_dir[len(root) :].strip("/")
+        if out_dir.startswith(root + "/")
+        else out_dir.rstrip("/").rsplit("/", 1)[-1]
+    )
+    return rel.replace("/", "--")
+
+
+def train_backbone_ray(
+    cfg: Config,
+    w: Sequence[float],
+    *,
+    name: str,
+    out_dir: str,
+    steps: int | None = None,
+    objectives: Sequence[Callable] | None = None,
+    prompts: Sequence[str] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+    fault_injection: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one backbone as a Ray Train run and publish it to ``out_dir``; return its manifest.
+
+    Skips training when ``out_dir`` already holds a complete manifest. Raises ObjectiveFailure (with the
+    last Ray checkpoint's path) when an objective fails, TrainingFailedError past ``max_failures``.
+    """
+    from mage_ray.train.backbone import ObjectiveFailure, validate_reward_weights
+
+    out_dir = _storage(out_dir)
+    if is_complete(out_dir):
+        return read_manifest(out_dir) or {}
+    n = len(objectives) if objectives is not None else cfg.n_objectives
+    w_arr = validate_reward_weights(w, n)
+    steps = cfg.backbone.steps if steps is None else int(steps)
+    loop_config = {
+        "cfg": cfg,
+        "w": w_arr.tolist(),
+        "name": name,
+        "steps": steps,
+        "objectives": list(objectives) if objectives is not None else None,
+        "prompts": list(prompts) if prompts is not None else None,
+        "extra_manifest": extra_manifest,
+        "fault_injection": fault_injection,
+    }
+    run_name = _train_run_name(cfg, out_dir)
+    scaling = Scaling.from_backbone(cfg.backbone)
+    max_concurrent_runs(scaling, 1)  # fail fast (clear message) when the workers can never be placed
+    result = run_torch_trainer(
+        backbone_worker,
+        loop_config,
+        scaling=scaling,
+        storage_path=join(_storage(cfg.storage.run_dir), "ray"),
+        name=run_name,
+        max_failures=cfg.backbone.max_failures,
+        callbacks=[ProgressPrinter(name)] if progress else [],
+    )
+    m = result.metrics or {}
+    if m.get("failed"):
+        last = result.checkpoint.path if result.checkpoint is not None else None
+        raise ObjectiveFailure(
+            f"{m.get('error')}; last checkpoint: {last or 'none saved yet'}", checkpoint=last
+        )
+    if result.checkpoint is None:
+        raise RuntimeError(
+            f"backbone '{name}': the Ray Train run {result.path} finished without a final checkpoint"
+        )
+    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
+        result.checkpoint.to_directory(tmp)
+        final = Path(tmp) / FINAL
+        manifest = read_json(final / MANIFEST_NAME)
+        manifest["ray_train_run"] = result.path
+        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish_dir(final, out_dir)
+    return manifest
+
+
+def sft_worker(config: dict[str, Any]) -> None:
+    """Ray Train per-worker loop of the optional SFT stage (one worker): :func:`train_sft`, then report."""
+    from mage_ray.train.backbone import train_sft
+
+    work = Path(tempfile.mkdtemp(prefix="mage-sft-"))
+    try:
+        _, final = restore_hf_checkpoint(work / "restored")
+        if final is None:
+            train_sft(config["cfg"], config["pairs"], work / "out")
+            final = work / "out"
+        report_final(final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None) -> Config:
+    """Optional SFT stage: theta_sft shared by all backbones. Returns ``cfg`` with the SFT model as base.
+
+    Runs only when ``backbone.sft_steps > 0`` and the task ships SFT pairs (else logs a skip line and
+    returns ``cfg`` unchanged). The merged model lands in ``<run_dir>/sft/model`` once; later calls reuse it.
+    """
+    import dataclasses
+
+    from mage_ray.train.backbone import task_sft_pairs
+
+    if cfg.backbone.sft_steps <= 0:
+        return cfg
+    out = join(_storage(cfg.storage.run_dir), "sft")
+    if is_uri(out):
+        raise ValueError(
+            f"storage.storage_path = {cfg.storage.storage_path!r}: the SFT stage needs a local or shared "
+            "filesystem path (the merged model becomes model.name_or_path)"
+        )
+    if not is_complete(out):
+        pairs = list(pairs) if pairs is not None else task_sft_pairs(cfg.task)
+        if not pairs:
+            print(
+                f"[sft] task '{cfg.task.name}' has no SFT data; skipping SFT (backbone.sft_steps ignored)",
+                flush=True,
+            )
+            return cfg
+        b = cfg.backbone
+        result = run_torch_trainer(
+            sft_worker,
+            {"cfg": cfg, "pairs": pairs},
+            scaling=Scaling(1, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy),
+            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
+            name="sft",
+            max_failures=b.max_failures,
+        )
+        with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
+            result.checkpoint.to_directory(tmp)
+            publish_dir(Path(tmp) / FINAL, out)
+    model = dataclasses.replace(cfg.model, name_or_path=join(out, "model"))
+    return dataclasses.replace(cfg, model=model)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def backbone_dir(cfg: Config, beta: float, name: str) -> str:
+    """``<run_dir>/backbones/beta_<beta>/<name>``."""
+    return join(_storage(cfg.storage.run_dir), "backbones", f"beta_{_fmt(beta)}", name)
+
+
+def morlhf_dir(cfg: Config, mu: Sequence[float]) -> str:
+    """``<run_dir>/morlhf/mu_<mu_1>-<mu_2>-...``."""
+    return join(_storage(cfg.storage.run_dir), "morlhf", "mu_" + "-".join(_fmt(float(x)) for x in mu))
+
+
+def _train_many(
+    cfg: Config,
+    jobs: list[dict[str, Any]],
+    *,
+    experiment: str,
+    max_concurrent: int | None,
+) -> list[dict]:
+    """Train every job not complete yet (concurrently when more than one), then read all manifests."""
+    pending = [j for j in jobs if not is_complete(j["out_dir"])]
+    for j in jobs:
+        if j not in pending:
+            print(f"[{j['name']}] complete, skipping ({j['out_dir']})", flush=True)
+    if len(pending) == 1:
+        train_backbone_ray(**pending[0])
+    elif pending:
+        run_concurrent(
+            _backbone_job,
+            [{k: v for k, v in j.items()} for j in pending],
+            scaling=Scaling.from_backbone(cfg.backbone),
+            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
+            name=experiment,
+            labels=[j["name"] for j in pending],
+            max_concurrent=max_concurrent,
+        )
+    return [read_manifest(j["out_dir"]) or {} for j in jobs]
+
+
+def _backbone_job(**job: Any) -> dict[str, Any]:
+    m = train_backbone_ray(**job)
+    return {"name": m.get("name"), "steps_done": m.get("steps_done"), "status": m.get("status")}
+
+
+def train_backbones(
+    cfg: Config,
+    *,
+    beta: float | None = None,
+    steps: int | None = None,
+    weights: Sequence[Sequence[float]] | None = None,
+    names: Sequence[str] | None = None,
+    objectives: Sequence[Callable] | None = None,
+    prompts: Sequence[str] | None = None,
+    max_concurrent: int | None = None,
+    progress: bool = True,
+    fault_injection: dict[str, Any] | None = None,
+) -> list[dict]:
+    """Train the n backbones of B(beta) (Eq. 12; backbone i on w_i = column i) concurrently; return manifests.
+
+    ``weights`` overrides the columns (one reward-weight vector per backbone); ``names`` default to
+    ``b0..b{n-1}``. Results go to ``<run_dir>/backbones/beta_<beta>/<name>/``; complete ones are skipped.
+    """
+    from mage_ray.soup import backbone_weights
+
+    cfg = prepare_sft_base(cfg)
+    beta = cfg.backbone.beta if beta is None else float(beta)
+    n = len(objectives) if objectives is not None else cfg.n_objectives
+    ws = [np.asarray(x, dtype=float) for x in weights] if weights is not None else backbone_weights(n, beta)
+    names = list(names) if names is not None else [f"b{i}" for i in range(len(ws))]
+    if len(names) != len(ws) or len(set(names)) != len(names):
+        raise ValueError(f"names must be {len(ws)} distinct names (one per backbone), got {names}")
+    fault = fault_injection if fault_injection is not None else _fault_injection_from_env()
+    jobs = [
+        dict(
+            cfg=cfg,
+            w=w.tolist(),
+            name=nm,
+            out_dir=backbone_dir(cfg, beta, nm),
+            steps=steps,
+            objectives=objectives,
+            prompts=prompts,
+            extra_manifest={"kind": "backbone", "beta": beta, "index": i},
+            fault_injection=fault,
+            progress=progress,
+        )
+        for i, (w, nm) in enumerate(zip(ws, names))
+    ]
+    return _train_many(cfg, jobs, experiment=f"backbones-beta_{_fmt(beta)}", max_concurrent=max_concurrent)
+
+
+def train_morlhf(
+    cfg: Config,
+    grid: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    steps: int | None = None,
+    objectives: Sequence[Callable] | None = None,
+    prompts: Sequence[str] | None = None,
+    max_concurrent: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """MORLHF baseline: one model per preference mu of ``grid`` trained on w = mu (same trainer as backbones)."""
+    from mage_ray.soup import validate_preference
+
+    cfg = prepare_sft_base(cfg)
+    n = len(objectives) if objectives is not None else cfg.n_objectives
+    mus = [validate_preference(mu, n, name="grid[]") for mu in np.asarray(grid, dtype=float)]
+    jobs = []
+    for mu in mus:
+        out = morlhf_dir(cfg, mu)
+        name = out.rsplit("/", 1)[-1]
+        jobs.append(
+            dict(
+                cfg=cfg,
+                w=mu.tolist(),
+                name=name,
+                out_dir=out,
+                steps=steps,
+                objectives=objectives,
+                prompts=prompts,
+                extra_manifest={"kind": "morlhf", "mu": mu.tolist(), "beta": None},
+                progress=progress,
+            )
+        )
+    return _train_many(cfg, jobs, experiment="morlhf", max_concurrent=max_concurrent)

@@ -1,0 +1,455 @@
+"""Rollouts for explicit value models: sample responses from the base policy, score them, write Parquet.
+
+The value function of Eq. 15 is an expectation over responses y ~ pi_ref, so value-model training data is
+``value.rollouts_per_prompt`` plain samples (temperature 1.0, no top-k / top-p) per training prompt from
+the SFT/base policy, each scored by every objective. Output: ``<run_dir>/rollouts/`` holding
+
+* ``shard-00000-of-00004.parquet`` ... with columns ``prompt_index`` (int), ``prompt`` (str), ``response``
+  (str), ``prompt_ids`` (list<int>: the chat-formatted prompt tokens), ``response_ids`` (list<int>: the
+  sampled tokens, up to and including the first EOS), and one float column per objective (named after
+  it);
+* ``manifest.json`` with the settings the shards were made with (a rerun with other settings refuses to
+  mix shards) and, once every shard exists, ``status: complete``.
+
+Work is split into shards of ``prompts_per_shard`` prompts, each written atomically (temp file +
+rename); a rerun skips shards already present. Two paths share the same functions:
+``generate_rollouts(cfg, use_ray=False)`` loops in-process (tests, small runs), ``use_ray=True`` runs a
+Ray Data pipeline: a sampling actor pool (policy loaded once per actor, ``value.num_workers`` actors with
+``value.resources_per_worker``) feeds a scoring actor (objectives loaded once), and the driver writes each
+shard as soon as all its rows have streamed in.
+
+Sampling lives in one function, :func:`sample_responses`, so it can be switched to the project's decode
+engine without touching the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from mage_ray.config import Config, TaskConfig
+from mage_ray.manifest import is_uri, join, read_manifest, write_manifest
+
+BASE_COLUMNS = ("prompt_index", "prompt", "response", "prompt_ids", "response_ids")
+"""Columns every rollout shard has; objective columns follow, one float64 column per objective."""
+
+DEFAULT_PROMPTS_PER_SHARD = 32
+
+Rollout = tuple[str, str, list[int], list[int]]
+"""(prompt, response text, prompt_ids, response_ids)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and scoring (plain functions)
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], *, use_chat_template: bool = True, max_prompt_tokens: int | None = None
+) -> list[list[int]]:
+    """Chat-format and tokenize prompts; keep the last ``max_prompt_tokens`` tokens of longer ones."""
+    from mage_ray.models import format_prompt
+
+    out = []
+    for p in prompts:
+        text = format_prompt(tokenizer, p, use_chat_template)
+        # The chat template already holds its special tokens; a plain prompt gets the tokenizer's own.
+        templated = use_chat_template and getattr(tokenizer, "chat_template", None)
+        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            ids = ids[-max_prompt_tokens:]
+        out.append(list(ids))
+    return out
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    use_chat_template: bool = True,
+    max_prompt_tokens: int | None = None,
+) -> list[Rollout]:
+    """Sample ``n`` responses per prompt from ``model`` (pure sampling: temperature only, no top-k/p).
+
+    Returns ``len(prompts) * n`` tuples ``(prompt, response, prompt_ids, response_ids)``, prompt-major
+    (the n samples of prompt 0 first). ``response_ids`` stop at and include the first EOS; ``response`` is
+    their text without special tokens. Seeds torch's global RNG with ``seed``.
+    """
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample_responses: n={n} and max_new_tokens={max_new_tokens} must both be >= 1")
+    if not prompts:
+        return []
+    prompt_ids = encode_prompts(
+        tokenizer, prompts, use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(ids) for ids in prompt_ids)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, P) left-padded
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompt_ids):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=n,
+        pad_token_id=pad,
+    )  # (B * n, P + T), rows prompt-major
+    generated = out[:, width:].tolist()
+    eos = _eos_ids(model, tokenizer)
+    rows: list[Rollout] = []
+    for k, gen in enumerate(generated):
+        cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
+        resp = gen[:cut]
+        i = k // n
+        rows.append((prompts[i], tokenizer.decode(resp, skip_special_tokens=True), prompt_ids[i], resp))
+    return rows
+
+
+def score_rows(objectives: Sequence[Any], prompts: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+    """Score every (prompt, response) with every objective: ``{objective name: (N,) float64}``."""
+    out = {}
+    for obj in objectives:
+        r = np.asarray(obj(prompts, responses), dtype=np.float64).reshape(-1)
+        if r.shape[0] != len(prompts):
+            raise ValueError(
+                f"objective {obj.name!r} returned {r.shape[0]} scores for {len(prompts)} responses"
+            )
+        out[obj.name] = r
+    return out
+
+
+def rollout_table(indices: list[int], rows: list[Rollout], scores: dict[str, np.ndarray]) -> pa.Table:
+    """Arrow table of one shard (schema in the module docstring)."""
+    clash = set(scores) & set(BASE_COLUMNS)
+    if clash:
+        raise ValueError(f"objective names {sorted(clash)} clash with rollout columns {list(BASE_COLUMNS)}")
+    cols: dict[str, pa.Array] = {
+        "prompt_index": pa.array(indices, pa.int64()),
+        "prompt": pa.array([r[0] for r in rows], pa.string()),
+        "response": pa.array([r[1] for r in rows], pa.string()),
+        "prompt_ids": pa.array([r[2] for r in rows], pa.list_(pa.int64())),
+        "response_ids": pa.array([r[3] for r in rows], pa.list_(pa.int64())),
+    }
+    for name, vals in scores.items():
+        cols[name] = pa.array(vals, pa.float64())
+    return pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards, manifest, resume
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"shard-{i:05d}-of-{n:05d}.parquet"
+
+
+def _exists(path: str) -> bool:
+    if is_uri(path):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+    return os.path.isfile(path)
+
+
+def write_shard(table: pa.Table, path: str) -> None:
+    """Write one shard atomically (local: temp file + ``os.replace``; object stores: single put)."""
+    if is_uri(path):
+        pq.write_table(table, path)
+        return
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rollout_files(path: str) -> list[str]:
+    """The shard files of a rollouts directory (sorted), or ``[path]`` for a single Parquet file."""
+    if is_uri(path):
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner))
+        scheme = path.split("://", 1)[0]
+        files = sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(".parquet"))
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"rollouts {path!r} do not exist (run jobs/rollouts.py)")
+    if not files:
+        raise FileNotFoundError(f"no .parquet shards in rollouts directory {path!r} (run jobs/rollouts.py)")
+    return files
+
+
+def read_rollouts(path: str, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a rollouts directory (or one Parquet file) as one table (the manifest is skipped)."""
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in rollout_files(path))
+
+
+def _settings(cfg: Config, prompts: list[str], objective_names: list[str], prompts_per_shard: int) -> dict:
+    digest = hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:16]
+    return {
+        "base_model": cfg.model.name_or_path,
+        "chat_template": cfg.model.chat_template,
+        "objectives": objective_names,
+        "task": cfg.task.name,
+        "n_prompts": len(prompts),
+        "prompts_sha256": digest,
+        "rollouts_per_prompt": cfg.value.rollouts_per_prompt,
+        "rollout_max_tokens": cfg.value.rollout_max_tokens,
+        "temperature": 1.0,
+        "seed": cfg.value.seed,
+        "prompts_per_shard": prompts_per_shard,
+        "n_shards": -(-len(prompts) // prompts_per_shard),
+    }
+
+
+def _check_or_write_manifest(out_dir: str, settings: dict) -> None:
+    old = read_manifest(out_dir)
+    if old is not None:
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"rollouts in {out_dir!r} were made with other settings {diff} (old, new); "
+                "delete that directory or use another storage.run_name to regenerate"
+            )
+        return
+    write_manifest(out_dir, {**settings, "status": "running", "complete": False})
+
+
+def _batch_seed(seed: int, first_prompt_index: int) -> int:
+    """Seed of a sampling batch, from the config seed and its first prompt's index (same in both paths)."""
+    return (seed * 1_000_003 + first_prompt_index) % (2**31)
+
+
+def _default_objectives(task_cfg: TaskConfig) -> list:
+    from mage_ray.tasks.objectives import load_objectives
+
+    return load_objectives(task_cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def generate_rollouts(
+    cfg: Config,
+    out_dir: str | None = None,
+    *,
+    use_ray: bool = False,
+    prompts: list[str] | None = None,
+    objectives: Sequence[Any] | None = None,
+    prompts_per_shard: int = DEFAULT_PROMPTS_PER_SHARD,
+) -> str:
+    """Sample, score and write rollouts for ``prompts`` (default: the task's train split); return ``out_dir``.
+
+    ``out_dir`` defaults to ``<run_dir>/rollouts``. ``objectives`` defaults to ``load_objectives(cfg.task)``
+    (each a callable ``obj(prompts, responses) -> (N,)`` with a ``name``; with ``use_ray`` they are pickled
+    to the scoring actor). Shards already written are skipped.
+    """
+    t0 = time.time()
+    out_dir = out_dir or join(cfg.storage.run_dir, "rollouts")
+    if prompts is None:
+        from mage_ray.tasks.prompts import load_prompts
+
+        prompts = load_prompts(cfg.task, "train")
+    if not prompts:
+        raise ValueError("generate_rollouts: no prompts (check task.name / task.data_path / task.n_train)")
+    if prompts_per_shard < 1:
+        raise ValueError(f"prompts_per_shard={prompts_per_shard} must be >= 1")
+    names = [o.name for o in objectives] if objectives is not None else list(cfg.task.objectives)
+    settings = _settings(cfg, prompts, names, prompts_per_shard)
+    n_shards = settings["n_shards"]
+    _check_or_write_manifest(out_dir, settings)
+    shards = {
+        s: list(range(s * prompts_per_shard, min(len(prompts), (s + 1) * prompts_per_shard)))
+        for s in range(n_shards)
+    }
+    todo = [s for s in range(n_shards) if not _exists(join(out_dir, shard_name(s, n_shards)))]
+    print(f"[rollouts] {n_shards - len(todo)}/{n_shards} shards present in {out_dir}; {len(todo)} to do")
+    if todo:
+        run = _run_ray if use_ray else _run_local
+        run(cfg, out_dir, prompts, {s: shards[s] for s in todo}, n_shards, objectives)
+    missing = [s for s in range(n_shards) if not _exists(join(out_dir, shard_name(s, n_shards)))]
+    if missing:
+        raise RuntimeError(f"rollouts: shards {missing} of {out_dir!r} were not written")
+    old = read_manifest(out_dir) or {}
+    if old.get("status") != "complete":
+        write_manifest(
+            out_dir,
+            {**settings, "status": "complete", "complete": True, "wall_time_s": round(time.time() - t0, 2)},
+        )
+    return out_dir
+
+
+def _device(cfg: Config) -> str:
+    return "cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _sample_batches(model, tok, cfg: Config, texts: list[str], indices: list[int]) -> list[Rollout]:
+    """Sample ``texts`` (global prompt indices ``indices``) in batches of ``value.rollout_batch_size``."""
+    rows: list[Rollout] = []
+    bs = cfg.value.rollout_batch_size
+    for k in range(0, len(indices), bs):
+        rows += sample_responses(
+            model,
+            tok,
+            texts[k : k + bs],
+            n=cfg.value.rollouts_per_prompt,
+            max_new_tokens=cfg.value.rollout_max_tokens,
+            temperature=1.0,
+            seed=_batch_seed(cfg.value.seed, indices[k]),
+            use_chat_template=cfg.model.chat_template,
+            max_prompt_tokens=cfg.task.max_prompt_tokens,
+        )
+    return rows
+
+
+def _run_local(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
+    from mage_ray.models import load_policy
+
+    model, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=_device(cfg))
+    objs = list(objectives) if objectives is not None else _default_objectives(cfg.task)
+    n = cfg.value.rollouts_per_prompt
+    for done, (s, indices) in enumerate(shards.items(), 1):
+        t = time.time()
+        rows = _sample_batches(model, tok, cfg, [prompts[i] for i in indices], indices)
+        scores = score_rows(objs, [r[0] for r in rows], [r[1] for r in rows])
+        table = rollout_table([i for i in indices for _ in range(n)], rows, scores)
+        write_shard(table, join(out_dir, shard_name(s, n_shards)))
+        print(
+            f"[rollouts] shard {s} written: {len(rows)} rows in {time.time() - t:.1f}s ({done}/{len(shards)})"
+        )
+
+
+class _SampleActor:
+    """Ray Data callable class: loads the policy once, samples each batch of prompts."""
+
+    def __init__(self, cfg: Config):
+        from mage_ray.models import load_policy
+
+        self.cfg = cfg
+        self.model, self.tok = load_policy(cfg.model, cfg.storage.cache_dir, device=_device(cfg))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shard_of = dict(zip(batch.column("prompt_index").to_pylist(), batch.column("shard").to_pylist()))
+        text_of = dict(zip(batch.column("prompt_index").to_pylist(), batch.column("prompt").to_pylist()))
+        order = sorted(text_of)  # deterministic batch (and seed) whatever order the rows arrived in
+        rows = _sample_batches(self.model, self.tok, self.cfg, [text_of[i] for i in order], order)
+        n = self.cfg.value.rollouts_per_prompt
+        table = rollout_table([i for i in order for _ in range(n)], rows, {})
+        return table.append_column(
+            "shard", pa.array([shard_of[i] for i in order for _ in range(n)], pa.int64())
+        )
+
+
+class _ScoreActor:
+    """Ray Data callable class: loads the objectives once, appends one float column per objective."""
+
+    def __init__(self, task_cfg: TaskConfig, objectives: Sequence[Any] | None):
+        self.objectives = list(objectives) if objectives is not None else _default_objectives(task_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = score_rows(
+            self.objectives, batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
+        )
+        for name, vals in scores.items():
+            batch = batch.append_column(name, pa.array(vals, pa.float64()))
+        return batch
+
+
+def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init()
+    res = dict(cfg.value.resources_per_worker)
+    items = [{"prompt_index": i, "prompt": prompts[i], "shard": s} for s, idx in shards.items() for i in idx]
+    ds = ray.data.from_items(items)
+    ds = ds.map_batches(
+        _SampleActor,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=cfg.value.rollout_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.value.num_workers),
+        num_cpus=res.pop("CPU", 1),
+        num_gpus=res.pop("GPU", 1 if cfg.value.use_gpu else 0) if cfg.value.use_gpu else 0,
+        resources=res or None,
+    )
+    ds = ds.map_batches(
+        _ScoreActor,
+        fn_constructor_kwargs={"task_cfg": cfg.task, "objectives": objectives},
+        batch_size=max(64, cfg.value.rollout_batch_size * cfg.value.rollouts_per_prompt),
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+        # A GPU reward model shares the device with the sampler; give the sampler <= 0.5 GPU to co-locate.
+        num_gpus=0.5 if cfg.task.reward_device == "cuda" else 0,
+    )
+    expected = {s: len(idx) * cfg.value.rollouts_per_prompt for s, idx in shards.items()}
+    pending: dict[int, list[pa.Table]] = {s: [] for s in shards}
+    done = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for s in set(batch.column("shard").to_pylist()):
+            part = batch.filter(pc.equal(batch.column("shard"), s)).drop_columns(["shard"])
+            pending[s].append(part)
+            if sum(t.num_rows for t in pending[s]) == expected[s]:
+                table = pa.concat_tables(pending.pop(s)).sort_by("prompt_index")
+                write_shard(table, join(out_dir, shard_name(s, n_shards)))
+                done += 1
+                print(f"[rollouts] shard {s} written: {table.num_rows} rows ({done}/{len(shards)})")
+
+
+__all__ = [
+    "BASE_COLUMNS",
+    "encode_prompts",
+    "generate_rollouts",
+    "read_rollouts",
+    "rollout_files",
+    "rollout_table",
+    "sample_responses",
+    "score_rows",
+    "shard_name",
+    "write_shard",
+]

@@ -1,0 +1,737 @@
+"""Explicit value models (Sec 3.4.1 of ``mage.txt``, Eq. 14-16): one per objective, trained on rollouts.
+
+Model: the base policy + LoRA (``value.lora_r``, ``value.lora_alpha``, on ``lora.target_modules`` like the
+backbones) + a linear head W [V, H], b [V] on the final normalised hidden state h_t [H]. One forward gives
+V(x, y<t) = W h_t + b, a |V|-vector scoring every candidate next token; V(x, y<t)[y] estimates the final
+reward after emitting y. Training only needs the row of the token actually emitted, so the loss gathers
+W[y_t] instead of computing the full [B, L, V] tensor.
+
+Loss (Eq. 16), for a response y of length T to prompt x, with bandit reward r(x, y) (Eq. 14: zero reward
+until the terminal step) so the value target at every step is the final reward (Eq. 15):
+
+    L_V(x, y) = 0.5 * sum_{t=1..T} (V(x, y<t)[y_t] - r(x, y))^2,  averaged over the sequences of a batch.
+
+The hidden state at the position of the token *before* y_t (the last prompt token for t = 1) predicts
+V[y_t]. Departures from the paper, and why:
+
+* Targets are z-scored per objective, r~ = (r - reward_mean) / reward_std, with mean and std from the
+  training rollouts (stored in the manifest). Rewards of different objectives live on different scales
+  (a cosine similarity vs. a sentiment score); after z-scoring a value of 1 means "one standard deviation
+  better" for every objective, so the guidance strength gamma of Eq. 25 means the same across objectives
+  and merged value models (Eq. 17) mix comparable quantities.
+* The head starts at zero (weight and bias), i.e. at the constant prediction 0 = the training mean of the
+  z-scored target; LoRA B starts at zero as usual, so step 1 only moves the head.
+* "Validation accuracy" (Sec 6.2, Fig. 12) is not defined in the paper. We report pairwise ranking
+  accuracy: over pairs of held-out responses to the same prompt whose rewards differ, the fraction the
+  value model orders like the reward, using its score at the final response position
+  V(x, y<T)[y_T] (the value of the complete response). Score ties count one half. For reference, the
+  paper's value models reach about 80% validation accuracy (Helpful, Harmless, Humor) within a few
+  thousand steps; Faithful converges more slowly (Sec 6.2).
+
+Validation holds out ``value.val_fraction`` of the *prompts* (all responses of a held-out prompt are held
+out), so ranking pairs and MSE are measured on unseen prompts. ``val_mse`` is the token-averaged
+(V[y_t] - r~)^2 on those rows; the manifest also records two constant baselines: predicting the training
+mean (``val_mse_constant``) and the best constant in hindsight (``val_mse_best_constant``, the
+token-weighted variance of the validation targets).
+
+:func:`train_value_model` is the plain function; :func:`train_value_model_ray` runs it as a Ray Train
+``TorchTrainer`` (``value.num_workers`` data-parallel workers, checkpoints + resume), and
+:func:`train_value_models` trains one per objective, the pending ones concurrently as Tune trials.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mage_ray.config import Config
+from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, write_manifest
+from mage_ray.value_model import ADAPTER_DIR, HEAD_FILE, save_value_head, token_values
+
+# ---------------------------------------------------------------------------------------------
+# Loss and metrics (pure tensor / numpy functions)
+
+
+def value_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 16 averaged over the batch: mean_b 0.5 * sum_t mask[b,t] * (values[b,t] - targets[b])^2.
+
+    values [B, L] = V(x, y<t)[y_t] at each position, targets [B] = (z-scored) r(x, y), mask [B, L] = 1 on
+    the positions that predict a response token.
+    """
+    sq = (values - targets[:, None]) ** 2 * mask  # [B, L]
+    return 0.5 * sq.sum(dim=1).mean()
+
+
+def ranking_accuracy(
+    scores: Sequence[float], rewards: Sequence[float], groups: Sequence[Any]
+) -> float | None:
+    """Fraction of same-group pairs with different rewards that ``scores`` order like ``rewards``.
+
+    A pair (a, b) counts 1 when (s_a - s_b)(r_a - r_b) > 0, 0.5 when s_a == s_b, else 0. Returns None
+    when there is no such pair.
+    """
+    s, r = np.asarray(scores, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    total, hits = 0, 0.0
+    for idx in by_group.values():
+        for x in range(len(idx)):
+            for y in range(x + 1, len(idx)):
+                a, b = idx[x], idx[y]
+                if r[a] == r[b]:
+                    continue
+                total += 1
+                prod = (s[a] - s[b]) * (r[a] - r[b])
+                hits += 1.0 if prod > 0 else 0.5 if s[a] == s[b] else 0.0
+    return hits / total if total else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class ValueExample:
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: float
+    """Raw reward r(x, y)."""
+    target: float = 0.0
+    """Z-scored reward (r - mean) / std, filled in by :func:`load_value_data`."""
+
+
+def load_value_data(
+    rollouts_path: str, objective: str, *, val_fraction: float, seed: int = 0
+) -> tuple[list[ValueExample], list[ValueExample], float, float]:
+    """Read rollouts, split by prompt, z-score with training statistics: (train, val, mean, std).
+
+    Rows with an empty response or a non-finite reward are dropped.
+    """
+    import pyarrow.parquet as pq
+
+    from mage_ray.train.rollouts import BASE_COLUMNS, read_rollouts, rollout_files
+
+    schema_cols = pq.read_schema(rollout_files(rollouts_path)[0]).names
+    if objective not in schema_cols:
+        others = [c for c in schema_cols if c not in BASE_COLUMNS]
+        raise ValueError(
+            f"objective {objective!r} is not a column of rollouts {rollouts_path!r}; has {others}"
+        )
+    table = read_rollouts(rollouts_path, columns=["prompt", "prompt_ids", "response_ids", objective])
+    rows = [
+        ValueExample(p, list(pi), list(ri), float(r))
+        for p, pi, ri, r in zip(*(table.column(c).to_pylist() for c in table.column_names))
+        if ri and r is not None and math.isfinite(r)
+    ]
+    if not rows:
+        raise ValueError(f"rollouts {rollouts_path!r} have no usable rows for objective {objective!r}")
+    prompts = sorted({e.prompt for e in rows})
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(prompts)))
+    if val_fraction > 0 and len(prompts) >= 2:
+        n_val = min(max(n_val, 1), len(prompts) - 1)
+    held = {prompts[i] for i in rng.permutation(len(prompts))[:n_val]}
+    train = [e for e in rows if e.prompt not in held]
+    val = [e for e in rows if e.prompt in held]
+    rewards = np.array([e.reward for e in train])
+    mean, std = float(rewards.mean()), float(rewards.std())
+    std = max(std, 1e-6)  # a constant reward gives targets 0, not a division by zero
+    for e in rows:
+        e.target = (e.reward - mean) / std
+    return train, val, mean, std
+
+
+def collate(
+    examples: Sequence[ValueExample], pad_id: int, max_len: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids/attention_mask/next_ids/mask [B, L], target [B].
+
+    next_ids[b, j] = input_ids[b, j + 1]; mask[b, j] = 1 where that next token is a response token, i.e.
+    j in [P - 1, P + T - 2] for a prompt of P and a response of T tokens. Sequences longer than
+    ``max_len`` lose prompt tokens from the left.
+    """
+    seqs, spans = [], []
+    for e in examples:
+        p, r = e.prompt_ids, e.response_ids
+        if max_len is not None and len(p) + len(r) > max_len:
+            keep = max(1, max_len - len(r))
+            p, r = p[-keep:], r[: max_len - keep]
+        seqs.append(p + r)
+        spans.append((len(p), len(r)))
+    B, L = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.float32)
+    for b, (s, (P, T)) in enumerate(zip(seqs, spans)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        attention[b, : len(s)] = 1
+        mask[b, P - 1 : P + T - 1] = 1.0
+    next_ids = torch.cat([input_ids[:, 1:], torch.full((B, 1), pad_id, dtype=torch.long)], dim=1)
+    target = torch.tensor([e.target for e in examples], dtype=torch.float32)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "next_ids": next_ids,
+        "mask": mask,
+        "target": target,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+class ValueNet(nn.Module):
+    """Base policy + LoRA + vocabulary-sized head; ``forward`` returns V(x, y<t)[next token] [B, L]."""
+
+    def __init__(self, policy, r: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            target_modules=list(target_modules),
+            lora_dropout=dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.peft = get_peft_model(policy, lora)
+        hidden, vocab = policy.config.hidden_size, policy.config.vocab_size
+        self.head = nn.Linear(hidden, vocab)  # W [V, H], b [V]
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states [B, L, H] (the decoder stack incl. its final norm, no LM head)."""
+        decoder = self.peft.get_base_model().get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids, attention_mask, next_ids) -> torch.Tensor:
+        h = self.hidden(input_ids, attention_mask)  # [B, L, H]
+        return token_values(h.float(), next_ids, self.head.weight, self.head.bias)  # [B, L]
+
+
+def build_value_net(cfg: Config, device: str | torch.device = "cpu") -> tuple[ValueNet, Any]:
+    """Load the base policy and wrap it: (ValueNet in train mode on ``device``, tokenizer)."""
+    from mage_ray.models import load_policy
+
+    policy, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=device)
+    net = ValueNet(policy, cfg.value.lora_r, cfg.value.lora_alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    return net.to(device).train(), tok
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+@torch.no_grad()
+def evaluate_value_net(
+    net: ValueNet,
+    examples: Sequence[ValueExample],
+    pad_id: int,
+    *,
+    batch_size: int = 16,
+    max_len: int | None = None,
+) -> dict[str, Any]:
+    """Validation metrics (module docstring): val_mse, val_mse_constant, val_mse_best_constant,
+    ranking_accuracy, n_val_rows, n_val_pairs."""
+    if not examples:
+        return {
+            "val_mse": None,
+            "val_mse_constant": None,
+            "val_mse_best_constant": None,
+            "ranking_accuracy": None,
+            "n_val_rows": 0,
+            "n_val_pairs": 0,
+        }
+    was_training = net.training
+    net.eval()
+    device = net.head.weight.device
+    sq, zsq, tok_targets, final = 0.0, 0.0, [], []
+    n_tok = 0.0
+    for k in range(0, len(examples), batch_size):
+        chunk = examples[k : k + batch_size]
+        batch = {key: v.to(device) for key, v in collate(chunk, pad_id, max_len).items()}
+        v = net(batch["input_ids"], batch["attention_mask"], batch["next_ids"])  # [B, L]
+        m, t = batch["mask"], batch["target"]
+        sq += float(((v - t[:, None]) ** 2 * m).sum())
+        zsq += float((t[:, None] ** 2 * m).sum())
+        n_tok += float(m.sum())
+        tok_targets += [(float(ti), float(mi)) for ti, mi in zip(t, m.sum(1))]
+        last = (m * torch.arange(m.shape[1], device=device)).argmax(dim=1)  # [B] last masked position
+        final += v.gather(1, last[:, None]).squeeze(1).tolist()
+    net.train(was_training)
+    t_arr = np.array([t for t, _ in tok_targets])
+    w_arr = np.array([w for _, w in tok_targets])
+    best_c = float((t_arr * w_arr).sum() / w_arr.sum())
+    groups = [e.prompt for e in examples]
+    acc = ranking_accuracy(final, [e.reward for e in examples], groups)
+    n_pairs = _n_pairs([e.reward for e in examples], groups)
+    return {
+        "val_mse": sq / n_tok,
+        "val_mse_constant": zsq / n_tok,
+        "val_mse_best_constant": float((w_arr * (t_arr - best_c) ** 2).sum() / w_arr.sum()),
+        "ranking_accuracy": acc,
+        "n_val_rows": len(examples),
+        "n_val_pairs": n_pairs,
+    }
+
+
+def _n_pairs(rewards: Sequence[float], groups: Sequence[Any]) -> int:
+    by: dict[Any, list[float]] = {}
+    for r, g in zip(rewards, groups):
+        by.setdefault(g, []).append(r)
+    return sum(
+        1 for rs in by.values() for i in range(len(rs)) for j in range(i + 1, len(rs)) if rs[i] != rs[j]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (plain function)
+
+
+StepHook = Callable[[int, dict[str, float], ValueNet, torch.optim.Optimizer], None]
+"""Called after every optimizer step with (step (1-based), metrics, net, optimizer)."""
+
+
+def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors (LoRA + head), by parameter name, detached on CPU."""
+    return {n: p.detach().cpu().clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def fit_value_net(
+    net: ValueNet,
+    train: Sequence[ValueExample],
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int = 0,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    max_len: int | None = None,
+    on_step: StepHook | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, float]]:
+    """AdamW on the LoRA + head parameters for ``steps`` steps of Eq. 16; return per-step metrics.
+
+    Batches are drawn from a per-epoch permutation (``seed``, and the epoch); with ``world_size`` > 1 each
+    rank takes its ``batch_size / world_size`` slice of every global batch. ``start_step`` and
+    ``optimizer_state`` resume a run (the batch sequence continues where it stopped).
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    device = next(p.device for p in params)
+    per_rank = max(1, math.ceil(batch_size / world_size))
+    history = []
+    n = len(train)
+    perms: dict[int, np.ndarray] = {}
+
+    def example(g: int) -> int:  # global example counter -> index into train (a new permutation per epoch)
+        epoch, pos = divmod(g, n)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        return int(perms[epoch][pos])
+
+    for step in range(start_step, steps):
+        t0 = time.time()
+        gstart = step * batch_size
+        idx = [
+            example(g)
+            for g in range(gstart + rank * per_rank, gstart + min(batch_size, (rank + 1) * per_rank))
+        ]
+        batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id, max_len).items()}
+        values = net(batch["input_ids"], batch["attention_mask"], batch["next_ids"])  # [b, L]
+        loss = value_loss(values, batch["target"], batch["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tok_mse = float(
+                ((values - batch["target"][:, None]) ** 2 * batch["mask"]).sum() / batch["mask"].sum()
+            )
+        m = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "train_token_mse": tok_mse,
+            "step_time_s": time.time() - t0,
+        }
+        history.append(m)
+        if on_step is not None:
+            on_step(step + 1, m, net, opt)
+    return history
+
+
+def value_model_dir(cfg: Config, objective: str) -> str:
+    """``<run_dir>/values/<objective>``."""
+    return join(cfg.storage.run_dir, "values", objective)
+
+
+def save_value_net(net: ValueNet, out_dir: str, manifest: dict[str, Any]) -> str:
+    """Write adapter/ + value_head.safetensors + manifest.json atomically (temp dir, then rename/upload)."""
+    with tempfile.TemporaryDirectory(prefix=".value-") as tmp:
+        net.peft.save_pretrained(os.path.join(tmp, ADAPTER_DIR), safe_serialization=True)
+        save_value_head(os.path.join(tmp, HEAD_FILE), net.head.weight, net.head.bias)
+        write_manifest(tmp, manifest)
+        return publish_dir(tmp, out_dir)
+
+
+def train_value_model(
+    cfg: Config,
+    rollouts_path: str,
+    objective_name: str,
+    out_dir: str | None = None,
+    *,
+    steps: int | None = None,
+    device: str | torch.device | None = None,
+    on_step: StepHook | None = None,
+    resume: dict | None = None,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, Any] | None:
+    """Train the explicit value model of ``objective_name`` and write it to ``out_dir``; return its manifest.
+
+    ``out_dir`` defaults to ``<run_dir>/values/<objective>``; a complete one is returned as is. ``steps``
+    overrides ``value.steps``. The rest is for the Ray Train worker: ``resume`` = {"step", "trainable",
+    "optimizer"} continues a checkpointed run, ``wrap`` wraps the net for data parallelism (DDP),
+    ``on_step(step, metrics, net, optimizer)`` runs after each step (with the unwrapped net), and only
+    ``rank`` 0 evaluates and writes (other ranks return None).
+    """
+    out_dir = out_dir or value_model_dir(cfg, objective_name)
+    if is_complete(out_dir):
+        print(f"[values] {objective_name}: complete model in {out_dir}; not retraining")
+        return read_manifest(out_dir)
+    steps = cfg.value.steps if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    t0 = time.time()
+    device = device or ("cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu")
+    train, val, mean, std = load_value_data(
+        rollouts_path, objective_name, val_fraction=cfg.value.val_fraction, seed=cfg.value.seed
+    )
+    torch.manual_seed(cfg.value.seed)
+    net, tok = build_value_net(cfg, device)
+    start, opt_state = 0, None
+    if resume is not None:
+        net.load_state_dict(resume["trainable"], strict=False)
+        start, opt_state = int(resume["step"]), resume["optimizer"]
+    model = wrap(net) if wrap is not None else net
+    every = max(1, steps // 10)
+
+    def hook(step: int, m: dict[str, float], _model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if on_step is not None:
+            on_step(step, m, net, opt)
+        elif step % every == 0 or step == steps:  # plain runs print their own progress
+            print(
+                f"[values] {objective_name}: step {step}/{steps} | loss {m['loss']:.4f} | "
+                f"token mse {m['train_token_mse']:.4f} | {m['step_time_s']:.2f} s/step",
+                flush=True,
+            )
+
+    history = fit_value_net(
+        model,
+        train,
+        pad_id=_pad_id(tok),
+        steps=steps,
+        batch_size=cfg.value.batch_size,
+        learning_rate=cfg.value.learning_rate,
+        seed=cfg.value.seed,
+        start_step=start,
+        optimizer_state=opt_state,
+        max_len=cfg.model.max_context,
+        on_step=hook,
+        rank=rank,
+        world_size=world_size,
+    )
+    if rank != 0:
+        return None
+    metrics = evaluate_value_net(
+        net, val, _pad_id(tok), batch_size=cfg.value.batch_size, max_len=cfg.model.max_context
+    )
+    manifest = _manifest(
+        cfg, net, objective_name, mean, std, steps, len(train), metrics, history, time.time() - t0
+    )
+    save_value_net(net, out_dir, manifest)
+    print(
+        f"[values] {objective_name}: {steps} steps, val_mse {_fmt(metrics['val_mse'])} "
+        f"(constant {_fmt(metrics['val_mse_constant'])}), ranking accuracy {_fmt(metrics['ranking_accuracy'])} "
+        f"-> {out_dir}"
+    )
+    return manifest
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _manifest(cfg, net, objective, mean, std, steps, n_train, metrics, history, wall) -> dict[str, Any]:
+    step_times = [h["step_time_s"] for h in history]
+    return {
+        "objective": objective,
+        "base_model": cfg.model.name_or_path,
+        "vocab_size": int(net.head.weight.shape[0]),
+        "hidden_size": int(net.head.weight.shape[1]),
+        "reward_mean": mean,
+        "reward_std": std,
+        "target": "zscore",
+        **metrics,
+        "steps": steps,
+        "batch_size": cfg.value.batch_size,
+        "learning_rate": cfg.value.learning_rate,
+        "lora_r": cfg.value.lora_r,
+        "lora_alpha": cfg.value.lora_alpha,
+        "target_modules": list(cfg.lora.target_modules),
+        "head_init": "zeros",
+        "n_train_rows": n_train,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "mean_step_time_s": float(np.mean(step_times)) if step_times else None,
+        "wall_time_s": round(wall, 2),
+        "status": "complete",
+        "complete": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train wrapper: one TorchTrainer run per objective, n runs side by side as Tune trials
+
+STATE_FILE = "state.pt"
+"""Ray checkpoint file of an unfinished run: {"step", "trainable" (LoRA + head), "optimizer"}."""
+
+
+def _checkpoint_every(steps: int) -> int:
+    """Checkpoint about 4 times per run, at least 10 steps apart (a head checkpoint is |V| x H x 3 floats)."""
+    return max(10, steps // 4)
+
+
+def value_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train per-worker loop: :func:`train_value_model` with step reports, checkpoints and resume.
+
+    ``config`` keys: cfg, rollouts_path, objective, steps. Resumes from ``ray.train.get_checkpoint()``
+    (trainable tensors + optimizer + step); a run that had finished reports its artifact again.
+    """
+    import ray.train
+    import ray.train.torch
+
+    from mage_ray.manifest import MANIFEST_NAME, read_json
+    from mage_ray.train.ray_train import FINAL, report_final
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    steps, every = int(config["steps"]), _checkpoint_every(int(config["steps"]))
+    work = Path(tempfile.mkdtemp(prefix=f"mage-value-{config['objective']}-"))
+    try:
+        resume = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            ckpt.to_directory(str(work / "restored"))
+            final = work / "restored" / FINAL
+            if (final / MANIFEST_NAME).is_file():
+                report_final(final, {"finished": 1.0, "step": float(steps)})
+                return read_json(final / MANIFEST_NAME)
+            resume = torch.load(work / "restored" / STATE_FILE, weights_only=True)
+
+        def on_step(step: int, m: dict[str, float], net: ValueNet, opt: torch.optim.Optimizer) -> None:
+            metrics = {**m, "max_steps": steps, "wall_step_s": m["step_time_s"]}
+            if step == steps:  # the final report carries the artifact
+                return
+            if step % every == 0 and rank == 0:
+                with tempfile.TemporaryDirectory(prefix="mage-value-ckpt-") as tmp:
+                    state = {"step": step, "trainable": trainable_state(net), "optimizer": opt.state_dict()}
+                    torch.save(state, os.path.join(tmp, STATE_FILE))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+        out = work / "out"
+        manifest = train_value_model(
+            config["cfg"],
+            config["rollouts_path"],
+            config["objective"],
+            str(out),
+            steps=steps,
+            device=ray.train.torch.get_device(),
+            on_step=on_step,
+            resume=resume,
+            wrap=ray.train.torch.prepare_model if world > 1 else None,
+            rank=rank,
+            world_size=world,
+        )
+        # Not "done": inside a Tune trial that key would end the trial before the driver publishes.
+        if rank == 0:
+            report_final(out, {"finished": 1.0, "step": float(steps)})
+        else:
+            ray.train.report({"finished": 1.0, "step": float(steps)})
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _progress_printer(label: str):
+    """A Ray Train ``UserCallback`` (runs in the Train controller) printing one line per reported step."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ValueProgress(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            if m.get("finished"):
+                print(f"[{label}] finished: {int(m.get('step', 0))} steps", flush=True)
+            elif "loss" in m:
+                print(
+                    f"[{label}] step {int(m['step'])}/{int(m['max_steps'])} | loss {m['loss']:.4f} | "
+                    f"token mse {m['train_token_mse']:.4f} | {m['step_time_s']:.2f} s/step"
+                    + (" [ckpt]" if checkpoint is not None else ""),
+                    flush=True,
+                )
+
+    return ValueProgress()
+
+
+def _scaling(cfg: Config):
+    from mage_ray.train.ray_train import Scaling
+
+    v = cfg.value
+    return Scaling(v.num_workers, v.use_gpu, dict(v.resources_per_worker), "PACK")
+
+
+def train_value_model_ray(
+    cfg: Config,
+    rollouts_path: str,
+    objective: str,
+    out_dir: str | None = None,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one value model as a Ray Train run (``value.num_workers`` workers) and publish it to ``out_dir``.
+
+    Ray Train state lives under ``<run_dir>/ray/values--<objective>``; relaunching after a crash resumes
+    from the last checkpoint, and a complete ``out_dir`` is not retrained.
+    """
+    import json
+
+    from mage_ray.manifest import MANIFEST_NAME, read_json
+    from mage_ray.train.ray_train import (
+        FINAL,
+        _storage,
+        max_concurrent_runs,
+        run_torch_trainer,
+    )
+
+    out_dir = _storage(out_dir or value_model_dir(cfg, objective))
+    if is_complete(out_dir):
+        return read_manifest(out_dir) or {}
+    steps = cfg.value.steps if steps is None else int(steps)
+    scaling = _scaling(cfg)
+    max_concurrent_runs(scaling, 1, field_prefix="value")  # clear error when the workers can never be placed
+    result = run_torch_trainer(
+        value_worker,
+        {"cfg": cfg, "rollouts_path": _storage(rollouts_path), "objective": objective, "steps": steps},
+        scaling=scaling,
+        storage_path=join(_storage(cfg.storage.run_dir), "ray"),
+        name=f"values--{objective}",
+        max_failures=cfg.backbone.max_failures,
+        callbacks=[_progress_printer(f"value {objective}")] if progress else [],
+    )
+    if result.checkpoint is None:
+        raise RuntimeError(
+            f"value model {objective!r}: Ray Train run {result.path} ended without a checkpoint"
+        )
+    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
+        result.checkpoint.to_directory(tmp)
+        final = Path(tmp) / FINAL
+        manifest = read_json(final / MANIFEST_NAME)
+        manifest["ray_train_run"] = result.path
+        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish_dir(final, out_dir)
+    return manifest
+
+
+def _value_job(**job: Any) -> dict[str, Any]:
+    m = train_value_model_ray(**job)
+    return {k: m.get(k) for k in ("objective", "val_mse", "ranking_accuracy", "steps")}
+
+
+def train_value_models(
+    cfg: Config,
+    rollouts_path: str | None = None,
+    objectives: Sequence[str] | None = None,
+    *,
+    use_ray: bool = True,
+    steps: int | None = None,
+    max_concurrent: int | None = None,
+) -> list[dict[str, Any]]:
+    """One value model per objective (default ``task.objectives``) into ``<run_dir>/values/<objective>``.
+
+    With ``use_ray`` each is a Ray Train run and pending ones run concurrently as Tune trials (as many as
+    the cluster's resources hold, or ``max_concurrent``); without it they train one after the other in
+    this process. Complete ones are skipped. Returns the manifests in objective order.
+    """
+    rollouts_path = rollouts_path or join(cfg.storage.run_dir, "rollouts")
+    objectives = list(objectives) if objectives is not None else list(cfg.task.objectives)
+    dirs = {o: value_model_dir(cfg, o) for o in objectives}
+    pending = [o for o in objectives if not is_complete(dirs[o])]
+    for o in objectives:
+        if o not in pending:
+            print(f"[values] {o}: complete, skipping ({dirs[o]})", flush=True)
+    if not use_ray:
+        for o in pending:
+            train_value_model(cfg, rollouts_path, o, dirs[o], steps=steps)
+    elif len(pending) == 1:
+        train_value_model_ray(cfg, rollouts_path, pending[0], dirs[pending[0]], steps=steps)
+    elif pending:
+        from mage_ray.train.ray_train import _storage, run_concurrent
+
+        jobs = [
+            {"cfg": cfg, "rollouts_path": rollouts_path, "objective": o, "out_dir": dirs[o], "steps": steps}
+            for o in pending
+        ]
+        run_concurrent(
+            _value_job,
+            jobs,
+            scaling=_scaling(cfg),
+            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
+            name="values",
+            labels=pending,
+            max_concurrent=max_concurrent,
+            field_prefix="value",
+        )
+    return [read_manifest(dirs[o]) or {} for o in objectives]
+
+
+__all__ = [
+    "ValueExample",
+    "ValueNet",
+    "build_value_net",
+    "collate",
+    "evaluate_value_net",
+    "fit_value_net",
+    "load_value_data",
+    "ranking_accuracy",
+    "save_value_net",
+    "train_value_model",
+    "train_value_model_ray",
+    "train_value_models",
+    "value_worker",
+    "value_loss",
+    "value_model_dir",
+]

@@ -1,0 +1,295 @@
+"""Objective registry, embedded objectives, batched scoring, first-bad-sample errors, hf: reward models."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from mage_ray.config import TaskConfig
+from mage_ray.tasks import objectives as O
+from mage_ray.tasks.hf_rewards import PAPER_REWARD_MODELS, RewardModelSpec, build_inputs, hh_query
+from mage_ray.tasks.objectives import (
+    FunctionObjective,
+    ObjectiveError,
+    available_objectives,
+    get_objective,
+    load_objectives,
+    register_objective,
+    register_reward_model,
+    score,
+)
+from mage_ray.tasks.prompts import SUMMARY_INSTRUCTION, summary_prompt
+
+EMBEDDED = ["relevance", "positivity", "conciseness", "readability"]
+
+PROMPTS = [
+    "How do I bake bread at home?",
+    "How do I bake bread at home?",
+    "What is a good name for a cat?",
+    "Explain why the sky is blue.",
+    "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: How can I sleep better? \n\nAssistant:",
+    "Write a short poem about the sea.",
+    "Give me a tip for saving money.",
+]
+RESPONSES = [
+    "Mix flour, water, yeast and salt, knead the dough, let it rise and bake it for 30 minutes.",
+    "",
+    "Whiskers is a lovely name for a cat.",
+    "Sunlight scatters off air molecules, and blue light scatters the most, so the sky looks blue.",
+    "Keep a regular schedule, avoid screens before bed and keep your bedroom dark and cool.",
+    "Waves roll in, the blue sea sings.",
+    "I hate this awful, terrible question.",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+def test_registry_lists_embedded_and_paper_models():
+    names = available_objectives()
+    assert set(EMBEDDED) <= set(names)
+    assert set(PAPER_REWARD_MODELS) == {"helpful", "harmless", "humor", "faithful", "summary"} <= set(names)
+
+
+def test_unknown_objective_lists_names_and_hf_syntax():
+    with pytest.raises(ObjectiveError) as e:
+        get_objective("helpfulness")
+    msg = str(e.value)
+    assert "'helpfulness'" in msg and "relevance" in msg and "hf:<hub id or local path>[@<logit index>]" in msg
+
+
+def test_register_custom_objective_and_duplicates():
+    register_objective("test_len", lambda device, cache_dir: FunctionObjective("test_len", _char_len), replace=True)
+    obj = get_objective("test_len")
+    assert obj(["a", "b"], ["xyz", ""]).tolist() == [3.0, 0.0]
+    with pytest.raises(ObjectiveError, match="already registered"):
+        register_objective("test_len", lambda device, cache_dir: obj)
+    with pytest.raises(ObjectiveError, match="invalid"):
+        register_objective("bad name", lambda device, cache_dir: obj)
+
+
+def test_load_objectives_follows_task_config():
+    objs = load_objectives(TaskConfig(objectives=["conciseness", "positivity"]))
+    assert [o.name for o in objs] == ["conciseness", "positivity"]
+    assert all(o.description for o in objs)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded objectives on hand-made examples
+
+
+def test_positivity_vader():
+    pos = get_objective("positivity")
+    s = pos(["q", "q", "q"], ["I love this, it is wonderful!", "This is terrible and I hate it.", ""])
+    assert s[0] > 0.5 and s[1] < -0.5 and s[2] == 0.0
+    assert np.all((-1 <= s) & (s <= 1))
+
+
+def test_relevance_on_topic_beats_off_topic():
+    rel = get_objective("relevance")
+    p = ["How do I bake bread at home?"] * 3
+    r = ["Knead flour, water, yeast and salt into a dough, let it rise, then bake the bread.",
+         "The football match ended in a draw after extra time.", "   "]
+    s = rel(p, r)
+    assert s[0] > s[1] + 0.3 and s[2] == 0.0
+    assert np.all((-1 <= s) & (s <= 1))
+    # a dialogue prompt is compared through its last human turn
+    d = "\n\nHuman: Tell me about football.\n\nAssistant: Sure.\n\nHuman: How do I bake bread?\n\nAssistant:"
+    assert np.allclose(rel([d], [r[0]]), rel(["How do I bake bread?"], [r[0]]), atol=1e-5)
+
+
+def test_conciseness_values_and_monotone():
+    """2^(-words/25): 0 words -> 1, 25 words -> 0.5, 50 words -> 0.25; strictly decreasing in words."""
+    con = get_objective("conciseness")
+    texts = [" ".join(["word"] * n) for n in (0, 1, 5, 25, 50, 100)]
+    s = con(["q"] * len(texts), texts)
+    assert s[0] == 1.0 and math.isclose(s[3], 0.5) and math.isclose(s[4], 0.25)
+    assert np.all(np.diff(s) < 0) and s[-1] > 0
+    assert O.count_words("Hello, world! It's 3 o'clock.") == 5  # hello, world, it's, 3, o'clock
+
+
+def test_readability_hand_computed():
+    """"I like to read books in the garden on sunny days." : 11 words, 1 sentence, 13 syllables
+    (garden 2, sunny 2, like 1 with silent e, the rest 1) -> FRE = 206.835 - 1.015*11 - 84.6*13/11
+    = 95.688 -> 0.95688. Long words score lower; no words -> 0; always in [0, 1]."""
+    rd = get_objective("readability")
+    simple = "I like to read books in the garden on sunny days."
+    hard = "Photosynthesis transforms electromagnetic radiation into chemical potential energy."
+    s = rd(["q"] * 4, [simple, hard, "", "..."])
+    assert math.isclose(s[0], (206.835 - 1.015 * 11 - 84.6 * 13 / 11) / 100, rel_tol=1e-9)
+    assert s[1] < s[0] and s[2] == 0.0 and s[3] == 0.0
+    assert np.all((0 <= s) & (s <= 1))
+    assert [O.syllables(w) for w in ("garden", "like", "table", "the", "radio", "42")] == [2, 1, 2, 1, 2, 1]
+
+
+def test_batched_equals_unbatched_and_shapes():
+    objs = [get_objective(n) for n in EMBEDDED]
+    full = score(objs, PROMPTS, RESPONSES, batch_size=64)
+    assert full.shape == (len(PROMPTS), len(EMBEDDED)) and full.dtype == np.float64
+    assert np.allclose(score(objs, PROMPTS, RESPONSES, batch_size=3), full, atol=1e-5)
+    one_by_one = np.array([[o([p], [r])[0] for o in objs] for p, r in zip(PROMPTS, RESPONSES)])
+    assert np.allclose(one_by_one, full, atol=1e-5)
+    assert score(objs, [], []).shape == (0, len(EMBEDDED))
+    with pytest.raises(ObjectiveError, match="batch_size"):
+        score(objs, PROMPTS, RESPONSES, batch_size=0)
+    with pytest.raises(ObjectiveError, match="7 prompts but 6 responses"):
+        score(objs, PROMPTS, RESPONSES[:-1])
+
+
+def test_objectives_pickle():
+    for name in EMBEDDED:
+        obj = get_objective(name)
+        clone = pickle.loads(pickle.dumps(obj))
+        assert np.allclose(clone(PROMPTS[:3], RESPONSES[:3]), obj(PROMPTS[:3], RESPONSES[:3]), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad scores name the objective and the first bad sample
+
+
+def _char_len(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def _nan_on_x(prompts, responses):
+    return [math.nan if "x" in r else 1.0 for r in responses]
+
+
+def _raise_on_boom(prompts, responses):
+    if any("boom" in r for r in responses):
+        raise RuntimeError("cannot score")
+    return [0.0] * len(responses)
+
+
+def _wrong_length(prompts, responses):
+    return [0.0] * (len(responses) + 1)
+
+
+def test_first_bad_sample_is_reported():
+    p = [f"prompt {i}" for i in range(8)]
+    r = ["ok", "ok", "ok", "ok", "ok", "has x", "boom here", "has x too"]
+    with pytest.raises(ObjectiveError) as e:
+        score([FunctionObjective("nanny", _nan_on_x)], p, r, batch_size=4)
+    msg = str(e.value)
+    assert "'nanny'" in msg and "non-finite value nan" in msg and "sample 5" in msg and "'has x'" in msg
+    with pytest.raises(ObjectiveError) as e:
+        score([FunctionObjective("boomer", _raise_on_boom)], p, r, batch_size=4)
+    msg = str(e.value)
+    assert "'boomer' raised RuntimeError: cannot score" in msg and "sample 6" in msg and "prompt 6" in msg
+    with pytest.raises(ObjectiveError, match=r"'long' returned shape \(5,\) for a batch of 4.*sample 0"):
+        score([FunctionObjective("long", _wrong_length)], p, r, batch_size=4)
+
+
+def test_bad_sample_text_is_truncated():
+    with pytest.raises(ObjectiveError) as e:
+        FunctionObjective("nanny", _nan_on_x)(["p"], ["x" * 5000])
+    assert "x" * 200 in str(e.value) and "x" * 201 not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf: sequence-classification reward models (tiny random local model; nothing downloads)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory) -> str:
+    """A 1-layer GPT2ForSequenceClassification (2 labels) with the embedded tokenizer, saved locally."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from mage_ray.models import embedded_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256, num_labels=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2ForSequenceClassification(cfg)
+    path = tmp_path_factory.mktemp("tiny_rm")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _manual_logits(path: str, texts: list, pair: list | None = None) -> np.ndarray:
+    """Unpadded, one sample at a time (as RiC scores): logits (N, num_labels)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    rows = []
+    with torch.inference_mode():
+        for i, t in enumerate(texts):
+            enc = tok(t, pair[i], return_tensors="pt") if pair is not None else tok(t, return_tensors="pt")
+            rows.append(net(**enc).logits[0].numpy())
+    return np.array(rows)
+
+
+def test_hf_local_model_pair_format_and_logit_index(tiny_rm):
+    """Batched, right-padded scores equal unpadded one-by-one logits; '@1' selects the second logit."""
+    p = ["How do I bake bread?", "Name a cat.", "Why is the sky blue?"]
+    r = ["Knead, rise, bake for a while in a hot oven.", "Whiskers.", "Rayleigh scattering of sunlight."]
+    manual = _manual_logits(tiny_rm, p, r)
+    s0 = get_objective(f"hf:{tiny_rm}")(p, r)
+    s1 = get_objective(f"hf:{tiny_rm}@1")(p, r)
+    assert np.allclose(s0, manual[:, 0], atol=1e-5) and np.allclose(s1, manual[:, 1], atol=1e-5)
+    assert score([get_objective(f"hf:{tiny_rm}@1")], p, r, batch_size=2)[:, 0] == pytest.approx(s1, abs=1e-5)
+    with pytest.raises(ObjectiveError, match="has 2 output logit"):
+        get_objective(f"hf:{tiny_rm}@5")
+    with pytest.raises(ObjectiveError, match="must be an integer"):
+        get_objective(f"hf:{tiny_rm}@one")
+    obj = get_objective(f"hf:{tiny_rm}@1")
+    assert np.allclose(pickle.loads(pickle.dumps(obj))(p, r), s1, atol=1e-6)
+
+
+def test_hf_registered_alias_uses_its_input_format(tiny_rm):
+    """An hh-format alias scores the pair (hh_query(prompt), response), i.e. the Ray2333 template."""
+    register_reward_model("tiny_hh", tiny_rm, logit_index=0, input_format="hh", description="tiny test RM")
+    p = ["How do I bake bread?", "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: Name a cat.\n\nAssistant:"]
+    r = [" Knead and bake. ", "Whiskers."]
+    manual = _manual_logits(tiny_rm, [hh_query(x) for x in p], [x.strip() for x in r])
+    obj = get_objective("tiny_hh")
+    assert obj.description == "tiny test RM"
+    assert np.allclose(obj(p, r), manual[:, 0], atol=1e-5)
+
+
+def test_input_templates(tiny_rm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_rm)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    assert hh_query("Hi?") == "\n\nHuman: Hi? \n\nAssistant:"
+    assert hh_query("\n\nHuman: Hi?\n\nAssistant:") == "\n\nHuman: Hi? \n\nAssistant:"
+    post = "My cat ate my homework and I need to tell my teacher."
+    prompt, resp = summary_prompt(post), "Cat ate homework."
+    assert prompt.startswith(SUMMARY_INSTRUCTION)
+
+    def text(fmt):
+        enc = build_inputs(RewardModelSpec("m", 0, fmt), tok, [prompt], [resp], max_length=256)
+        return tok.decode(enc["input_ids"][0])
+
+    assert text("faithful") == resp + post  # (summary, post) pair; this tokenizer adds no separator
+    assert text("summary") == f"{resp} {tok.bos_token} {post}"
+    assert text("response") == resp
+    assert text("hh") == hh_query(prompt) + resp
+    assert PAPER_REWARD_MODELS["humor"].logit_index == 1 and PAPER_REWARD_MODELS["faithful"].logit_index == 1
+    assert PAPER_REWARD_MODELS["helpful"].input_format == "hh"
+
+
+def test_hf_unavailable_models_fail_clearly(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries
+    with pytest.raises(ObjectiveError) as e:
+        get_objective("hf:some-org/no-such-reward-model")
+    msg = str(e.value)
+    assert "'some-org/no-such-reward-model' could not be loaded" in msg and "hub" in msg and "local" in msg
+    with pytest.raises(ObjectiveError, match="Ray2333/gpt2-large-helpful-reward_model"):
+        get_objective("helpful")
+    with pytest.raises(ObjectiveError, match="does not exist"):
+        get_objective("hf:/nonexistent/reward_model")
+    with pytest.raises(ObjectiveError, match="not of the form"):
+        get_objective("hf:")

@@ -1,0 +1,137 @@
+"""Ray Train / Tune backbone runs on a local 4-logical-CPU Ray: DDP on gloo, kill-and-resume, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mage_ray.config import load_config
+from mage_ray.manifest import read_manifest
+from mage_ray.soup import circulant_matrix
+
+PROMPTS = ["Say something nice.", "Tell me about boom boxes.", "What is a cat?", "Write a short poem."]
+
+
+def toy_objectives():
+    """Nested (so cloudpickle ships them to the workers by value): length/10 and count of 'e'."""
+
+    def length(prompts, responses):
+        return np.array([len(r) / 10.0 for r in responses])
+
+    def count_e(prompts, responses):
+        return np.array([r.count("e") for r in responses], dtype=float)
+
+    length.name, count_e.name = "length", "count_e"
+    return [length, count_e]
+
+
+def smoke_cfg(tmp, *overrides: str):
+    return load_config(
+        None,
+        [
+            "model.name_or_path=tiny-random",
+            "backbone.max_completion_length=8",
+            "backbone.num_generations=2",
+            "backbone.prompts_per_step=1",
+            "backbone.steps=2",
+            "backbone.checkpoint_every=2",
+            "backbone.max_failures=1",
+            f"storage.storage_path={tmp}",
+            "storage.run_name=t",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_format_progress_and_run_names(tmp_path):
+    from mage_ray.train.ray_train import _train_run_name, backbone_dir, format_progress, morlhf_dir
+
+    line = format_progress(
+        "b0",
+        {
+            "step": 3,
+            "max_steps": 30,
+            "reward": 0.5,
+            "rewards/relevance/mean": 0.25,
+            "kl": 0.001,
+            "wall_step_s": 4.2,
+        },
+        saved=True,
+    )
+    assert line == "[b0] step 3/30 | reward 0.5000 | relevance 0.2500 | kl 1.00e-03 | 4.2 s/step [ckpt]"
+    cfg = smoke_cfg(tmp_path)
+    assert backbone_dir(cfg, 0.7, "b1") == f"{tmp_path}/t/backbones/beta_0.7/b1"
+    assert morlhf_dir(cfg, [0.3, 0.7]) == f"{tmp_path}/t/morlhf/mu_0.3-0.7"
+    assert _train_run_name(cfg, backbone_dir(cfg, 0.7, "b1")) == "backbones--beta_0.7--b1"
+
+
+def test_ddp_two_cpu_workers(ray_local, tmp_path):
+    """One backbone on 2 data-parallel gloo workers: both processes train, rank 0 publishes the adapter."""
+    from mage_ray.train.ray_train import train_backbone_ray
+
+    cfg = smoke_cfg(tmp_path, "backbone.num_workers=2")
+    out = f"{tmp_path}/t/backbones/beta_0.7/b0"
+    m = train_backbone_ray(
+        cfg, [0.7, 0.3], name="b0", out_dir=out, objectives=toy_objectives(), prompts=PROMPTS
+    )
+    assert m["status"] == "complete" and m["num_processes"] == 2 and m["steps_done"] == 2
+    assert os.path.isfile(f"{out}/adapter/adapter_model.safetensors")
+    assert read_manifest(out)["ray_train_run"].endswith("backbones--beta_0.7--b0")
+
+
+def test_worker_killed_mid_training_resumes_from_checkpoint(ray_local, tmp_path):
+    """Worker hard-exits at step 3 of 4 (checkpoint at step 2): Ray restarts the group, training resumes at
+    step 2 (not 0) and finishes with 4 steps; the history holds each step exactly once."""
+    from mage_ray.train.ray_train import train_backbone_ray
+
+    cfg = smoke_cfg(tmp_path, "backbone.steps=4")
+    out = f"{tmp_path}/t/backbones/beta_0.7/b0"
+    marker = tmp_path / "killed_once"
+    m = train_backbone_ray(
+        cfg,
+        [0.7, 0.3],
+        name="b0",
+        out_dir=out,
+        objectives=toy_objectives(),
+        prompts=PROMPTS,
+        fault_injection={"step": 3, "marker": str(marker), "delay_s": 5.0},
+        progress=False,
+    )
+    assert marker.exists(), "the fault hook never fired"
+    assert m["resumed_from_step"] == 2
+    assert m["steps_done"] == 4
+    steps = [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_concurrent_backbones_via_tune(ray_local, tmp_path):
+    """train_backbones: the 2 columns of B(0.7) train as 2 concurrent Tune trials; a second call skips them."""
+    from mage_ray.train.ray_train import Scaling, max_concurrent_runs, train_backbones
+
+    cfg = smoke_cfg(tmp_path)
+    assert max_concurrent_runs(Scaling(), 2) == 2  # 4 logical CPUs, 1 CPU per run
+    ms = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
+    B = circulant_matrix(2, 0.7)
+    assert [m["name"] for m in ms] == ["b0", "b1"]
+    for i, m in enumerate(ms):
+        assert m["status"] == "complete" and m["steps_done"] == 2
+        assert np.allclose(m["w"], B[:, i])
+        assert os.path.isfile(f"{tmp_path}/t/backbones/beta_0.7/b{i}/adapter/adapter_model.safetensors")
+    (a, b) = ms
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "runs did not overlap"
+    mtime = os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json")
+    again = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
+    assert [m["created"] for m in again] == [m["created"] for m in ms]
+    assert os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json") == mtime

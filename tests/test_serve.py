@@ -1,0 +1,392 @@
+"""Serving: the schema, the plain Generator core (no Ray), and the live Serve app on localhost.
+
+The live tests run ``serve.run(build_app(...))`` on a fresh local Ray (``ray.init(address="local",
+num_cpus=2)``) with the tiny random bundle, auth on, and small limits so the bad-input cases are cheap.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+from bundle_factory import cached_tiny_bundle
+
+from mage_ray.bundle import load_bundle
+from mage_ray.config import load_config
+from mage_ray.decode import Request
+from mage_ray.metrics import pareto_mask
+from mage_ray.serve.core import Generator, decode_defaults
+from mage_ray.serve.schema import ApiError, GenerateBody, Limits, parse_body, to_request
+from mage_ray.tasks.objectives import get_objective, score
+
+TOKEN_ENV, TOKEN = "MAGE_SERVE_TEST_TOKEN", "s3cret-test-token"
+LIMITS = Limits(n_objectives=2, methods=("bs", "mage-e-m"), max_tokens_limit=64, objectives=("a", "b"))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return cached_tiny_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def smoke(repo_root):
+    return str(repo_root / "configs" / "smoke.yaml")
+
+
+# ----- schema (no model) -----
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"prompt": "x", "preference": [0.2, 0.3, 0.5]}, "preference"),
+        ({"prompt": "x", "preference": [-0.5, 1.5]}, "preference[0]"),
+        ({"prompt": "x", "preference": [0.5, 0.6]}, "preference"),
+        ({"prompt": "x", "method": "nope"}, "method"),
+        ({"prompt": "x", "gamma": -1}, "gamma"),
+        ({"prompt": "x", "max_tokens": 65}, "max_tokens"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "prompt"),
+        ({"prompt": "x", "temperature": 0}, "temperature"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "bogus": 1}, "bogus"),
+    ],
+)
+def test_schema_errors_name_the_field(body, field):
+    with pytest.raises(ApiError) as e:
+        to_request(parse_body(json.dumps(body).encode(), GenerateBody), LIMITS)
+    assert e.value.status == 400 and e.value.field == field, e.value.message
+
+
+def test_schema_builds_requests():
+    """Omitted preference -> uniform; [0.33333, 0.66667] (off by 0) passes and is renormalised to sum 1."""
+    r = to_request(parse_body(b'{"prompt": "hi", "max_tokens": 5, "stop": "x"}', GenerateBody), LIMITS)
+    assert r.preference == [0.5, 0.5] and r.max_new_tokens == 5 and r.stop == ["x"] and r.method is None
+    r = to_request(parse_body(b'{"messages": [{"role": "user", "content": "hi"}], "preference": [0.33333, 0.66667],'
+                              b' "temperature": 0.7}', GenerateBody), LIMITS)
+    assert r.prompt == [{"role": "user", "content": "hi"}] and r.do_sample is True
+    assert sum(r.preference) == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ApiError, match="not valid JSON") as e:
+        parse_body(b'{"prompt": ', GenerateBody)
+    assert e.value.field == "body"
+    with pytest.raises(ApiError) as e:
+        parse_body(b'{"prompt": "x", "preference": [NaN, 0.5]}', GenerateBody)
+    assert e.value.field == "preference[0]"
+
+
+def test_decode_defaults_precedence(bundle, smoke):
+    """Bundle method/gamma/alpha beat the YAML; a command-line override beats the bundle."""
+    b = load_bundle(bundle)
+    cfg = load_config(smoke, ["decode.gamma=3.0", "decode.max_new_tokens=5"])
+    d = decode_defaults(cfg, b, [])
+    assert (d.method, d.gamma, d.alpha, d.max_new_tokens) == (b.default_method, b.gamma, b.alpha, 5)
+    d = decode_defaults(cfg, b, ["decode.gamma=3.0"])
+    assert d.gamma == 3.0 and d.method == b.default_method
+
+
+# ----- the core, driven without Ray -----
+
+
+@pytest.fixture(scope="module")
+def gen(bundle, smoke):
+    g = Generator.from_bundle(bundle, load_config(smoke, ["serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.05"]))
+    yield g
+    g.close()
+
+
+def test_core_batches_mixed_requests_like_the_engine(gen):
+    """6 concurrent requests (3 methods, 6 preferences) with max_batch_size 4 -> 2 engine batches, and every
+    text equals what the engine gives the request alone (batching changes nothing)."""
+    reqs = [Request("Hello there", preference=[i / 5, 1 - i / 5], method=m, max_new_tokens=6)
+            for i, m in enumerate(["bs", "mage-e-m", "mage-i-m", "bs", "mage-e-m", "mage-i-m"])]
+    solo = [gen.engine.generate([r])[0] for r in reqs]
+    before = dict(gen.counters)
+
+    async def run():
+        return await asyncio.gather(*(gen.generate(r) for r in reqs))
+
+    got = asyncio.run(run())
+    assert [c.text for c in got] == [c.text for c in solo]
+    assert gen.counters["batches"] - before["batches"] == 2
+    assert gen.counters["completed"] - before["completed"] == 6
+
+
+def test_core_stream_cancel_frees_the_slot(gen):
+    """Closing a stream after 3 events stops the engine on that request: finish_reason 'cancelled' with far
+    fewer than max_new_tokens tokens, and the next request runs at once."""
+    before = dict(gen.counters)
+
+    async def run():
+        t = gen.submit(Request("Hello", preference=[0.5, 0.5], max_new_tokens=1000, ignore_eos=True))
+        n = 0
+        agen = t.events()
+        async for _ev in agen:
+            n += 1
+            if n == 3:
+                break
+        await agen.aclose()
+        nxt = await asyncio.wait_for(gen.generate(Request("Hi", preference=[1, 0], max_new_tokens=3)), 120)
+        return t, nxt
+
+    t, nxt = asyncio.run(run())
+    assert t.completion.finish_reason == "cancelled"
+    assert 3 <= len(t.completion.token_ids) < 100
+    assert nxt.finish_reason == "length" and len(nxt.token_ids) == 3
+    assert gen.counters["cancelled"] - before["cancelled"] == 1
+    assert gen.stats()["active"] == 0 and gen.stats()["queued"] == 0
+
+
+def test_core_cancelled_while_queued_never_runs(gen):
+    async def run():
+        a = gen.submit(Request("Hello", preference=[0.5, 0.5], max_new_tokens=2))
+        b = gen.submit(Request("Hello", preference=[0.5, 0.5], max_new_tokens=50))
+        b.cancel()
+        return await a.result(), await b.result()
+
+    a, b = asyncio.run(run())
+    assert a.finish_reason == "length" and b.finish_reason == "cancelled" and b.token_ids == []
+
+
+def test_core_survives_engine_failure_and_reports_stuck(gen, monkeypatch):
+    """An exception inside the engine fails that batch's requests (error 'decoding failed') but not the
+    scheduler; a batch with no step for longer than stuck_after_s makes health() false."""
+    real = gen.engine.stream
+
+    def broken(reqs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(gen.engine, "stream", broken)
+
+    async def fail():
+        return await gen.generate(Request("Hi", preference=[1, 0], max_new_tokens=2))
+
+    c = asyncio.run(fail())
+    assert c.finish_reason == "error" and "decoding failed" in c.error and "out of memory" in c.error
+
+    def slow(reqs):
+        time.sleep(0.6)
+        yield from real(reqs)
+
+    monkeypatch.setattr(gen.engine, "stream", slow)
+    monkeypatch.setattr(gen, "stuck_after_s", 0.3)
+
+    async def run():
+        task = asyncio.ensure_future(gen.generate(Request("Hi", preference=[1, 0], max_new_tokens=2)))
+        await asyncio.sleep(0.45)
+        during = gen.health()
+        done = await task
+        return during, done, gen.health()
+
+    during, done, after = asyncio.run(run())
+    assert during[0] is False and "stuck" in during[1]
+    assert done.finish_reason == "length" and after == (True, "ok")
+
+
+# ----- the live app -----
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(bundle, smoke):
+    import ray
+    from ray import serve
+
+    from mage_ray.serve.app import build_app
+
+    os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: replicas inherit the environment
+    port = _free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        overrides = [f"serve.auth_token_env={TOKEN_ENV}", "serve.max_body_bytes=20000", "serve.max_grid_points=5",
+                     "serve.max_prompts_per_grid=3", "decode.max_tokens_limit=1600", "serve.batch_wait_timeout_s=0.2"]
+        serve.run(build_app({"bundle": str(bundle), "config": smoke, "overrides": overrides}), name="mage",
+                  route_prefix="/")
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", auth={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.pop(TOKEN_ENV, None)
+
+
+def _post(server, path, body, **kw):
+    return requests.post(server.url + path, json=body, headers=server.auth, timeout=120, **kw)
+
+
+def _sse(resp) -> list:
+    """The data payloads of an SSE response ('[DONE]' kept as a string)."""
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[6:].decode()
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def test_health_auth_and_objectives(server):
+    assert requests.get(server.url + "/healthz", timeout=30).json()["status"] == "ok"  # no auth needed
+    r = requests.get(server.url + "/v1/objectives", timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization"
+    r = requests.get(server.url + "/v1/objectives", headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert r.status_code == 401
+    info = requests.get(server.url + "/v1/objectives", headers=server.auth, timeout=30).json()
+    assert info["objectives"] == ["conciseness", "readability"]
+    assert info["defaults"]["method"] == "mage-e-m" and info["defaults"]["beta"] == 0.7
+    assert {"bs", "mage-e-m", "mage-i-m"} <= set(info["methods"])
+
+
+def test_generate_plain_and_streamed_agree(server):
+    body = {"prompt": "Tell me about the sea", "preference": [0.3, 0.7], "max_tokens": 8}
+    plain = _post(server, "/v1/generate", body).json()
+    assert plain["finish_reason"] in ("length", "eos") and plain["usage"]["completion_tokens"] <= 8
+    assert plain["preference"] == [0.3, 0.7] and plain["method"] == "mage-e-m"
+    r = _post(server, "/v1/generate", {**body, "stream": True}, stream=True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["finish_reason"] == plain["finish_reason"] and final["usage"] == plain["usage"]
+    assert "".join(e["text"] for e in events[:-2]) == final["text"] == plain["text"]
+
+
+def test_openai_client_works_unchanged(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0)
+    msgs = [{"role": "user", "content": "Say hello"}]
+    out = client.chat.completions.create(model="mage", messages=msgs, max_tokens=6,
+                                         extra_body={"preference": [0.2, 0.8], "mage": {"method": "bs"}})
+    assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens <= 6
+    chunks = list(client.chat.completions.create(model="mage", messages=msgs, max_tokens=6, stream=True,
+                                                  extra_body={"preference": [0.2, 0.8], "mage": {"method": "bs"}}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    comp = client.completions.create(model="mage", prompt=["Hi", "Why?"], max_tokens=4,
+                                     extra_body={"preference": [1.0, 0.0]})
+    assert len(comp.choices) == 2 and [c.index for c in comp.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mage", messages=msgs, extra_body={"preference": [0.5, 0.6]})
+    assert "sums to" in str(e.value)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+BAD = [
+    ({"preference": [0.2, 0.3, 0.5]}, "preference"),
+    ({"preference": [-0.2, 1.2]}, "preference[0]"),
+    ({"preference": [0.5, 0.6]}, "preference"),
+    ({"method": "mage-x"}, "method"),
+    ({"gamma": 1e9}, "gamma"),
+    ({"gamma": -0.1}, "gamma"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "hello " * 2100}, "prompt"),  # > 2048-token context of the tiny bundle
+    ({"max_tokens": 5000}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("patch, field", BAD, ids=[f for _, f in BAD])
+def test_bad_input_is_a_4xx_naming_the_field(server, patch, field):
+    r = _post(server, "/v1/generate", {"prompt": "Hello", "preference": [0.5, 0.5], "max_tokens": 3, **patch})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field, r.json()
+
+
+def test_malformed_and_oversized_bodies(server):
+    h = {**server.auth, "Content-Type": "application/json"}
+    r = requests.post(server.url + "/v1/generate", data=b'{"prompt": "x", ', headers=h, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = requests.post(server.url + "/v1/generate", data=b'{"prompt": "x", "preference": [NaN, 0.5]}', headers=h,
+                      timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "preference[0]"
+    big = b'{"prompt": "' + b"a" * 30000 + b'"}'
+    r = requests.post(server.url + "/v1/generate", data=big, headers=h, timeout=30)  # Content-Length: 30013
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+    r = requests.post(server.url + "/v1/generate", data=(big[i:i + 4096] for i in range(0, len(big), 4096)),
+                      headers=h, timeout=30)  # chunked: no Content-Length, counted as it arrives
+    assert r.status_code == 413
+    stats = requests.get(server.url + "/v1/stats", headers=server.auth, timeout=30).json()
+    ok = _post(server, "/v1/generate", {"prompt": "Hello", "preference": [0.5, 0.5], "max_tokens": 2})
+    assert ok.status_code == 200
+    after = requests.get(server.url + "/v1/stats", headers=server.auth, timeout=30).json()
+    assert after["requests"] == stats["requests"] + 1  # same replica, counters not reset by a restart
+
+
+def test_grid_endpoint(server):
+    """2 prompts x 3 points (step 0.5), scored: per point the mean of the objectives' scores of its texts, and
+    front = pareto_mask of the means. Over the limits (11 points > 5, 4 prompts > 3) -> 400."""
+    prompts = ["Hello there", "Tell me a story"]
+    r = _post(server, "/v1/grid", {"prompts": prompts, "preferences": {"n_objectives": 2, "step": 0.5},
+                                   "max_tokens": 5, "method": "bs", "score": True})
+    assert r.status_code == 200, r.text
+    g = r.json()
+    assert [p["preference"] for p in g["points"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    objs = [get_objective("conciseness"), get_objective("readability")]
+    means = np.array([score(objs, prompts, p["texts"]).mean(0) for p in g["points"]])
+    np.testing.assert_allclose([p["mean_rewards"] for p in g["points"]], means)
+    assert g["front"] == list(pareto_mask(means)) and g["usage"]["requests"] == 6
+    r = _post(server, "/v1/grid", {"prompts": prompts, "preferences": [[0.1, 0.9], [0.8, 0.3]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "preferences[1]"
+    r = _post(server, "/v1/grid", {"prompts": prompts, "preferences": {"n_objectives": 2, "step": 0.1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "preferences.step"
+    r = _post(server, "/v1/grid", {"prompts": ["a", "b", "c", "d"], "preferences": [[1, 0]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompts"
+
+
+def test_disconnect_frees_slot_and_other_streams_are_unaffected(server):
+    """Streams A (150 tokens) and B (1500 tokens) share a batch; B's client leaves after 2 events while bad
+    requests arrive. A finishes all 150 tokens with the text it gets alone; B is cancelled after far fewer than
+    1500 tokens (the engine stopped decoding it); a following request completes."""
+    a_body = {"prompt": "Tell me about the sea", "preference": [0.4, 0.6], "max_tokens": 150, "ignore_eos": True,
+              "stream": True}
+    before = requests.get(server.url + "/v1/stats", headers=server.auth, timeout=30).json()
+    result = {}
+
+    def stream_a():
+        result["a"] = _sse(_post(server, "/v1/generate", a_body, stream=True))
+
+    def stream_b():
+        r = _post(server, "/v1/generate", {"prompt": "Hello", "preference": [0.9, 0.1], "max_tokens": 1500,
+                                           "ignore_eos": True, "stream": True}, stream=True)
+        n = 0
+        for line in r.iter_lines():
+            if line.startswith(b"data: "):
+                n += 1
+                if n == 2:
+                    break
+        r.close()  # the client goes away mid-stream
+        result["b_events"] = n
+
+    ta, tb = threading.Thread(target=stream_a), threading.Thread(target=stream_b)
+    tb.start()
+    ta.start()
+    tb.join(120)
+    for patch, _ in BAD[:4]:
+        r = _post(server, "/v1/generate", {"prompt": "Hello", "preference": [0.5, 0.5], "max_tokens": 3, **patch})
+        assert r.status_code == 400
+    ta.join(300)
+    final = result["a"][-2]
+    assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 150
+    assert "".join(e["text"] for e in result["a"][:-2]) == final["text"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = requests.get(server.url + "/v1/stats", headers=server.auth, timeout=30).json()
+        if stats["cancelled"] > before["cancelled"] and stats["active"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["cancelled"] == before["cancelled"] + 1, stats
+    assert stats["tokens"] - before["tokens"] - 150 < 1500  # B's partial completion
+    solo = _post(server, "/v1/generate", {**a_body, "stream": False})
+    assert solo.json()["text"] == final["text"]
