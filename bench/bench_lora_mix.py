@@ -23,7 +23,7 @@ import argparse
 import copy
 import os
 import platform
-import statistics
+import sys
 import time
 
 import numpy as np
@@ -57,31 +57,42 @@ def coefficient_rows(batch: int, n: int, seed: int) -> torch.Tensor:
     rng = np.random.default_rng(seed)
     while len(mus) < batch:
         mus.append(rng.dirichlet(np.ones(n)))
-    return torch.tensor(np.stack([soup_coefficients(mu, beta=0.7, alpha=0.2) for mu in mus]), dtype=torch.float32)
+    return torch.tensor(
+        np.stack([soup_coefficients(mu, beta=0.7, alpha=0.2) for mu in mus]), dtype=torch.float32
+    )
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> np.ndarray:
+    """(wall seconds, CPU seconds of this process) for one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return np.array([time.perf_counter() - wall, time.process_time() - cpu])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--n", type=int, default=2, help="number of adapters")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of (a) and (b)")
+    parser.add_argument(
+        "--c-repeats", type=int, default=3, help="timed repeats of (c) (16 merges + rows each)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_start = os.getloadavg()[0]
 
     base, _ = load_policy(ModelConfig(name_or_path=args.model))
-    adapters = [random_adapter(base, f"backbone{i}", args.rank, 2.0 * args.rank, seed=i) for i in range(args.n)]
+    adapters = [
+        random_adapter(base, f"backbone{i}", args.rank, 2.0 * args.rank, seed=i) for i in range(args.n)
+    ]
     coeffs = coefficient_rows(args.batch, args.n, seed=0)  # [b, n]
     b, t = args.batch, args.prompt_len
     ids = torch.randint(0, base.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
@@ -116,58 +127,78 @@ def main() -> None:
         def step_b():
             base(step_ids, attention_mask=step_mask, past_key_values=cache_b, use_cache=True)
 
-        def per_row(kind: str) -> tuple[float, float]:
-            """(c) over all rows: (seconds merging, seconds running rows one by one)."""
-            t_merge = t_run = 0.0
+        def per_row(kind: str) -> tuple[np.ndarray, np.ndarray]:
+            """(c) over all rows: ((wall, cpu) merging, (wall, cpu) running rows one by one)."""
+            t_merge, t_run = np.zeros(2), np.zeros(2)
             for row in range(b):
                 t_merge += timed(lambda row=row: merge_into_(merged, adapters, coeffs[row], originals))
                 if kind == "forward":
                     t_run += timed(lambda row=row: merged(ids[row : row + 1], use_cache=False))
                 else:
                     cache = caches_c[row]
-                    t_run += timed(lambda row=row, cache=cache: merged(step_ids[row : row + 1],
-                                                                      past_key_values=cache, use_cache=True))
+                    t_run += timed(
+                        lambda row=row, cache=cache: merged(
+                            step_ids[row : row + 1], past_key_values=cache, use_cache=True
+                        )
+                    )
                     cache.crop(-1)  # drop the step's token again
             return t_merge, t_run
 
-        times: dict[str, list[float]] = {k: [] for k in ("a_fwd", "b_fwd", "a_step", "b_step")}
-        c_fwd, c_step = [], []
-        for i in range(args.warmup + args.repeats):
-            sample = {"a_fwd": timed(fwd_a), "b_fwd": timed(fwd_b)}
-            sample.update(a_step=timed(step_a), b_step=timed(step_b))
+        samples: dict[str, list[np.ndarray]] = {}
+        for i in range(args.warmup + max(args.repeats, args.c_repeats)):
+            sample = {
+                "a_fwd": timed(fwd_a),
+                "b_fwd": timed(fwd_b),
+                "a_step": timed(step_a),
+                "b_step": timed(step_b),
+            }
             cache_a.crop(-1)  # back to the prompt for the next repeat
             cache_b.crop(-1)
-            cf, cs = per_row("forward"), per_row("step")
+            if i < args.warmup + args.c_repeats:
+                (
+                    (sample["c_fwd_merge"], sample["c_fwd_run"]),
+                    (sample["c_step_merge"], sample["c_step_run"]),
+                ) = (
+                    per_row("forward"),
+                    per_row("step"),
+                )
             if i >= args.warmup:
                 for k, v in sample.items():
-                    times[k].append(v)
-                c_fwd.append(cf)
-                c_step.append(cs)
+                    if k.startswith("c_") or i < args.warmup + args.repeats:
+                        samples.setdefault(k, []).append(v)
+            print(
+                f"repeat {i + 1}/{args.warmup + max(args.repeats, args.c_repeats)} done",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    cf_merge, cf_run = (statistics.median(x) for x in zip(*c_fwd))
-    cs_merge, cs_run = (statistics.median(x) for x in zip(*c_step))
+    med = {k: np.median(np.stack(v), axis=0) for k, v in samples.items()}  # (wall, cpu) medians
     rank_sum = sum(a.rank(targets[0]) for a in adapters)
     print(
         f"# model={args.model} batch={b} prompt_len={t} n={args.n} r={args.rank} (R={rank_sum}) "
-        f"modules={len(targets)} threads={torch.get_num_threads()} repeats={args.repeats} warmup={args.warmup}\n"
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus\n"
+        f"modules={len(targets)} threads={torch.get_num_threads()} repeats={args.repeats} "
+        f"c_repeats={args.c_repeats} warmup={args.warmup}\n"
+        f"# torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
+        f"1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end\n"
+        "# seconds are medians: wall-clock, and [CPU seconds of this process] (less sensitive to other load)\n"
     )
     rows = [
-        ("forward (b x t)", med["a_fwd"], med["b_fwd"], cf_merge + cf_run, f"{cf_merge:.3f} + {cf_run:.3f}"),
-        ("decode step (t=1, KV cache)", med["a_step"], med["b_step"], cs_merge + cs_run, f"{cs_merge:.3f} + {cs_run:.3f}"),
-        ("decode step, merge excluded", med["a_step"], med["b_step"], cs_run, f"0 + {cs_run:.3f}"),
+        ("forward (b x t)", "a_fwd", "b_fwd", ("c_fwd_merge", "c_fwd_run")),
+        ("decode step (t=1, KV cache)", "a_step", "b_step", ("c_step_merge", "c_step_run")),
+        ("decode step, merge excluded", "a_step", "b_step", ("c_step_run",)),
     ]
     print("| workload | (a) mixed s | (b) base s | (c) per-row merged s (merge + run) | a/b | c/a |")
     print("|---|---|---|---|---|---|")
-    for label, a, b_, c, split in rows:
-        print(f"| {label} | {a:.3f} | {b_:.3f} | {c:.3f} ({split}) | {a / b_:.2f} | {c / a:.1f} |")
-    print(
-        f"\nall (a) forward repeats: {[round(x, 3) for x in times['a_fwd']]}\n"
-        f"all (b) forward repeats: {[round(x, 3) for x in times['b_fwd']]}\n"
-        f"all (a) step repeats:    {[round(x, 4) for x in times['a_step']]}\n"
-        f"all (b) step repeats:    {[round(x, 4) for x in times['b_step']]}"
-    )
+    for label, ka, kb, kc in rows:
+        a, b_ = med[ka], med[kb]
+        c = sum(med[k] for k in kc)
+        split = " + ".join(f"{med[k][0]:.3f}" for k in kc)
+        print(
+            f"| {label} | {a[0]:.3f} [{a[1]:.3f}] | {b_[0]:.3f} [{b_[1]:.3f}] | {c[0]:.3f} [{c[1]:.3f}] ({split}) "
+            f"| {a[0] / b_[0]:.2f} [{a[1] / b_[1]:.2f}] | {c[0] / a[0]:.1f} [{c[1] / a[1]:.1f}] |"
+        )
+    for k in ("a_fwd", "b_fwd", "a_step", "b_step"):
+        print(f"# all {k} wall: {[round(float(x[0]), 4) for x in samples[k]]}")
 
 
 if __name__ == "__main__":

@@ -110,16 +110,29 @@ def main() -> None:
         print(f"{n:>12}{c.mean():>10.3f}{c.std():>10.3f}{within[j]:>12.3f}{c.min():>10.3f}{c.max():>10.3f}")
     print_matrix("Pearson correlation", names, np.corrcoef(scores, rowvar=False))
     print_matrix("Spearman correlation", names, spearman(scores))
-    print("\nPearson correlation with words per response: " + ", ".join(
-        f"{n}={np.corrcoef(words, scores[:, j])[0, 1]:.3f}" for j, n in enumerate(names)))
+    print(
+        "\nPearson correlation with words per response: "
+        + ", ".join(f"{n}={np.corrcoef(words, scores[:, j])[0, 1]:.3f}" for j, n in enumerate(names))
+    )
     for i in range(min(args.show, len(responses))):
-        print(f"\n[{i}] {rows[i]!r}\n -> {responses[i]!r}\n    " + ", ".join(
-            f"{n}={v:.3f}" for n, v in zip(names, scores[i])))
+        print(
+            f"\n[{i}] {rows[i]!r}\n -> {responses[i]!r}\n    "
+            + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, scores[i]))
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "objectives": names, "samples": [
-                {"prompt": p, "response": r, "hit_limit": bool(h), "scores": s.tolist()}
-                for p, r, h, s in zip(rows, responses, hit_limit, scores)]}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "objectives": names,
+                    "samples": [
+                        {"prompt": p, "response": r, "hit_limit": bool(h), "scores": s.tolist()}
+                        for p, r, h, s in zip(rows, responses, hit_limit, scores)
+                    ],
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,18 @@ def expand(row: dict, points: list[list[float]], methods: list[str]) -> list[dic
     return [{"prompt": row["prompt"], "preference": mu, "method": m} for m in methods for mu in points]
 
 
-def run_grid(ds, cfg, bundle_path: str, points: list[list[float]], methods: list[str], out: str, *,
-             overrides=(), concurrency: int = 1, score: bool = False):
+def run_grid(
+    ds,
+    cfg,
+    bundle_path: str,
+    points: list[list[float]],
+    methods: list[str],
+    out: str,
+    *,
+    overrides=(),
+    concurrency: int = 1,
+    score: bool = False,
+):
     """Decode (and score) ``ds`` x points x methods with Ray Data; write Parquet to ``<out>/generations``;
     return the (materialised) dataset."""
     import ray.data
@@ -58,10 +68,14 @@ def run_grid(ds, cfg, bundle_path: str, points: list[list[float]], methods: list
     ds = ds.flat_map(expand, fn_kwargs={"points": points, "methods": methods})
     ds = ds.map_batches(
         BatchDecoder,
-        fn_constructor_kwargs={"bundle_path": str(bundle.root), "decode": decode, "methods": methods,
-                               "device": "cuda" if cfg.serve.num_gpus > 0 else "cpu",
-                               "objectives": bundle.objectives if score else None,
-                               "reward_device": cfg.task.reward_device},
+        fn_constructor_kwargs={
+            "bundle_path": str(bundle.root),
+            "decode": decode,
+            "methods": methods,
+            "device": "cuda" if cfg.serve.num_gpus > 0 else "cpu",
+            "objectives": bundle.objectives if score else None,
+            "reward_device": cfg.task.reward_device,
+        },
         batch_size=cfg.decode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cfg.serve.num_cpus,
@@ -84,8 +98,14 @@ def summarise(ds, objectives: list[str]) -> list[dict]:
         means = means.dropna()
         front = pareto_mask(means.to_numpy()) if len(means) else np.array([], bool)
         for (key, row), f in zip(means.iterrows(), front):
-            out.append({"method": method, "preference": json.loads(key), "mean_rewards": row.tolist(),
-                        "front": bool(f)})
+            out.append(
+                {
+                    "method": method,
+                    "preference": json.loads(key),
+                    "mean_rewards": row.tolist(),
+                    "front": bool(f),
+                }
+            )
     return out
 
 
@@ -95,7 +115,9 @@ def main() -> None:
         p.add_argument("--prompts", default=None, help=".parquet / .jsonl with a 'prompt' column")
         p.add_argument("--split", default="test", choices=["train", "validation", "test"])
         p.add_argument("--step", type=float, default=None, help="grid step (default eval.grid_step)")
-        p.add_argument("--preferences", default=None, help="explicit points as JSON, e.g. '[[0.2,0.8],[1,0]]'")
+        p.add_argument(
+            "--preferences", default=None, help="explicit points as JSON, e.g. '[[0.2,0.8],[1,0]]'"
+        )
         p.add_argument("--methods", default=None, help="comma-separated methods (default: the bundle's)")
         p.add_argument("--concurrency", type=int, default=1, help="decoder actors (one Engine each)")
         p.add_argument("--score", action="store_true", help="score texts with the bundle's objectives")
@@ -105,21 +127,37 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     n = bundle.n_objectives
     if args.preferences:
-        points = [validate_preference(p, n, name=f"--preferences[{i}]").tolist()
-                  for i, p in enumerate(json.loads(args.preferences))]
+        points = [
+            validate_preference(p, n, name=f"--preferences[{i}]").tolist()
+            for i, p in enumerate(json.loads(args.preferences))
+        ]
     else:
         points = preference_grid(n, args.step or cfg.eval.grid_step).tolist()
     methods = args.methods.split(",") if args.methods else [bundle.default_method]
     out = args.out or join(cfg.storage.run_dir, "grid")
     init_ray()
-    ds = run_grid(read_prompts(args.prompts, cfg, args.split), cfg, args.bundle, points, methods, out,
-                  overrides=args.overrides, concurrency=args.concurrency, score=args.score)
+    ds = run_grid(
+        read_prompts(args.prompts, cfg, args.split),
+        cfg,
+        args.bundle,
+        points,
+        methods,
+        out,
+        overrides=args.overrides,
+        concurrency=args.concurrency,
+        score=args.score,
+    )
     print(f"wrote {ds.count()} rows ({len(points)} points x {len(methods)} methods) to {out}")
     if args.score:
         summary = summarise(ds, bundle.objectives)
         write_json_atomic(join(out, "summary.json"), {"objectives": bundle.objectives, "points": summary})
         for s in summary:
-            print(s["method"], s["preference"], [round(x, 3) for x in s["mean_rewards"]], "*" if s["front"] else "")
+            print(
+                s["method"],
+                s["preference"],
+                [round(x, 3) for x in s["mean_rewards"]],
+                "*" if s["front"] else "",
+            )
 
 
 if __name__ == "__main__":

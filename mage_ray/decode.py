@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,36 @@ def _truncate(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Ten
     return idx[:keep], vals[:keep]
 
 
+def _merge_caches(cache_a, mask_a, cache_b, mask_b):
+    """Concatenate two KV caches along the batch, left padding the shorter one (masked zeros).
+
+    Left padding keeps every row's positions (they come from the mask) and attention ignores masked keys, so
+    each row's outputs are unchanged. Needs plain full-attention cache layers (keys/values [B, H, S, D]).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    if cache_a is None:
+        return cache_b, mask_b
+    S = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = S - t.shape[dim]
+        if n == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = n
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for la, lb in zip(cache_a.layers, cache_b.layers, strict=True):
+        if type(la) is not DynamicLayer or type(lb) is not DynamicLayer:
+            raise NotImplementedError(
+                f"admitting requests into a running batch needs full-attention cache layers, got {type(la).__name__}"
+            )
+        la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)])  # [B_a + B_b, H, S, D]
+        la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)])
+    return cache_a, torch.cat([pad(mask_a, 1), pad(mask_b, 1)])
+
+
 # ----- the engine -----
 
 
@@ -512,49 +542,109 @@ class Engine:
 
     # ----- public API -----
 
-    def generate(self, requests: Iterable[Request]) -> list[Completion]:
-        """Run a batch to completion; one Completion per request, in order."""
+    def generate(self, requests: Iterable[Request], batch_size: int | None = None) -> list[Completion]:
+        """Run requests to completion, ``batch_size`` (default: the DecodeConfig's) requests per batch.
+
+        Returns one Completion per request, in order.
+        """
         requests = list(requests)
+        size = batch_size or self.defaults.batch_size
         out: list[Completion | None] = [None] * len(requests)
-        for events in self.stream(requests):
-            for ev in events:
-                if ev.finished:
-                    out[ev.index] = ev.completion
+        for start in range(0, len(requests), size):
+            for events in self.stream(requests[start : start + size]):
+                for ev in events:
+                    if ev.finished:
+                        out[start + ev.index] = ev.completion
         return out  # type: ignore[return-value]
 
-    def stream(self, requests: Iterable[Request]) -> Iterator[list[TokenEvent]]:
-        """Yield, per decode step, a TokenEvent for every request that progressed (invalid ones first)."""
+    def stream(
+        self, requests: Iterable[Request], admit: Callable[[], Sequence[Request]] | None = None
+    ) -> Iterator[list[TokenEvent]]:
+        """Run ``requests`` as ONE batch; yield, per decode step, a TokenEvent for every request that progressed
+        (invalid requests as finished error events, before anything runs).
+
+        ``admit`` (continuous batching): called between decode steps, without blocking, from the decode loop; the
+        requests it returns are validated, prefilled and join the running batch. Their event indices continue
+        after the initial list (len(requests), len(requests) + 1, ... in arrival order). The stream ends when no
+        request is live and ``admit`` returns nothing. Close the iterator if you stop consuming early.
+        """
         requests = list(requests)
+        jobs, errors = self._prepare_all(requests, 0)
+        if errors:
+            yield errors
+        if not jobs and admit is None:
+            return
+        with self._lock, torch.inference_mode():
+            try:
+                yield from self._run(jobs, admit, len(requests))
+            finally:
+                self.mixed.set_coefficients(None)
+
+    def _prepare_all(self, requests: Sequence[Request], first: int) -> tuple[list[_Job], list[TokenEvent]]:
         jobs: list[_Job] = []
         errors: list[TokenEvent] = []
-        for i, r in enumerate(requests):
+        for i, r in enumerate(requests, start=first):
             try:
                 if not isinstance(r, Request):
                     raise ValueError(f"request {i} is a {type(r).__name__}, expected mage_ray.decode.Request")
                 jobs.append(self._prepare(i, r))
             except (ValueError, NotImplementedError) as e:
                 errors.append(TokenEvent(i, "", True, "error", _error(str(e))))
-        if errors:
-            yield errors
-        if not jobs:
-            return
-        with self._lock, torch.inference_mode():
-            try:
-                yield from self._run(jobs)
-            finally:
-                self.mixed.set_coefficients(None)
+        return jobs, errors
 
     # ----- the loop -----
 
-    def _run(self, jobs: list[_Job]) -> Iterator[list[TokenEvent]]:
+    def _run(self, jobs: list[_Job], admit, next_index: int) -> Iterator[list[TokenEvent]]:
+        """The decode loop. ``live`` hypotheses always have their next token chosen and await a forward."""
         live: list[_Hyp] = []
+        cache, mask, lay = None, None, None
+        pending = jobs
+        while True:
+            events: list[TokenEvent] = []
+            if live:
+                if lay is None:
+                    lay = self._layout(live)  # also sets the coefficients of this composition
+                nxt = torch.tensor(
+                    [[hyp.tokens[-1]] for hyp in live for _ in range(hyp.job.n_rows)], device=self.device
+                )
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+                pos = mask.sum(-1, keepdim=True) - 1  # [R, 1]
+                h = self._forward(nxt, mask, pos, cache, lay)
+                base, guide = self._scores(h, lay)
+                new_live, events = self._advance(live, base, guide)
+                live, cache, mask, changed = self._select(new_live, cache, mask)
+                if changed:
+                    lay = None
+            more: list[Request] = []
+            if admit is not None:
+                more = list(admit() or [])
+                new_jobs, errors = self._prepare_all(more, next_index)
+                next_index += len(more)
+                events += errors
+                pending = pending + new_jobs
+            if pending:
+                p_live, p_events, p_cache, p_mask = self._prefill(pending)
+                events += p_events
+                pending, lay = [], None  # the prefill set its own coefficients
+                if p_live:
+                    cache, mask = _merge_caches(cache, mask, p_cache, p_mask)
+                    live = live + p_live
+            if events:
+                yield events
+            if not live and not more:  # nothing running and nothing new: done
+                return
+
+    def _prefill(self, jobs: list[_Job]):
+        """Prompt forward of new requests (own cache, left padded, positions from the mask) and their first
+        tokens. Returns (live hypotheses, events, cache, mask)."""
+        from transformers import DynamicCache
+
+        live = []
         for job in jobs:
             root = _Hyp(job)
             job.hyps = [root]
             live.append(root)
         lay = self._layout(live)
-
-        # Prefill: every row carries its request's prompt, left padded; positions from the mask.
         rows_ids = [h.job.prompt_ids for h in live for _ in range(h.job.n_rows)]
         T = max(len(x) for x in rows_ids)
         ids = torch.full((len(rows_ids), T), self.pad_id, dtype=torch.long)
@@ -564,32 +654,26 @@ class Engine:
             mask[i, T - len(x) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [R, T]
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.model.config)
         h = self._forward(ids, mask, pos, cache, lay)
-        while True:
-            base, guide = self._scores(h, lay)
-            new_live, events = self._advance(live, base, guide)
-            if events:
-                yield events
-            if not new_live:
-                return
-            select = [src + j for hyp, src in new_live for j in range(hyp.job.n_rows)]
-            if select != list(range(mask.shape[0])):
-                sel = torch.tensor(select, device=self.device)
-                cache.batch_select_indices(sel)
-                mask = mask[sel]
-                live = [hyp for hyp, _ in new_live]
-                lay = self._layout(live)
-            else:
-                live = [hyp for hyp, _ in new_live]
-            nxt = torch.tensor(
-                [[hyp.tokens[-1]] for hyp in live for _ in range(hyp.job.n_rows)], device=self.device
-            )
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            pos = mask.sum(-1, keepdim=True) - 1  # [R, 1]
-            h = self._forward(nxt, mask, pos, cache, lay)
+        base, guide = self._scores(h, lay)
+        new_live, events = self._advance(live, base, guide)
+        live, cache, mask, _ = self._select(new_live, cache, mask)
+        return live, events, cache, mask
+
+    def _select(self, new_live: list[tuple[_Hyp, int]], cache, mask):
+        """Keep (and, for beam expansions, copy) the KV-cache rows of the surviving hypotheses.
+
+        Returns (live, cache, mask, changed)."""
+        live = [hyp for hyp, _ in new_live]
+        select = [src + j for hyp, src in new_live for j in range(hyp.job.n_rows)]
+        if select == list(range(mask.shape[0])):
+            return live, cache, mask, False
+        if not select:
+            return live, None, None, True
+        sel = torch.tensor(select, device=self.device)
+        cache.batch_select_indices(sel)
+        return live, cache, mask[sel], True
 
     def _forward(self, ids, mask, pos, cache, lay: _Layout) -> torch.Tensor:
         """Decoder body over all rows -> last-position hidden state h [R, H] (final norm applied)."""

@@ -234,13 +234,14 @@ def adapter_from_peft(peft_model, adapter_name: str = "default", name: str | Non
 class _MixState:
     """Coefficient state shared by all MixedLinear modules of one model.
 
-    A *layout* is the tuple ((adapter index, rank, scaling), ...) of the adapters that target a module; modules
-    with the same layout share one coef_row [b, R], built once per :meth:`MixedLoraModel.set_coefficients`.
+    A *layout* is the tuple ((adapter index, rank, scaling), ...) of the adapters that target a module (plus the
+    module's device and dtype); modules with the same layout share one coef_row [b, R], built once per
+    :meth:`MixedLoraModel.set_coefficients`.
     """
 
     def __init__(self) -> None:
-        # per layout: (column -> adapter index [R], column -> s_i [R], dtype of the layers using it)
-        self.layouts: list[tuple[torch.Tensor, torch.Tensor, torch.dtype]] = []
+        # per layout: (column -> adapter index [R], column -> s_i [R], one layer using it: device and dtype)
+        self.layouts: list[tuple[torch.Tensor, torch.Tensor, MixedLinear]] = []
         self.rows: list[torch.Tensor] | None = None  # per layout: coef_row [b, R]; None = base model
 
 
@@ -387,18 +388,16 @@ class MixedLoraModel:
         layout_ids: dict[tuple, int] = {}
         for module in _target_modules(adapters):
             users, layer = _users(adapters, model, module)
-            key = tuple((i, a.rank(module), a.scaling[module]) for i, a in users)
-            if key not in layout_ids:
-                layout_ids[key] = len(self._state.layouts)
-                device = layer.weight.device
-                idx = torch.cat([torch.full((r,), i, dtype=torch.long) for i, r, _ in key]).to(device)  # [R]
-                scale = torch.cat([torch.full((r,), s, dtype=torch.float64) for _, r, s in key]).to(
-                    device
-                )  # [R]
-                self._state.layouts.append((idx, scale, layer.weight.dtype))
+            segments = tuple((i, a.rank(module), a.scaling[module]) for i, a in users)
+            key = (segments, layer.weight.device, layer.weight.dtype)
             A_cat = torch.cat([a.modules[module][0] for _, a in users], dim=0)  # [R, d_in]
             B_cat = torch.cat([a.modules[module][1] for _, a in users], dim=1)  # [d_out, R]
-            _replace(model, module, MixedLinear(layer, A_cat, B_cat, layout_ids[key], self._state))
+            mixed = MixedLinear(layer, A_cat, B_cat, layout_ids.setdefault(key, len(layout_ids)), self._state)
+            if mixed.layout == len(self._state.layouts):  # a new layout: its column maps, kept on the CPU
+                idx = torch.cat([torch.full((r,), i) for i, r, _ in segments])  # [R] adapter index
+                scale = torch.cat([torch.full((r,), s, dtype=torch.float64) for _, r, s in segments])  # [R]
+                self._state.layouts.append((idx, scale, mixed))
+            _replace(model, module, mixed)
         self._coeffs: torch.Tensor | None = None
 
     @property
@@ -426,10 +425,11 @@ class MixedLoraModel:
         if not torch.isfinite(c).all():
             bad = torch.nonzero(~torch.isfinite(c))[:, 0].unique().tolist()
             raise ValueError(f"coeffs must be finite, got NaN/inf in rows {bad}")
+        c64 = c.to(device="cpu", dtype=torch.float64)
         rows = []
-        for idx, scale, dtype in self._state.layouts:
-            cd = c.to(device=idx.device, dtype=torch.float64)
-            rows.append((cd[:, idx] * scale).to(dtype).contiguous())  # coef_row [b, R] = c_{b,i} s_i
+        for idx, scale, layer in self._state.layouts:  # built in float64 on the CPU, then sent to the layer
+            row = c64[:, idx] * scale  # coef_row [b, R] = c_{b,i} s_i
+            rows.append(row.to(device=layer.lora_A_cat.device, dtype=layer.lora_A_cat.dtype).contiguous())
         self._state.rows, self._coeffs = rows, c
 
     @contextmanager
@@ -477,8 +477,13 @@ def merge_into_(
                 [a.modules[module][1].float() * (float(c[i]) * a.scaling[module]) for i, a in users], dim=1
             )  # [d_out, R], columns scaled by c_i s_i
             W0 = W if originals is None else originals[module]
-            delta = B_cat.to(W.device) @ A_cat.to(W.device)  # sum_i c_i s_i B_i A_i: [d_out, d_in]
-            W.copy_((W0.float() + delta).to(W.dtype))
+            A_cat, B_cat = A_cat.to(W.device), B_cat.to(W.device)
+            if W.dtype == torch.float32 and W0 is W:  # W += B_cat A_cat = sum_i c_i s_i B_i A_i
+                W.addmm_(B_cat, A_cat)
+            elif W.dtype == torch.float32:  # one pass over W: W = W0 + B_cat A_cat
+                torch.addmm(W0, B_cat, A_cat, out=W)
+            else:  # low precision: add in float32, round once
+                W.copy_(torch.addmm(W0.float(), B_cat, A_cat).to(W.dtype))
     return model
 
 

@@ -28,7 +28,11 @@ def parse_job_args(description: str, extra=None) -> tuple[argparse.Namespace, Co
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local Ray."""
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
+
+    A plain ``ray.init()`` would attach to any ``ray start`` instance on the machine; a job run as
+    ``python jobs/x.py`` gets its own Ray instead, unless RAY_ADDRESS says otherwise (``auto`` joins).
+    """
     import ray
 
     if ray.is_initialized():
@@ -37,4 +41,4 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -26,8 +26,9 @@ DEFAULT_OBJECTIVES = ("conciseness", "readability")
 """Cheap embedded objectives (no encoder model to load), so scoring grids in tests is fast."""
 
 
-def _save_lora(model, directory: Path, seed: int, r: int, targets: Sequence[str], std: float,
-               manifest: dict) -> None:
+def _save_lora(
+    model, directory: Path, seed: int, r: int, targets: Sequence[str], std: float, manifest: dict
+) -> None:
     """A PEFT LoRA with random lora_B saved as ``<directory>/adapter`` + ``manifest.json``."""
     from peft import LoraConfig, get_peft_model
 
@@ -49,6 +50,7 @@ def make_tiny_bundle(
     model: str | ModelConfig = "tiny-random",
     objectives: Sequence[str] | None = None,
     r: int = 4,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
     beta: float = 0.7,
     gamma: float = 1.0,
     default_method: str | None = None,
@@ -64,7 +66,9 @@ def make_tiny_bundle(
     bs without.
     """
     tmp = Path(tmp_dir)
-    mcfg = model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=model, max_context=max_context)
+    mcfg = (
+        model if isinstance(model, ModelConfig) else ModelConfig(name_or_path=model, max_context=max_context)
+    )
     objectives = list(objectives or (DEFAULT_OBJECTIVES if n == 2 else [f"obj{i}" for i in range(n)]))
     if len(objectives) != n:
         raise ValueError(f"objectives has {len(objectives)} names, expected n = {n}")
@@ -73,17 +77,41 @@ def make_tiny_bundle(
     backbones, values = [], []
     for i in range(n):
         d = tmp / "artifacts" / f"backbone{i}"
-        _save_lora(policy, d, seed + 10 + i, r, ["q_proj", "v_proj"], lora_std,
-                   {"name": f"backbone{i}", "beta": beta, "base_model": mcfg.name_or_path})
+        _save_lora(
+            policy,
+            d,
+            seed + 10 + i,
+            r,
+            targets,
+            lora_std,
+            {"name": f"backbone{i}", "beta": beta, "base_model": mcfg.name_or_path},
+        )
         backbones.append(d)
         if with_values:
             d = tmp / "artifacts" / f"value{i}"
-            _save_lora(policy, d, seed + 30 + i, r, ["q_proj", "v_proj"], lora_std,
-                       {"objective": objectives[i], "base_model": mcfg.name_or_path, "vocab_size": V,
-                        "hidden_size": H, "reward_mean": 0.0, "reward_std": 1.0, "target": "zscore"})
+            _save_lora(
+                policy,
+                d,
+                seed + 30 + i,
+                r,
+                targets,
+                lora_std,
+                {
+                    "objective": objectives[i],
+                    "base_model": mcfg.name_or_path,
+                    "vocab_size": V,
+                    "hidden_size": H,
+                    "reward_mean": 0.0,
+                    "reward_std": 1.0,
+                    "target": "zscore",
+                },
+            )
             g = torch.Generator().manual_seed(seed + 40 + i)
-            save_value_head(d / "value_head.safetensors", torch.randn(V, H, generator=g) * head_std,
-                            torch.randn(V, generator=g) * head_std)
+            save_value_head(
+                d / "value_head.safetensors",
+                torch.randn(V, H, generator=g) * head_std,
+                torch.randn(V, generator=g) * head_std,
+            )
             values.append(d)
     bundle = build_bundle(
         tmp / "bundle",

@@ -216,6 +216,10 @@ def test_kuberay_raycluster():
     assert doc["metadata"]["name"]
     _check_cluster_spec(doc["spec"])
     groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
+    # Autoscaling (GPU groups start at 0 pods): the pre-flight resource check must wait, not fail.
+    for g in [doc["spec"]["headGroupSpec"], *groups.values()]:
+        env = {e["name"]: e.get("value") for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("MAGE_RAY_ALLOW_AUTOSCALE") == "1"
     gpu = groups["gpu-train"]
     assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
     # The paper config's 3 concurrent backbones fit the GPU group at maxReplicas.

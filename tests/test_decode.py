@@ -104,7 +104,7 @@ def _parts(art, rs: bool = True, values: bool = True, extras: bool = True) -> En
     )
 
 
-CFG = DecodeConfig(method="bs", gamma=1.0, alpha=ALPHA, max_new_tokens=N_NEW)
+CFG = DecodeConfig(method="bs", gamma=1.0, alpha=ALPHA, max_new_tokens=N_NEW, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +319,8 @@ def test_morlhf_needs_a_matching_grid_preference(engine, ref):
 
 
 def test_ric_hook(engine, engine_bare, ref, monkeypatch):
-    """ric: one row with the RiC adapter on the prompt rewritten by ric_prompt (a hook; unfilled = error)."""
-    out = engine.generate([Request("Hi", [0.5, 0.5], method="ric")])[0]
-    assert out.finish_reason == "error" and "ric_prompt" in out.error
+    """ric: one row with the RiC adapter on the prompt rewritten by guidance.ric_prompt (the RiC trainer's hook;
+    replaced here by a simple template, the engine's part is the row and the prompt swap)."""
     out = engine_bare.generate([Request("Hi", [0.5, 0.5], method="ric")])[0]
     assert out.finish_reason == "error" and "RiC adapter" in out.error
     monkeypatch.setattr(guidance, "ric_prompt", lambda p, mu, info: f"<r0> {mu[0]:.1f} <r1> {mu[1]:.1f} {p}")
@@ -368,6 +367,7 @@ def test_heterogeneous_batch_equals_per_request_runs(engine):
     strings) in one batch give exactly what each gives alone."""
     reqs = _mixed_requests()
     batch = engine.generate(reqs)
+    assert [o.token_ids for o in engine.generate(reqs, batch_size=5)] == [o.token_ids for o in batch]
     for r, out in zip(reqs, batch):
         (alone,) = engine.generate([r])
         assert out.error is None
@@ -419,6 +419,44 @@ def test_finished_requests_leave_the_batch(engine, monkeypatch):
     )
     assert [len(o.token_ids) for o in outs] == [2, 5]
     assert sizes == [4, 4, 3, 3, 3]
+
+
+def test_admitted_requests_join_the_running_batch(engine, monkeypatch):
+    """stream(admit=...): requests admitted between steps are prefilled and merged into the running batch (KV
+    caches left padded to a common length) and give exactly what they give alone; invalid ones error out."""
+    first = [
+        Request(PROMPTS[0], [0.9, 0.1], method="mage-e-m", max_new_tokens=8),
+        Request(PROMPTS[1], [0.3, 0.7], method="bs", max_new_tokens=8),
+    ]
+    late = Request(PROMPTS[2], [0.5, 0.5], method="mage-i-m", max_new_tokens=5)
+    later = Request(
+        PROMPTS[1] + " Please.", [0.2, 0.8], method="mage-i", max_new_tokens=4, do_sample=True, seed=3
+    )
+    arrivals = {2: [late], 4: [Request("", [0.5, 0.5]), later]}
+    calls = iter(range(1000))
+    decode_rows = []
+    orig = engine._forward
+
+    def spy(ids, *a, **k):
+        if ids.shape[1] == 1:
+            decode_rows.append(ids.shape[0])
+        return orig(ids, *a, **k)
+
+    monkeypatch.setattr(engine, "_forward", spy)
+    final, text = {}, {}
+    for events in engine.stream(first, admit=lambda: arrivals.get(next(calls), [])):
+        for ev in events:
+            text[ev.index] = text.get(ev.index, "") + ev.delta
+            if ev.finished:
+                final[ev.index] = ev.completion
+    monkeypatch.undo()
+    assert (
+        sorted(final) == [0, 1, 2, 3, 4] and final[3].finish_reason == "error" and "prompt" in final[3].error
+    )
+    for i, r in [(0, first[0]), (1, first[1]), (2, late), (4, later)]:
+        (alone,) = engine.generate([r])
+        assert final[i].token_ids == alone.token_ids and text[i] == final[i].text
+    assert max(decode_rows) == 2 + 1 + 3  # mage-e-m + bs + the admitted mage-i-m ran in one forward
 
 
 # ----- stop strings, EOS, streaming -----

@@ -35,15 +35,24 @@ def test_batch_decoder_matches_engine_and_scores(bundle, repo_root):
     """A mixed batch (2 methods x 2 preferences) gives the engine's own completions, and the score columns are
     the objectives' scores of those texts."""
     cfg = load_config(repo_root / "configs" / "smoke.yaml")
-    dec = BatchDecoder(str(bundle), cfg.decode.__dict__, methods=["bs", "mage-e-m"],
-                       objectives=["conciseness", "readability"])
+    dec = BatchDecoder(
+        str(bundle),
+        cfg.decode.__dict__,
+        methods=["bs", "mage-e-m"],
+        objectives=["conciseness", "readability"],
+    )
     prefs = [[0.0, 1.0], [0.7, 0.3], [0.0, 1.0], [0.7, 0.3]]
     methods = ["bs", "bs", "mage-e-m", "mage-e-m"]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[0]]
-    batch = {"prompt": np.array(prompts, dtype=object), "preference": np.array(prefs), "method": np.array(methods)}
+    batch = {
+        "prompt": np.array(prompts, dtype=object),
+        "preference": np.array(prefs),
+        "method": np.array(methods),
+    }
     out = dec(batch)
     ref = Engine.from_bundle(bundle, cfg.decode).generate(
-        [Request(prompt=p, preference=mu, method=m) for p, mu, m in zip(prompts, prefs, methods)])
+        [Request(prompt=p, preference=mu, method=m) for p, mu, m in zip(prompts, prefs, methods)]
+    )
     assert list(out["text"]) == [c.text for c in ref]
     assert list(out["completion_tokens"]) == [c.usage.completion_tokens for c in ref]
     assert set(out["finish_reason"]) <= {"length", "eos", "stop"}
@@ -66,9 +75,23 @@ def test_grid_job_end_to_end(bundle, grid_job, tmp_path, monkeypatch, repo_root)
     prompts_file.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp_path / "grid"
     points = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
-    argv = ["grid.py", "--config", str(repo_root / "configs" / "smoke.yaml"), "--bundle", str(bundle), "--prompts", str(prompts_file),
-            "--preferences", json.dumps(points), "--methods", "bs", "--score", "--out", str(out),
-            "decode.max_new_tokens=4"]
+    argv = [
+        "grid.py",
+        "--config",
+        str(repo_root / "configs" / "smoke.yaml"),
+        "--bundle",
+        str(bundle),
+        "--prompts",
+        str(prompts_file),
+        "--preferences",
+        json.dumps(points),
+        "--methods",
+        "bs",
+        "--score",
+        "--out",
+        str(out),
+        "decode.max_new_tokens=4",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -77,16 +100,32 @@ def test_grid_job_end_to_end(bundle, grid_job, tmp_path, monkeypatch, repo_root)
         ray.shutdown()
     df = pq.read_table(out / "generations").to_pandas()
     assert len(df) == len(PROMPTS) * len(points)
-    assert {"prompt", "preference", "method", "text", "finish_reason", "score_conciseness",
-            "score_readability"} <= set(df.columns)
+    assert {
+        "prompt",
+        "preference",
+        "method",
+        "text",
+        "finish_reason",
+        "score_conciseness",
+        "score_readability",
+    } <= set(df.columns)
     assert sorted(df["prompt"].unique()) == sorted(PROMPTS)
     assert (df["method"] == "bs").all() and (df["completion_tokens"] <= 4).all()
-    assert sorted(tuple(p) for p in df["preference"].map(list)) == sorted(tuple(p) for p in points for _ in PROMPTS)
+    assert sorted(tuple(p) for p in df["preference"].map(list)) == sorted(
+        tuple(p) for p in points for _ in PROMPTS
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objectives"] == ["conciseness", "readability"]
     assert len(summary["points"]) == 3
     df["key"] = df["preference"].map(lambda p: tuple(float(x) for x in p))
-    means = np.array([[df[df["key"] == tuple(s["preference"])][f"score_{n}"].mean()
-                       for n in ("conciseness", "readability")] for s in summary["points"]])
+    means = np.array(
+        [
+            [
+                df[df["key"] == tuple(s["preference"])][f"score_{n}"].mean()
+                for n in ("conciseness", "readability")
+            ]
+            for s in summary["points"]
+        ]
+    )
     np.testing.assert_allclose([s["mean_rewards"] for s in summary["points"]], means)
     assert [s["front"] for s in summary["points"]] == list(pareto_mask(means))

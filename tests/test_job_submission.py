@@ -27,10 +27,13 @@ pytestmark = [
     pytest.mark.skipif(not SWEEP.is_file(), reason="jobs/sweep.py not present yet"),
 ]
 
-# The smoke config, cut to the stages a resume test needs: beta (one candidate), 2 backbones (2 GRPO steps
+# The smoke config, cut to the stages a resume test needs: beta (one candidate), 2 backbones (1 GRPO step
 # each), alpha (a 2-trial Tune sweep, decode only), gamma (one candidate), bundle + report. Method `bs`
 # needs neither the Rewarded Soups backbones nor value models.
-SWEEP_ARGS = "eval.methods=bs sweep.gamma_method=bs 'sweep.gammas=[0.0]' 'sweep.alphas=[0.0, 0.2]'"
+SWEEP_ARGS = (
+    "eval.methods=bs sweep.gamma_method=bs 'sweep.gammas=[0.0]' 'sweep.alphas=[0.0, 0.2]' "
+    "backbone.steps=1 decode.max_new_tokens=4"
+)
 JOB_TIMEOUT_S = 600
 
 

@@ -35,7 +35,8 @@ from mage_ray.models import load_policy
 
 ATOL = 1e-4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-COEFFS = torch.tensor([[1.5, -0.5], [0.3, 0.7], [-0.8, 2.0], [0.0, 1.0]])  # extrapolated, convex, negative, one-hot
+# rows: extrapolated, convex, negative, one-hot
+COEFFS = torch.tensor([[1.5, -0.5], [0.3, 0.7], [-0.8, 2.0], [0.0, 1.0]])
 
 
 def _peft_lora(base, r, alpha, targets, seed, rslora=False):
@@ -166,10 +167,12 @@ def test_kv_cache_decoding_equals_full_recompute(base, adapters, ids):
 def test_different_ranks_and_targets(base, adapters, ids):
     """a1 (r=8, all modules), a3 (r=4, rslora, q/v only), a2 (r=8): three layouts mix like the merge."""
     three = [adapters["a1"], adapters["a3"], adapters["a2"]]
-    assert adapters["a3"].scaling["model.layers.0.self_attn.q_proj"] == pytest.approx(6 / 2)  # alpha / sqrt(r)
+    # rslora: s = alpha / sqrt(r) = 6 / 2
+    assert adapters["a3"].scaling["model.layers.0.self_attn.q_proj"] == pytest.approx(3.0)
     mixed = _mixed(base, three)
     layers = [m for m in mixed.model.modules() if isinstance(m, MixedLinear)]
     assert len(layers) == 14 and {m.lora_A_cat.shape[0] for m in layers} == {16, 20}
+    assert len(mixed._state.layouts) == 2  # q/v share one coef_row layout, the other 5 projections another
     c = torch.tensor([[0.5, 1.5, -0.5], [0.0, 1.0, 0.0], [1.0, -2.0, 0.3]])
     with mixed.coefficients(c):
         out = _logits(mixed.model, ids[:3])
@@ -195,6 +198,10 @@ def test_dtype_follows_base(base, adapters, ids):
     d, effect = _diff(out16.float(), out32), _diff(out32, _logits(base, ids[:1]))
     print(f"max |bf16 - fp32| = {d:.2f}, LoRA effect {effect:.2f}")
     assert d < 1.0 and effect > 5.0
+    # casting after wrapping: buffers follow .to(), coefficient rows follow the buffers
+    mixed32.model.to(torch.bfloat16)
+    with mixed32.coefficients(COEFFS[:1]):
+        assert torch.equal(_logits(mixed32.model, ids[:1]), out16)
 
 
 # ----- PEFT: "linear" has cross terms, "cat" is exact -----
@@ -234,7 +241,8 @@ def test_rank_sum_adapter_roundtrip_through_peft(base, adapters, ids, tmp_path):
     with mixed.coefficients(torch.tensor([c])):
         want = _logits(mixed.model, ids)
     merged = rank_sum_adapter(three, c)
-    assert merged.rank("model.layers.0.self_attn.q_proj") == 20 and merged.rank("model.layers.0.mlp.up_proj") == 16
+    assert merged.rank("model.layers.0.self_attn.q_proj") == 8 + 4 + 8
+    assert merged.rank("model.layers.0.mlp.up_proj") == 8 + 8
     save_adapter(merged, tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 16 and len(config["rank_pattern"]) == 4
@@ -325,7 +333,8 @@ def test_bad_adapter_dirs(adapter_dirs, tmp_path):
     dora.mkdir()
     config = json.loads((adapter_dirs / "a1" / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    (dora / "adapter_model.safetensors").write_bytes((adapter_dirs / "a1" / "adapter_model.safetensors").read_bytes())
+    weights = (adapter_dirs / "a1" / "adapter_model.safetensors").read_bytes()
+    (dora / "adapter_model.safetensors").write_bytes(weights)
     with pytest.raises(AdapterError, match="use_dora"):
         load_adapter(dora)
 

@@ -1,4 +1,4 @@
-"""MODPO baseline: loss, pivot choice, pair construction, a training step, Ray Train grid -> bundle -> decode."""
+"""MODPO: loss, pivot choice, pair construction, a training step, resume, Ray Train -> bundle -> decode."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def test_modpo_loss_hand_computed():
     """beta = 0.5, w = (w_k, w_rest) = (0.25, 0.75), one margin objective.
 
     Row 0: policy/ref chosen -10/-10.5, rejected -11/-10.5, margin scores 1 vs 0:
-      implicit = 0.5 * 0.5 - 0.5 * (-0.5) = 0.5; margin = 0.75 * (1 - 0) = 0.75; logits = (0.5 - 0.75) / 0.25 = -1
+      implicit = 0.5 * 0.5 - 0.5 * (-0.5) = 0.5; margin = 0.75 * (1 - 0) = 0.75;
+      logits = (0.5 - 0.75) / 0.25 = -1
     Row 1: chosen -12/-12, rejected -12/-11, margin scores 0 vs 0:
       implicit = 0 - 0.5 * (-1) = 0.5; margin = 0; logits = 0.5 / 0.25 = 2
     loss = mean(log(1 + e^1), log(1 + e^-2)) = mean(1.3132617, 0.1269280) = 0.7200948;
@@ -74,8 +75,15 @@ def test_modpo_loss_hand_computed():
     """
     t = torch.tensor
     loss, m = modpo_loss(
-        t([-10.0, -12.0]), t([-11.0, -12.0]), t([-10.5, -12.0]), t([-10.5, -11.0]),
-        t([[1.0], [0.0]]), t([[0.0], [0.0]]), 0.25, t([0.75]), 0.5,
+        t([-10.0, -12.0]),
+        t([-11.0, -12.0]),
+        t([-10.5, -12.0]),
+        t([-10.5, -11.0]),
+        t([[1.0], [0.0]]),
+        t([[0.0], [0.0]]),
+        0.25,
+        t([0.75]),
+        0.5,
     )
     assert loss.item() == pytest.approx(0.7200948, abs=1e-6)
     assert m["accuracy"] == 0.5 and m["margin"] == pytest.approx(0.5)
@@ -96,7 +104,8 @@ def test_pivot_defaults_to_largest_weight_and_zero_weight_is_refused():
 def test_build_pairs_best_vs_worst_per_prompt():
     """Prompt a: scores on objective 0 (0.1, 0.9, 0.5) -> chosen row 1, rejected row 0 (row 3, the best on
     objective 0 overall, has an empty response and is dropped). Prompt b has one response, prompt c two with
-    equal scores: both skipped. With w = (0, 1) prompt a's pair follows objective 1: chosen row 0, rejected 2."""
+    equal scores: both skipped. With w = (0, 1) prompt a's pair follows objective 1: chosen row 0,
+    rejected row 2."""
     table = pa.table(
         {
             "prompt": ["a", "a", "a", "a", "b", "c", "c"],
@@ -164,31 +173,70 @@ def ray_local():
     ray.shutdown()
 
 
-def test_modpo_grid_through_ray_train_and_decode(ray_local, tmp_path, capsys):
-    """Two grid points as concurrent Ray Train runs; a fixed pivot 0 skips (0, 1); the bundle decodes 'modpo'."""
+@pytest.mark.slow
+def test_modpo_through_ray_train_and_decode(ray_local, tmp_path, capsys):
+    """A grid point as a Ray Train run; a fixed pivot 0 skips (0, 1); the bundle decodes method 'modpo'."""
     from mage_ray.bundle import build_bundle
     from mage_ray.decode import Engine, Request
     from mage_ray.lora_mix import load_adapter
 
     cfg = _cfg(tmp_path)
     rollouts = write_rollouts(tmp_path)
-    grid = [[0.0, 1.0], [1.0, 0.0]]
-    manifests = train_modpo_grid(cfg, grid, rollouts_path=rollouts, progress=False)
-    assert [m["preference"] for m in manifests] == grid
-    assert all(m["status"] == "complete" and m["steps_done"] == 2 for m in manifests)
-    dirs = [modpo_dir(cfg, mu) for mu in grid]
-    assert dirs[0].endswith("/modpo/mu_0-1")
-    for d in dirs:
-        load_adapter(f"{d}/adapter")
-    skipped = train_modpo_grid(cfg, grid, rollouts_path=rollouts, pivot=0, progress=False)
-    assert len(skipped) == 1 and "skipping mu=[0.0, 1.0]" in capsys.readouterr().out
+    mu = [0.0, 1.0]
+    (manifest,) = train_modpo_grid(cfg, [mu], rollouts_path=rollouts, progress=False)
+    assert manifest["preference"] == mu and manifest["pivot"] == 1 and manifest["name"] == "mu_0-1"
+    assert manifest["status"] == "complete" and manifest["steps_done"] == 2 and manifest["ray_train_run"]
+    d = modpo_dir(cfg, mu)
+    assert d.endswith("/modpo/mu_0-1") and read_manifest(d)["status"] == "complete"
+    load_adapter(f"{d}/adapter")
+    assert train_modpo_grid(cfg, [mu], rollouts_path=rollouts, pivot=0, progress=False) == []
+    assert "skipping mu=[0.0, 1.0]" in capsys.readouterr().out
 
     bundle = build_bundle(
-        tmp_path / "bundle", model="tiny-random", objectives=OBJECTIVES, beta=0.7, backbones=dirs,
-        modpo=list(zip(grid, dirs)), default_method="modpo",
+        tmp_path / "bundle",
+        model="tiny-random",
+        objectives=OBJECTIVES,
+        beta=0.7,
+        backbones=[d, d],
+        modpo=[(mu, d)],
+        default_method="modpo",
     )
     engine = Engine.from_bundle(bundle, methods=["modpo"])
-    outs = engine.generate(
-        [Request("What is 2 plus 2?", preference=mu, method="modpo", max_new_tokens=4) for mu in grid]
+    ok, missing = engine.generate(
+        [
+            Request("What is 2 plus 2?", preference=p, method="modpo", max_new_tokens=4)
+            for p in (mu, [1.0, 0.0])
+        ]
     )
-    assert all(o.finish_reason != "error" for o in outs), [o.error for o in outs]
+    assert ok.finish_reason != "error" and ok.usage.completion_tokens >= 1, ok.error
+    assert missing.finish_reason == "error" and "no modpo adapter" in missing.error
+
+
+def test_resuming_from_a_snapshot_matches_an_uninterrupted_run(tmp_path):
+    """Step 2 resumed from the step-1 snapshot (saved and loaded like a Ray checkpoint, weights_only) gives
+    the same LoRA as two uninterrupted steps: same batches, same optimizer state, same reference log-probs."""
+    cfg = _cfg(tmp_path)
+    rollouts = write_rollouts(tmp_path)
+    snaps = []
+    full = train_modpo(
+        cfg,
+        str(tmp_path / "a"),
+        mu=[0.5, 0.5],
+        rollouts_path=rollouts,
+        ctx=TrainContext(on_step=lambda s, m, snap: snaps.append(snap())),
+    )
+    torch.save(snaps[0], tmp_path / "state.pt")
+    resume = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = train_modpo(
+        cfg,
+        str(tmp_path / "b"),
+        mu=[0.5, 0.5],
+        rollouts_path=rollouts,
+        ctx=TrainContext(resume=resume, quiet=True),
+    )
+    assert resumed["steps_done"] == 2 and resumed["loss_by_step"] == [pytest.approx(full["loss_by_step"][1])]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

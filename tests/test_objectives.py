@@ -59,17 +59,23 @@ def test_unknown_objective_lists_names_and_hf_syntax():
     with pytest.raises(ObjectiveError) as e:
         get_objective("helpfulness")
     msg = str(e.value)
-    assert "'helpfulness'" in msg and "relevance" in msg and "hf:<hub id or local path>[@<logit index>]" in msg
+    assert (
+        "'helpfulness'" in msg and "relevance" in msg and "hf:<hub id or local path>[@<logit index>]" in msg
+    )
 
 
 def test_register_custom_objective_and_duplicates():
-    register_objective("test_len", lambda device, cache_dir: FunctionObjective("test_len", _char_len), replace=True)
+    register_objective(
+        "test_len", lambda device, cache_dir: FunctionObjective("test_len", _char_len), replace=True
+    )
     obj = get_objective("test_len")
     assert obj(["a", "b"], ["xyz", ""]).tolist() == [3.0, 0.0]
     with pytest.raises(ObjectiveError, match="already registered"):
         register_objective("test_len", lambda device, cache_dir: obj)
     with pytest.raises(ObjectiveError, match="invalid"):
         register_objective("bad name", lambda device, cache_dir: obj)
+    register_objective("test_fn", lambda device, cache_dir: _char_len, replace=True)  # a plain function
+    assert get_objective("test_fn")(["a"], ["abcd"]).tolist() == [4.0]
 
 
 def test_load_objectives_follows_task_config():
@@ -92,8 +98,11 @@ def test_positivity_vader():
 def test_relevance_on_topic_beats_off_topic():
     rel = get_objective("relevance")
     p = ["How do I bake bread at home?"] * 3
-    r = ["Knead flour, water, yeast and salt into a dough, let it rise, then bake the bread.",
-         "The football match ended in a draw after extra time.", "   "]
+    r = [
+        "Knead flour, water, yeast and salt into a dough, let it rise, then bake the bread.",
+        "The football match ended in a draw after extra time.",
+        "   ",
+    ]
     s = rel(p, r)
     assert s[0] > s[1] + 0.3 and s[2] == 0.0
     assert np.all((-1 <= s) & (s <= 1))
@@ -113,9 +122,9 @@ def test_conciseness_values_and_monotone():
 
 
 def test_readability_hand_computed():
-    """"I like to read books in the garden on sunny days." : 11 words, 1 sentence, 13 syllables
-    (garden 2, sunny 2, like 1 with silent e, the rest 1) -> FRE = 206.835 - 1.015*11 - 84.6*13/11
-    = 95.688 -> 0.95688. Long words score lower; no words -> 0; always in [0, 1]."""
+    """Hand-computed: "I like to read books in the garden on sunny days." has 11 words, 1 sentence and
+    13 syllables (garden 2, sunny 2, like 1 with silent e, the rest 1) -> FRE = 206.835 - 1.015*11
+    - 84.6*13/11 = 95.688 -> 0.95688. Long words score lower; no words -> 0; always in [0, 1]."""
     rd = get_objective("readability")
     simple = "I like to read books in the garden on sunny days."
     hard = "Photosynthesis transforms electromagnetic radiation into chemical potential energy."
@@ -204,8 +213,16 @@ def tiny_rm(tmp_path_factory) -> str:
 
     tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256, num_labels=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=256,
+        num_labels=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPT2ForSequenceClassification(cfg)
     path = tmp_path_factory.mktemp("tiny_rm")
     model.save_pretrained(path)

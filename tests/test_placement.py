@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 TWO_GPU_NODES = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
 
 
+@pytest.fixture(autouse=True)
+def _fixed_size_cluster_default(monkeypatch):
+    """Tests below assume the default (no autoscaler) unless they say otherwise."""
+    monkeypatch.delenv("MAGE_RAY_ALLOW_AUTOSCALE", raising=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plain functions (no Ray cluster)
 
@@ -96,12 +102,20 @@ def test_check_resources_fails_with_a_clear_message():
         check_resources(1, {"CPU": 1, "GPU": 2}, True, nodes=TWO_GPU_NODES, field_prefix="value")
 
 
-def test_check_resources_waits_with_autoscaler(caplog):
-    """With an autoscaler the shortfall is logged (visible reason) and 0 runs fit now; no exception."""
+def test_check_resources_waits_with_autoscaler(caplog, monkeypatch):
+    """With an autoscaler the shortfall is logged (the visible reason for the wait), no exception, and all
+    runs are started (their pending placement groups are what the autoscaler scales up for)."""
     with caplog.at_level("WARNING", logger="mage_ray.train.placement"):
-        fit = check_resources(2, {"CPU": 1}, True, nodes=[{"CPU": 4}], allow_autoscale=True)
-    assert fit == 0
-    assert "waiting for the autoscaler" in caplog.text and "0 GPU in total" in caplog.text
+        k = check_resources(2, {"CPU": 1}, True, concurrent_runs=3, nodes=[{"CPU": 4}], allow_autoscale=True)
+    assert k == 3
+    assert "0 of 3 backbone runs" in caplog.text and "waiting for the autoscaler" in caplog.text
+    assert "the cluster has 0 GPU in total" in caplog.text
+    # Default: the MAGE_RAY_ALLOW_AUTOSCALE environment variable (set by the shipped autoscaling clusters).
+    monkeypatch.setenv("MAGE_RAY_ALLOW_AUTOSCALE", "1")
+    assert check_resources(2, {"CPU": 1}, True, concurrent_runs=2, nodes=[{"CPU": 4}]) == 2
+    monkeypatch.setenv("MAGE_RAY_ALLOW_AUTOSCALE", "0")
+    with pytest.raises(InsufficientResourcesError):
+        check_resources(2, {"CPU": 1}, True, concurrent_runs=2, nodes=[{"CPU": 4}])
 
 
 def test_check_resources_rejects_bad_arguments():
@@ -112,7 +126,8 @@ def test_check_resources_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------
-# A real multi-node Ray cluster in this process: head + two nodes with one logical GPU each
+# A real multi-node Ray cluster in this process: head + two nodes with one logical GPU each (slow: starting
+# three raylets takes 10-60 s on 2 busy cores)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +151,7 @@ def gpu_cluster():
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_live_cluster_check(gpu_cluster):
     """On the live cluster (2 x 1 GPU): 2 single-worker GPU runs fit; 3 GPU workers per run never do."""
     import ray
@@ -147,6 +163,7 @@ def test_live_cluster_check(gpu_cluster):
         check_resources(3, {"CPU": 1}, True)
 
 
+@pytest.mark.slow
 def test_run_concurrent_fails_fast_instead_of_waiting(gpu_cluster, tmp_path):
     """The Tune/Train plumbing checks before it starts: 3 GPU workers per run on 2 GPUs raise at once."""
     from mage_ray.train.ray_train import Scaling, run_concurrent
@@ -253,7 +270,7 @@ def test_autoscaler_adds_gpu_nodes_and_releases_them():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
     assert lines, f"no summary; rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     s = json.loads(lines[-1][len("SUMMARY ") :])
-    assert s["gpu_nodes_before"] == 0 and s["fit_before"] == 0
+    assert s["gpu_nodes_before"] == 0 and s["fit_now"] == 0 and s["runs_started"] == 2
     assert s["gpu_nodes_peak"] == 2 and len(s["placed_nodes"]) == 2
     assert s["gpu_nodes_after"] == 0, "idle GPU nodes were not released"
     assert s["leftover_processes"] == 0

@@ -135,3 +135,38 @@ def test_concurrent_backbones_via_tune(ray_local, tmp_path):
     again = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
     assert [m["created"] for m in again] == [m["created"] for m in ms]
     assert os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json") == mtime
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_objective_failure_on_one_ddp_rank_stops_every_worker(ray_local, tmp_path):
+    """2 DDP workers; the objective raises on rank 1 only, at its 2nd call (step 2). Both workers must stop at
+    step 2 (no hang in the reward all-gather), the error names the objective and keeps the step-1 Ray
+    checkpoint, nothing is published, and Ray does not retry the deterministic failure."""
+    from mage_ray.train.backbone import ObjectiveFailure
+    from mage_ray.train.ray_train import train_backbone_ray
+
+    calls = {"n": 0}
+
+    def fragile(prompts, responses):
+        calls["n"] += 1
+        if os.environ.get("RANK") == "1" and calls["n"] >= 2:
+            raise RuntimeError("rank-1 scorer down")
+        return np.zeros(len(prompts))
+
+    fragile.name = "fragile"
+    cfg = smoke_cfg(tmp_path, "backbone.num_workers=2", "backbone.steps=3", "backbone.checkpoint_every=1")
+    out = f"{tmp_path}/t/backbones/beta_0.7/b0"
+    with pytest.raises(ObjectiveFailure) as info:
+        train_backbone_ray(
+            cfg,
+            [0.5, 0.5],
+            name="b0",
+            out_dir=out,
+            objectives=[toy_objectives()[0], fragile],
+            prompts=PROMPTS,
+        )
+    msg = str(info.value)
+    assert "objective 'fragile' raised RuntimeError: rank-1 scorer down" in msg and "stopped at step 2" in msg
+    assert info.value.checkpoint is not None and os.path.isdir(info.value.checkpoint)
+    assert read_manifest(out) is None

@@ -85,7 +85,9 @@ def test_split_of_is_a_stable_hash():
 
 def test_hh_rlhf_directory_with_train_and_test_files():
     """train.jsonl -> train; test.jsonl -> 1/3 validation + 2/3 test by hash, disjoint, nothing lost."""
-    task = TaskConfig(name="hh_rlhf", objectives=["helpful", "harmless"], data_path=str(FIX / "hh_rlhf"), **BIG)
+    task = TaskConfig(
+        name="hh_rlhf", objectives=["helpful", "harmless"], data_path=str(FIX / "hh_rlhf"), **BIG
+    )
     splits = _all_splits(task)
     _assert_disjoint(splits)
     train_rows, test_rows = _jsonl(FIX / "hh_rlhf" / "train.jsonl"), _jsonl(FIX / "hh_rlhf" / "test.jsonl")
@@ -114,8 +116,10 @@ def test_hh_rlhf_sft_pairs_use_the_chosen_answer():
     task = TaskConfig(name="hh_rlhf", data_path=str(FIX / "hh_rlhf"), n_train=3)
     pairs = load_sft_pairs(task)
     assert len(pairs) == 3
-    assert pairs[0] == (load_prompts(task, "train")[0], "Fold a rectangle in half, fold the corners down, "
-                        "then open it into a boat shape.")
+    assert pairs[0] == (
+        load_prompts(task, "train")[0],
+        "Fold a rectangle in half, fold the corners down, then open it into a boat shape.",
+    )
     assert load_sft_pairs(TaskConfig()) is None
 
 
@@ -144,7 +148,12 @@ def test_dialogue_helpers():
 
 def test_summary_comparisons_fixture():
     """info.post rows -> instruction + post (newlines -> spaces); the duplicated post appears once."""
-    task = TaskConfig(name="summary", objectives=["faithful", "summary"], data_path=str(FIX / "summary_comparisons.jsonl"), **BIG)
+    task = TaskConfig(
+        name="summary",
+        objectives=["faithful", "summary"],
+        data_path=str(FIX / "summary_comparisons.jsonl"),
+        **BIG,
+    )
     splits = _all_splits(task)
     _assert_disjoint(splits)
     rows = _jsonl(FIX / "summary_comparisons.jsonl")
@@ -155,14 +164,22 @@ def test_summary_comparisons_fixture():
         assert p.startswith(SUMMARY_INSTRUCTION + "\n\n") and "\n" not in p[len(SUMMARY_INSTRUCTION) + 2 :]
         assert summary_post(p) in posts
     pairs = load_sft_pairs(task, "train")
-    by_post = {r["info"]["post"].replace("\n", " ").strip(): r["summaries"][r["choice"]]["text"] for r in rows[:10]}
+    by_post = {
+        r["info"]["post"].replace("\n", " ").strip(): r["summaries"][r["choice"]]["text"] for r in rows[:10]
+    }
     assert pairs and all(resp == by_post[summary_post(prompt)] for prompt, resp in pairs)
 
 
 def test_summary_post_and_prompt_columns(tmp_path):
     f = tmp_path / "s.json"
-    f.write_text(json.dumps([{"post": "A post about cats and dogs living together in peace."},
-                             {"prompt": "SUBREDDIT: r/pets POST: My dog ate my homework. TL;DR:"}]))
+    f.write_text(
+        json.dumps(
+            [
+                {"post": "A post about cats and dogs living together in peace."},
+                {"prompt": "SUBREDDIT: r/pets POST: My dog ate my homework. TL;DR:"},
+            ]
+        )
+    )
     got = [p for s in SPLITS for p in load_prompts(TaskConfig(name="summary", data_path=str(f), **BIG), s)]
     assert sorted(summary_post(p) for p in got) == [
         "A post about cats and dogs living together in peace.",
@@ -192,12 +209,16 @@ def test_parquet_jsonl_and_json_columns(tmp_path):
         splits = _all_splits(TaskConfig(name="parquet", data_path=str(path), **BIG))
         _assert_disjoint(splits)
         assert sorted(p for s in SPLITS for p in splits[s]) == expected
-    capped = load_prompts(TaskConfig(name="parquet", data_path=str(tmp_path / "p.parquet"), n_train=2), "train")
+    capped = load_prompts(
+        TaskConfig(name="parquet", data_path=str(tmp_path / "p.parquet"), n_train=2), "train"
+    )
     assert len(capped) == 2
 
 
 def test_missing_or_wrong_data_errors(tmp_path):
-    with pytest.raises(TaskDataError, match=r"task.data_path = '/nonexistent/prompts.parquet' does not exist"):
+    with pytest.raises(
+        TaskDataError, match=r"task.data_path = '/nonexistent/prompts.parquet' does not exist"
+    ):
         load_prompts(TaskConfig(name="parquet", data_path="/nonexistent/prompts.parquet"), "train")
     with pytest.raises(TaskDataError, match=r"task.data_path = 'data/missing.jsonl' does not exist"):
         load_prompts(TaskConfig(name="parquet", data_path="data/missing.jsonl"), "train")
@@ -221,10 +242,12 @@ def test_hub_dataset_path(monkeypatch):
     import datasets
 
     calls = []
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(_jsonl(FIX / "hh_rlhf" / "train.jsonl")),
-        "test": datasets.Dataset.from_list(_jsonl(FIX / "hh_rlhf" / "test.jsonl")),
-    })
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(_jsonl(FIX / "hh_rlhf" / "train.jsonl")),
+            "test": datasets.Dataset.from_list(_jsonl(FIX / "hh_rlhf" / "test.jsonl")),
+        }
+    )
 
     def fake_load(name, config=None, **kw):
         calls.append((name, config))
@@ -248,5 +271,7 @@ def test_hub_dataset_unavailable(monkeypatch):
         raise ConnectionError("Couldn't reach 'org/data' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
-    with pytest.raises(TaskDataError, match=r"task.data_path = 'org/data'.*needs access to the Hugging Face hub"):
+    with pytest.raises(
+        TaskDataError, match=r"task.data_path = 'org/data'.*needs access to the Hugging Face hub"
+    ):
         load_prompts(TaskConfig(name="parquet", data_path="org/data"), "train")

@@ -10,7 +10,7 @@ What it does, in the terms of a backbone sweep (two backbones, ``backbone.num_wo
 1. start a head with 1 CPU and no GPU, and an autoscaler whose ``gpu_worker`` node type has
    ``{CPU: 1, GPU: 1}``, ``min_workers: 0``, ``max_workers: 2``, ``idle_timeout_minutes: 0.1`` (6 s);
 2. the pre-flight check (``mage_ray.train.placement.check_resources(..., allow_autoscale=True)``) finds
-   room for 0 of the 2 runs and lets them wait instead of failing;
+   room for 0 of the 2 runs, logs why, and lets both start and wait instead of failing;
 3. reserve the two runs' worker bundles ``{GPU: 1, CPU: 1}`` as placement groups, which is exactly what
    Ray Train asks for; the autoscaler launches two ``gpu_worker`` nodes and both groups become ready;
 4. run one task in each group (it reports its node and GPU id), remove the groups, and watch the
@@ -134,7 +134,12 @@ class FakeAutoscalingCluster:
         ]
         if res:
             cmd.append(f"--resources={json.dumps(res)}")
-        env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": AUTH}
+        env = {
+            **os.environ,
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_FAKE_CLUSTER": "1",
+            "RAY_AUTH_MODE": AUTH,
+        }
         env.pop("RAY_ADDRESS", None)
         log = open(os.path.join(self.dir, "start.log"), "w")  # noqa: SIM115 - kept for the process lifetime
         subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=180)
@@ -179,7 +184,7 @@ def run_demo(n_runs: int = 2, timeout_s: float = 150.0, log=print) -> dict[str, 
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from mage_ray.train.placement import check_resources, worker_bundle
+    from mage_ray.train.placement import check_resources, cluster_nodes, runs_that_fit, worker_bundle
 
     t0 = time.time()
 
@@ -192,18 +197,24 @@ def run_demo(n_runs: int = 2, timeout_s: float = 150.0, log=print) -> dict[str, 
     try:
         cluster.start()
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        say(f"head up at {cluster.address}: {_fmt_res(ray.cluster_resources())}; GPU nodes: {len(_gpu_nodes())}")
+        say(
+            f"head up at {cluster.address}: {_fmt_res(ray.cluster_resources())}; GPU nodes: {len(_gpu_nodes())}"
+        )
         summary["gpu_nodes_before"] = len(_gpu_nodes())
 
-        fit = check_resources(1, {"CPU": 1}, True, concurrent_runs=n_runs, allow_autoscale=True)
-        say(f"pre-flight: {fit} of {n_runs} runs fit now; allow_autoscale=True, so they wait for new nodes")
-        summary["fit_before"] = fit
-
         bundle = worker_bundle({"CPU": 1}, use_gpu=True)
-        pgs = [placement_group([bundle], strategy="PACK") for _ in range(n_runs)]
+        summary["fit_now"] = runs_that_fit(cluster_nodes(), bundle, 1)
+        k = check_resources(1, {"CPU": 1}, True, concurrent_runs=n_runs, allow_autoscale=True)
+        say(
+            f"pre-flight: {summary['fit_now']} of {n_runs} runs fit now; allow_autoscale, so all {k} start and wait"
+        )
+        summary["runs_started"] = k
+
+        t_req = time.time()
+        pgs = [placement_group([bundle], strategy="PACK") for _ in range(k)]
         say(f"requested {n_runs} placement groups of {bundle} (one per backbone run)")
         ready = ray.get([pg.ready() for pg in pgs], timeout=timeout_s)
-        t_up = time.time() - t0
+        t_up = time.time() - t_req
         say(f"all {len(ready)} placement groups ready; GPU nodes: {len(_gpu_nodes())}")
         summary["gpu_nodes_peak"] = len(_gpu_nodes())
         summary["scale_up_s"] = round(t_up, 1)

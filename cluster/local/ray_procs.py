@@ -64,7 +64,9 @@ def stop(marks: Sequence[str], gcs_port: int | None = None, grace_s: float = 5.0
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["list", "stop"])
-    ap.add_argument("--mark", action="append", default=[], help="a string only this cluster's processes carry")
+    ap.add_argument(
+        "--mark", action="append", default=[], help="a string only this cluster's processes carry"
+    )
     ap.add_argument("--gcs-port", type=int, default=None)
     ap.add_argument("--grace-s", type=float, default=5.0)
     args = ap.parse_args(argv)

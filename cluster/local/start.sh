@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start a real multi-node Ray cluster on this machine: one head and NUM_WORKERS worker nodes, each its own
-# raylet on 127.0.0.1 with its own temp dir and ports, each advertising its own logical resources (GPUs
-# here are logical: Ray schedules them, nothing touches CUDA). Stop it with cluster/local/stop.sh.
+# raylet with its own temp dir and ports, each advertising its own logical resources (GPUs here are
+# logical: Ray schedules them, nothing touches CUDA), reached at 127.0.0.1. Stop it with
+# cluster/local/stop.sh.
 #
 #   cluster/local/start.sh                       # head (1 CPU) + 2 workers (1 CPU, 1 logical GPU each)
 #   NUM_WORKERS=0 HEAD_CPUS=2 cluster/local/start.sh
@@ -48,6 +49,7 @@ if [[ -e "$CLUSTER_DIR" && ! -f "$CLUSTER_DIR/.mage_ray_local" && -n "$(ls -A "$
   exit 1
 fi
 mkdir -p "$CLUSTER_DIR"
+CLUSTER_DIR="$(cd "$CLUSTER_DIR" && pwd -P)"   # absolute and resolved, as stop.sh matches it
 touch "$CLUSTER_DIR/.mage_ray_local"
 
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

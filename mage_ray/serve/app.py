@@ -83,13 +83,19 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
         if not cl.strip().isdigit():
             raise S.ApiError(400, f"Content-Length {cl!r} is not a byte count", "Content-Length")
         if int(cl) > limit:
-            raise S.ApiError(413, f"request body of {int(cl)} bytes exceeds serve.max_body_bytes = {limit}", "body",
-                             "request_too_large")
+            raise S.ApiError(
+                413,
+                f"request body of {int(cl)} bytes exceeds serve.max_body_bytes = {limit}",
+                "body",
+                "request_too_large",
+            )
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > limit:
-            raise S.ApiError(413, f"request body exceeds serve.max_body_bytes = {limit}", "body", "request_too_large")
+            raise S.ApiError(
+                413, f"request body exceeds serve.max_body_bytes = {limit}", "body", "request_too_large"
+            )
     return bytes(buf)
 
 
@@ -137,12 +143,20 @@ class MageServer:
 
     def __init__(self, bundle: str, config: dict[str, Any], overrides: list[str] | None = None):
         cfg = config_from_dict(config)
+        if cfg.serve.num_gpus == 0 and cfg.serve.num_cpus >= 1:
+            import torch
+
+            # One intra-op thread per reserved CPU: more threads than cores makes OpenMP spin-wait, which on a
+            # shared node slows decoding by orders of magnitude.
+            torch.set_num_threads(int(cfg.serve.num_cpus))
         self.core = Generator.from_bundle(bundle, cfg, overrides or [])
         self.max_body = cfg.serve.max_body_bytes
         env = cfg.serve.auth_token_env
         self.token = os.environ.get(env) if env else None
         if env and not self.token:
-            log.warning("serve.auth_token_env = %r but that variable is not set on this replica: auth is OFF", env)
+            log.warning(
+                "serve.auth_token_env = %r but that variable is not set on this replica: auth is OFF", env
+            )
 
     async def check_health(self) -> None:
         ok, why = self.core.health()
@@ -162,8 +176,12 @@ class MageServer:
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise S.ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", "Authorization",
-                             "authentication_error")
+            raise S.ApiError(
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+                "Authorization",
+                "authentication_error",
+            )
 
     async def _parse(self, request: HttpRequest, model):
         self._auth(request)
@@ -171,9 +189,12 @@ class MageServer:
 
     def _extra(self, req: Request) -> dict[str, Any]:
         d = self.core.engine.defaults
-        return {"preference": req.preference, "method": req.method or d.method,
-                "gamma": d.gamma if req.gamma is None else req.gamma,
-                "alpha": d.alpha if req.alpha is None else req.alpha}
+        return {
+            "preference": req.preference,
+            "method": req.method or d.method,
+            "gamma": d.gamma if req.gamma is None else req.gamma,
+            "alpha": d.alpha if req.alpha is None else req.alpha,
+        }
 
     async def _one(self, req: Request) -> Completion:
         await self.core.check(req, "messages" if isinstance(req.prompt, list) else "prompt")
@@ -192,7 +213,9 @@ class MageServer:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         ok, why = self.core.health()
-        return JSONResponse({"status": "ok" if ok else "unhealthy", "detail": why}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ok" if ok else "unhealthy", "detail": why}, status_code=200 if ok else 503
+        )
 
     @api.get("/v1/objectives")
     async def objectives(self, request: HttpRequest) -> dict:
@@ -221,13 +244,20 @@ class MageServer:
 
         async def sse() -> AsyncIterator[bytes]:
             async for ev in _events(ticket, first):
+                if ev.delta:
+                    yield S.sse({"text": ev.delta})
                 if ev.finished:
                     c = ev.completion
-                    yield S.sse({"text": c.text, "finish_reason": ev.finish_reason, "usage": S.usage(c),
-                                 "error": c.error, **extra})
+                    yield S.sse(
+                        {
+                            "text": c.text,
+                            "finish_reason": ev.finish_reason,
+                            "usage": S.usage(c),
+                            "error": c.error,
+                            **extra,
+                        }
+                    )
                     yield S.sse("[DONE]")
-                elif ev.delta:
-                    yield S.sse({"text": ev.delta})
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -256,7 +286,9 @@ class MageServer:
         body = await self._parse(request, S.CompletionBody)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not prompts or len(prompts) > self.core.limits.max_prompts_per_grid:
-            raise S.ApiError(400, f"prompt: give 1 to {self.core.limits.max_prompts_per_grid} prompts", "prompt")
+            raise S.ApiError(
+                400, f"prompt: give 1 to {self.core.limits.max_prompts_per_grid} prompts", "prompt"
+            )
         reqs = [S.to_request(body, self.core.limits, prompt=p) for p in prompts]
         model, rid, extra = body.model or self.core.name, S.new_id("cmpl"), self._extra(reqs[0])
         if not body.stream:

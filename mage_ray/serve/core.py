@@ -80,8 +80,10 @@ def decode_defaults(cfg: Config, bundle: Bundle, overrides: Sequence[str] = ()) 
     """
     given = {o.split("=", 1)[0].strip() for o in overrides}
     d = cfg.decode
-    kw = {k: getattr(d, k) if f"decode.{k}" in given else v
-          for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))}
+    kw = {
+        k: getattr(d, k) if f"decode.{k}" in given else v
+        for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))
+    }
     return DecodeConfig(**{**d.__dict__, **kw})
 
 
@@ -125,7 +127,9 @@ class Ticket:
 
 
 def _error_event(index: int, msg: str) -> TokenEvent:
-    return TokenEvent(index, "", True, "error", Completion(text="", token_ids=[], finish_reason="error", error=msg))
+    return TokenEvent(
+        index, "", True, "error", Completion(text="", token_ids=[], finish_reason="error", error=msg)
+    )
 
 
 class Generator:
@@ -157,7 +161,9 @@ class Generator:
             max_grid_points=sc.max_grid_points,
             objectives=tuple(engine.objectives),
         )
-        self._tok = copy.deepcopy(engine.tokenizer)  # used only on the aux thread (fast tokenizers are not re-entrant)
+        self._tok = copy.deepcopy(
+            engine.tokenizer
+        )  # used only on the aux thread (fast tokenizers are not re-entrant)
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="mage-engine")
         self._aux_thread = ThreadPoolExecutor(1, thread_name_prefix="mage-aux")
         self._interactive: collections.deque[Ticket] = collections.deque()
@@ -184,8 +190,9 @@ class Generator:
         if device is None:
             device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         bundle = load_bundle(bundle_path)
-        engine = CancellableEngine(parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides),
-                                   device)
+        engine = CancellableEngine(
+            parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device
+        )
         return cls(engine, cfg.serve, reward_device=cfg.task.reward_device, name=Path(bundle.root).name)
 
     # ----- introspection -----
@@ -210,19 +217,31 @@ class Generator:
             "objectives": list(self.engine.objectives),
             "n_objectives": self.engine.layout.n,
             "methods": list(self.methods),
-            "defaults": {"method": d.method, "gamma": d.gamma, "alpha": d.alpha, "beta": self.engine.layout.beta,
-                         "max_tokens": d.max_new_tokens, "do_sample": d.do_sample},
-            "limits": {"max_tokens": d.max_tokens_limit, "max_context": self.engine.max_context,
-                       "max_prompts_per_grid": self.limits.max_prompts_per_grid,
-                       "max_grid_points": self.limits.max_grid_points},
+            "defaults": {
+                "method": d.method,
+                "gamma": d.gamma,
+                "alpha": d.alpha,
+                "beta": self.engine.layout.beta,
+                "max_tokens": d.max_new_tokens,
+                "do_sample": d.do_sample,
+            },
+            "limits": {
+                "max_tokens": d.max_tokens_limit,
+                "max_context": self.engine.max_context,
+                "max_prompts_per_grid": self.limits.max_prompts_per_grid,
+                "max_grid_points": self.limits.max_grid_points,
+            },
             "model": self.name,
         }
 
     def stats(self) -> dict[str, Any]:
         """Counters (requests, completed, cancelled, errors, tokens, batches, steps) and queue state."""
         running = self._running or []
-        return {**self.counters, "queued": len(self._interactive) + len(self._bulk),
-                "active": sum(not t.finished for t in running)}
+        return {
+            **self.counters,
+            "queued": len(self._interactive) + len(self._bulk),
+            "active": sum(not t.finished for t in running),
+        }
 
     def health(self) -> tuple[bool, str]:
         """(ok, reason): the engine is loaded, the scheduler alive, and a running batch is not stuck."""
@@ -252,9 +271,12 @@ class Generator:
         text = format_prompt(self._tok, req.prompt, self.engine.use_chat_template)
         n = len(self._tok(text, add_special_tokens=not templated)["input_ids"])
         if n + max_new > self.engine.max_context:
-            raise ApiError(400, f"{field_name} ({n} tokens) + max_tokens ({max_new}) exceeds the model context of "
-                                f"{self.engine.max_context} tokens: shorten the prompt or lower max_tokens",
-                           field_name)
+            raise ApiError(
+                400,
+                f"{field_name} ({n} tokens) + max_tokens ({max_new}) exceeds the model context of "
+                f"{self.engine.max_context} tokens: shorten the prompt or lower max_tokens",
+                field_name,
+            )
 
     async def check(self, req: Request, field_name: str = "prompt") -> None:
         """Raise ApiError 400 if the method cannot run on this bundle or the prompt does not fit the context."""
@@ -407,14 +429,20 @@ class Generator:
         try:
             objs = self._load_objectives()
         except Exception as e:  # noqa: BLE001  (unknown objective, reward model not available offline)
-            raise ApiError(400, f"score: the bundle's objectives cannot be loaded here: {e}", "score") from None
+            raise ApiError(
+                400, f"score: the bundle's objectives cannot be loaded here: {e}", "score"
+            ) from None
         return score(objs, prompts, texts)
 
     async def score(self, prompts: list[str], texts: list[str]) -> np.ndarray:
         """(N, n) scores of the bundle's objectives (loaded on first use)."""
-        return await asyncio.get_running_loop().run_in_executor(self._aux_thread, self._score_sync, prompts, texts)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._aux_thread, self._score_sync, prompts, texts
+        )
 
-    async def grid(self, points: np.ndarray, prompts: list[Any], reqs: list[Request], score: bool = False) -> dict:
+    async def grid(
+        self, points: np.ndarray, prompts: list[Any], reqs: list[Request], score: bool = False
+    ) -> dict:
         """Decode ``reqs`` (point-major: request p * len(prompts) + i) and summarise per preference point.
 
         With ``score`` each text is scored by the bundle's objectives; per point the mean reward over the prompts
@@ -431,17 +459,24 @@ class Generator:
             ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
             scores = np.full((len(comps), self.engine.layout.n), np.nan)  # (P * m, n)
             if ok:
-                scores[ok] = await self.score([prompt_text(prompts[k % m]) for k in ok], [comps[k].text for k in ok])
+                scores[ok] = await self.score(
+                    [prompt_text(prompts[k % m]) for k in ok], [comps[k].text for k in ok]
+                )
         out_points, means = [], []
         for p in range(P):
-            cs = comps[p * m:(p + 1) * m]
-            entry = {"preference": [float(x) for x in points[p]], "texts": [c.text for c in cs],
-                     "finish_reasons": [c.finish_reason for c in cs],
-                     "errors": [c.error for c in cs] if any(c.error for c in cs) else None}
+            cs = comps[p * m : (p + 1) * m]
+            entry = {
+                "preference": [float(x) for x in points[p]],
+                "texts": [c.text for c in cs],
+                "finish_reasons": [c.finish_reason for c in cs],
+                "errors": [c.error for c in cs] if any(c.error for c in cs) else None,
+            }
             if scores is not None:
-                block = scores[p * m:(p + 1) * m]
-                mean = [float(np.nanmean(block[:, j])) if np.isfinite(block[:, j]).any() else None
-                        for j in range(block.shape[1])]
+                block = scores[p * m : (p + 1) * m]
+                mean = [
+                    float(np.nanmean(block[:, j])) if np.isfinite(block[:, j]).any() else None
+                    for j in range(block.shape[1])
+                ]
                 entry["mean_rewards"] = mean
                 means.append(mean)
             out_points.append(entry)
@@ -456,9 +491,14 @@ class Generator:
                     front[int(idx)] = bool(f)
         d = self.engine.defaults
         tokens = sum(c.usage.completion_tokens for c in comps)
-        return {"objectives": list(self.engine.objectives), "method": reqs[0].method or d.method,
-                "n_prompts": m, "points": out_points, "front": front,
-                "usage": {"completion_tokens": tokens, "requests": len(comps)}}
+        return {
+            "objectives": list(self.engine.objectives),
+            "method": reqs[0].method or d.method,
+            "n_prompts": m,
+            "points": out_points,
+            "front": front,
+            "usage": {"completion_tokens": tokens, "requests": len(comps)},
+        }
 
     # ----- shutdown -----
 
@@ -499,9 +539,15 @@ class BatchDecoder:
     cluster and starve the read tasks).
     """
 
-    def __init__(self, bundle_path: str, decode: DecodeConfig | dict | None = None,
-                 methods: Sequence[str] | None = None, device: str = "cpu",
-                 objectives: Sequence[str] | None = None, reward_device: str = "cpu"):
+    def __init__(
+        self,
+        bundle_path: str,
+        decode: DecodeConfig | dict | None = None,
+        methods: Sequence[str] | None = None,
+        device: str = "cpu",
+        objectives: Sequence[str] | None = None,
+        reward_device: str = "cpu",
+    ):
         bundle = load_bundle(bundle_path)
         dcfg = DecodeConfig(**decode) if isinstance(decode, dict) else decode
         self.engine = Engine(parts_from_bundle(bundle, device=device, methods=methods), dcfg, device)
@@ -519,7 +565,9 @@ class BatchDecoder:
         comps = self.engine.generate(
             [Request(prompt=p, preference=mu, method=m) for p, mu, m in zip(prompts, prefs, methods)]
         )
-        pref_col = np.empty(len(prefs), dtype=object)  # a list column in Parquet (not a tensor extension type)
+        pref_col = np.empty(
+            len(prefs), dtype=object
+        )  # a list column in Parquet (not a tensor extension type)
         for k, mu in enumerate(prefs):
             pref_col[k] = mu
         out = {

@@ -68,7 +68,9 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 class ApiError(ValueError):
     """A request the API refuses: HTTP ``status``, a message, and the request ``field`` at fault (or None)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, type: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, field: str | None = None, type: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.status, self.message, self.field, self.type = status, message, field, type
 
@@ -267,8 +269,11 @@ def _stops(stop: str | list[str] | None, limits: Limits, name: str) -> list[str]
 
 def _max_tokens(v: int | None, limits: Limits, name: str) -> int | None:
     if v is not None and v > limits.max_tokens_limit:
-        raise ApiError(400, f"{name} = {v} exceeds the server limit decode.max_tokens_limit = "
-                            f"{limits.max_tokens_limit}", name)
+        raise ApiError(
+            400,
+            f"{name} = {v} exceeds the server limit decode.max_tokens_limit = {limits.max_tokens_limit}",
+            name,
+        )
     return v
 
 
@@ -367,23 +372,38 @@ def grid_points(body: GridBody, limits: Limits) -> np.ndarray:
     if isinstance(body.preferences, GridSpec):
         spec = body.preferences
         if spec.n_objectives != n:
-            raise ApiError(400, f"preferences.n_objectives = {spec.n_objectives} but the bundle has {n} "
-                                f"objectives {list(limits.objectives)}", "preferences.n_objectives")
+            raise ApiError(
+                400,
+                f"preferences.n_objectives = {spec.n_objectives} but the bundle has {n} "
+                f"objectives {list(limits.objectives)}",
+                "preferences.n_objectives",
+            )
         m = round(1.0 / spec.step)
         if abs(m * spec.step - 1.0) > 1e-9:
-            raise ApiError(400, f"preferences.step = {spec.step} must divide 1 (1/step an integer)",
-                           "preferences.step")
+            raise ApiError(
+                400, f"preferences.step = {spec.step} must divide 1 (1/step an integer)", "preferences.step"
+            )
         count = math.comb(m + n - 1, n - 1)
         if count > limits.max_grid_points:
-            raise ApiError(400, f"preferences: step {spec.step} gives {count} points, more than "
-                                f"serve.max_grid_points = {limits.max_grid_points}", "preferences.step")
+            raise ApiError(
+                400,
+                f"preferences: step {spec.step} gives {count} points, more than "
+                f"serve.max_grid_points = {limits.max_grid_points}",
+                "preferences.step",
+            )
         return preference_grid(n, spec.step)
     if not body.preferences:
         raise ApiError(400, "preferences is empty", "preferences")
     if len(body.preferences) > limits.max_grid_points:
-        raise ApiError(400, f"preferences has {len(body.preferences)} points, more than serve.max_grid_points "
-                            f"= {limits.max_grid_points}", "preferences")
-    rows = [check_preference(p, limits, None, name=f"preferences[{i}]") for i, p in enumerate(body.preferences)]
+        raise ApiError(
+            400,
+            f"preferences has {len(body.preferences)} points, more than serve.max_grid_points "
+            f"= {limits.max_grid_points}",
+            "preferences",
+        )
+    rows = [
+        check_preference(p, limits, None, name=f"preferences[{i}]") for i, p in enumerate(body.preferences)
+    ]
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -392,8 +412,12 @@ def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any]
     if not body.prompts:
         raise ApiError(400, "prompts is empty", "prompts")
     if len(body.prompts) > limits.max_prompts_per_grid:
-        raise ApiError(400, f"prompts has {len(body.prompts)} entries, more than serve.max_prompts_per_grid = "
-                            f"{limits.max_prompts_per_grid}", "prompts")
+        raise ApiError(
+            400,
+            f"prompts has {len(body.prompts)} entries, more than serve.max_prompts_per_grid = "
+            f"{limits.max_prompts_per_grid}",
+            "prompts",
+        )
     prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(body.prompts)]
     points = grid_points(body, limits)
     method = _method(body.method, limits, "method")
@@ -401,9 +425,20 @@ def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any]
     stops = _stops(body.stop, limits, "stop")
     do_sample = body.do_sample if body.do_sample is not None else (True if body.temperature else None)
     reqs = [
-        Request(prompt=p, preference=[float(x) for x in mu], method=method, gamma=body.gamma, alpha=body.alpha,
-                max_new_tokens=max_tokens, do_sample=do_sample, temperature=body.temperature, top_k=body.top_k,
-                top_p=body.top_p, stop=stops, seed=body.seed)
+        Request(
+            prompt=p,
+            preference=[float(x) for x in mu],
+            method=method,
+            gamma=body.gamma,
+            alpha=body.alpha,
+            max_new_tokens=max_tokens,
+            do_sample=do_sample,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            stop=stops,
+            seed=body.seed,
+        )
         for mu in points
         for p in prompts
     ]
@@ -441,17 +476,38 @@ def new_id(prefix: str) -> str:
 
 def chat_response(rid: str, model: str, c: Completion, extra: dict) -> dict[str, Any]:
     return {
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": finish_reason(c.finish_reason), "logprobs": None}],
-        "usage": usage(c), "mage": extra,
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": finish_reason(c.finish_reason),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(c),
+        "mage": extra,
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, reason: str | None = None, c: Completion | None = None,
-               extra: dict | None = None) -> dict[str, Any]:
-    out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}]}
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict,
+    reason: str | None = None,
+    c: Completion | None = None,
+    extra: dict | None = None,
+) -> dict[str, Any]:
+    out = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}],
+    }
     if c is not None:
         out["usage"] = usage(c)
     if extra is not None:
@@ -465,17 +521,29 @@ def completion_response(rid: str, model: str, comps: list[Completion], extra: di
         for k, v in usage(c).items():
             tot[k] += v
     return {
-        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": c.text, "finish_reason": finish_reason(c.finish_reason), "logprobs": None}
-                    for i, c in enumerate(comps)],
-        "usage": tot, "mage": extra,
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": c.text, "finish_reason": finish_reason(c.finish_reason), "logprobs": None}
+            for i, c in enumerate(comps)
+        ],
+        "usage": tot,
+        "mage": extra,
     }
 
 
-def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None = None,
-                     c: Completion | None = None) -> dict[str, Any]:
-    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-           "choices": [{"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}]}
+def completion_chunk(
+    rid: str, model: str, index: int, text: str, reason: str | None = None, c: Completion | None = None
+) -> dict[str, Any]:
+    out = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}],
+    }
     if c is not None:
         out["usage"] = usage(c)
     return out

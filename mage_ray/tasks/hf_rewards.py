@@ -74,7 +74,9 @@ PAPER_REWARD_MODELS: dict[str, RewardModelSpec] = {
 def parse_hf_name(name: str) -> RewardModelSpec:
     """``hf:<hub id or local path>[@<logit index>]`` -> a spec with the generic ``pair`` input format."""
     if not name.startswith("hf:") or not name[3:].strip():
-        raise RewardModelError(f"objective {name!r} is not of the form 'hf:<hub id or local path>[@<logit index>]'")
+        raise RewardModelError(
+            f"objective {name!r} is not of the form 'hf:<hub id or local path>[@<logit index>]'"
+        )
     body, index = name[3:].strip(), 0
     if "@" in body and not Path(body).expanduser().exists():
         body, raw = body.rsplit("@", 1)
@@ -156,7 +158,9 @@ def _load(model: str, device: str, cache_dir: str | Path | None):
         else:
             tok.pad_token = tok.eos_token or tok.unk_token
     if tok.pad_token is None:
-        raise RewardModelError(f"reward model {model!r}: its tokenizer has no pad, eos or unk token to pad with")
+        raise RewardModelError(
+            f"reward model {model!r}: its tokenizer has no pad, eos or unk token to pad with"
+        )
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tok.pad_token_id
     limits = [tok.model_max_length, 1024]
@@ -193,7 +197,9 @@ def score_reward_model(
     out = np.empty(len(prompts), dtype=np.float64)
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            enc = build_inputs(spec, tok, prompts[i : i + batch_size], responses[i : i + batch_size], max_length)
+            enc = build_inputs(
+                spec, tok, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
+            )
             logits = net(**enc.to(device)).logits  # (B, num_labels)
             out[i : i + batch_size] = logits[:, spec.logit_index].float().cpu().numpy()
     return out

@@ -79,7 +79,9 @@ class Objective:
 class FunctionObjective(Objective):
     """An objective from a plain function ``fn(prompts, responses) -> (N,)`` (module-level to pickle)."""
 
-    def __init__(self, name: str, fn: Callable, description: str = "", bounds: tuple[float, float] | None = None):
+    def __init__(
+        self, name: str, fn: Callable, description: str = "", bounds: tuple[float, float] | None = None
+    ):
         self.name, self.fn, self.description, self.bounds = name, fn, description, bounds
 
     def score_batch(self, prompts, responses):
@@ -102,10 +104,12 @@ def _checked(obj: Objective, prompts: list[str], responses: list[str], offset: i
         raise ObjectiveError(f"objective '{obj.name}': {e}") from None
     except Exception as e:  # noqa: BLE001 - report which sample makes it fail
         i = _first_raising(obj, prompts, responses)
-        where = _sample(prompts, responses, i, offset) if i is not None else (
-            f"the batch of samples {offset}..{offset + len(prompts) - 1} (no single sample fails alone); first "
-            + _sample(prompts, responses, 0, offset)
-        )
+        if i is not None:
+            where = _sample(prompts, responses, i, offset)
+        else:
+            last = offset + len(prompts) - 1
+            first = _sample(prompts, responses, 0, offset)
+            where = f"the batch {offset}..{last} (no sample fails alone); its first is {first}"
         raise ObjectiveError(f"objective '{obj.name}' raised {type(e).__name__}: {e} on {where}") from e
     if values.shape != (len(prompts),):
         raise ObjectiveError(
@@ -116,7 +120,8 @@ def _checked(obj: Objective, prompts: list[str], responses: list[str], offset: i
     if bad.size:
         i = int(bad[0])
         raise ObjectiveError(
-            f"objective '{obj.name}' returned a non-finite value {values[i]} on {_sample(prompts, responses, i, offset)}"
+            f"objective '{obj.name}' returned a non-finite value {values[i]} on "
+            + _sample(prompts, responses, i, offset)
         )
     return values
 
@@ -142,7 +147,9 @@ def score(
     out = np.zeros((len(prompts), len(objectives)), dtype=np.float64)  # (N, n)
     for j, obj in enumerate(objectives):
         for s in range(0, len(prompts), batch_size):
-            out[s : s + batch_size, j] = _checked(obj, prompts[s : s + batch_size], responses[s : s + batch_size], s)
+            out[s : s + batch_size, j] = _checked(
+                obj, prompts[s : s + batch_size], responses[s : s + batch_size], s
+            )
     return out
 
 
@@ -241,7 +248,9 @@ def conciseness_score(text: str, half_words: float = CONCISE_HALF_WORDS) -> floa
 
 class Conciseness(Objective):
     name = "conciseness"
-    description = f"2^(-words/{CONCISE_HALF_WORDS:g}) of the response: 1 when empty, 0.5 at 25 words, in (0, 1]"
+    description = (
+        f"2^(-words/{CONCISE_HALF_WORDS:g}) of the response: 1 when empty, 0.5 at 25 words, in (0, 1]"
+    )
     bounds = (0.0, 1.0)
 
     def __init__(self, device: str = "cpu"):
@@ -360,7 +369,9 @@ def get_objective(name: str, *, device: str = "cpu", cache_dir: str | Path | Non
     obj = _REGISTRY[name](device=device, cache_dir=cache_dir)
     if not isinstance(obj, Objective):
         if not callable(obj):
-            raise ObjectiveError(f"objective {name!r}: its factory returned {type(obj).__name__}, not an Objective")
+            raise ObjectiveError(
+                f"objective {name!r}: its factory returned {type(obj).__name__}, not an Objective"
+            )
         obj = FunctionObjective(name, obj)  # a factory may return a plain fn(prompts, responses)
     if isinstance(obj, HFRewardObjective):
         obj.load()

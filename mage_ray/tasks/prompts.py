@@ -23,9 +23,9 @@ Every loader returns plain strings (the raw user request); chat formatting happe
 ``test*`` are its splits. Splits are deterministic: a source with train, validation and test splits is used
 as is; one with train and a single held-out split (hh-rlhf: train/test, summarize_from_feedback:
 train/validation) splits the held-out one 1/3 validation, 2/3 test by a stable hash of the prompt text
-(:func:`split_of`); any other source is pooled and split 70/10/20 by the same hash. Prompts are de-duplicated (first occurrence kept)
-and capped at ``n_train`` / ``n_val`` / ``n_test``. Prompts are not truncated here: ``max_prompt_tokens``
-is applied by the decode side, which owns the tokenizer.
+(:func:`split_of`); any other source is pooled and split 70/10/20 by the same hash. Prompts are
+de-duplicated (first occurrence kept) and capped at ``n_train`` / ``n_val`` / ``n_test``. Prompts are not
+truncated here: ``max_prompt_tokens`` is applied by the decode side, which owns the tokenizer.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def load_sft_pairs(task: TaskConfig, split: str = "train") -> list[tuple[str, st
 
 
 def split_of(prompt: str, held_out_only: bool = False) -> str:
-    """Deterministic split of a prompt: 70/10/20 by a SHA-256 bucket; 1/3 : 2/3 validation/test if held out."""
+    """Deterministic split of a prompt: 70/10/20 by a SHA-256 bucket (1/3 : 2/3 val/test if held out)."""
     bucket = int(hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:8], 16) % 100
     if held_out_only:
         return "validation" if bucket < 33 else "test"
@@ -239,7 +239,9 @@ def _split_rows(task: TaskConfig, split: str, extract) -> Iterator[tuple[str, di
         if held_out is None or split_of(prompt, held_out_only=held_out) == split:
             yield prompt, row
     if n_rows and not n_prompts:
-        raise TaskDataError(f"{where}: no usable rows for task '{task.name}' (expected {_REQUIRED[task.name]})")
+        raise TaskDataError(
+            f"{where}: no usable rows for task '{task.name}' (expected {_REQUIRED[task.name]})"
+        )
 
 
 def _plan(pools: dict[str, Callable[[], Iterator[dict]]], split: str):
@@ -266,7 +268,9 @@ def _sources(task: TaskConfig) -> dict[str, Callable[[], Iterator[dict[str, Any]
         if task.name == "embedded":
             return {"all": lambda: iter(_embedded_rows())}
         if task.name == "parquet":
-            raise TaskDataError("task.data_path is required for task 'parquet': a .parquet/.jsonl/.json file or dir")
+            raise TaskDataError(
+                "task.data_path is required for task 'parquet': a .parquet/.jsonl/.json file or dir"
+            )
         return _hub_sources(task, DEFAULT_DATA[task.name])
     raw = str(task.data_path)
     path = Path(raw).expanduser()
@@ -289,7 +293,9 @@ def _local_sources(task: TaskConfig, path: Path) -> dict[str, Callable[[], Itera
     where = f"task.data_path = {task.data_path!r}"
     if path.is_file():
         if path.suffix.lower() not in FILE_TYPES:
-            raise TaskDataError(f"{where}: unsupported file type {path.suffix!r}; expected one of {list(FILE_TYPES)}")
+            raise TaskDataError(
+                f"{where}: unsupported file type {path.suffix!r}; expected one of {list(FILE_TYPES)}"
+            )
         return {"all": lambda: iter(_read_file(path, where))}
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
     if not files:

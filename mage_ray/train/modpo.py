@@ -111,8 +111,8 @@ def pivot_of(w: Sequence[float], pivot: int | None = None) -> int:
         raise ValueError(f"pivot = {pivot} must index one of the {len(w)} objectives")
     if w[pivot] <= 0:
         raise ValueError(
-            f"pivot = {pivot} has weight w[{pivot}] = {w[pivot]:g}; MODPO needs w_pivot > 0 (it divides by it): "
-            "use pivot=None (largest weight) or skip this preference"
+            f"pivot = {pivot} has weight w[{pivot}] = {w[pivot]:g}; MODPO needs w_pivot > 0 (it divides by "
+            "it): use pivot=None (largest weight) or skip this preference"
         )
     return int(pivot)
 
@@ -233,7 +233,7 @@ def train_modpo(
     )
     if ctx.rank != 0:
         return None
-    name = out_dir.rstrip("/").rsplit("/", 1)[-1]
+    name = "mu_" + "-".join(_fmt(float(x)) for x in w)  # the directory name of modpo_dir
     manifest = {
         **common_manifest(cfg, kind="modpo", name=name, steps=s.steps, history=history, t0=t0, ctx=ctx),
         "preference": w.tolist(),
@@ -254,7 +254,8 @@ def train_modpo(
     save_policy_artifact(model, out_dir, manifest, history)
     if not ctx.quiet:
         print(
-            f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps -> {out_dir}"
+            f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps "
+            f"-> {out_dir}"
         )
     return manifest
 

@@ -7,13 +7,20 @@ such runs side by side (one trial per backbone). If one run's placement group ca
 cluster, Ray waits for it indefinitely; on a fixed-size cluster that looks like a hang. On an autoscaling
 cluster the wait is right: the autoscaler adds nodes for the pending bundles.
 
-:func:`check_resources` reads the live cluster (``ray.nodes()``) and
+:func:`check_resources` reads the live cluster (``ray.nodes()``) and returns how many runs to start at
+once (Tune's ``max_concurrent_trials``):
 
-* raises :class:`InsufficientResourcesError` when not even one run fits (fixed-size cluster), e.g.
+* fixed-size cluster: raises :class:`InsufficientResourcesError` when not even one run fits, e.g.
   ``needs 2 GPU bundles of {GPU: 1, CPU: 1}; the cluster has 1 GPU in total; add GPU nodes or lower
-  backbone.num_workers``;
-* logs a warning and returns how many runs fit at once when only some of ``concurrent_runs`` fit (Tune
-  queues the rest), or when ``allow_autoscale`` is set and the autoscaler has to add nodes first.
+  backbone.num_workers``; when only some of ``concurrent_runs`` fit, logs that the rest will queue and
+  returns how many fit;
+* autoscaling cluster (``allow_autoscale``): logs what the cluster lacks now (the visible reason for the
+  wait) and returns ``concurrent_runs``: every run's placement group is requested, and the pending ones
+  are what the autoscaler adds nodes for.
+
+``allow_autoscale`` defaults to the environment variable ``MAGE_RAY_ALLOW_AUTOSCALE`` (``1`` / ``true``),
+which the shipped autoscaling cluster configs (cluster/gpu-cluster.yaml, cluster/kuberay/) set on every
+node, so the training code needs no flag of its own.
 
 The count is exact for identical bundles: a node with free resources ``R`` holds
 ``min_k floor(R[k] / b[k])`` bundles ``b``, and PACK / SPREAD placement groups may use any nodes, so the
@@ -25,9 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
+
+ALLOW_AUTOSCALE_ENV = "MAGE_RAY_ALLOW_AUTOSCALE"
+"""Set to 1 on autoscaling clusters: missing resources are waited for (the autoscaler adds nodes)."""
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -156,13 +167,13 @@ def check_resources(
     use_gpu: bool,
     *,
     concurrent_runs: int = 1,
-    allow_autoscale: bool = False,
+    allow_autoscale: bool | None = None,
     placement_strategy: str = "PACK",
     driver_resources: Mapping[str, float] | None = None,
     field_prefix: str = "backbone",
     nodes: Sequence[Mapping[str, float]] | None = None,
 ) -> int:
-    """Check that the cluster can place the training workers; return how many runs fit at once.
+    """Check that the cluster can place the training workers; return how many runs to start at once.
 
     Args:
         num_workers: Ray Train workers per run (``backbone.num_workers``).
@@ -170,15 +181,15 @@ def check_resources(
         use_gpu: ``backbone.use_gpu``.
         concurrent_runs: runs Tune would like to run side by side (n backbones -> n).
         allow_autoscale: the cluster has an autoscaler; log the shortfall and let Ray wait for new nodes
-            instead of raising.
+            instead of raising. None: the ``MAGE_RAY_ALLOW_AUTOSCALE`` environment variable (default off).
         placement_strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD.
         driver_resources: resources each run needs besides its workers (e.g. a Tune trial's ``{CPU: 1}``).
         field_prefix: config section named in messages (``backbone`` or ``value``).
         nodes: per-node total resources; default: the connected cluster (:func:`cluster_nodes`).
 
     Returns:
-        The number of runs that fit at once (``min(concurrent_runs, capacity)``); 0 only with
-        ``allow_autoscale``.
+        ``min(concurrent_runs, runs that fit now)`` on a fixed-size cluster (>= 1), ``concurrent_runs``
+        with ``allow_autoscale``.
 
     Raises:
         InsufficientResourcesError: not even one run fits and ``allow_autoscale`` is False.
@@ -190,12 +201,33 @@ def check_resources(
         raise ValueError(f"concurrent_runs = {concurrent_runs!r} is invalid: expected an integer >= 1")
     bundle = worker_bundle(resources_per_worker, use_gpu)
     driver = {k: float(v) for k, v in (driver_resources or {}).items() if v}
+    if allow_autoscale is None:
+        allow_autoscale = os.environ.get(ALLOW_AUTOSCALE_ENV, "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
     nodes = cluster_nodes() if nodes is None else [dict(n) for n in nodes]
     fit = runs_that_fit(nodes, bundle, num_workers, placement_strategy, driver or None)
     if fit >= concurrent_runs:
         return concurrent_runs
 
     need = _fmt({k: bundle.get(k, 0.0) * num_workers + driver.get(k, 0.0) for k in {**driver, **bundle}})
+    if allow_autoscale:
+        logger.warning(
+            "%d of %d %s runs (each %s) fit on the cluster now; requesting all %d and waiting for the "
+            "autoscaler to add nodes%s",
+            fit,
+            concurrent_runs,
+            field_prefix,
+            need,
+            concurrent_runs,
+            ""
+            if fit
+            else f" ({_shortfall(nodes, bundle, num_workers, placement_strategy, driver, field_prefix)})",
+        )
+        return concurrent_runs
     if fit >= 1:
         logger.warning(
             "only %d of %d concurrent runs fit on the cluster (each needs %s); the others will queue",
@@ -204,12 +236,9 @@ def check_resources(
             need,
         )
         return fit
-
-    reason = _shortfall(nodes, bundle, num_workers, placement_strategy, driver, field_prefix)
-    if allow_autoscale:
-        logger.warning("%s; waiting for the autoscaler to add nodes", reason)
-        return 0
-    raise InsufficientResourcesError(reason)
+    raise InsufficientResourcesError(
+        _shortfall(nodes, bundle, num_workers, placement_strategy, driver, field_prefix)
+    )
 
 
 def _shortfall(

@@ -1,4 +1,4 @@
-"""Shared pieces of the offline baselines RiC, MODPO and WRPO: data from scored rollouts, batching, a LoRA loop.
+"""Shared pieces of the offline baselines RiC, MODPO and WRPO: data from scored rollouts, batching, a loop.
 
 All three train a LoRA on the base policy from *scored responses* (the rollout Parquet of
 :mod:`mage_ray.train.rollouts`: columns prompt, response, prompt_ids, response_ids and one float column per
@@ -24,6 +24,7 @@ objective). This module holds what they share:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -316,7 +317,7 @@ class TrainContext:
 
 
 def build_lora_policy(cfg: Config, device: Any = "cpu"):
-    """Base policy + a fresh LoRA (``cfg.lora``, the backbones' shape), in train mode: (PeftModel, tokenizer)."""
+    """Base policy + a fresh LoRA (``cfg.lora``, as the backbones) in train mode: (PeftModel, tokenizer)."""
     from peft import LoraConfig, get_peft_model
 
     from mage_ray.models import load_policy
@@ -346,9 +347,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def batch_indices(
     step: int, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
 ) -> list[int]:
-    """Example indices of optimizer step ``step`` for ``rank``: global example counter g = step * batch_size + k
-    walks a fresh permutation of the n examples per epoch (seeded by (seed, epoch)); each rank takes its
-    contiguous ``ceil(batch_size / world_size)`` slice of the global batch."""
+    """Example indices of optimizer step ``step`` for ``rank``: the global example counter
+    g = step * batch_size + k walks a fresh permutation of the n examples per epoch (seeded by (seed,
+    epoch)); each rank takes its contiguous ``ceil(batch_size / world_size)`` slice of the global batch."""
     if n < 1:
         raise ValueError("no training examples")
     per_rank = max(1, math.ceil(batch_size / world_size))
@@ -404,7 +405,7 @@ def fit_steps(
                 return {
                     "step": step,
                     "trainable": trainable_state(model),
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),  # a copy: the live state mutates
                     "extra": snapshot_extra() if snapshot_extra is not None else {},
                 }
 
@@ -417,7 +418,8 @@ def fit_steps(
 def make_optimizer(
     model: torch.nn.Module, learning_rate: float, resume: dict | None
 ) -> torch.optim.Optimizer:
-    """AdamW on the trainable (LoRA) tensors; restores the trainable tensors + optimizer state of ``resume``."""
+    """AdamW on the trainable (LoRA) tensors; restores the trainable tensors and optimizer state of
+    ``resume``."""
     if resume is not None:
         model.load_state_dict(resume["trainable"], strict=False)
     opt = torch.optim.AdamW(
@@ -439,7 +441,8 @@ def _jsonable(x: Any) -> Any:
 def save_policy_artifact(
     peft_model, out_dir: str, manifest: dict[str, Any], history: Sequence[dict[str, float]]
 ) -> str:
-    """Write ``adapter/`` + ``manifest.json`` + ``metrics.jsonl`` to a temp dir and publish it to ``out_dir``."""
+    """Write ``adapter/`` + ``manifest.json`` + ``metrics.jsonl`` to a temp dir, then publish it to
+    ``out_dir``."""
     with tempfile.TemporaryDirectory(prefix=".policy-") as tmp:
         peft_model.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
         Path(tmp, "metrics.jsonl").write_text(
@@ -537,7 +540,7 @@ def lora_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if (final / MANIFEST_NAME).is_file():
                 report_final(final, {"finished": 1.0, "step": float(max_steps)})
                 return read_json(final / MANIFEST_NAME)
-            resume = torch.load(work / "restored" / STATE_FILE, weights_only=False)
+            resume = torch.load(work / "restored" / STATE_FILE, weights_only=True)
 
         def on_step(step: int, m: dict[str, float], snapshot: Callable[[], dict]) -> None:
             if step == max_steps:  # the final report carries the artifact

@@ -206,6 +206,8 @@ class ReportToRayCallback(TrainerCallback):
         self.key = key
         self._pending: dict[str, float] | None = None
         self._t = time.time()
+        self.report_seconds = 0.0
+        """Time this worker spent in ``ray.train.report`` (+ checkpoint copy): Ray's share of the loop."""
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._t = time.time()
@@ -225,19 +227,23 @@ class ReportToRayCallback(TrainerCallback):
         if control.should_save:
             self._pending = metrics
         else:
+            t = time.perf_counter()
             ray.train.report(metrics)
+            self.report_seconds += time.perf_counter() - t
 
     def on_save(self, args, state, control, **kwargs):
         import ray.train
 
         metrics, self._pending = (self._pending or {"step": state.global_step}), None
         src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        t = time.perf_counter()
         if ray.train.get_context().get_world_rank() == 0 and src.is_dir():
             with tempfile.TemporaryDirectory(prefix="mage-ckpt-") as tmp:
                 shutil.copytree(src, Path(tmp) / HF_CHECKPOINT)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
+        self.report_seconds += time.perf_counter() - t
 
 
 class FailOnceCallback(TrainerCallback):
@@ -406,8 +412,8 @@ def run_concurrent(
 def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train per-worker loop: :func:`train_backbone` with step reports, checkpoints and resume.
 
-    ``config`` keys: cfg (Config), w, name, steps, out_name, and optionally objectives, prompts,
-    extra_manifest, fault_injection ({step, marker}). Resumes from ``ray.train.get_checkpoint()``
+    ``config`` keys: cfg (Config), w, name, steps, and optionally objectives, prompts, extra_manifest,
+    fault_injection ({step, marker[, delay_s]}, see :class:`FailOnceCallback`). Resumes from ``ray.train.get_checkpoint()``
     (adapter + optimizer + scheduler + step) after a worker failure; an objective failure is reported as
     ``{"failed": 1, "error": ...}`` (not raised: retrying a deterministic error is pointless).
     """
@@ -423,7 +429,8 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])}
             )
             return read_json(final / MANIFEST_NAME)
-        callbacks: list[TrainerCallback] = [ReportToRayCallback(config["steps"])]
+        reporter = ReportToRayCallback(config["steps"])
+        callbacks: list[TrainerCallback] = [reporter]
         if config.get("fault_injection"):
             callbacks.append(FailOnceCallback(**config["fault_injection"]))
         out = work / "out"
@@ -444,7 +451,8 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         except ObjectiveFailure as e:
             ray.train.report({"failed": 1.0, "error": str(e).split("; last checkpoint:")[0]})
             return None
-        report_final(out, {"complete": 1.0, "step": float(manifest["steps_done"])})
+        final_metrics = {"complete": 1.0, "step": float(manifest["steps_done"])}
+        report_final(out, {**final_metrics, "ray_report_s": reporter.report_seconds})
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -524,6 +532,7 @@ def train_backbone_ray(
         final = Path(tmp) / FINAL
         manifest = read_json(final / MANIFEST_NAME)
         manifest["ray_train_run"] = result.path
+        manifest["ray_report_s"] = m.get("ray_report_s")  # rank 0's time in ray.train.report, this attempt
         (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         publish_dir(final, out_dir)
     return manifest

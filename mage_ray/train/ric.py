@@ -138,7 +138,7 @@ def preference_to_targets(
 def ric_prompt_for_preference(
     prompt: str | list[dict], mu: Sequence[float], manifest: Mapping[str, Any] | None
 ):
-    """What the decode engine sends for method ``ric``: the prompt tagged with mapping(mu) (training format)."""
+    """The prompt the decode engine sends for method ``ric``: tagged with mapping(mu) as in training."""
     if not manifest:
         raise ValueError(
             "method 'ric' needs the RiC adapter's manifest (bundle 'ric' entry) for its score ranges"
@@ -262,10 +262,13 @@ def train_ric(
     """Train the RiC policy (a LoRA on the base) on score-tagged rollouts and write it to ``out_dir``.
 
     Args:
-        rollouts_path: scored rollouts of the base policy (default ``<run_dir>/rollouts``, generated if missing).
-        steps: optimizer steps *per round*; batch_size: examples per step (defaults: :class:`OfflineSettings`).
+        rollouts_path: scored rollouts of the base policy (default ``<run_dir>/rollouts``, generated when
+            missing).
+        steps: optimizer steps *per round*; batch_size: examples per step (defaults:
+            :class:`OfflineSettings`).
         rounds: 1 = offline SFT only; each further round is an online round (module docstring).
-        quantile / select: the online rounds' filter. mapping: preference-to-target mapping stored for decoding.
+        quantile / select: the online rounds' filter.
+        mapping: the preference-to-target mapping stored for decoding.
         objectives: objective (column) names (default ``task.objectives``); online_objectives: callables to
             score online samples (default ``load_objectives(task)``).
 
@@ -400,8 +403,8 @@ def train_ric(
     save_policy_artifact(model, out_dir, manifest, history)
     if not ctx.quiet:
         print(
-            f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x {s.steps} steps "
-            f"-> {out_dir}"
+            f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x "
+            f"{s.steps} steps -> {out_dir}"
         )
     return manifest
 
@@ -417,7 +420,8 @@ def train_ric_ray(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Train RiC as one Ray Train run (``backbone.num_workers`` workers), published to ``out_dir`` (default
-    ``<run_dir>/ric``); the rollouts are generated first when missing. A complete directory is returned as is."""
+    ``<run_dir>/ric``); the rollouts are generated first when missing. A complete directory is returned as
+    is."""
     from mage_ray.train.ray_train import _storage
 
     out = out_dir or ric_dir(cfg)

@@ -399,12 +399,15 @@ class _ScoreActor:
 
 
 def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
-    import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init()
-    res = dict(cfg.value.resources_per_worker)
+    from mage_ray.runtime import init_ray
+
+    init_ray()  # joins RAY_ADDRESS's cluster (ray job submit) or starts a local one; no-op when connected
+    res = dict(cfg.value.resources_per_worker)  # one sampling actor = one value worker's resources
+    cpus = res.pop("CPU", 1)
+    gpus = res.pop("GPU", 1) if cfg.value.use_gpu else 0
+    res.pop("GPU", None)
     items = [{"prompt_index": i, "prompt": prompts[i], "shard": s} for s, idx in shards.items() for i in idx]
     ds = ray.data.from_items(items)
     ds = ds.map_batches(
@@ -413,8 +416,8 @@ def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
         batch_size=cfg.value.rollout_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.value.num_workers),
-        num_cpus=res.pop("CPU", 1),
-        num_gpus=res.pop("GPU", 1 if cfg.value.use_gpu else 0) if cfg.value.use_gpu else 0,
+        num_cpus=cpus,
+        num_gpus=gpus,
         resources=res or None,
     )
     ds = ds.map_batches(

@@ -17,10 +17,10 @@ Loss (WRPO_DPO, Table 5 of wrpo.txt), with the fusion coefficient alpha:
                       -               beta * log pi_theta(y_l|x)  / pi_ref(y_l|x) )
 
 Progressive adaptation (Sec. 3 of the paper, "dynamic" tuning, Fig. 6): alpha grows linearly from 0 at the
-first optimizer step to alpha_max (``backbone.wrpo_alpha_max``) at the last, alpha_t = alpha_max * t / (T - 1),
-so training starts as plain DPO on the target's own (in-distribution) pairs and shifts weight to the source
-responses as the policy moves toward them. pi_ref is the base policy (the PEFT model with its adapter
-disabled); beta defaults to ``backbone.kl_coef``.
+first optimizer step to alpha_max (``backbone.wrpo_alpha_max``) at the last,
+alpha_t = alpha_max * t / (T - 1), so training starts as plain DPO on the target's own (in-distribution)
+pairs and shifts weight to the source responses as the policy moves toward them. pi_ref is the base
+policy (the PEFT model with its adapter disabled); beta defaults to ``backbone.kl_coef``.
 
 Sources, in order: ``sources`` given by the caller, else every complete non-WRPO backbone under
 ``<run_dir>/backbones/*/`` (e.g. GRPO backbones of other betas, Rewarded-Soups beta = 1 backbones) other than
@@ -87,7 +87,7 @@ __all__ = [
 
 
 def wrpo_alpha(step: int, total_steps: int, alpha_max: float) -> float:
-    """Progressive fusion coefficient: alpha_t = alpha_max * t / (T - 1) for step t in 0..T-1 (0 when T = 1)."""
+    """Progressive fusion coefficient alpha_t = alpha_max * t / (T - 1), step t in 0..T-1 (0 when T = 1)."""
     if total_steps < 1 or not 0 <= step < total_steps:
         raise ValueError(f"step = {step} must lie in [0, total_steps = {total_steps})")
     return float(alpha_max) * step / max(total_steps - 1, 1)
@@ -138,7 +138,8 @@ def _is_adapter_dir(p: Path) -> Path | None:
 
 
 def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
-    """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``) + ``backbone.wrpo_sources``."""
+    """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``), then
+    ``backbone.wrpo_sources``."""
     from mage_ray.train.ray_train import _storage
 
     found: list[str] = []
@@ -327,7 +328,8 @@ def source_tables(
             _sample_remote(cfg, spec, list(prompts), objectives, samples_per_source, path, st)
     for spec, path, _ in todo:
         print(
-            f"[wrpo] source {_source_label(cfg, spec)}: sampled {len(prompts)} x {samples_per_source} -> {path}",
+            f"[wrpo] source {_source_label(cfg, spec)}: sampled {len(prompts)} x {samples_per_source} "
+            f"-> {path}",
             flush=True,
         )
     return out
@@ -353,7 +355,7 @@ def train_wrpo_backbone(
     extra_manifest: dict[str, Any] | None = None,
     ctx: TrainContext | None = None,
 ) -> dict[str, Any] | None:
-    """Train one WRPO backbone on h = w^T r from ``sources`` ({label: scored Parquet}) and the target rollouts.
+    """Train one WRPO backbone on h = w^T r from ``sources`` ({label: scored Parquet}) and target rollouts.
 
     Args:
         w: reward weights (column of B(beta), Eq. 12), on the simplex.
@@ -365,8 +367,8 @@ def train_wrpo_backbone(
         beta: DPO temperature (default ``backbone.kl_coef``).
         objectives: objective (column) names (default ``task.objectives``).
 
-    Returns the manifest on rank 0 (others None). Raises RewardWeightsError for a bad ``w`` and ValueError when
-    there are no sources or no usable triple.
+    Returns the manifest on rank 0 (others None). Raises RewardWeightsError for a bad ``w`` and ValueError
+    when there are no sources or no usable triple.
     """
     from mage_ray.train.backbone import validate_reward_weights
     from mage_ray.train.rollouts import read_rollouts
@@ -461,7 +463,8 @@ def train_wrpo_backbone(
     save_policy_artifact(model, out_dir, manifest, history)
     if not ctx.quiet:
         print(
-            f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps -> {out_dir}"
+            f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps "
+            f"-> {out_dir}"
         )
     return manifest
 
@@ -492,7 +495,8 @@ def train_wrpo_backbones(
 
     ``sources`` (model specs / adapter dirs) default to :func:`discover_sources`. The target rollouts
     (``<run_dir>/rollouts``) and the source responses are produced once, up front. ``objectives``: objective
-    callables for scoring source responses (default ``load_objectives(task)``). Complete backbones are skipped.
+    callables for scoring source responses (default ``load_objectives(task)``). Complete backbones are
+    skipped.
     """
     from mage_ray.soup import backbone_weights
     from mage_ray.train.ray_train import _storage, backbone_dir, prepare_sft_base

@@ -1,0 +1,282 @@
+"""Load benchmark of the Serve app on loopback: concurrent streaming clients, each with its own preference.
+
+    .venv/bin/python bench/bench_serve.py                          # embedded SmolLM2-135M, clients 1,8,32
+    .venv/bin/python bench/bench_serve.py --model tiny-random --clients 1,4 --max-tokens 8   # smoke run
+
+One replica (``serve.num_cpus`` = --replica-cpus, max_batch_size = the largest client count) on a fresh local
+Ray, over ``runs/embedded/bundle`` if it exists, else a bundle of random r=8 adapters (q/k/v/o) and random value
+heads on the chosen model (timing does not depend on the values). Each level runs N clients at once; every
+client streams ``--rounds`` requests of exactly --max-tokens tokens (``ignore_eos``) from ``POST /v1/generate``
+with a preference of its own. Reported per level: TTFT p50 / p99 (request sent -> first token event),
+aggregate tokens/s (all completion tokens / wall time of the level), errors.
+
+The naive alternative runs in the same process afterwards, one request at a time: per preference, materialise
+the merged Bone Soup model (``lora_mix.merge_weights``, a full copy of the weights) and run plain HF
+``generate`` (greedy, exactly --max-tokens tokens). It has no value guidance, so the server is also measured
+with method ``bs`` at the largest client count for a like-for-like row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # bundle_factory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+async def _one(session, url: str, body: dict) -> tuple[float | None, int, str | None]:
+    """Stream one request; return (TTFT seconds, completion tokens, error)."""
+    t0 = time.perf_counter()
+    ttft, tokens, err = None, 0, None
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
+            return None, 0, f"HTTP {r.status}: {(await r.text())[:200]}"
+        async for line in r.content:
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                break
+            ev = json.loads(payload)
+            if "finish_reason" in ev:
+                tokens = ev["usage"]["completion_tokens"]
+                if ev["finish_reason"] == "error":
+                    err = ev.get("error")
+            elif ttft is None:
+                ttft = time.perf_counter() - t0
+    return ttft, tokens, err
+
+
+async def run_level(url: str, n_clients: int, rounds: int, max_tokens: int, method: str | None) -> dict:
+    """N concurrent clients, each streaming ``rounds`` requests sequentially with its own preference."""
+    import aiohttp
+
+    prefs = [[(i + 0.5) / n_clients, 1 - (i + 0.5) / n_clients] for i in range(n_clients)]
+    ttfts, tokens, errors = [], 0, []
+
+    async def client(i: int, session) -> None:
+        nonlocal tokens
+        for k in range(rounds):
+            body = {
+                "prompt": f"Tell me something interesting about topic number {i * rounds + k}.",
+                "preference": prefs[i],
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            if method:
+                body["method"] = method
+            try:
+                t, n, err = await _one(session, url, body)
+            except Exception as e:  # noqa: BLE001  (count transport failures as errors)
+                t, n, err = None, 0, repr(e)
+            tokens += n
+            if err:
+                errors.append(err)
+            elif t is not None:
+                ttfts.append(t)
+
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(n_clients)))
+        wall = time.perf_counter() - start
+    return {
+        "clients": n_clients,
+        "method": method or "default",
+        "requests": n_clients * rounds,
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p99_s": _pct(ttfts, 99),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+def run_naive(bundle_dir: Path, n_prefs: int, max_tokens: int) -> dict:
+    """One request at a time: merged model per preference (merge_weights) + plain HF generate."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from mage_ray.bundle import adapter_path, load_bundle
+    from mage_ray.lora_mix import load_adapter, merge_weights
+    from mage_ray.models import format_prompt, load_policy
+    from mage_ray.soup import soup_coefficients
+
+    b = load_bundle(bundle_dir)
+    model, tok = load_policy(b.model_config())
+    adapters = [load_adapter(adapter_path(b.path(rel)), name=rel) for rel in b.backbones]
+
+    class FirstToken(StoppingCriteria):
+        def __init__(self):
+            self.t = None
+
+        def __call__(self, input_ids, scores, **kw):
+            if self.t is None:
+                self.t = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ttfts, merge_s, tokens = [], [], 0
+    start = time.perf_counter()
+    for i in range(n_prefs):
+        mu = [(i + 0.5) / n_prefs, 1 - (i + 0.5) / n_prefs]
+        t0 = time.perf_counter()
+        merged = merge_weights(model, adapters, soup_coefficients(mu, b.beta, b.alpha).tolist()).eval()
+        merge_s.append(time.perf_counter() - t0)
+        text = format_prompt(tok, f"Tell me something interesting about topic number {i}.", True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)
+        first = FirstToken()
+        with torch.inference_mode():
+            out = merged.generate(
+                **ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                stopping_criteria=StoppingCriteriaList([first]),
+                pad_token_id=tok.eos_token_id,
+            )
+        tokens += out.shape[1] - ids["input_ids"].shape[1]
+        ttfts.append(first.t - t0)
+        del merged
+    wall = time.perf_counter() - start
+    return {
+        "clients": 1,
+        "method": "naive bs (merge + HF generate)",
+        "requests": n_prefs,
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p99_s": _pct(ttfts, 99),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "errors": 0,
+        "merge_s_mean": statistics.mean(merge_s),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--bundle", default=None, help="bundle dir (default runs/embedded/bundle if it exists)")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--naive-prefs", type=int, default=3)
+    ap.add_argument("--replica-cpus", type=float, default=2.0)
+    ap.add_argument("--batch-wait", type=float, default=0.05, help="serve.batch_wait_timeout_s")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+
+    import ray
+    from ray import serve
+
+    from mage_ray.serve.app import build_app
+
+    bundle = Path(args.bundle) if args.bundle else REPO / "runs" / "embedded" / "bundle"
+    source = "trained bundle"
+    if not (bundle / "bundle.json").is_file():
+        from bundle_factory import make_tiny_bundle
+
+        t0 = time.perf_counter()
+        bundle = make_tiny_bundle(
+            tempfile.mkdtemp(prefix="bench_serve_"),
+            model=args.model,
+            r=8,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+            lora_std=0.02,
+            head_std=0.01,
+            objectives=["relevance", "positivity"],
+            max_context=1024,
+        )
+        source = f"random r=8 adapters + random value heads on {args.model} (built in {time.perf_counter() - t0:.0f} s)"
+    print(f"bundle: {bundle} ({source})", flush=True)
+
+    port = _free_port()
+    ray.init(
+        address="local",
+        num_cpus=max(2, int(np.ceil(args.replica_cpus))),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    bs = max(levels)
+    overrides = [
+        f"serve.max_batch_size={bs}",
+        f"serve.max_ongoing_requests={4 * bs}",
+        f"serve.num_cpus={args.replica_cpus}",
+        f"serve.batch_wait_timeout_s={args.batch_wait}",
+        "decode.max_tokens_limit=1024",
+    ]
+    t0 = time.perf_counter()
+    serve.run(
+        build_app({"bundle": str(bundle), "config": None, "overrides": overrides}),
+        name="bench",
+        route_prefix="/",
+    )
+    print(f"replica up in {time.perf_counter() - t0:.0f} s; overrides {overrides}", flush=True)
+    url = f"http://127.0.0.1:{port}/v1/generate"
+    results = []
+    try:
+        asyncio.run(run_level(url, 1, 1, 4, None))  # warm-up
+        for n in levels:
+            rounds = args.rounds if n > 1 else max(args.rounds, 3)
+            res = asyncio.run(run_level(url, n, rounds, args.max_tokens, None))
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        res = asyncio.run(run_level(url, bs, args.rounds, args.max_tokens, "bs"))
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    import torch
+
+    torch.set_num_threads(max(1, int(args.replica_cpus)))
+    res = run_naive(bundle, args.naive_prefs, args.max_tokens)
+    results.append(res)
+    print(json.dumps(res), flush=True)
+
+    single = results[0]["tokens_per_s"]
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"max_tokens {args.max_tokens}; bundle: {source}"
+    )
+    print("| clients | method | requests | TTFT p50 (s) | TTFT p99 (s) | tokens/s | x single | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['clients']} | {r['method']} | {r['requests']} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} "
+            f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / single:.2f} | {r['errors']} |"
+        )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"args": vars(args), "bundle": source, "results": results}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

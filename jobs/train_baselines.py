@@ -1,0 +1,84 @@
+"""Train the paper's trained baselines: RiC, MODPO (one policy per grid preference) and WRPO backbones.
+
+All three learn from the base policy's scored rollouts (``<run_dir>/rollouts``, generated first when missing)
+and run as Ray Train runs (``backbone.num_workers`` workers each; several runs at once as Tune trials):
+
+    ric    Rewards-in-Context SFT (+ ``--rounds`` - 1 online rounds) -> <run_dir>/ric/
+    modpo  one MODPO policy per eval.grid_step preference          -> <run_dir>/modpo/mu_<...>/
+    wrpo   the n WRPO backbones of B(beta) from source models    -> <run_dir>/backbones/beta_<b>/b<i>/
+
+Every output is ``adapter/`` + ``manifest.json`` + ``metrics.jsonl``; complete ones are skipped, interrupted
+ones resume from their last Ray Train checkpoint. WRPO sources: ``--sources`` or ``backbone.wrpo_sources``
+(HF ids, model dirs, adapter dirs) plus complete non-WRPO backbones already under ``<run_dir>/backbones``.
+
+    ray job submit --working-dir . -- python jobs/train_baselines.py --config configs/embedded.yaml \\
+        --which all
+    python jobs/train_baselines.py --config configs/smoke.yaml --which modpo --steps 2
+    python jobs/train_baselines.py --config configs/smoke.yaml --which wrpo --sources tiny-random:1
+"""
+
+import time
+
+from mage_ray.runtime import init_ray, parse_job_args
+
+
+def _line(m: dict) -> str:
+    fm = m.get("final_metrics", {})
+    extra = " ".join(
+        f"{k} {fm[k]:.4g}" for k in ("margin", "accuracy", "alpha") if isinstance(fm.get(k), float)
+    )
+    return (
+        f"  {m.get('kind')} {m.get('name')}: {m.get('steps_done')} steps, "
+        f"loss {fm.get('loss', float('nan')):.4f} {extra} ({m.get('wall_time_s', 0):.0f} s)"
+    )
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--which", choices=["ric", "modpo", "wrpo", "all"], default="all")
+        p.add_argument(
+            "--steps", type=int, default=None, help="optimizer steps per run (default backbone.steps)"
+        )
+        p.add_argument("--rounds", type=int, default=1, help="RiC rounds (1 = offline only)")
+        p.add_argument(
+            "--grid-step", type=float, default=None, help="MODPO grid step (default eval.grid_step)"
+        )
+        p.add_argument("--beta", type=float, default=None, help="WRPO: B(beta) (default backbone.beta)")
+        p.add_argument("--sources", default=None, help="WRPO: comma-separated source models / adapter dirs")
+        p.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
+
+    args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
+    init_ray()
+    from mage_ray.soup import preference_grid
+    from mage_ray.train.preference_data import ensure_rollouts
+
+    which = ["ric", "modpo", "wrpo"] if args.which == "all" else [args.which]
+    t0 = time.time()
+    rollouts = ensure_rollouts(cfg)
+    print(f"rollouts ready: {rollouts} ({time.time() - t0:.0f} s)")
+    for method in which:
+        t = time.time()
+        if method == "ric":
+            from mage_ray.train.ric import train_ric_ray
+
+            manifests = [train_ric_ray(cfg, steps=args.steps, rounds=args.rounds)]
+        elif method == "modpo":
+            from mage_ray.train.modpo import train_modpo_grid
+
+            grid = preference_grid(cfg.n_objectives, args.grid_step or cfg.eval.grid_step)
+            print(f"training {len(grid)} MODPO policies (grid step {args.grid_step or cfg.eval.grid_step})")
+            manifests = train_modpo_grid(cfg, grid, steps=args.steps, max_concurrent=args.max_concurrent)
+        else:
+            from mage_ray.train.wrpo import train_wrpo_backbones
+
+            sources = args.sources.split(",") if args.sources else None
+            manifests = train_wrpo_backbones(
+                cfg, beta=args.beta, steps=args.steps, sources=sources, max_concurrent=args.max_concurrent
+            )
+        print(f"{method} done in {time.time() - t:.0f} s:")
+        for m in manifests:
+            print(_line(m))
+
+
+if __name__ == "__main__":
+    main()
