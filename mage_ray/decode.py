@@ -32,7 +32,9 @@ Zhou et al. 2024 ("weak-to-strong search", W = b, K = c, L = l), which it cites 
 
 Requests are validated before the batch runs; an invalid request gets ``finish_reason="error"`` and the rest of
 the batch runs normally. Requests that finish (EOS, stop string, max tokens) leave the batch: their rows are
-pruned from the KV cache, so cost falls as rows finish.
+pruned from the KV cache, so cost falls as rows finish. ``stream(requests, admit=...)`` also takes new requests
+between steps (continuous batching): they are prefilled on their own and their KV cache is merged into the
+running one (left padded to a common length; positions come from the attention mask).
 """
 
 from __future__ import annotations

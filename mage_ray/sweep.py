@@ -63,9 +63,9 @@ def run_tune_stage(
     """
     from ray import tune
 
-    storage = storage_uri(cfg)
-    name = f"{cfg.storage.run_name}-{stage}"
-    path = f"{storage.rstrip('/')}/{name}"
+    storage = f"{storage_uri(cfg).rstrip('/')}/{cfg.storage.run_name}/tune"
+    name = stage
+    path = f"{storage}/{name}"
     fn = tune.with_resources(trainable, resources or {"cpu": 1})
     if tune.Tuner.can_restore(path):
         log.warning("resuming Tune stage %r from %s (finished trials are not re-run)", stage, path)
@@ -75,10 +75,10 @@ def run_tune_stage(
         tuner = tune.Tuner(
             fn,
             param_space=param_space,
+            # No metric here: Train-inside-Tune trials also forward every training step to Tune, and only
+            # the trial's last report carries the HV; the best trial is picked below from the final results.
             tune_config=tune.TuneConfig(
-                metric=metric,
-                mode="max",
-                max_concurrent_trials=max_concurrent or cfg.sweep.max_concurrent_trials or None,
+                max_concurrent_trials=max_concurrent or cfg.sweep.max_concurrent_trials or None
             ),
             run_config=tune.RunConfig(
                 storage_path=storage, name=name, verbose=1, failure_config=tune.FailureConfig(max_failures=0)
