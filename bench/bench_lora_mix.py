@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_lora_mix.py                       # embedded SmolLM2-135M, b=16, t=64, n=2, r=16
     .venv/bin/python bench/bench_lora_mix.py --model tiny-random --repeats 2   # smoke run
 
-Timed, side by side in one run (warm-up, then the median of --repeats; (a) and (b) interleaved per repeat so
+Timed, side by side in one run (warm-up, then medians of --repeats, --c-repeats for (c); (a), (b) interleaved so
 that load from other processes hits both alike):
 
   (a) mixed   one forward of the batch, every row with its own coefficients (MixedLoraModel)
@@ -23,7 +23,6 @@ import argparse
 import copy
 import os
 import platform
-import sys
 import time
 
 import numpy as np
@@ -144,61 +143,65 @@ def main() -> None:
                     cache.crop(-1)  # drop the step's token again
             return t_merge, t_run
 
-        samples: dict[str, list[np.ndarray]] = {}
-        for i in range(args.warmup + max(args.repeats, args.c_repeats)):
-            sample = {
-                "a_fwd": timed(fwd_a),
-                "b_fwd": timed(fwd_b),
-                "a_step": timed(step_a),
-                "b_step": timed(step_b),
-            }
-            cache_a.crop(-1)  # back to the prompt for the next repeat
+        # Warm-up: (a), (b) `warmup` times each; (c) one row merged + run (its kernels are the same per row).
+        for _ in range(args.warmup):
+            for fn in (fwd_a, fwd_b, step_a, step_b):
+                fn()
+            cache_a.crop(-1)
             cache_b.crop(-1)
-            if i < args.warmup + args.c_repeats:
-                (
-                    (sample["c_fwd_merge"], sample["c_fwd_run"]),
-                    (sample["c_step_merge"], sample["c_step_run"]),
-                ) = (
-                    per_row("forward"),
-                    per_row("step"),
-                )
-            if i >= args.warmup:
-                for k, v in sample.items():
-                    if k.startswith("c_") or i < args.warmup + args.repeats:
-                        samples.setdefault(k, []).append(v)
-            print(
-                f"repeat {i + 1}/{args.warmup + max(args.repeats, args.c_repeats)} done",
-                file=sys.stderr,
-                flush=True,
-            )
+            merge_into_(merged, adapters, coeffs[0], originals)
+            merged(ids[:1], use_cache=False)
+        samples: dict[str, list[np.ndarray]] = {}
+        header = (
+            f"# model={args.model} batch={b} prompt_len={t} n={args.n} r={args.rank} "
+            f"(R={sum(a.rank(targets[0]) for a in adapters)}) modules={len(targets)} "
+            f"threads={torch.get_num_threads()} warmup={args.warmup}\n"
+            f"# torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
+            f"1-min load average {load_start:.1f} at start"
+        )
+        for i in range(max(args.repeats, args.c_repeats)):
+            if i < args.repeats:
+                for k, fn in (("a_fwd", fwd_a), ("b_fwd", fwd_b), ("a_step", step_a), ("b_step", step_b)):
+                    samples.setdefault(k, []).append(timed(fn))
+                cache_a.crop(-1)  # back to the prompt for the next repeat
+                cache_b.crop(-1)
+            if i < args.c_repeats:
+                for kind in ("fwd", "step"):
+                    t_merge, t_run = per_row("forward" if kind == "fwd" else "step")
+                    samples.setdefault(f"c_{kind}_merge", []).append(t_merge)
+                    samples.setdefault(f"c_{kind}_run", []).append(t_run)
+            # The table so far after every repeat, so that an interrupted run still reports what it measured.
+            print(f"\n## after repeat {i + 1}, load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(report(header, samples), flush=True)
 
-    med = {k: np.median(np.stack(v), axis=0) for k, v in samples.items()}  # (wall, cpu) medians
-    rank_sum = sum(a.rank(targets[0]) for a in adapters)
-    print(
-        f"# model={args.model} batch={b} prompt_len={t} n={args.n} r={args.rank} (R={rank_sum}) "
-        f"modules={len(targets)} threads={torch.get_num_threads()} repeats={args.repeats} "
-        f"c_repeats={args.c_repeats} warmup={args.warmup}\n"
-        f"# torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
-        f"1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end\n"
-        "# seconds are medians: wall-clock, and [CPU seconds of this process] (less sensitive to other load)\n"
-    )
+
+def report(header: str, samples: dict[str, list[np.ndarray]]) -> str:
+    """Markdown table of medians: wall seconds and [CPU seconds of this process]; ratios a/b and c/a."""
+    med = {k: np.median(np.stack(v), axis=0) for k, v in samples.items()}  # (wall, cpu)
+    n_ab, n_c = len(samples["a_fwd"]), len(samples["c_fwd_run"])
+    lines = [
+        header,
+        f"# medians over {n_ab} repeats of (a), (b) and {n_c} of (c): wall seconds [CPU seconds of this process]",
+        "",
+        "| workload | (a) mixed s | (b) base s | (c) per-row merged s (merge + run) | a/b | c/a |",
+        "|---|---|---|---|---|---|",
+    ]
     rows = [
-        ("forward (b x t)", "a_fwd", "b_fwd", ("c_fwd_merge", "c_fwd_run")),
+        ("forward (16 x 64 tokens)", "a_fwd", "b_fwd", ("c_fwd_merge", "c_fwd_run")),
         ("decode step (t=1, KV cache)", "a_step", "b_step", ("c_step_merge", "c_step_run")),
         ("decode step, merge excluded", "a_step", "b_step", ("c_step_run",)),
     ]
-    print("| workload | (a) mixed s | (b) base s | (c) per-row merged s (merge + run) | a/b | c/a |")
-    print("|---|---|---|---|---|---|")
     for label, ka, kb, kc in rows:
-        a, b_ = med[ka], med[kb]
+        a, b = med[ka], med[kb]
         c = sum(med[k] for k in kc)
         split = " + ".join(f"{med[k][0]:.3f}" for k in kc)
-        print(
-            f"| {label} | {a[0]:.3f} [{a[1]:.3f}] | {b_[0]:.3f} [{b_[1]:.3f}] | {c[0]:.3f} [{c[1]:.3f}] ({split}) "
-            f"| {a[0] / b_[0]:.2f} [{a[1] / b_[1]:.2f}] | {c[0] / a[0]:.1f} [{c[1] / a[1]:.1f}] |"
+        lines.append(
+            f"| {label} | {a[0]:.3f} [{a[1]:.3f}] | {b[0]:.3f} [{b[1]:.3f}] | {c[0]:.3f} [{c[1]:.3f}] ({split}) "
+            f"| {a[0] / b[0]:.2f} [{a[1] / b[1]:.2f}] | {c[0] / a[0]:.1f} [{c[1] / a[1]:.1f}] |"
         )
     for k in ("a_fwd", "b_fwd", "a_step", "b_step"):
-        print(f"# all {k} wall: {[round(float(x[0]), 4) for x in samples[k]]}")
+        lines.append(f"# {k} wall per repeat: {[round(float(x[0]), 4) for x in samples[k]]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

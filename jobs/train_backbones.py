@@ -20,7 +20,6 @@ import time
 
 from mage_ray.runtime import init_ray, parse_job_args
 from mage_ray.soup import preference_grid
-from mage_ray.train.ray_train import train_backbones, train_morlhf
 
 
 def _summary(manifests: list[dict], root: str) -> None:
@@ -45,6 +44,9 @@ def main() -> None:
 
     args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
     init_ray()
+    # Imported after init_ray: importing ray earlier would freeze its log settings before init_ray sets them.
+    from mage_ray.train.ray_train import train_backbones, train_morlhf
+
     beta = cfg.backbone.beta if args.beta is None else args.beta
     t0 = time.time()
     print(

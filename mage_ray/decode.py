@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ class Completion:
     token_ids: list[int]
     """Generated token ids, including a final EOS or the token that completed a stop string."""
     finish_reason: str
-    """"stop" | "length" | "eos" | "error"."""
+    """"stop" | "length" | "eos" | "error" | "cancelled"."""
     error: str | None = None
     usage: Usage = field(default_factory=Usage)
     rows_used: int = 0
@@ -421,6 +422,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
         self._lock = threading.Lock()
+        self._cancel: Callable[[int], bool] | None = None
 
     # ----- construction from a bundle -----
 
@@ -451,7 +453,7 @@ class Engine:
         def number(
             name: str, v, lo: float, hi: float | None = None, lo_open: bool = False, integer: bool = False
         ):
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
             if ok and integer:
                 ok = float(v).is_integer()
             if ok:
@@ -476,10 +478,11 @@ class Engine:
         c = number("beam_expansion", pick("beam_expansion"), 1, 64, integer=True)
         lookahead = number("lookahead", pick("lookahead"), 1, integer=True)
         do_sample = pick("do_sample")
-        if not isinstance(do_sample, bool):
+        if not isinstance(do_sample, (bool, np.bool_)):
             raise ValueError(f"do_sample = {do_sample!r} is invalid: expected true or false")
+        do_sample = bool(do_sample)
         seed = pick("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"seed = {seed!r} is invalid: expected an integer")
         stop = list(r.stop or [])
         if not all(isinstance(s, str) and s for s in stop):
@@ -519,7 +522,7 @@ class Engine:
                 f"{self.max_context} tokens: shorten the prompt or lower max_new_tokens"
             )
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(seed)
+        gen.manual_seed(int(seed))
         job = _Job(
             index,
             method,
@@ -560,7 +563,10 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def stream(
-        self, requests: Iterable[Request], admit: Callable[[], Sequence[Request]] | None = None
+        self,
+        requests: Iterable[Request],
+        admit: Callable[[], Sequence[Request]] | None = None,
+        cancel: Callable[[int], bool] | None = None,
     ) -> Iterator[list[TokenEvent]]:
         """Run ``requests`` as ONE batch; yield, per decode step, a TokenEvent for every request that progressed
         (invalid requests as finished error events, before anything runs).
@@ -569,6 +575,9 @@ class Engine:
         requests it returns are validated, prefilled and join the running batch. Their event indices continue
         after the initial list (len(requests), len(requests) + 1, ... in arrival order). The stream ends when no
         request is live and ``admit`` returns nothing. Close the iterator if you stop consuming early.
+
+        ``cancel(index) -> bool`` is asked after every step for every running request; True finishes it with
+        ``finish_reason="cancelled"`` (the text so far) and frees its rows.
         """
         requests = list(requests)
         jobs, errors = self._prepare_all(requests, 0)
@@ -577,9 +586,11 @@ class Engine:
         if not jobs and admit is None:
             return
         with self._lock, torch.inference_mode():
+            self._cancel = cancel
             try:
                 yield from self._run(jobs, admit, len(requests))
             finally:
+                self._cancel = None
                 self.mixed.set_coefficients(None)
 
     def _prepare_all(self, requests: Sequence[Request], first: int) -> tuple[list[_Job], list[TokenEvent]]:
@@ -799,6 +810,8 @@ class Engine:
                 hyp.finish_reason = "stop"
         if hyp.finish_reason is None and len(hyp.tokens) >= job.max_new:
             hyp.finish_reason = "length"
+        if hyp.finish_reason is None and self._cancel is not None and self._cancel(job.index):
+            hyp.finish_reason = "cancelled"
 
     def _complete(self, job: _Job, hyp: _Hyp) -> Completion:
         return Completion(

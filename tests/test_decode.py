@@ -460,6 +460,21 @@ def test_admitted_requests_join_the_running_batch(engine, monkeypatch):
     assert decode_rows[:5] == [3, 3, 6, 6, 10]
 
 
+def test_cancel_hook_stops_a_running_request(engine):
+    reqs = [Request(PROMPTS[0], [0.5, 0.5], method="bs", max_new_tokens=8) for _ in range(2)]
+    steps = {"n": 0}
+
+    def cancel(index: int) -> bool:
+        return index == 1 and steps["n"] >= 2
+
+    final = {}
+    for events in engine.stream(reqs, cancel=cancel):
+        steps["n"] += 1
+        final.update({ev.index: ev.completion for ev in events if ev.finished})
+    assert final[0].finish_reason == "length" and len(final[0].token_ids) == 8
+    assert final[1].finish_reason == "cancelled" and final[1].token_ids == final[0].token_ids[:3]
+
+
 # ----- stop strings, EOS, streaming -----
 
 

@@ -255,6 +255,24 @@ def test_rank_sum_adapter_roundtrip_through_peft(base, adapters, ids, tmp_path):
     assert all(torch.equal(reloaded.modules[m][0], merged.modules[m][0]) for m in merged.modules)
 
 
+def test_save_adapter_keeps_per_module_scaling(base, adapters, ids, tmp_path):
+    """An rslora adapter (s = 6 / sqrt(4) = 3) with one module rescaled to 0.37 saves as plain LoRA with
+    lora_alpha = s r = 12 and an alpha_pattern entry 0.37 * 4 = 1.48; load_adapter and PEFT both read it back."""
+    a3 = adapters["a3"]
+    odd = "model.layers.1.self_attn.v_proj"
+    adapter = LoraAdapter("odd", a3.modules, {**a3.scaling, odd: 0.37}, a3.config)
+    save_adapter(adapter, tmp_path / "odd")
+    config = json.loads((tmp_path / "odd" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 12, False)
+    assert config["alpha_pattern"] == {r"model\.layers\.1\.self_attn\.v_proj": pytest.approx(1.48)}
+    assert load_adapter(tmp_path / "odd").scaling == pytest.approx(adapter.scaling, rel=1e-15)
+    mixed = _mixed(base, [adapter])
+    with mixed.coefficients([[1.0]]):
+        want = _logits(mixed.model, ids)
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "odd").eval()
+    assert _diff(_logits(pm, ids), want) < ATOL
+
+
 def test_export_merged_roundtrip(base, adapters, tokenizer, ids, tmp_path):
     """export_merged -> AutoModelForCausalLM.from_pretrained reproduces the mixed logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

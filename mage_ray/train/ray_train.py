@@ -415,7 +415,9 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ``config`` keys: cfg (Config), w, name, steps, and optionally objectives, prompts, extra_manifest,
     fault_injection ({step, marker[, delay_s]}, see :class:`FailOnceCallback`). Resumes from ``ray.train.get_checkpoint()``
     (adapter + optimizer + scheduler + step) after a worker failure; an objective failure is reported as
-    ``{"failed": 1, "error": ...}`` (not raised: retrying a deterministic error is pointless).
+    ``{"failed": 1, "error": ...}`` and returned as ``{"failed": True, "error": ...}`` (the driver reads the
+    rank-0 return value: ``Result.metrics`` only holds metrics attached to checkpoints); it is not raised
+    because retrying a deterministic error is pointless.
     """
     import ray.train
 
@@ -449,8 +451,11 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 extra_manifest=config.get("extra_manifest"),
             )
         except ObjectiveFailure as e:
-            ray.train.report({"failed": 1.0, "error": str(e).split("; last checkpoint:")[0]})
-            return None
+            error = str(e).split("; last checkpoint:")[
+                0
+            ]  # the worker's local checkpoint path means nothing here
+            ray.train.report({"failed": 1.0, "error": error})  # every rank fails at the same step (gate)
+            return {"failed": True, "error": error}
         final_metrics = {"complete": 1.0, "step": float(manifest["steps_done"])}
         report_final(out, {**final_metrics, "ray_report_s": reporter.report_seconds})
         return manifest
@@ -517,11 +522,12 @@ def train_backbone_ray(
         max_failures=cfg.backbone.max_failures,
         callbacks=[ProgressPrinter(name)] if progress else [],
     )
-    m = result.metrics or {}
-    if m.get("failed"):
+    m = result.metrics or {}  # metrics of the latest checkpoint
+    rv = result.return_value if isinstance(result.return_value, dict) else {}
+    if rv.get("failed"):
         last = result.checkpoint.path if result.checkpoint is not None else None
         raise ObjectiveFailure(
-            f"{m.get('error')}; last checkpoint: {last or 'none saved yet'}", checkpoint=last
+            f"{rv.get('error')}; last checkpoint: {last or 'none saved yet'}", checkpoint=last
         )
     if result.checkpoint is None:
         raise RuntimeError(
@@ -530,6 +536,10 @@ def train_backbone_ray(
     with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
         result.checkpoint.to_directory(tmp)
         final = Path(tmp) / FINAL
+        if not (final / MANIFEST_NAME).is_file():
+            raise RuntimeError(
+                f"backbone '{name}': the latest checkpoint of {result.path} holds no finished adapter"
+            )
         manifest = read_json(final / MANIFEST_NAME)
         manifest["ray_train_run"] = result.path
         manifest["ray_report_s"] = m.get("ray_report_s")  # rank 0's time in ray.train.report, this attempt
