@@ -30,7 +30,9 @@ def test_paper_settings():
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["backbone.steps=7", "decode.gamma=2.5", "task.objectives=[a,b,c]", "lora.dropout=0.1"])
+    cfg = load_config(
+        None, ["backbone.steps=7", "decode.gamma=2.5", "task.objectives=[a,b,c]", "lora.dropout=0.1"]
+    )
     assert cfg.backbone.steps == 7 and cfg.decode.gamma == 2.5
     assert cfg.task.objectives == ["a", "b", "c"]
     assert cfg.lora.dropout == 0.1

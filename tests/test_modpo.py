@@ -240,3 +240,20 @@ def test_resuming_from_a_snapshot_matches_an_uninterrupted_run(tmp_path):
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_token_logps_match_a_full_log_softmax(tiny_model_path):
+    """token_logps keeps logits only from the first response position; the values equal a full forward's
+    log_softmax gathered at the next tokens, on the response positions (and 0 elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    from mage_ray.train.preference_data import sequence_logps, token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    batch = collate_sequences([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], pad_id=0)
+    with torch.no_grad():
+        got = token_logps(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = full.log_softmax(-1).gather(-1, batch["next_ids"][..., None]).squeeze(-1) * batch["mask"]
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(sequence_logps(model, batch), want.sum(1), atol=1e-5)

@@ -13,9 +13,15 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
 
     from mage_ray.pipeline import run_pipeline, stage_done
 
-    cfg = load_config(repo_root / "configs" / "smoke.yaml",
-                      [f"storage.storage_path={tmp_path}", "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m]",
-                       "sweep.gammas=[0.0,1.0]", "sweep.alphas=[0.0]"])
+    cfg = load_config(
+        repo_root / "configs" / "smoke.yaml",
+        [
+            f"storage.storage_path={tmp_path}",
+            "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m]",
+            "sweep.gammas=[0.0,1.0]",
+            "sweep.alphas=[0.0]",
+        ],
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         out = run_pipeline(cfg)

@@ -275,12 +275,22 @@ def collate_sequences(
 
 
 def token_logps(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """log pi(next_ids[b, j] | input_ids[b, :j+1]) at every position, masked to the response: [B, L]."""
+    """log pi(next_ids[b, j] | input_ids[b, :j+1]) at every position, masked to the response: [B, L].
+
+    The LM head and the log-softmax run only from the first position that predicts a response token
+    (``logits_to_keep``): prompt positions need no [V]-sized logits, which halves the largest activation.
+    """
+    mask = batch["mask"]  # [B, L]
+    L = mask.shape[1]
+    first = int(mask.any(dim=0).nonzero()[0]) if bool(mask.any()) else 0
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).logits.float()  # [B,L,V]
-    picked = logits.gather(-1, batch["next_ids"][..., None]).squeeze(-1)  # [B, L]
-    return (picked - torch.logsumexp(logits, dim=-1)) * batch["mask"]  # [B, L]
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=L - first
+    ).logits.float()  # [B, L - first, V]
+    nxt = batch["next_ids"][:, first:]  # [B, L - first]
+    picked = logits.gather(-1, nxt[..., None]).squeeze(-1)  # [B, L - first]
+    out = torch.zeros(mask.shape, dtype=logits.dtype, device=logits.device)  # [B, L]
+    out[:, first:] = (picked - torch.logsumexp(logits, dim=-1)) * mask[:, first:]
+    return out
 
 
 def sequence_logps(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
