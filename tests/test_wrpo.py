@@ -225,3 +225,13 @@ def test_wrpo_backbones_through_ray_train_then_bone_soup(ray_local, tmp_path):
     )
     assert out.finish_reason != "error", out.error
     shutil.rmtree(tmp_path / "bundle")
+
+
+def test_train_backbones_dispatches_to_wrpo_and_names_missing_sources(tmp_path):
+    """backbone.trainer = wrpo routes the public train_backbones to WRPO, which needs sources first."""
+    from mage_ray.train.ray_train import train_backbones
+
+    with pytest.raises(ValueError, match="backbone.wrpo_sources"):
+        train_backbones(_cfg(tmp_path), beta=0.7, progress=False)
+    with pytest.raises(ValueError, match="GRPO/RLOO trainers only"):
+        train_backbones(_cfg(tmp_path), beta=0.7, prompts=["hi"], progress=False)

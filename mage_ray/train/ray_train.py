@@ -668,9 +668,29 @@ def train_backbones(
 
     ``weights`` overrides the columns (one reward-weight vector per backbone); ``names`` default to
     ``b0..b{n-1}``. Results go to ``<run_dir>/backbones/beta_<beta>/<name>/``; complete ones are skipped.
+    ``backbone.trainer = 'wrpo'`` dispatches to :func:`mage_ray.train.wrpo.train_wrpo_backbones` (offline,
+    from scored rollouts and source models; same output layout).
     """
     from mage_ray.soup import backbone_weights
 
+    if cfg.backbone.trainer == "wrpo":  # offline preference trainer: same layout, same manifests
+        from mage_ray.train.wrpo import train_wrpo_backbones
+
+        if prompts is not None or fault_injection is not None:
+            raise ValueError(
+                "backbone.trainer = 'wrpo' trains on the scored rollouts: prompts= and fault_injection= "
+                "apply to the GRPO/RLOO trainers only"
+            )
+        return train_wrpo_backbones(
+            cfg,
+            beta=beta,
+            steps=steps,
+            names=names,
+            weights=weights,
+            objectives=objectives,
+            max_concurrent=max_concurrent,
+            progress=progress,
+        )
     cfg = prepare_sft_base(cfg)
     beta = cfg.backbone.beta if beta is None else float(beta)
     n = len(objectives) if objectives is not None else cfg.n_objectives
