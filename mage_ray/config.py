@@ -545,6 +545,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             )
     cfg = config_from_dict(data, overrides)
     _cross_validate(cfg)
+    # A relative local storage_path means "relative to where the job was started": fix it now, because Ray
+    # Tune trials and Train workers run with another working directory (their trial/session dirs).
+    if "://" not in cfg.storage.storage_path:
+        cfg.storage.storage_path = os.path.abspath(os.path.expanduser(cfg.storage.storage_path))
     return cfg
 
 

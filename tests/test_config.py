@@ -77,3 +77,14 @@ def test_malformed_override_and_yaml(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_relative_storage_path_is_made_absolute_at_load(tmp_path, monkeypatch):
+    """Tune trials and Train workers run in other working dirs: a relative path must not follow them."""
+    monkeypatch.chdir(tmp_path)
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, ["storage.storage_path=out"])
+    assert cfg.storage.storage_path == str(tmp_path / "out")
+    assert cfg.storage.run_dir == f"{tmp_path}/out/{cfg.storage.run_name}"
+    uri = load_config(smoke, ["storage.storage_path=s3://bucket/runs"])
+    assert uri.storage.storage_path == "s3://bucket/runs"
