@@ -158,6 +158,10 @@ class BackboneConfig:
     max_completion_length: int = 32
     temperature: float = 1.0
     """Sampling temperature during training rollouts."""
+    reward_aggregation: str = "sum_then_normalize"
+    """How GRPO turns the objectives into advantages: sum_then_normalize (h = w^T r, then the group z-score,
+    Eq. 11 as written) or normalize_then_sum (z-score each objective in its group, then weight by w), which
+    keeps a low-variance objective from being drowned by a high-variance one (TRL multi_objective_aggregation)."""
     sft_steps: int = 0
     """Optional SFT stage before RL (tasks with SFT data only)."""
     num_workers: int = 1
@@ -188,6 +192,15 @@ class BackboneConfig:
         _check_range("backbone.prompts_per_step", self.prompts_per_step, 1, 100_000)
         _check_range("backbone.max_completion_length", self.max_completion_length, 1, 100_000)
         _check_range("backbone.temperature", self.temperature, 0, 10, lo_open=True)
+        _check_choice(
+            "backbone.reward_aggregation",
+            self.reward_aggregation,
+            ("sum_then_normalize", "normalize_then_sum"),
+        )
+        if self.trainer == "rloo" and self.reward_aggregation != "sum_then_normalize":
+            _fail(
+                "backbone.reward_aggregation", self.reward_aggregation, "sum_then_normalize with trainer rloo"
+            )
         _check_range("backbone.sft_steps", self.sft_steps, 0, 10_000_000)
         _check_range("backbone.num_workers", self.num_workers, 1, 10_000)
         _check_choice(

@@ -184,3 +184,21 @@ def test_long_prompts_keep_their_last_max_prompt_tokens(tmp_path):
     assert ds[0]["prompt"] == [{"role": "user", "content": "short one"}]
     cut = ds[1]["prompt"][0]["content"]
     assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= 8 and cut.endswith("word59")
+
+
+@pytest.mark.parametrize("agg", ["sum_then_normalize", "normalize_then_sum"])
+def test_reward_aggregation_reaches_grpo_config(tmp_path, agg):
+    from mage_ray.train.backbone import _trainer_args
+
+    cfg = smoke_cfg(tmp_path, f"backbone.reward_aggregation={agg}")
+    args = _trainer_args(cfg, "grpo", np.array([0.7, 0.3]), 2, tmp_path / "out", quiet=True)
+    assert args.multi_objective_aggregation == agg and list(args.reward_weights) == [0.7, 0.3]
+
+
+def test_reward_aggregation_is_validated(tmp_path):
+    from mage_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="backbone.reward_aggregation"):
+        smoke_cfg(tmp_path, "backbone.reward_aggregation=mean")
+    with pytest.raises(ConfigError, match="trainer rloo"):
+        smoke_cfg(tmp_path, "backbone.trainer=rloo", "backbone.reward_aggregation=normalize_then_sum")

@@ -273,6 +273,7 @@ def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_d
         temperature=b.temperature,
         beta=b.kl_coef,  # eta of Eq. 11
         reward_weights=[float(x) for x in w],  # h = w^T r (Eq. 11)
+        **({"multi_objective_aggregation": b.reward_aggregation} if trainer == "grpo" else {}),
         logging_steps=1,
         save_strategy="steps",
         save_steps=b.checkpoint_every,
