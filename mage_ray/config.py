@@ -59,7 +59,9 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         _fail(name, value, f"one of {list(choices)}")
 
 
-METHODS = ("rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "base", "morlhf", "ric", "modpo")
+METHODS = (
+    "rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "base", "morlhf", "ric", "modpo", "bs-wrpo"
+)
 """Decoding methods the engine knows (``base`` = plain SFT/base policy)."""
 
 

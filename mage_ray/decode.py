@@ -148,6 +148,8 @@ class EngineParts:
     backbones: Sequence[LoraAdapter]
     """n backbone adapters in B(beta) column order."""
     rs_backbones: Sequence[LoraAdapter] = ()
+    wrpo_backbones: Sequence[LoraAdapter] = ()
+    """n WRPO-trained backbones of the same B(beta) (method bs-wrpo), or none."""
     values: Sequence[Any] = ()
     """n explicit value models (objects with .adapter, .head_weight [V, H], .head_bias [V]), objective order."""
     morlhf: Sequence[tuple[Sequence[float], LoraAdapter]] = ()
@@ -351,13 +353,13 @@ class Engine:
         )
         if len(self.objectives) != n:
             raise ValueError(f"objectives has {len(self.objectives)} names but there are {n} backbones")
-        for key in ("rs_backbones", "values"):
+        for key in ("rs_backbones", "wrpo_backbones", "values"):
             if len(getattr(parts, key)) not in (0, n):
                 raise ValueError(
                     f"{key}: need 0 or {n} entries (one per objective), got {len(getattr(parts, key))}"
                 )
 
-        # K adapters, one MixedLoraModel: backbones | rs_backbones | value adapters | morlhf | modpo | ric.
+        # K adapters, one MixedLoraModel: backbones | rs | wrpo | value adapters | morlhf | modpo | ric.
         adapters: list[LoraAdapter] = []
 
         def add(group: str, items) -> tuple[int, ...]:
@@ -369,6 +371,7 @@ class Engine:
 
         cols_bb = add("backbones", parts.backbones)
         cols_rs = add("rs_backbones", parts.rs_backbones)
+        cols_wrpo = add("wrpo_backbones", parts.wrpo_backbones)
         cols_v = add("values", [v.adapter for v in parts.values])
         cols_morlhf = add("morlhf", [a for _, a in parts.morlhf])
         cols_modpo = add("modpo", [a for _, a in parts.modpo])
@@ -380,6 +383,7 @@ class Engine:
             beta=float(parts.beta),
             backbones=cols_bb,
             rs_backbones=cols_rs,
+            wrpo_backbones=cols_wrpo,
             values=cols_v,
             morlhf=tuple((tuple(float(x) for x in p), c) for (p, _), c in zip(parts.morlhf, cols_morlhf)),
             modpo=tuple((tuple(float(x) for x in p), c) for (p, _), c in zip(parts.modpo, cols_modpo)),
@@ -897,6 +901,7 @@ _GROUPS_FOR = {
     "rs": {"rs_backbones"},
     "mod": {"rs_backbones"},
     "mage-i": {"rs_backbones"},
+    "bs-wrpo": {"wrpo_backbones"},
     "mage-e": {"values"},
     "mage-e-m": {"values"},
     "morlhf": {"morlhf"},
@@ -916,7 +921,7 @@ def parts_from_bundle(
     from mage_ray.models import load_policy
     from mage_ray.value_model import load_value_model
 
-    groups = {"rs_backbones", "values", "morlhf", "modpo", "ric"}
+    groups = {"rs_backbones", "wrpo_backbones", "values", "morlhf", "modpo", "ric"}
     if methods is not None:
         groups = set().union(*(_GROUPS_FOR.get(m, set()) for m in methods)) if methods else set()
     mcfg = bundle.model_config()
@@ -943,6 +948,7 @@ def parts_from_bundle(
         beta=bundle.beta,
         backbones=[load(r, r) for r in bundle.backbones],
         rs_backbones=[load(r, r) for r in bundle.rs_backbones] if "rs_backbones" in groups else [],
+        wrpo_backbones=[load(r, r) for r in bundle.wrpo_backbones] if "wrpo_backbones" in groups else [],
         values=values,
         morlhf=[(e["preference"], load(e["adapter"], e["adapter"])) for e in bundle.morlhf]
         if "morlhf" in groups

@@ -22,6 +22,7 @@ method     rows (coefficients)                                            combin
 base       base c = 0                                                     log pi = logp_base
 rs         c = mu on rs_backbones (beta = 1)                              log pi = logp
 bs         c = soup(mu, alpha) on backbones (Bone Soup)                   log pi = logp
+bs-wrpo    c = soup(mu, alpha) on wrpo_backbones (Bone Soup, WRPO Seek)   log pi = logp
 mod        n experts, one-hot                                             log pi = log_softmax(sum_i w_i logp_i)
 mage-e     policy (bs) + n value rows (value adapter i one-hot, head i)   V = sum_i mu_i V_i            (ensemble)
 mage-e-m   policy (bs) + 1 value row (value adapters mixed by mu,         V = sum_i mu_i (W_i h + b_i)  (Eq. 24)
@@ -88,6 +89,8 @@ class AdapterLayout:
     """Column of backbone i (B(beta) column order), length n."""
     rs_backbones: tuple[int, ...] = ()
     """Columns of the beta = 1 backbones, length n or 0."""
+    wrpo_backbones: tuple[int, ...] = ()
+    """Columns of the WRPO-trained backbones of the same B(beta), length n or 0."""
     values: tuple[int, ...] = ()
     """Columns of the explicit value models' adapters, length n or 0 (head j belongs to values[j])."""
     morlhf: tuple[tuple[tuple[float, ...], int], ...] = ()
@@ -224,6 +227,12 @@ def _rs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
 @register_method("bs")
 def _bs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan([_policy(L, mu, a)], base=[(0, 1.0)])
+
+
+@register_method("bs-wrpo")
+def _bs_wrpo(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.wrpo_backbones, "bs-wrpo", "wrpo_backbones (backbone.trainer = wrpo)")
+    return Plan([Row(L.coeffs(L.wrpo_backbones, soup_coefficients(mu, L.beta, a.alpha)))], base=[(0, 1.0)])
 
 
 @register_method("mod")

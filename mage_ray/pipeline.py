@@ -113,6 +113,7 @@ def validation_hv(
 
 def _beta_trial(params: dict, *, base: dict) -> None:
     """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
+    import ray
     from ray import tune
 
     from mage_ray.bundle import build_bundle
@@ -125,9 +126,11 @@ def _beta_trial(params: dict, *, base: dict) -> None:
     names = [f"b{i}_s{steps}" for i in range(cfg.n_objectives)]
     dirs = [backbone_dir(cfg, beta, nm) for nm in names]
     t0 = time.time()
-    # Train-inside-Tune: this trial drives one TorchTrainer per backbone (trials run concurrently across betas).
-    for i, (w, nm, d) in enumerate(zip(backbone_weights(cfg.n_objectives, beta), names, dirs)):
-        train_backbone_ray(
+    # Train-inside-Tune: this trial drives one TorchTrainer per backbone, all at once (each driver is a
+    # zero-CPU task; the trainers' workers wait for resources when the cluster is full).
+    drive = ray.remote(num_cpus=0, max_retries=0)(train_backbone_ray)
+    refs = [
+        drive.remote(
             cfg,
             w.tolist(),
             name=nm,
@@ -135,6 +138,9 @@ def _beta_trial(params: dict, *, base: dict) -> None:
             steps=steps,
             extra_manifest={"kind": "backbone", "beta": beta, "index": i, "sweep_trial": True},
         )
+        for i, (w, nm, d) in enumerate(zip(backbone_weights(cfg.n_objectives, beta), names, dirs))
+    ]
+    ray.get(refs)  # a failed backbone raises here and fails the trial (reported, the sweep goes on)
     train_s = time.time() - t0
     bdir = join(cfg.storage.run_dir, "sweep", f"beta_{beta:g}", "bundle")
     build_bundle(
@@ -416,6 +422,56 @@ def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:
     return [(list(map(float, mu)), morlhf_dir(cfg, mu)) for mu in grid]
 
 
+BASELINES = ("ric", "modpo", "bs-wrpo")
+"""Evaluation methods that need their own training (RiC, MODPO, Bone Soup on WRPO backbones)."""
+
+
+def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> dict[str, Any]:
+    """Train what the baselines in ``methods`` need (stages ``ric``, ``modpo``, ``wrpo``); return bundle extras.
+
+    RiC and MODPO train on the base policy's scored rollouts (the ``rollouts`` stage); MODPO one adapter per
+    evaluation-grid preference. WRPO backbones (``wrpo_b<i>`` of the chosen B(beta)) take the GRPO backbones
+    of this run (the chosen beta's and the beta = 1 ones) plus ``backbone.wrpo_sources`` as source models.
+    """
+    from mage_ray.soup import preference_grid
+
+    extra: dict[str, Any] = {}
+    if "ric" in methods:
+        from mage_ray.train.ric import ric_dir, train_ric_ray
+
+        rec = stage_done(cfg, "ric")
+        if not rec:
+            t0 = time.time()
+            _banner("ric", f"RiC: SFT on score-conditioned rollouts x {cfg.backbone.steps} steps")
+            train_ric_ray(cfg)
+            rec = _finish(cfg, "ric", {"dir": ric_dir(cfg)}, t0)
+        extra["ric"] = rec["dir"]
+    if "modpo" in methods:
+        from mage_ray.train.modpo import modpo_dir, train_modpo_grid
+
+        grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
+        rec = stage_done(cfg, "modpo")
+        if not rec:
+            t0 = time.time()
+            _banner("modpo", f"{len(grid)} MODPO policies (one per preference) x {cfg.backbone.steps} steps")
+            train_modpo_grid(cfg, grid)
+            rec = _finish(cfg, "modpo", {"grid": grid.tolist()}, t0)
+        extra["modpo"] = [(list(map(float, mu)), modpo_dir(cfg, mu)) for mu in grid]
+    if "bs-wrpo" in methods:
+        from mage_ray.train.wrpo import train_wrpo_backbones
+
+        names = [f"wrpo_b{i}" for i in range(cfg.n_objectives)]
+        rec = stage_done(cfg, "wrpo")
+        if not rec or rec.get("beta") != beta:
+            t0 = time.time()
+            sources = [*bb["backbones"], *bb.get("rs_backbones", []), *cfg.backbone.wrpo_sources]
+            _banner("wrpo", f"{len(names)} WRPO backbones of B({beta}) from {len(sources)} source models")
+            train_wrpo_backbones(cfg, beta=beta, names=names, sources=sources)
+            rec = _finish(cfg, "wrpo", {"beta": beta, "backbones": backbone_dirs(cfg, beta, names)}, t0)
+        extra["wrpo_backbones"] = rec["backbones"]
+    return extra
+
+
 def run_pipeline(cfg: Config) -> dict:
     """The whole chain + the evaluation report on the test prompts (``<run_dir>/report``)."""
     from mage_ray.bundle import load_bundle
@@ -429,23 +485,20 @@ def run_pipeline(cfg: Config) -> dict:
     summary = run_sweep(cfg)
     methods = list(cfg.eval.methods)
     bundle_dir = summary["bundle"]
+    bb = stage_done(cfg, "backbones") or {}
+    extra: dict[str, Any] = {}
     if cfg.backbone.morlhf or "morlhf" in methods:
-        entries = stage_morlhf(cfg)
-        bb = stage_done(cfg, "backbones") or {}
-        vals = (stage_done(cfg, "values") or {}).get("values", [])
-        _bundle(
-            cfg,
-            bundle_dir,
-            summary["beta"],
-            bb,
-            vals,
-            summary["alpha"],
-            summary["gamma"],
-            {"morlhf": entries},
-        )
+        extra["morlhf"] = stage_morlhf(cfg)
         if "morlhf" not in methods:
             methods.append("morlhf")
+    extra.update(stage_baselines(cfg, methods, summary["beta"], bb))
+    if extra:  # the bundle gains the baselines' adapters (same beta, alpha, gamma)
+        vals = (stage_done(cfg, "values") or {}).get("values", [])
+        _bundle(cfg, bundle_dir, summary["beta"], bb, vals, summary["alpha"], summary["gamma"], extra)
     rec = stage_done(cfg, "evaluate")
+    if rec and rec.get("methods") != methods:
+        print(f"[pipeline] methods changed {rec.get('methods')} -> {methods}: evaluating again", flush=True)
+        rec = None
     if not rec:
         t1 = time.time()
         objectives = load_objectives(cfg.task)
@@ -490,6 +543,7 @@ def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
     vals = stage_done(cfg, "values") or {}
     ro = stage_done(cfg, "rollouts") or {}
     mo = stage_done(cfg, "morlhf") or {}
+    ric, modpo, wrpo = (stage_done(cfg, s) or {} for s in ("ric", "modpo", "wrpo"))
     bs = bb.get("train_seconds_bs")
     rs = bb.get("train_seconds_rs", bs if bb.get("beta") == ONE else None)
     v = (vals.get("seconds") or 0) + (ro.get("seconds") or 0)
@@ -504,6 +558,11 @@ def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
             "mage-e": (bs or 0) + v,
             "mage-e-m": (bs or 0) + v,
             "morlhf": mo.get("seconds"),
+            # offline baselines: their own stage + the scored rollouts they learn from (WRPO: + source sampling
+            # inside its stage; its GRPO source backbones are counted under bs / rs)
+            "ric": ric["seconds"] + (ro.get("seconds") or 0) if ric else None,
+            "modpo": modpo["seconds"] + (ro.get("seconds") or 0) if modpo else None,
+            "bs-wrpo": wrpo["seconds"] + (ro.get("seconds") or 0) if wrpo else None,
         }.get(m)
         out[m] = "" if t is None else f"{t:.0f}"
     return out

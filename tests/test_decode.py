@@ -163,6 +163,8 @@ class Reference:
             return self.logp(self.merged(self.rs, mu), x), zero
         if method == "bs":
             return self.logp(policy, x), zero
+        if method == "bs-wrpo":  # Bone Soup over other backbones of the same B(beta) (here: the rs adapters)
+            return self.logp(self.merged(self.rs, soup_coefficients(mu, BETA, alpha)), x), zero
         if method == "mod":  # sum_i w_i log pi_i, renormalised
             models, w = self.experts(mu)
             return torch.log_softmax(sum(wi * self.logp(m, x) for wi, m in zip(w, models)), -1), zero
@@ -286,6 +288,22 @@ def test_rows_per_method(engine):
         [Request("Hi", list(mu), method=m, alpha=a, max_new_tokens=2) for m, a, mu, _ in cases]
     )
     assert [o.rows_used for o in outs] == [r for *_, r in cases]
+
+
+def test_bs_wrpo_is_bone_soup_over_the_wrpo_backbones(art, ref):
+    """bs-wrpo mixes the WRPO backbones with (1 + alpha) B^-1 mu, exactly like bs does its own backbones."""
+    parts = _parts(art, values=False, extras=False)
+    parts.wrpo_backbones = [load_adapter(d / "adapter") for d in art.rs]
+    eng = Engine(parts, CFG)
+    outs = eng.generate([Request(PROMPTS[i], list(mu), method="bs-wrpo") for i, mu in enumerate(PREFS)])
+    for i, (mu, out) in enumerate(zip(PREFS, outs)):
+        assert out.error is None, out.error
+        assert out.token_ids == ref.greedy(PROMPTS[i], "bs-wrpo", np.asarray(mu))
+        assert out.token_ids != ref.greedy(PROMPTS[i], "bs", np.asarray(mu))
+    (bad,) = Engine(_parts(art, values=False, extras=False), CFG).generate(
+        [Request("Hi", [0.5, 0.5], method="bs-wrpo")]
+    )
+    assert bad.finish_reason == "error" and "wrpo_backbones" in bad.error
 
 
 @pytest.mark.parametrize("method", ["mod", "mage-i"])

@@ -17,9 +17,10 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         repo_root / "configs" / "smoke.yaml",
         [
             f"storage.storage_path={tmp_path}",
-            "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m]",
+            "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m,ric,modpo,bs-wrpo]",
             "sweep.gammas=[0.0,1.0]",
             "sweep.alphas=[0.0]",
+            "sweep.betas=[0.6,0.7]",  # a real Tune beta stage: 2 trials, each training 2 backbones at once
         ],
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -27,13 +28,43 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         out = run_pipeline(cfg)
         run = tmp_path / "smoke"
         bundle = json.loads((run / "bundle" / "bundle.json").read_text())
-        assert bundle["beta"] == 0.7 and len(bundle["backbones"]) == 2 and len(bundle["values"]) == 2
+        assert bundle["beta"] in (0.6, 0.7) and len(bundle["backbones"]) == 2 and len(bundle["values"]) == 2
+        beta_rec = stage_done(cfg, "beta")
+        assert sorted(r["backbone.beta"] for r in beta_rec["rows"]) == [0.6, 0.7]
+        assert all(r["error"] is None and r["hv"] > 0 for r in beta_rec["rows"])
+        # the short sweep backbones land in the run dir (not in a Tune trial's working directory)
+        for b in ("0.6", "0.7"):
+            for i in (0, 1):
+                assert (run / "backbones" / f"beta_{b}" / f"b{i}_s1" / "adapter").is_dir(), (b, i)
         assert bundle["gamma"] in (0.0, 1.0) and out["gamma"] == bundle["gamma"]
         metrics = json.loads((run / "report" / "metrics.json").read_text())
-        assert set(metrics["methods"]) == {"rs", "bs", "mod", "mage-e-m", "mage-i-m"}
+        assert set(metrics["methods"]) == {
+            "rs",
+            "bs",
+            "mod",
+            "mage-e-m",
+            "mage-i-m",
+            "ric",
+            "modpo",
+            "bs-wrpo",
+        }
+        # the baselines trained in their own stages and joined the bundle
+        assert bundle["ric"] is not None and len(bundle["modpo"]) == 3 and len(bundle["wrpo_backbones"]) == 2
+        assert stage_done(cfg, "wrpo")["beta"] == bundle["beta"]
         for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md"):
             assert (run / "report" / f).exists(), f
-        for stage in ("beta", "backbones", "rollouts", "values", "alpha", "gamma", "evaluate"):
+        for stage in (
+            "beta",
+            "backbones",
+            "rollouts",
+            "values",
+            "alpha",
+            "gamma",
+            "ric",
+            "modpo",
+            "wrpo",
+            "evaluate",
+        ):
             assert stage_done(cfg, stage), stage
         # A second run resumes: every stage is skipped, nothing is retrained or re-decoded.
         before = {p: p.stat().st_mtime for p in (run / "stages").iterdir()}

@@ -136,11 +136,12 @@ def test_discover_sources_takes_complete_non_wrpo_backbones(tmp_path):
         ("0.7", "b0", "wrpo", "complete"),
         ("0.6", "b1", "rloo", "running"),
         ("0.6", "b0", "grpo", "complete"),
+        ("0.8", "b0_s5", "grpo", "complete"),  # a short beta-sweep trial: not a source
     ]:
         d = root / f"beta_{beta}" / name
         (d / "adapter").mkdir(parents=True)
         (d / "adapter" / "adapter_config.json").write_text("{}")
-        write_manifest(d, {"trainer": trainer, "status": status})
+        write_manifest(d, {"trainer": trainer, "status": status, "sweep_trial": name.endswith("_s5")})
     found = discover_sources(cfg, exclude=[str(root / "beta_0.6" / "b0")])
     assert found == [str(root / "beta_1" / "b0"), "tiny-random:1"]
     with pytest.raises(ValueError, match="wrpo_sources"):

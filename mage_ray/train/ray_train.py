@@ -26,7 +26,9 @@ interrupted backbone from its last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -109,6 +111,13 @@ def _storage(path: str) -> str:
     return path if is_uri(path) else os.path.abspath(path)
 
 
+def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
+    """Run a train loop with Ray Train's per-report INFO line (the whole metrics dict) turned off: our own
+    progress line per step (:func:`format_progress`) says the same in one line."""
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    return fn(config)
+
+
 def run_torch_trainer(
     train_loop_per_worker: Callable[[dict], Any],
     config: dict[str, Any],
@@ -137,7 +146,7 @@ def run_torch_trainer(
 
         cbs.append(TuneReportCallback())
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(_quiet_worker, train_loop_per_worker),
         train_loop_config=config,
         scaling_config=scaling.scaling_config(),
         run_config=ray.train.RunConfig(

@@ -138,8 +138,8 @@ def _is_adapter_dir(p: Path) -> Path | None:
 
 
 def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
-    """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``), then
-    ``backbone.wrpo_sources``."""
+    """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``, not the short
+    beta-sweep trials), then ``backbone.wrpo_sources``."""
     from mage_ray.train.ray_train import _storage
 
     found: list[str] = []
@@ -154,7 +154,7 @@ def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
                     m = read_manifest(d) or {}
                 except ManifestError:
                     continue
-                if m.get("trainer") != "wrpo" and _is_adapter_dir(d) is not None:
+                if m.get("trainer") != "wrpo" and not m.get("sweep_trial") and _is_adapter_dir(d) is not None:
                     found.append(str(d))
     return found + [s for s in cfg.backbone.wrpo_sources if s not in found]
 
