@@ -686,7 +686,10 @@ def train_value_models(
     the cluster's resources hold, or ``max_concurrent``); without it they train one after the other in
     this process. Complete ones are skipped. Returns the manifests in objective order.
     """
-    rollouts_path = rollouts_path or join(cfg.storage.run_dir, "rollouts")
+    from mage_ray.train.ray_train import _storage
+
+    # absolute: Ray Train workers and Tune trials run in their own working directories
+    rollouts_path = _storage(rollouts_path or join(cfg.storage.run_dir, "rollouts"))
     objectives = list(objectives) if objectives is not None else list(cfg.task.objectives)
     dirs = {o: value_model_dir(cfg, o) for o in objectives}
     pending = [o for o in objectives if not is_complete(dirs[o])]
