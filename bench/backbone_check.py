@@ -4,8 +4,9 @@ Two checks on the n trained backbones of B(beta) (``<run_dir>/backbones/beta_<be
 
 1. Training curve: backbone i's own combined reward h_i = w_i^T r (TRL's logged ``reward``, Eq. 11) over
    the first vs the last 10% of its steps (mean and std over those steps).
-2. Direction: greedy decoding of ``--prompts`` test prompts with each backbone alone (method ``rs`` at the
-   one-hot preference e_i, i.e. lambda = e_i: backbone i's adapter exactly) and with the base policy; every
+2. Direction: greedy decoding of ``--prompts`` test prompts with each backbone alone (method ``bs`` at
+   mu = w_i with alpha = 0, i.e. lambda = B^-1 w_i = e_i: backbone i's adapter exactly) and with the base
+   policy, on the same prompts; every
    response scored by every objective. Backbone i should beat backbone j on objective i when w_i puts more
    weight on objective i than w_j does.
 
@@ -83,17 +84,19 @@ def main() -> None:
             objectives=names,
             beta=beta,
             backbones=dirs,
-            default_method="rs",
+            default_method="bs",
         )
-        eng = Engine.from_bundle(bundle, methods=["rs"])
+        eng = Engine.from_bundle(bundle, methods=["bs"])
         mnt = args.max_new_tokens or cfg.decode.max_new_tokens
         rows = {}
         t0 = time.time()
+        # backbone i alone = Bone Soup at mu = w_i with alpha = 0: lambda = B^-1 w_i = e_i (Eq. 12)
         for label, method, mu in [("base", "base", None)] + [
-            (Path(d).name, "rs", np.eye(n)[i].tolist()) for i, d in enumerate(dirs)
+            (Path(d).name, "bs", ws[i].tolist()) for i, d in enumerate(dirs)
         ]:
             reqs = [
-                Request(q, preference=mu, method=method, max_new_tokens=mnt, do_sample=False) for q in prompts
+                Request(q, preference=mu, method=method, alpha=0.0, max_new_tokens=mnt, do_sample=False)
+                for q in prompts
             ]
             outs = eng.generate(reqs, batch_size=args.batch_size)
             bad = [o.error for o in outs if o.finish_reason == "error"]
@@ -107,6 +110,14 @@ def main() -> None:
     for label, s in rows.items():
         sem = s.std(0, ddof=1) / math.sqrt(len(s))
         print(f"| {label} | " + " | ".join(f"{m:.4f} ± {e:.4f}" for m, e in zip(s.mean(0), sem)) + " |")
+    print("\nOwn combined reward h_i = w_i^T r on these prompts (backbone vs base):")
+    for i, d in enumerate(dirs):
+        h_b, h_0 = rows[Path(d).name] @ ws[i], rows["base"] @ ws[i]
+        diff = h_b - h_0
+        print(
+            f"  {Path(d).name}: {h_b.mean():.4f} vs base {h_0.mean():.4f}, diff {diff.mean():+.4f} "
+            f"± {diff.std(ddof=1) / math.sqrt(len(diff)):.4f}"
+        )
     print(
         "\nPairwise (backbone i vs j on objective i, where w_i[i] > w_j[i]): paired difference over prompts"
     )

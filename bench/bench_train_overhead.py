@@ -35,7 +35,9 @@ def main() -> None:
     p.add_argument("--config", default="configs/embedded.yaml")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--pairs", type=int, default=2)
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray worker = torch threads of the plain run")
+    p.add_argument(
+        "--cpus", type=int, default=2, help="CPUs of the Ray worker = torch threads of the plain run"
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -67,7 +69,9 @@ def main() -> None:
                 if kind == "plain":
                     train_backbone(cfg, w, out, name=f"{kind}{i}", steps=args.steps, quiet=True)
                 else:
-                    train_backbone_ray(cfg, w, name=f"{kind}{i}", out_dir=out, steps=args.steps, progress=False)
+                    train_backbone_ray(
+                        cfg, w, name=f"{kind}{i}", out_dir=out, steps=args.steps, progress=False
+                    )
                 wall = time.perf_counter() - t0
                 st = step_times(out)
                 res[kind] = (statistics.median(st[1:] or st), wall)
@@ -75,7 +79,9 @@ def main() -> None:
             rows.append(res)
     ray.shutdown()
     print(f"\n{cfg.model.name_or_path}, {args.steps} steps, {args.cpus} CPUs / torch threads\n")
-    print("| pair | plain step (s) | Ray Train step (s) | step ratio | plain wall (s) | Ray wall (s) | wall ratio |")
+    print(
+        "| pair | plain step (s) | Ray Train step (s) | step ratio | plain wall (s) | Ray wall (s) | wall ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         (ps, pw), (rs, rw) = r["plain"], r["ray"]
