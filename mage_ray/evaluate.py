@@ -176,7 +176,7 @@ def plot_fronts(
         for p in range(len(x)):
             if len(x) <= 11 or p % 2 == 0:
                 ax.annotate(
-                    f"{r.preferences[p, 0]:.1f}",
+                    f"{r.preferences[p, 0]:.3g}",
                     (x[p], y[p]),
                     textcoords="offset points",
                     xytext=(3, 3),

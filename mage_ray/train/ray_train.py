@@ -114,7 +114,12 @@ def _storage(path: str) -> str:
 def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
     """Run a train loop with Ray Train's per-report INFO line (the whole metrics dict) turned off: our own
     progress line per step (:func:`format_progress`) says the same in one line."""
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    try:  # Ray names that logger by the module's file path (logging.getLogger(__file__)), not its dotted name
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logs
+        pass
     return fn(config)
 
 
