@@ -422,10 +422,6 @@ def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:
     return [(list(map(float, mu)), morlhf_dir(cfg, mu)) for mu in grid]
 
 
-BASELINES = ("ric", "modpo", "bs-wrpo")
-"""Evaluation methods that need their own training (RiC, MODPO, Bone Soup on WRPO backbones)."""
-
-
 def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> dict[str, Any]:
     """Train what the baselines in ``methods`` need (stages ``ric``, ``modpo``, ``wrpo``); return bundle extras.
 
@@ -451,7 +447,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
 
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
         rec = stage_done(cfg, "modpo")
-        if not rec:
+        if not rec or rec.get("grid") != grid.tolist():  # a new grid trains only its missing points
             t0 = time.time()
             _banner("modpo", f"{len(grid)} MODPO policies (one per preference) x {cfg.backbone.steps} steps")
             train_modpo_grid(cfg, grid)
