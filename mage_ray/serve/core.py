@@ -21,8 +21,10 @@ cancellation hook yet, so :class:`CancellableEngine` adds one by overriding ``En
 per-hypothesis finishing test); :attr:`Generator.stats` counts cancellations and decoded tokens.
 
 Continuous batching (admitting queued requests between decode steps of a running batch) would cut the wait of
-a request that arrives just after a batch started; the engine's ``stream`` takes a fixed request list, so it
-needs an admission hook in the engine first. Left for later; see docs/benchmarks.md for the measured numbers.
+a request that arrives just after a batch started. The engine supports it (``Engine.stream(requests,
+admit=...)``, tested in tests/test_decode.py); this Generator does not use it yet: ``_run_batch`` would pass an
+``admit`` that hands queued tickets over from the event loop thread-safely. Measuring it against this
+micro-batching is open; see docs/benchmarks.md for the numbers measured so far.
 """
 
 from __future__ import annotations
