@@ -60,7 +60,18 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 
 METHODS = (
-    "rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "base", "morlhf", "ric", "modpo", "bs-wrpo"
+    "rs",
+    "bs",
+    "mod",
+    "mage-e",
+    "mage-e-m",
+    "mage-i",
+    "mage-i-m",
+    "base",
+    "morlhf",
+    "ric",
+    "modpo",
+    "bs-wrpo",
 )
 """Decoding methods the engine knows (``base`` = plain SFT/base policy)."""
 
