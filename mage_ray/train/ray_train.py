@@ -665,6 +665,26 @@ def _backbone_job(**job: Any) -> dict[str, Any]:
     return {"name": m.get("name"), "steps_done": m.get("steps_done"), "status": m.get("status")}
 
 
+def backbone_plan(
+    cfg: Config,
+    beta: float | None,
+    weights: Sequence[Sequence[float]] | None,
+    names: Sequence[str] | None,
+    objectives: Sequence[Any] | None,
+) -> tuple[float, list[np.ndarray], list[str]]:
+    """(beta, reward weights, names) of the backbones to train: the columns w_i of B(beta) (Eq. 12) unless
+    ``weights`` are given, named ``b0..b{n-1}`` unless ``names`` are; names must be distinct, one per w."""
+    from mage_ray.soup import backbone_weights
+
+    beta = cfg.backbone.beta if beta is None else float(beta)
+    n = len(objectives) if objectives is not None else cfg.n_objectives
+    ws = [np.asarray(x, dtype=float) for x in weights] if weights is not None else backbone_weights(n, beta)
+    names = list(names) if names is not None else [f"b{i}" for i in range(len(ws))]
+    if len(names) != len(ws) or len(set(names)) != len(names):
+        raise ValueError(f"names must be {len(ws)} distinct names (one per backbone), got {names}")
+    return beta, ws, names
+
+
 def train_backbones(
     cfg: Config,
     *,
@@ -685,7 +705,6 @@ def train_backbones(
     ``backbone.trainer = 'wrpo'`` dispatches to :func:`mage_ray.train.wrpo.train_wrpo_backbones` (offline,
     from scored rollouts and source models; same output layout).
     """
-    from mage_ray.soup import backbone_weights
 
     if cfg.backbone.trainer == "wrpo":  # offline preference trainer: same layout, same manifests
         from mage_ray.train.wrpo import train_wrpo_backbones
@@ -706,12 +725,7 @@ def train_backbones(
             progress=progress,
         )
     cfg = prepare_sft_base(cfg)
-    beta = cfg.backbone.beta if beta is None else float(beta)
-    n = len(objectives) if objectives is not None else cfg.n_objectives
-    ws = [np.asarray(x, dtype=float) for x in weights] if weights is not None else backbone_weights(n, beta)
-    names = list(names) if names is not None else [f"b{i}" for i in range(len(ws))]
-    if len(names) != len(ws) or len(set(names)) != len(names):
-        raise ValueError(f"names must be {len(ws)} distinct names (one per backbone), got {names}")
+    beta, ws, names = backbone_plan(cfg, beta, weights, names, objectives)
     fault = fault_injection if fault_injection is not None else _fault_injection_from_env()
     jobs = [
         dict(

@@ -498,17 +498,11 @@ def train_wrpo_backbones(
     callables for scoring source responses (default ``load_objectives(task)``). Complete backbones are
     skipped.
     """
-    from mage_ray.soup import backbone_weights
-    from mage_ray.train.ray_train import _storage, backbone_dir, prepare_sft_base
+    from mage_ray.train.ray_train import _storage, backbone_dir, backbone_plan, prepare_sft_base
     from mage_ray.train.rollouts import read_rollouts
 
     cfg = prepare_sft_base(cfg)
-    beta = cfg.backbone.beta if beta is None else float(beta)
-    n = len(objectives) if objectives is not None else cfg.n_objectives
-    ws = [np.asarray(x, dtype=float) for x in weights] if weights is not None else backbone_weights(n, beta)
-    names = list(names) if names is not None else [f"b{i}" for i in range(len(ws))]
-    if len(names) != len(ws) or len(set(names)) != len(names):
-        raise ValueError(f"names must be {len(ws)} distinct names (one per backbone), got {names}")
+    beta, ws, names = backbone_plan(cfg, beta, weights, names, objectives)
     dirs = [backbone_dir(cfg, beta, nm) for nm in names]
     total = cfg.backbone.steps if steps is None else int(steps)
     if all(is_complete(d) for d in dirs):
