@@ -1,13 +1,17 @@
 """Load benchmark of the Serve app on loopback: concurrent streaming clients, each with its own preference.
 
     .venv/bin/python bench/bench_serve.py                          # embedded SmolLM2-135M, clients 1,8,32
+    .venv/bin/python bench/bench_serve.py --batching micro,continuous --lengths mixed   # compare batching modes
     .venv/bin/python bench/bench_serve.py --model tiny-random --clients 1,4 --max-tokens 8   # smoke run
 
 One replica (``serve.num_cpus`` = --replica-cpus, max_batch_size = the largest client count) on a fresh local
 Ray, over ``runs/embedded/bundle`` if it exists, else a bundle of random r=8 adapters (q/k/v/o) and random value
 heads on the chosen model (timing does not depend on the values). Each level runs N clients at once; every
-client streams ``--rounds`` requests of exactly --max-tokens tokens (``ignore_eos``) from ``POST /v1/generate``
-with a preference of its own. Reported per level: TTFT p50 / p99 (request sent -> first token event),
+client streams ``--rounds`` requests one after another (``ignore_eos``) from ``POST /v1/generate`` with a
+preference of its own: each exactly --max-tokens tokens (``--lengths fixed``), or (``mixed``) request k of
+client i asks for max_tokens * (1 + (i + k) % 4) / 4 tokens, so short and long requests share batches and
+finish at different steps. Each ``--batching`` mode (serve.batching) is a fresh deployment of the same bundle
+measured in the same run. Reported per level: TTFT p50 / p99 (request sent -> first token event),
 aggregate tokens/s (all completion tokens / wall time of the level), errors.
 
 The naive alternative runs in the same process afterwards, one request at a time: per preference, materialise
@@ -69,7 +73,13 @@ async def _one(session, url: str, body: dict) -> tuple[float | None, int, str | 
     return ttft, tokens, err
 
 
-async def run_level(url: str, n_clients: int, rounds: int, max_tokens: int, method: str | None) -> dict:
+def _tokens(i: int, k: int, max_tokens: int, lengths: str) -> int:
+    return max_tokens if lengths == "fixed" else max(1, max_tokens * (1 + (i + k) % 4) // 4)
+
+
+async def run_level(
+    url: str, n_clients: int, rounds: int, max_tokens: int, method: str | None, lengths: str = "fixed"
+) -> dict:
     """N concurrent clients, each streaming ``rounds`` requests sequentially with its own preference."""
     import aiohttp
 
@@ -82,7 +92,7 @@ async def run_level(url: str, n_clients: int, rounds: int, max_tokens: int, meth
             body = {
                 "prompt": f"Tell me something interesting about topic number {i * rounds + k}.",
                 "preference": prefs[i],
-                "max_tokens": max_tokens,
+                "max_tokens": _tokens(i, k, max_tokens, lengths),
                 "ignore_eos": True,
                 "stream": True,
             }
@@ -187,6 +197,11 @@ def main() -> None:
     ap.add_argument("--naive-prefs", type=int, default=3)
     ap.add_argument("--replica-cpus", type=float, default=2.0)
     ap.add_argument("--batch-wait", type=float, default=0.05, help="serve.batch_wait_timeout_s")
+    ap.add_argument(
+        "--batching", default="continuous", help="serve.batching modes to compare, e.g. micro,continuous"
+    )
+    ap.add_argument("--lengths", choices=["fixed", "mixed"], default="fixed", help="max_tokens per request")
+    ap.add_argument("--no-naive", action="store_true", help="skip the merge-per-preference baseline")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
@@ -231,28 +246,39 @@ def main() -> None:
         f"serve.batch_wait_timeout_s={args.batch_wait}",
         "decode.max_tokens_limit=1024",
     ]
-    t0 = time.perf_counter()
-    serve.run(
-        build_app({"bundle": str(bundle), "config": None, "overrides": overrides}),
-        name="bench",
-        route_prefix="/",
-    )
-    print(f"replica up in {time.perf_counter() - t0:.0f} s; overrides {overrides}", flush=True)
     url = f"http://127.0.0.1:{port}/v1/generate"
     results = []
     try:
-        asyncio.run(run_level(url, 1, 1, 4, None))  # warm-up
-        for n in levels:
-            rounds = args.rounds if n > 1 else max(args.rounds, 3)
-            res = asyncio.run(run_level(url, n, rounds, args.max_tokens, None))
-            results.append(res)
-            print(json.dumps(res), flush=True)
-        res = asyncio.run(run_level(url, bs, args.rounds, args.max_tokens, "bs"))
-        results.append(res)
-        print(json.dumps(res), flush=True)
+        for mode in args.batching.split(","):
+            t0 = time.perf_counter()
+            serve.run(
+                build_app(
+                    {
+                        "bundle": str(bundle),
+                        "config": None,
+                        "overrides": [*overrides, f"serve.batching={mode}"],
+                    }
+                ),
+                name="bench",
+                route_prefix="/",
+            )
+            print(
+                f"[{mode}] replica up in {time.perf_counter() - t0:.0f} s; overrides {overrides}", flush=True
+            )
+            asyncio.run(run_level(url, 1, 1, 4, None))  # warm-up
+            for n, method in [*((n, None) for n in levels), (bs, "bs")]:
+                rounds = args.rounds if n > 1 else max(args.rounds, 3)
+                res = asyncio.run(run_level(url, n, rounds, args.max_tokens, method, args.lengths))
+                res["batching"] = mode
+                results.append(res)
+                print(json.dumps(res), flush=True)
+            serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
+    if args.no_naive:
+        _table(results, args, source)
+        return
     import torch
 
     torch.set_num_threads(max(1, int(args.replica_cpus)))
@@ -260,17 +286,25 @@ def main() -> None:
     results.append(res)
     print(json.dumps(res), flush=True)
 
-    single = results[0]["tokens_per_s"]
+    _table(results, args, source)
+
+
+def _table(results: list[dict], args, source: str) -> None:
+    single = {r["batching"]: r["tokens_per_s"] for r in results if r["clients"] == 1 and "batching" in r}
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"max_tokens {args.max_tokens}; bundle: {source}"
+        f"max_tokens {args.max_tokens} ({args.lengths}); bundle: {source}"
     )
-    print("| clients | method | requests | TTFT p50 (s) | TTFT p99 (s) | tokens/s | x single | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| batching | clients | method | requests | TTFT p50 (s) | TTFT p99 (s) | tokens/s | x single | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        mode = r.get("batching", "-")
+        ref = single.get(mode, next(iter(single.values())))
         print(
-            f"| {r['clients']} | {r['method']} | {r['requests']} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} "
-            f"| {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / single:.2f} | {r['errors']} |"
+            f"| {mode} | {r['clients']} | {r['method']} | {r['requests']} | {r['ttft_p50_s']:.2f} "
+            f"| {r['ttft_p99_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / ref:.2f} | {r['errors']} |"
         )
     if args.out:
         Path(args.out).write_text(

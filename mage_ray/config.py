@@ -356,6 +356,9 @@ class ServeConfig:
     """Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}."""
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.01
+    batching: str = "continuous"
+    """continuous: queued requests join a running batch between decode steps; micro: a batch is fixed when it
+    starts and later requests wait for it (docs/benchmarks.md compares them)."""
     max_ongoing_requests: int = 64
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -370,6 +373,8 @@ class ServeConfig:
         _check_range("serve.num_replicas", self.num_replicas, 1, 10_000)
         _check_range("serve.max_batch_size", self.max_batch_size, 1, 4096)
         _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0, 60)
+        if self.batching not in ("continuous", "micro"):
+            _fail("serve.batching", self.batching, "'continuous' or 'micro'")
         _check_range("serve.max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, 1_000_000)
         _check_range("serve.num_cpus", self.num_cpus, 0, 1024)
         _check_range("serve.num_gpus", self.num_gpus, 0, 64)

@@ -551,6 +551,16 @@ class Engine:
 
     # ----- public API -----
 
+    @property
+    def can_admit(self) -> bool:
+        """Whether ``stream(admit=...)`` works with this model: every KV-cache layer is full attention (caches of
+        sliding-window layers cannot be concatenated row-wise)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
     def generate(self, requests: Iterable[Request], batch_size: int | None = None) -> list[Completion]:
         """Run requests to completion, ``batch_size`` (default: the DecodeConfig's) requests per batch.
 
@@ -576,7 +586,9 @@ class Engine:
         (invalid requests as finished error events, before anything runs).
 
         ``admit`` (continuous batching): called between decode steps, without blocking, from the decode loop; the
-        requests it returns are validated, prefilled and join the running batch. Their event indices continue
+        requests it returns are validated, prefilled and join the running batch. It is called after the step's events
+        were yielded (so the consumer has seen which requests finished), and the admitted requests' first tokens
+        come as a list of their own. Their event indices continue
         after the initial list (len(requests), len(requests) + 1, ... in arrival order). The stream ends when no
         request is live and ``admit`` returns nothing. Close the iterator if you stop consuming early.
 
@@ -632,6 +644,11 @@ class Engine:
                 live, cache, mask, changed = self._select(new_live, cache, mask)
                 if changed:
                     lay = None
+            if (
+                events
+            ):  # before admitting: the consumer sees this step's finishes first (and no wait on a prefill)
+                yield events
+                events = []
             more: list[Request] = []
             if admit is not None:
                 more = list(admit() or [])

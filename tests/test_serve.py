@@ -99,32 +99,91 @@ def test_decode_defaults_precedence(bundle, smoke):
 # ----- the core, driven without Ray -----
 
 
+def _generator(bundle, smoke, batching: str) -> Generator:
+    overrides = ["serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.05", f"serve.batching={batching}"]
+    return Generator.from_bundle(bundle, load_config(smoke, overrides))
+
+
 @pytest.fixture(scope="module")
 def gen(bundle, smoke):
-    g = Generator.from_bundle(
-        bundle, load_config(smoke, ["serve.max_batch_size=4", "serve.batch_wait_timeout_s=0.05"])
-    )
+    g = _generator(bundle, smoke, "continuous")
+    assert g.continuous  # the default, and the tiny Llama has full-attention caches
     yield g
     g.close()
 
 
-def test_core_batches_mixed_requests_like_the_engine(gen):
-    """6 concurrent requests (3 methods, 6 preferences) with max_batch_size 4 -> 2 engine batches, and every
-    text equals what the engine gives the request alone (batching changes nothing)."""
+@pytest.fixture(scope="module")
+def gen_micro(bundle, smoke):
+    g = _generator(bundle, smoke, "micro")
+    yield g
+    g.close()
+
+
+@pytest.mark.parametrize("mode", ["micro", "continuous"])
+def test_core_batches_mixed_requests_like_the_engine(gen, gen_micro, mode):
+    """6 concurrent requests (3 methods, 6 preferences) with max_batch_size 4: every text equals what the engine
+    gives the request alone (batching changes nothing). Micro-batching runs 2 engine batches; continuous
+    batching runs 1, the last 2 requests admitted into it once the first 4 finish."""
+    g = gen if mode == "continuous" else gen_micro
     reqs = [
         Request("Hello there", preference=[i / 5, 1 - i / 5], method=m, max_new_tokens=6)
         for i, m in enumerate(["bs", "mage-e-m", "mage-i-m", "bs", "mage-e-m", "mage-i-m"])
     ]
-    solo = [gen.engine.generate([r])[0] for r in reqs]
-    before = dict(gen.counters)
+    solo = [g.engine.generate([r])[0] for r in reqs]
+    before = dict(g.counters)
 
     async def run():
-        return await asyncio.gather(*(gen.generate(r) for r in reqs))
+        return await asyncio.gather(*(g.generate(r) for r in reqs))
 
     got = asyncio.run(run())
     assert [c.text for c in got] == [c.text for c in solo]
-    assert gen.counters["batches"] - before["batches"] == 2
-    assert gen.counters["completed"] - before["completed"] == 6
+    delta = {k: g.counters[k] - before[k] for k in ("batches", "admitted", "completed")}
+    assert delta == (
+        {"batches": 1, "admitted": 2, "completed": 6}
+        if mode == "continuous"
+        else {"batches": 2, "admitted": 0, "completed": 6}
+    )
+
+
+@pytest.mark.parametrize("mode", ["micro", "continuous"])
+def test_core_late_request_joins_the_running_batch(gen, gen_micro, mode):
+    """A short request sent while a long one decodes: with continuous batching it starts at the next step and
+    finishes first (same text as alone); with micro-batching it waits for the long one to finish."""
+    g = gen if mode == "continuous" else gen_micro
+    short = Request("Hi", preference=[0.3, 0.7], method="mage-e-m", max_new_tokens=3)
+    (alone,) = g.engine.generate([short])
+
+    async def run():
+        order = []
+        long_t = g.submit(Request("Hello", preference=[0.5, 0.5], max_new_tokens=40, ignore_eos=True))
+        await long_t.next()  # the long request is decoding
+        short_t = g.submit(short)
+
+        async def wait(name, t):
+            c = await t.result() if name == "short" else await _rest(t)
+            order.append(name)
+            return c
+
+        _, c = await asyncio.gather(wait("long", long_t), wait("short", short_t))
+        return order, c
+
+    async def _rest(t):
+        while not (ev := await t.next()).finished:
+            pass
+        t.finished = True
+        return ev.completion
+
+    before = dict(g.counters)
+    order, c = asyncio.run(run())
+    assert c.token_ids == alone.token_ids
+    if mode == "continuous":
+        assert order == ["short", "long"]
+        assert (
+            g.counters["admitted"] - before["admitted"] == 1
+            and g.counters["batches"] - before["batches"] == 1
+        )
+    else:
+        assert order == ["long", "short"] and g.counters["batches"] - before["batches"] == 2
 
 
 def test_core_stream_cancel_frees_the_slot(gen):
@@ -168,7 +227,7 @@ def test_core_survives_engine_failure_and_reports_stuck(gen, monkeypatch):
     scheduler; a batch with no step for longer than stuck_after_s makes health() false."""
     real = gen.engine.stream
 
-    def broken(reqs):
+    def broken(reqs, **kw):
         raise RuntimeError("CUDA out of memory (simulated)")
         yield  # pragma: no cover
 
@@ -180,9 +239,9 @@ def test_core_survives_engine_failure_and_reports_stuck(gen, monkeypatch):
     c = asyncio.run(fail())
     assert c.finish_reason == "error" and "decoding failed" in c.error and "out of memory" in c.error
 
-    def slow(reqs):
+    def slow(reqs, **kw):
         time.sleep(0.6)
-        yield from real(reqs)
+        yield from real(reqs, **kw)
 
     monkeypatch.setattr(gen.engine, "stream", slow)
     monkeypatch.setattr(gen, "stuck_after_s", 0.3)

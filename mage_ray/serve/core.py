@@ -16,26 +16,31 @@ Batching (the semantics of Serve's ``@serve.batch``, kept in this class so it ca
 Why not ``@serve.batch`` itself: a Serve batch handler cannot tell which of its requests' clients went
 away, and the engine would keep decoding a disconnected stream to max_tokens. Here ``Ticket.cancel()`` (called
 when a stream is closed) makes the engine finish that request at its next step (``finish_reason
-"cancelled"``) and frees its rows; a ticket cancelled while queued never runs. The engine has no public
-cancellation hook yet, so :class:`CancellableEngine` adds one by overriding ``Engine._finish_check`` (the
-per-hypothesis finishing test); :attr:`Generator.stats` counts cancellations and decoded tokens.
+"cancelled"``, through ``Engine.stream(cancel=...)``) and frees its rows; a ticket cancelled while queued never
+runs. :attr:`Generator.stats` counts cancellations, admissions and decoded tokens.
 
-Continuous batching (admitting queued requests between decode steps of a running batch) would cut the wait of
-a request that arrives just after a batch started. The engine supports it (``Engine.stream(requests,
-admit=...)``, tested in tests/test_decode.py); this Generator does not use it yet: ``_run_batch`` would pass an
-``admit`` that hands queued tickets over from the event loop thread-safely. Measuring it against this
-micro-batching is open; see docs/benchmarks.md for the numbers measured so far.
+Two batching modes (``serve.batching``):
+
+- ``continuous`` (default): while a batch runs, the engine asks between decode steps for queued requests
+  (``Engine.stream(requests, admit=...)``); the scheduler hands over up to ``max_batch_size`` minus the live
+  requests, interactive first. A request that arrives mid-batch starts at the next step instead of waiting
+  for the whole batch to finish.
+- ``micro``: the batch is fixed when it starts; later arrivals wait for it to finish (``@serve.batch``
+  semantics).
+
+``bench/bench_serve.py --batching micro,continuous`` measures both in one run (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import copy
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,28 +55,11 @@ from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.models import format_prompt
 from mage_ray.serve.schema import ApiError, Limits, prompt_text
 
-__all__ = ["BatchDecoder", "CancellableEngine", "Generator", "Ticket", "decode_defaults"]
+__all__ = ["BatchDecoder", "Generator", "Ticket", "decode_defaults"]
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
-
-
-class CancellableEngine(Engine):
-    """An Engine whose running requests can be stopped between decode steps.
-
-    ``cancel_check(index) -> bool`` (set by the caller for the duration of one ``stream`` call) is asked after
-    every step whether the request at ``index`` should stop; if so its hypotheses finish with
-    ``finish_reason = "cancelled"`` and the engine prunes their rows from the batch and the KV cache.
-    """
-
-    cancel_check: Callable[[int], bool] | None = None
-
-    def _finish_check(self, hyp) -> None:
-        super()._finish_check(hyp)
-        check = self.cancel_check
-        if hyp.finish_reason is None and check is not None and check(hyp.job.index):
-            hyp.finish_reason = CANCELLED
 
 
 def decode_defaults(cfg: Config, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
@@ -151,6 +139,14 @@ class Generator:
         self.serve_cfg = sc
         self.max_batch_size = sc.max_batch_size
         self.batch_wait_timeout_s = sc.batch_wait_timeout_s
+        self.continuous = sc.batching == "continuous"
+        if self.continuous and not engine.can_admit:
+            log.warning(
+                "serve.batching=continuous needs full-attention KV caches; %s has sliding-window layers: "
+                "using micro-batching",
+                type(engine.model).__name__,
+            )
+            self.continuous = False
         self.stuck_after_s = stuck_after_s
         self.reward_device = reward_device
         self.name = name
@@ -178,21 +174,33 @@ class Generator:
         self._closed = False
         self._objectives = None
         self.counters = collections.Counter(
-            {k: 0 for k in ("requests", "completed", "cancelled", "errors", "tokens", "batches", "steps")}
+            {
+                k: 0
+                for k in (
+                    "requests",
+                    "completed",
+                    "cancelled",
+                    "errors",
+                    "tokens",
+                    "batches",
+                    "steps",
+                    "admitted",
+                )
+            }
         )
 
     @classmethod
     def from_bundle(
         cls, bundle_path: str | Path, cfg: Config, overrides: Sequence[str] = (), device: str | None = None
     ) -> Generator:
-        """Load the bundle into a :class:`CancellableEngine` on ``device`` (default: cuda when
+        """Load the bundle into an :class:`~mage_ray.decode.Engine` on ``device`` (default: cuda when
         serve.num_gpus > 0 and a GPU is visible, else cpu)."""
         import torch
 
         if device is None:
             device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         bundle = load_bundle(bundle_path)
-        engine = CancellableEngine(
+        engine = Engine(
             parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device
         )
         return cls(engine, cfg.serve, reward_device=cfg.task.reward_device, name=Path(bundle.root).name)
@@ -237,7 +245,8 @@ class Generator:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters (requests, completed, cancelled, errors, tokens, batches, steps) and queue state."""
+        """Counters (requests, completed, cancelled, errors, tokens, batches, steps, admitted: requests that
+        joined a running batch) and queue state."""
         running = self._running or []
         return {
             **self.counters,
@@ -309,10 +318,12 @@ class Generator:
     def _pending(self) -> int:
         return len(self._interactive) + len(self._bulk)
 
-    def _take(self) -> list[Ticket]:
+    def _take(self, room: int | None = None) -> list[Ticket]:
+        """Loop thread: pop up to ``room`` (default max_batch_size) queued tickets, interactive first."""
+        room = self.max_batch_size if room is None else room
         batch: list[Ticket] = []
         for q in (self._interactive, self._bulk):
-            while q and len(batch) < self.max_batch_size:
+            while q and len(batch) < room:
                 t = q.popleft()
                 if t.cancelled:  # never started: finish it here
                     self._finish(t, TokenEvent(0, "", True, CANCELLED, Completion("", [], CANCELLED)))
@@ -371,16 +382,46 @@ class Generator:
         elif not t.finished:
             t.queue.put_nowait(ev)
 
+    def _admit(self, batch: list[Ticket], done: list[bool], loop: asyncio.AbstractEventLoop) -> list[Request]:
+        """Engine thread, between decode steps (continuous batching): move queued tickets into the running batch.
+
+        The deques belong to the loop thread, so the hand-over runs there (``_take`` also finishes tickets
+        cancelled while queued); the engine thread waits for it only when something is queued and the batch has
+        room. New tickets get the next event indices, which is the order the engine numbers admitted requests.
+        """
+        room = self.max_batch_size - (len(batch) - sum(done))
+        if room <= 0 or self._closed or not self._pending() or not loop.is_running():
+            return []
+        fut: concurrent.futures.Future[list[Ticket]] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                fut.set_result(self._take(room))
+            except BaseException as e:  # noqa: BLE001  (hand any failure to the waiting engine thread)
+                fut.set_exception(e)
+
+        try:
+            loop.call_soon_threadsafe(take)
+            new = fut.result(timeout=10)
+        except Exception:  # noqa: BLE001  (loop closed or stopped: admit nothing, the batch goes on)
+            return []
+        if not new:
+            return []
+        batch.extend(new)
+        done.extend([False] * len(new))
+        self.counters["admitted"] += len(new)
+        return [t.request for t in new]
+
     def _run_batch(self, batch: list[Ticket], loop: asyncio.AbstractEventLoop) -> None:
-        """Engine thread: decode one batch, forwarding every step's events to the loop."""
-        eng = self.engine
-        cancellable = isinstance(eng, CancellableEngine)
-        if cancellable:
-            eng.cancel_check = lambda i: batch[i].cancelled
+        """Engine thread: decode one batch (growing by admission in continuous mode), forwarding every step's
+        events to the loop."""
         done = [False] * len(batch)
+        admit = (lambda: self._admit(batch, done, loop)) if self.continuous else None
         try:
             self.counters["batches"] += 1
-            for events in eng.stream([t.request for t in batch]):
+            for events in self.engine.stream(
+                [t.request for t in batch], admit=admit, cancel=lambda i: batch[i].cancelled
+            ):
                 self._last_step = time.monotonic()
                 self.counters["steps"] += 1
                 for ev in events:
@@ -391,9 +432,6 @@ class Generator:
             for i, t in enumerate(batch):
                 if not done[i]:
                     loop.call_soon_threadsafe(self._deliver, t, _error_event(i, f"decoding failed: {e}"))
-        finally:
-            if cancellable:
-                eng.cancel_check = None
 
     # ----- convenience API -----
 
