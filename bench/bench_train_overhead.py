@@ -38,6 +38,11 @@ def main() -> None:
     p.add_argument(
         "--cpus", type=int, default=2, help="CPUs of the Ray worker = torch threads of the plain run"
     )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start Ray with its dashboard (Ray Train's PlacementGroupCleaner queries the State API through it)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -48,7 +53,7 @@ def main() -> None:
     from mage_ray.train.ray_train import train_backbone_ray
 
     torch.set_num_threads(args.cpus)
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=args.dashboard, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mage-overhead-") as tmp:
         cfg = load_config(

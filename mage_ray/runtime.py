@@ -27,6 +27,24 @@ def parse_job_args(description: str, extra=None) -> tuple[argparse.Namespace, Co
     return args, cfg
 
 
+def _keep_repeated_log_lines() -> None:
+    """Turn off Ray's driver-side log de-duplication unless RAY_DEDUP_LOGS says otherwise.
+
+    Per-backbone progress lines (``[b0] step 3/16 ...``, ``[b1] step 3/16 ...``) differ only in numbers, and the
+    de-duplicator folds them into one line "[repeated 2x across cluster]", hiding all but one backbone. Ray reads
+    the variable once, when ``ray`` is first imported (usually before a job calls this), so the module flag is
+    set as well.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if os.environ["RAY_DEDUP_LOGS"] == "0":
+        try:
+            import ray._private.ray_logging as ray_logging
+
+            ray_logging.RAY_DEDUP_LOGS = False
+        except (ImportError, AttributeError):  # a Ray without this private flag: keep its default
+            pass
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
 
@@ -37,7 +55,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _keep_repeated_log_lines()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:

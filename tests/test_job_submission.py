@@ -167,3 +167,21 @@ def test_sweep_job_stop_resubmit_resume(local_cluster, tmp_path):
     assert bundle  # ...and the run is complete: bundle + report
     report = run_dir / "report"
     assert report.is_dir() and any(report.iterdir())
+
+
+def test_jobs_keep_per_backbone_progress_lines(monkeypatch):
+    """Ray's driver folds log lines that differ only in numbers ("[b0] step 3 ..." / "[b1] step 3 ...") into one;
+    init_ray turns that off even when ``ray`` was imported first, unless RAY_DEDUP_LOGS asks for it."""
+    import ray._private.ray_logging as ray_logging
+
+    from mage_ray.runtime import _keep_repeated_log_lines
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
+    _keep_repeated_log_lines()
+    assert ray_logging.RAY_DEDUP_LOGS is False and os.environ["RAY_DEDUP_LOGS"] == "0"
+
+    monkeypatch.setattr(ray_logging, "RAY_DEDUP_LOGS", True)
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    _keep_repeated_log_lines()
+    assert ray_logging.RAY_DEDUP_LOGS is True
