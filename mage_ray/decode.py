@@ -644,9 +644,9 @@ class Engine:
                 live, cache, mask, changed = self._select(new_live, cache, mask)
                 if changed:
                     lay = None
-            if (
-                events
-            ):  # before admitting: the consumer sees this step's finishes first (and no wait on a prefill)
+            # Before admitting: the consumer sees this step's finishes first, and running streams do not wait
+            # for the prefill of new requests.
+            if events:
                 yield events
                 events = []
             more: list[Request] = []

@@ -160,18 +160,12 @@ def test_core_late_request_joins_the_running_batch(gen, gen_micro, mode):
         short_t = g.submit(short)
 
         async def wait(name, t):
-            c = await t.result() if name == "short" else await _rest(t)
+            c = await t.result()
             order.append(name)
             return c
 
         _, c = await asyncio.gather(wait("long", long_t), wait("short", short_t))
         return order, c
-
-    async def _rest(t):
-        while not (ev := await t.next()).finished:
-            pass
-        t.finished = True
-        return ev.completion
 
     before = dict(g.counters)
     order, c = asyncio.run(run())

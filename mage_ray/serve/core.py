@@ -60,6 +60,7 @@ __all__ = ["BatchDecoder", "Generator", "Ticket", "decode_defaults"]
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+COUNTERS = ("requests", "completed", "cancelled", "errors", "tokens", "batches", "steps", "admitted")
 
 
 def decode_defaults(cfg: Config, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
@@ -173,21 +174,7 @@ class Generator:
         self._last_step = time.monotonic()
         self._closed = False
         self._objectives = None
-        self.counters = collections.Counter(
-            {
-                k: 0
-                for k in (
-                    "requests",
-                    "completed",
-                    "cancelled",
-                    "errors",
-                    "tokens",
-                    "batches",
-                    "steps",
-                    "admitted",
-                )
-            }
-        )
+        self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     @classmethod
     def from_bundle(
