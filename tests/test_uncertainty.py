@@ -1,0 +1,186 @@
+"""Tests for mage_ray.uncertainty: paired percentile bootstrap over prompts. Expectations are hand-derived."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mage_ray.metrics import hypervolume
+from mage_ray.soup import preference_grid
+from mage_ray.uncertainty import bootstrap_fronts, bootstrap_trials, cell_means, front_stderr
+
+pytestmark = pytest.mark.filterwarnings("error")  # inf ratios and NaN cells must not warn
+
+MU = preference_grid(2, 0.1)  # (11, 2)
+REF = [-3.0, -3.0]
+N = 40
+
+
+def _front_rewards(rng: np.random.Generator, spread: float, noise: float, n_prompts: int = N) -> np.ndarray:
+    """(11, n_prompts, 2): a concave front mu -> (sin, cos) of mu_0 pi / 2, plus a per-prompt difficulty
+    (spread, shared by every preference and objective) and independent cell noise."""
+    angle = MU[:, 0] * np.pi / 2
+    front = np.stack([np.sin(angle), np.cos(angle)], axis=1)  # (11, 2)
+    difficulty = rng.normal(0.0, spread, size=(1, n_prompts, 1))
+    return front[:, None, :] + difficulty + rng.normal(0.0, noise, size=(11, n_prompts, 2))
+
+
+def test_identical_methods_ratio_is_exactly_one():
+    """Same data under two names: HV(a)/HV(b) = 1 on the full data and in every resample, so value = lo = hi
+    = 1 and holds (lo > 1) is False."""
+    X = _front_rewards(np.random.default_rng(0), spread=0.3, noise=0.1)
+    out = bootstrap_fronts({"a": X, "b": X.copy()}, MU, REF, ratios=[("a", "b")], n_resamples=300)
+    r = out["ratios"]["a/b"]
+    assert r["value"] == 1.0
+    assert r["lo"] <= 1.0 <= r["hi"]
+    assert r["holds"] is False
+
+
+def test_clear_domination_holds():
+    """a = b + 0.2 on both objectives with noise 0.02: HV(a) > HV(b) in every resample, so the ratio interval
+    lies above 1 (holds True); value equals the HV ratio computed directly from the cell means."""
+    rng = np.random.default_rng(1)
+    b = _front_rewards(rng, spread=0.0, noise=0.02)
+    a = b + 0.2 + rng.normal(0.0, 0.02, size=b.shape)
+    out = bootstrap_fronts({"a": a, "b": b}, MU, REF, ratios=[("a", "b")], n_resamples=300)
+    r = out["ratios"]["a/b"]
+    assert r["lo"] > 1.0 and r["holds"] is True
+    expected = hypervolume(a.mean(axis=1), REF) / hypervolume(b.mean(axis=1), REF)
+    assert r["value"] == pytest.approx(expected, rel=1e-12)
+    assert out["methods"]["a"]["hv"]["lo"] > out["methods"]["b"]["hv"]["hi"]
+
+
+def test_pairing_detects_small_shift_hidden_by_prompt_difficulty():
+    """Prompt difficulty (sd 0.5, shared across preferences) moves both methods together; a = b + 0.05 exactly.
+    Unpaired, each method's HV interval is wide (the mean difficulty of a resample of 40 prompts has sd about
+    0.08 > 0.05), so the two HV intervals overlap. Paired, every resample shifts a's whole front by +0.05
+    over b's, so HV(a) > HV(b) in every resample and the ratio interval lies above 1."""
+    b = _front_rewards(np.random.default_rng(2), spread=0.5, noise=0.05)
+    a = b + 0.05
+    out = bootstrap_fronts({"a": a, "b": b}, MU, REF, ratios=[("a", "b")], n_resamples=300)
+    ha, hb = out["methods"]["a"]["hv"], out["methods"]["b"]["hv"]
+    assert ha["lo"] < hb["hi"] and hb["lo"] < ha["hi"]  # the unpaired intervals overlap
+    gap = ha["value"] - hb["value"]  # about 0.4 in HV units, against interval widths of about 2
+    assert min(ha["hi"] - ha["lo"], hb["hi"] - hb["lo"]) > 2 * gap  # each interval is wide against the gap
+    assert out["ratios"]["a/b"]["lo"] > 1.0 and out["ratios"]["a/b"]["holds"] is True
+
+
+def test_stderr_and_cell_means_hand_computed_with_nan():
+    """Cell (0, 0): [1, 2, 3] -> mean 2, std 1, stderr 1/sqrt(3). Cell (0, 1): [1, NaN, 3] -> mean 2, std
+    sqrt(2), stderr sqrt(2)/sqrt(2) = 1. Cell (1, 0): [5, NaN, NaN] -> mean 5, stderr 0 (count < 2).
+    Cell (1, 1): [4, 4, 4] -> mean 4, stderr 0."""
+    X = np.array(
+        [
+            [[1.0, 1.0], [2.0, np.nan], [3.0, 3.0]],
+            [[5.0, 4.0], [np.nan, 4.0], [np.nan, 4.0]],
+        ]
+    )  # (P=2, N=3, n=2)
+    np.testing.assert_allclose(cell_means(X), [[2.0, 2.0], [5.0, 4.0]])
+    np.testing.assert_allclose(front_stderr(X), [[1 / np.sqrt(3), 1.0], [0.0, 0.0]])
+
+
+def test_nan_cells_ignored_in_fronts():
+    """Cell (0, 0) keeps 1 valid prompt of 6: the full-data HV is that of the NaN-skipping cell means, its
+    stderr is 0 (count < 2), and resamples that draw none of its valid prompt (about (5/6)^6 = 33% of them)
+    keep its full-data mean, so every bound is finite and nothing warns."""
+    X = _front_rewards(np.random.default_rng(3), spread=0.1, noise=0.05, n_prompts=6)
+    X[0, :5, 0] = np.nan  # cell (0, 0) keeps one valid prompt: many resamples draw none of it
+    out = bootstrap_fronts({"a": X}, MU, REF, n_resamples=200)
+    assert out["methods"]["a"]["hv"]["value"] == pytest.approx(hypervolume(cell_means(X), REF))
+    assert out["methods"]["a"]["stderr"][0][0] == 0.0
+    assert np.all(
+        np.isfinite([out["methods"]["a"][m]["lo"] for m in ("hv", "inner_product", "controllability")])
+    )
+
+
+def test_zero_hv_denominator_gives_inf_ratio():
+    """b's front lies entirely below the reference point, so HV(b) = 0 in every resample while HV(a) > 0:
+    value, lo and hi of a/b are inf (no warning), holds True; b/a is 0 and does not hold."""
+    a = _front_rewards(np.random.default_rng(4), spread=0.1, noise=0.05)
+    b = a - 10.0
+    out = bootstrap_fronts({"a": a, "b": b}, MU, REF, ratios=[("a", "b"), ("b", "a")], n_resamples=200)
+    assert out["ratios"]["a/b"] == {"value": np.inf, "lo": np.inf, "hi": np.inf, "holds": True}
+    assert out["ratios"]["b/a"]["value"] == 0.0 and out["ratios"]["b/a"]["holds"] is False
+    json.dumps(out)
+
+
+def test_layout_and_determinism():
+    """Same inputs and seed give an identical dict (and identical JSON); another seed moves the bounds but not
+    the full-data values. The dict carries the documented keys."""
+    rng = np.random.default_rng(5)
+    pp = {"a": _front_rewards(rng, 0.3, 0.1), "b": _front_rewards(rng, 0.3, 0.1)}
+    kw = dict(ratios=[("a", "b")], n_resamples=200)
+    o1 = bootstrap_fronts(pp, MU, REF, seed=7, **kw)
+    o2 = bootstrap_fronts(pp, MU, REF, seed=7, **kw)
+    o3 = bootstrap_fronts(pp, MU, REF, seed=8, **kw)
+    assert o1 == o2 and json.dumps(o1) == json.dumps(o2)
+    assert o1["methods"]["a"]["hv"]["value"] == o3["methods"]["a"]["hv"]["value"]
+    assert o1["methods"]["a"]["hv"]["lo"] != o3["methods"]["a"]["hv"]["lo"]
+    assert o1["ratios"]["a/b"]["hi"] != o3["ratios"]["a/b"]["hi"]
+    assert set(o1["methods"]["a"]) == {"hv", "inner_product", "controllability", "stderr"}
+    assert np.asarray(o1["methods"]["a"]["stderr"]).shape == (11, 2)
+    assert o1["n_prompts"] == N and o1["n_resamples"] == 200 and o1["confidence"] == 0.9
+    assert o1["method"] == "percentile bootstrap over prompts, paired"
+
+
+def test_single_prompt_returns_point_values_with_note():
+    """N = 1: nothing to resample, so lo = hi = value for every metric and a note says so."""
+    X = _front_rewards(np.random.default_rng(6), 0.1, 0.05, n_prompts=1)
+    out = bootstrap_fronts({"a": X, "b": X + 0.1}, MU, REF, ratios=[("b", "a")], n_resamples=200)
+    hv = out["methods"]["a"]["hv"]
+    assert hv["lo"] == hv["value"] == hv["hi"]
+    assert "note" in out and out["ratios"]["b/a"]["lo"] == out["ratios"]["b/a"]["value"]
+
+
+def test_mismatched_prompts_or_preferences_raise_naming_method():
+    """A method with N - 1 prompts, or with 10 preferences instead of 11, raises ValueError naming it; so does
+    a ratio naming an unknown method."""
+    X = _front_rewards(np.random.default_rng(7), 0.1, 0.05)
+    with pytest.raises(ValueError, match="'short'"):
+        bootstrap_fronts({"a": X, "short": X[:, :-1]}, MU, REF, n_resamples=200)
+    with pytest.raises(ValueError, match="'fewP'"):
+        bootstrap_fronts({"a": X, "fewP": X[:-1]}, MU, REF, n_resamples=200)
+    with pytest.raises(ValueError, match="'short'"):
+        bootstrap_trials({"0.5": X, "short": X[:, :-1]}, MU, REF, default="0.5", n_resamples=200)
+    with pytest.raises(ValueError, match="'zz'"):
+        bootstrap_fronts({"a": X}, MU, REF, ratios=[("a", "zz")], n_resamples=200)
+
+
+def test_trials_keep_default_when_indistinguishable():
+    """Pure noise: three trials share the prompt difficulty and differ only by independent cell noise (sd 0.05,
+    40 prompts). A 90% interval lies above 0 by chance about 5% of the time per comparison, so about 10% for
+    the best of two challengers (measured: 6.5% over 200 datasets); over 10 seeded datasets the default is
+    kept in at least 8, and the default's own paired difference is exactly 0 in every resample."""
+    rng = np.random.default_rng(8)
+    kept = 0
+    for _ in range(10):
+        base = _front_rewards(rng, spread=0.3, noise=0.0)
+        pp = {k: base + rng.normal(0.0, 0.05, size=base.shape) for k in ("0.5", "0.6", "0.7")}
+        out = bootstrap_trials(pp, MU, REF, default="0.5", n_resamples=200)
+        assert out["trials"]["0.5"]["vs_default"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+        assert out["distinguishable"] is (out["trials"][out["best"]]["vs_default"]["lo"] > 0.0)
+        kept += out["chosen"] == "0.5" and out["distinguishable"] is False
+    assert kept >= 8
+
+
+def test_trials_choose_clearly_better():
+    """Trial "0.7" = default + 0.1 on every cell: its paired difference interval lies above 0, so it is both
+    best and chosen."""
+    rng = np.random.default_rng(9)
+    base = _front_rewards(rng, spread=0.3, noise=0.05)
+    pp = {"0.5": base, "0.6": base + rng.normal(0.0, 0.05, size=base.shape), "0.7": base + 0.1}
+    out = bootstrap_trials(pp, MU, REF, default="0.5", n_resamples=300)
+    assert out["best"] == "0.7" and out["distinguishable"] is True and out["chosen"] == "0.7"
+    assert out["trials"]["0.7"]["vs_default"]["lo"] > 0.0
+
+
+@pytest.mark.parametrize("default", [None, "missing"])
+def test_trials_without_default_choose_best(default):
+    """No usable default: chosen = best by point estimate, distinguishable None, no vs_default, and a note."""
+    rng = np.random.default_rng(10)
+    base = _front_rewards(rng, spread=0.3, noise=0.05)
+    out = bootstrap_trials({"a": base, "b": base + 0.1}, MU, REF, default=default, n_resamples=200)
+    assert out["best"] == out["chosen"] == "b" and out["distinguishable"] is None
+    assert "note" in out and "vs_default" not in out["trials"]["a"]
