@@ -42,6 +42,8 @@ def main() -> None:
         out_dir=out,
         batch_size=cfg.decode.batch_size,
         min_prompts=cfg.eval.min_test_prompts,
+        confidence=cfg.eval.confidence,
+        n_resamples=cfg.eval.n_resamples,
     )
     print(open(f"{out}/metrics.md").read())
     print(f"report: {out} (decode {summary['decode_seconds']:.0f} s)")

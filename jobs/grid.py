@@ -1,8 +1,9 @@
 """Offline preference grids with Ray Data: every prompt x every preference point x method, through the engine.
 
 Writes Parquet (prompt, preference, method, text, finish_reason, error, completion_tokens, and
-``score_<objective>`` with ``--score``) to ``<out>/generations/`` and, with ``--score``, ``<out>/summary.json``:
-the mean rewards per (method, preference) and whether each point is on its method's non-dominated front.
+``score_<objective>`` and ``degenerate`` with ``--score``) to ``<out>/generations/`` and, with ``--score``,
+``<out>/summary.json``: the mean rewards per (method, preference), the fraction of responses the quality gate
+flags degenerate, and whether each point is on its method's non-dominated front.
 
     ray job submit --working-dir . -- python jobs/grid.py --config configs/embedded.yaml \
         --bundle runs/embedded/bundle --score
@@ -88,7 +89,8 @@ def run_grid(
 
 
 def summarise(ds, objectives: list[str]) -> list[dict]:
-    """Mean reward per (method, preference) and whether it is on that method's non-dominated front."""
+    """Mean reward and degenerate fraction per (method, preference), and whether the point is on that method's
+    non-dominated front."""
     df = ds.drop_columns(["text"]).to_pandas()
     df["key"] = df["preference"].map(lambda p: json.dumps([round(float(x), 6) for x in p]))
     cols = [f"score_{n}" for n in objectives]
@@ -96,6 +98,8 @@ def summarise(ds, objectives: list[str]) -> list[dict]:
     for method, g in df.groupby("method"):
         means = g.groupby("key")[cols].mean()  # (P, n), NaN rows (all errors) dropped below
         means = means.dropna()
+        decoded = g[g[cols].notna().all(axis=1)]
+        degenerate = decoded.groupby("key")["degenerate"].mean()
         front = pareto_mask(means.to_numpy()) if len(means) else np.array([], bool)
         for (key, row), f in zip(means.iterrows(), front):
             out.append(
@@ -103,6 +107,7 @@ def summarise(ds, objectives: list[str]) -> list[dict]:
                     "method": method,
                     "preference": json.loads(key),
                     "mean_rewards": row.tolist(),
+                    "degenerate_fraction": float(degenerate[key]),
                     "front": bool(f),
                 }
             )
@@ -156,6 +161,7 @@ def main() -> None:
                 s["method"],
                 s["preference"],
                 [round(x, 3) for x in s["mean_rewards"]],
+                f"degenerate {s['degenerate_fraction']:.0%}",
                 "*" if s["front"] else "",
             )
 

@@ -6,11 +6,17 @@ mean reward vector R_p (MAGE Sec 3.1.3, the "testing reward" per objective) is t
 preference on the method's front. Metrics (Sec 5.4, Definition 1) come from :mod:`mage_ray.metrics`
 with one reference point shared by every method of the report.
 
+Every number that claims something carries its uncertainty: per-prompt rewards are kept, and HV, inner product,
+controllability and the HV ratios between methods get paired percentile-bootstrap intervals over the test
+prompts (:mod:`mage_ray.uncertainty`); every response is checked by the quality gate
+(:mod:`mage_ray.tasks.quality`) and the fraction flagged degenerate is reported per method and preference.
+
 Artifacts written to ``out_dir`` (each atomically):
-  generations.parquet  one row per (method, preference, prompt): text and per-objective scores
-  rewards.json         per-method list of {preference, mean rewards}
-  metrics.json / metrics.md   the metric table (and the reference point used)
-  front.png            Pareto fronts, one curve per method, points labelled with mu_0
+  generations.parquet  one row per (method, preference, prompt): text, per-objective scores, degenerate flag
+  rewards.json         per-method list of {preference, mean rewards, standard errors, degenerate fraction}
+  metrics.json / metrics.md   the metric table with intervals, degenerate rates, HV ratios and the claims
+  front.png            Pareto fronts (+-1 s.e. bars, hollow markers where > 5% of responses are degenerate)
+  samples.md           sample responses at three preferences per method (read the texts, not only numbers)
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ class EvaluationError(ValueError):
     """The evaluation cannot run as asked (too few prompts, bad grid, ...)."""
 
 
+DEGENERATE_TARGET = 0.05
+"""Fraction of flagged responses above which a front point is drawn hollow and a claim about it fails."""
+MAGE_METHODS = ("mage-e", "mage-e-m", "mage-i", "mage-i-m")
+
+
 @dataclass
 class MethodResult:
     method: str
@@ -50,6 +61,8 @@ class MethodResult:
     rewards: np.ndarray  # (P, n) mean reward per preference
     metrics: dict
     n_errors: int = 0
+    per_prompt: np.ndarray | None = None  # (P, N, n) rewards per preference and prompt, NaN where it errored
+    degenerate: np.ndarray | None = None  # (P,) fraction of the preference's responses flagged degenerate
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -106,6 +119,18 @@ def score_generations(rows: list[dict], prompts: Sequence, objectives) -> np.nda
     return scores
 
 
+def flag_generations(rows: list[dict], prompts: Sequence) -> np.ndarray:
+    """(N,) 1.0 where the text is flagged degenerate by the quality gate, 0.0 where not, NaN where it errored."""
+    from mage_ray.tasks.quality import degenerate_mask
+
+    ok = [k for k, r in enumerate(rows) if r["error"] is None]
+    flags = np.full(len(rows), np.nan)
+    if ok:
+        ps = [_prompt_text(prompts[rows[k]["prompt_index"]]) for k in ok]
+        flags[ok] = degenerate_mask(ps, [rows[k]["text"] for k in ok])
+    return flags
+
+
 def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -113,25 +138,121 @@ def _prompt_text(prompt) -> str:
 
 
 def summarise(
-    rows: list[dict], scores: np.ndarray, grid: np.ndarray, methods: Sequence[str], ref_point: Sequence[float]
+    rows: list[dict],
+    scores: np.ndarray,
+    grid: np.ndarray,
+    methods: Sequence[str],
+    ref_point: Sequence[float],
+    flags: np.ndarray | None = None,
 ) -> list[MethodResult]:
-    """Mean reward per (method, preference) and the metric row of every method."""
+    """Per-prompt rewards (P, N, n), mean reward per (method, preference), degenerate rate, metric row."""
+    from mage_ray.uncertainty import cell_means
+
+    n_prompts = 1 + max(r["prompt_index"] for r in rows)
     results = []
     for m in methods:
-        R = np.zeros_like(grid, dtype=float)
+        X = np.full((len(grid), n_prompts, scores.shape[1]), np.nan)  # (P, N, n)
+        D = np.full((len(grid), n_prompts), np.nan)  # (P, N) degenerate flags
         errors = 0
+        for k, r in enumerate(rows):
+            if r["method"] == m:
+                X[r["pref_index"], r["prompt_index"]] = scores[k]
+                if flags is not None:
+                    D[r["pref_index"], r["prompt_index"]] = flags[k]
         for p in range(len(grid)):
-            idx = [k for k, r in enumerate(rows) if r["method"] == m and r["pref_index"] == p]
-            good = [k for k in idx if not np.isnan(scores[k]).any()]
-            errors += len(idx) - len(good)
-            if not good:
+            bad = np.isnan(X[p]).any(axis=1)
+            errors += int(bad.sum())
+            if bad.all():
+                first = next((r["error"] for r in rows if r["method"] == m and r["pref_index"] == p), None)
                 raise EvaluationError(
                     f"method {m!r} produced no valid generation at preference {grid[p].tolist()}: "
-                    f"first error: {rows[idx[0]]['error'] if idx else 'no rows'}"
+                    f"first error: {first or 'no rows'}"
                 )
-            R[p] = scores[good].mean(axis=0)
-        results.append(MethodResult(m, grid.copy(), R, M.all_metrics(R, grid, ref_point), errors))
+        X[np.isnan(X).any(axis=2)] = np.nan  # a generation counts for all objectives or none
+        R = cell_means(X)  # (P, n)
+        deg = None if flags is None else np.nanmean(D, axis=1)
+        results.append(MethodResult(m, grid.copy(), R, M.all_metrics(R, grid, ref_point), errors, X, deg))
     return results
+
+
+def claim_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """HV ratios reported with intervals: bs/rs, and every MAGE variant (and any other method) over bs."""
+    pairs = [("bs", "rs")] if {"bs", "rs"} <= set(methods) else []
+    if "bs" in methods:
+        pairs += [(m, "bs") for m in methods if m not in ("bs", "rs")]
+    return pairs
+
+
+def attach_intervals(
+    results: list[MethodResult],
+    ref_point: Sequence[float],
+    *,
+    confidence: float = 0.9,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Paired bootstrap over prompts (:func:`mage_ray.uncertainty.bootstrap_fronts`) for every method."""
+    from mage_ray.uncertainty import bootstrap_fronts
+
+    return bootstrap_fronts(
+        {r.method: r.per_prompt for r in results},
+        results[0].preferences,
+        ref_point,
+        ratios=claim_pairs([r.method for r in results]),
+        confidence=confidence,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def _band(b: dict, digits: int = 4) -> str:
+    return f"{b['value']:.{digits}g} [{b['lo']:.{digits}g}, {b['hi']:.{digits}g}]"
+
+
+def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9) -> list[dict]:
+    """The paper's claims checked on this report, each with its interval and a verdict.
+
+    "holds" only when the whole interval is on the right side (ratio > 1, controllability >= target); "fails"
+    when the whole interval is on the wrong side; otherwise "no evidence". The best MAGE variant is the one with
+    the largest test HV (a choice made on the test prompts, said so in the row).
+    """
+    by = {r.method: r for r in results}
+    out = []
+
+    def ratio_claim(a: str, b: str, what: str) -> None:
+        x = boot["ratios"].get(f"{a}/{b}")
+        if x is None:
+            return
+        verdict = "holds" if x["lo"] > 1 else ("fails" if x["hi"] < 1 else "no evidence")
+        out.append({"claim": what, "verdict": verdict, "numbers": f"HV {a}/{b} = {_band(x, 3)}"})
+
+    mage = [m for m in MAGE_METHODS if m in by]
+    best = max(mage, key=lambda m: by[m].metrics["hv"]) if mage else None
+    ratio_claim("bs", "rs", "Bone Soup HV above Rewarded Soups")
+    if best is not None:
+        ratio_claim(best, "bs", f"MAGE (best variant on test HV: {best}) HV above Bone Soup")
+    for m in [x for x in ("bs", best) if x in by]:
+        c = boot["methods"][m]["controllability"]
+        verdict = (
+            "holds" if c["lo"] >= target_control else ("fails" if c["hi"] < target_control else "no evidence")
+        )
+        out.append(
+            {
+                "claim": f"controllability of {m} >= {target_control}",
+                "verdict": verdict,
+                "numbers": f"controllability = {_band(c, 3)}",
+            }
+        )
+        if by[m].degenerate is not None:
+            worst = float(np.max(by[m].degenerate))
+            out.append(
+                {
+                    "claim": f"degenerate responses of {m} <= {DEGENERATE_TARGET:.0%} at every preference",
+                    "verdict": "holds" if worst <= DEGENERATE_TARGET else "fails",
+                    "numbers": f"worst preference {worst:.1%} (mean {float(np.mean(by[m].degenerate)):.1%})",
+                }
+            )
+    return out
 
 
 def metrics_markdown(
@@ -139,16 +260,24 @@ def metrics_markdown(
     objectives: Sequence[str],
     ref_point: Sequence[float],
     extra_columns: dict[str, dict[str, str]] | None = None,
+    boot: dict | None = None,
 ) -> str:
-    cols = list(METRIC_COLUMNS) + list(extra_columns or {})
+    """The metric table (with the bootstrap intervals and degenerate rates when given) and the claims."""
+    banded = {"hv", "inner_product", "controllability"} if boot else set()
+    cols = list(METRIC_COLUMNS) + (["degenerate"] if results[0].degenerate is not None else [])
+    cols += list(extra_columns or {})
     head = "| method | " + " | ".join(f"{c} {_ARROWS.get(c, '')}".strip() for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for r in results:
         vals = []
         for c in cols:
-            if c in METRIC_COLUMNS:
+            if c in banded:
+                vals.append(_band(boot["methods"][r.method][c]))
+            elif c in METRIC_COLUMNS:
                 v = r.metrics[c]
                 vals.append(str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}")
+            elif c == "degenerate":
+                vals.append(f"{np.mean(r.degenerate):.1%} (max {np.max(r.degenerate):.1%})")
             else:
                 vals.append(extra_columns[c].get(r.method, ""))
         lines.append(f"| {r.method} | " + " | ".join(vals) + " |")
@@ -156,44 +285,95 @@ def metrics_markdown(
     lines.append(
         f"Objectives: {', '.join(objectives)}. Hypervolume reference point: {list(map(float, ref_point))}."
     )
+    if results[0].degenerate is not None:
+        lines.append(
+            "degenerate: share of responses flagged by the quality gate (mage_ray.tasks.quality), mean over "
+            "the preferences (worst preference)."
+        )
+    if boot:
+        lines.append(
+            f"Brackets: {boot['confidence']:.0%} interval, {boot['method']} ({boot['n_resamples']} resamples "
+            f"of the {boot['n_prompts']} prompts)."
+        )
+        if boot["ratios"]:
+            lines += ["", "| HV ratio | value [interval] | interval above 1 |", "|---|---|---|"]
+            for k, x in boot["ratios"].items():
+                lines.append(f"| {k} | {_band(x, 3)} | {'yes' if x['holds'] else 'no'} |")
+        rows = claims(results, boot)
+        if rows:
+            lines += ["", "| claim | verdict | numbers |", "|---|---|---|"]
+            lines += [f"| {c['claim']} | **{c['verdict']}** | {c['numbers']} |" for c in rows]
+            lines.append(
+                "\n'holds' only when the whole interval is on the claimed side; 'fails' when it is all on the "
+                "other side; 'no evidence' when it straddles."
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot_fronts(
     results: list[MethodResult], objectives: Sequence[str], path: str | Path, title: str = ""
-) -> None:
-    """One curve per method in the plane of the first two objectives; each point labelled with mu_0."""
-    import matplotlib
+) -> dict:
+    """Fronts with +-1 s.e. bars and hollow markers for degenerate points (:func:`mage_ray.plots.plot_fronts`)."""
+    from mage_ray.plots import Front
+    from mage_ray.plots import plot_fronts as draw
+    from mage_ray.uncertainty import front_stderr
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fronts = [
+        Front(
+            r.method,
+            r.preferences,
+            r.rewards,
+            None if r.per_prompt is None else front_stderr(r.per_prompt),
+            r.degenerate,
+        )
+        for r in results
+    ]
+    return draw(fronts, objectives, path, title=title, degenerate_threshold=DEGENERATE_TARGET)
 
-    fig, ax = plt.subplots(figsize=(7.5, 6), dpi=120)
-    markers = "os^vD<>pPX*h"
-    for k, r in enumerate(results):
-        x, y = r.rewards[:, 0], r.rewards[:, 1]
-        ax.plot(x, y, marker=markers[k % len(markers)], ms=5, lw=1.4, label=r.method, alpha=0.9)
-        for p in range(len(x)):
-            if len(x) <= 11 or p % 2 == 0:
-                ax.annotate(
-                    f"{r.preferences[p, 0]:.3g}",
-                    (x[p], y[p]),
-                    textcoords="offset points",
-                    xytext=(3, 3),
-                    fontsize=6,
-                    alpha=0.7,
-                )
-    ax.set_xlabel(f"{objectives[0]} (mean reward)")
-    ax.set_ylabel(f"{objectives[1]} (mean reward)")
-    ax.set_title(title or f"Pareto fronts; labels: preference for {objectives[0]}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+
+def samples_markdown(
+    rows: list[dict],
+    scores: np.ndarray,
+    flags: np.ndarray | None,
+    prompts: Sequence,
+    grid: np.ndarray,
+    objectives: Sequence[str],
+    n_prompts: int = 3,
+) -> str:
+    """Responses of every method to the first ``n_prompts`` prompts at the grid's vertices (all weight on one
+    objective) and its most central preference, with their scores: a reader sees the text, not only numbers."""
+    from mage_ray.plots import preference_label
+
+    vertices = [int(p) for j in range(grid.shape[1]) for p in np.flatnonzero(np.isclose(grid[:, j], 1.0))]
+    centre = int(
+        np.argmin(np.abs(grid - 1.0 / grid.shape[1]).sum(axis=1))
+    )  # (.5,.5); (.25,.25,.5) at step .25
+    picks = list(dict.fromkeys([*vertices, centre]))
+    index = {(r["method"], r["pref_index"], r["prompt_index"]): k for k, r in enumerate(rows)}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = [
+        "# Sample responses\n\n",
+        f"Responses of each method at the preferences {', '.join(preference_label(grid[p]) for p in picks)} "
+        f"over ({', '.join(objectives)}) for the first {n_prompts} prompts, scores in brackets; DEGENERATE "
+        "marks a response the quality gate flags.\n",
+    ]
+    for i in range(min(n_prompts, len(prompts))):
+        out.append(f"\n## Prompt {i + 1}: {_prompt_text(prompts[i])!r}\n")
+        for m in methods:
+            out.append(f"\n**{m}**\n\n")
+            for p in picks:
+                k = index.get((m, p, i))
+                if k is None:
+                    continue
+                r = rows[k]
+                if r["error"] is not None:
+                    out.append(f"- {preference_label(grid[p])}: error: {r['error']}\n")
+                    continue
+                sc = ", ".join(f"{o} {v:.2f}" for o, v in zip(objectives, scores[k]))
+                flag = " DEGENERATE" if flags is not None and flags[k] == 1 else ""
+                text = " ".join(r["text"].split())
+                out.append(f"- {preference_label(grid[p])} [{sc}]{flag}: {text!r}\n")
+    return "".join(out)
 
 
 def write_report(
@@ -207,8 +387,10 @@ def write_report(
     ref_point: Sequence[float],
     extra: dict | None = None,
     extra_columns: dict[str, dict[str, str]] | None = None,
+    flags: np.ndarray | None = None,
+    boot: dict | None = None,
 ) -> dict:
-    """Write generations, rewards, metrics (JSON + Markdown) and the front plot; return the summary."""
+    """Write generations, rewards, metrics (JSON + Markdown), samples and the front plot; return the summary."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -217,12 +399,15 @@ def write_report(
     cols = {
         "method": [r["method"] for r in rows],
         "preference": [[float(v) for v in grid[r["pref_index"]]] for r in rows],
+        "prompt_index": [int(r["prompt_index"]) for r in rows],
         "prompt": [_prompt_text(prompts[r["prompt_index"]]) for r in rows],
         "response": [r["text"] for r in rows],
         "error": [r["error"] for r in rows],
     }
     for j, name in enumerate(objectives):
         cols[name] = [None if math.isnan(v) else float(v) for v in scores[:, j]]
+    if flags is not None:
+        cols["degenerate"] = [None if math.isnan(v) else bool(v) for v in flags]
     tmp = out / ".generations.parquet.tmp"
     pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, out / "generations.parquet")
@@ -231,26 +416,52 @@ def write_report(
         "ref_point": [float(v) for v in ref_point],
         "grid": grid.tolist(),
         "n_prompts": len(prompts),
-        "methods": {
-            r.method: {"rewards": r.rewards.tolist(), "metrics": _jsonable(r.metrics), "errors": r.n_errors}
-            for r in results
-        },
+        "methods": {r.method: _method_summary(r, boot) for r in results},
+        **_boot_summary(results, boot),
         **(extra or {}),
     }
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "rewards.json", json.dumps(_rewards_json(results), indent=2))
     atomic_write_text(
-        out / "rewards.json",
-        json.dumps(
-            {
-                r.method: [{"preference": g, "rewards": v} for g, v in zip(grid.tolist(), r.rewards.tolist())]
-                for r in results
-            },
-            indent=2,
-        ),
+        out / "metrics.md", metrics_markdown(results, objectives, ref_point, extra_columns, boot)
     )
-    atomic_write_text(out / "metrics.md", metrics_markdown(results, objectives, ref_point, extra_columns))
+    atomic_write_text(out / "samples.md", samples_markdown(rows, scores, flags, prompts, grid, objectives))
     plot_fronts(results, objectives, out / "front.png")
     return summary
+
+
+def _rewards_json(results: list[MethodResult]) -> dict:
+    """method -> [{preference, rewards, stderr, degenerate}] per preference."""
+    from mage_ray.uncertainty import front_stderr
+
+    out = {}
+    for r in results:
+        se = front_stderr(r.per_prompt).tolist() if r.per_prompt is not None else [None] * len(r.rewards)
+        deg = [None] * len(r.rewards) if r.degenerate is None else [float(d) for d in r.degenerate]
+        out[r.method] = [
+            {"preference": g, "rewards": v, "stderr": e, "degenerate": d}
+            for g, v, e, d in zip(r.preferences.tolist(), r.rewards.tolist(), se, deg)
+        ]
+    return out
+
+
+def _method_summary(r: MethodResult, boot: dict | None) -> dict:
+    """metrics.json entry of one method: rewards, metrics, errors, degenerate per preference, intervals."""
+    out = {"rewards": r.rewards.tolist(), "metrics": _jsonable(r.metrics), "errors": r.n_errors}
+    if r.degenerate is not None:
+        out["degenerate"] = [float(d) for d in r.degenerate]  # per preference
+        out["degenerate_max"] = float(np.max(r.degenerate))
+    if boot:
+        b = boot["methods"][r.method]
+        out["intervals"] = {k: b[k] for k in ("hv", "inner_product", "controllability")}
+        out["stderr"] = b["stderr"]
+    return out
+
+
+def _boot_summary(results: list[MethodResult], boot: dict | None) -> dict:
+    if not boot:
+        return {}
+    return {"bootstrap": {k: v for k, v in boot.items() if k != "methods"}, "claims": claims(results, boot)}
 
 
 def _jsonable(d: dict) -> dict:
@@ -303,8 +514,15 @@ def evaluate(
     progress: bool = True,
     extra: dict | None = None,
     extra_columns: dict[str, dict[str, str]] | None = None,
+    confidence: float = 0.9,
+    n_resamples: int = 1000,
 ) -> dict:
-    """Decode + score + metrics for ``methods`` over ``grid``; writes the report when ``out_dir`` is set."""
+    """Decode + score + metrics for ``methods`` over ``grid``; writes the report when ``out_dir`` is set.
+
+    The summary has, per method, the mean rewards, the metric row and the degenerate rate per preference;
+    with ``n_resamples > 0`` also the paired bootstrap intervals and the claims. Without ``out_dir`` it also
+    carries ``per_prompt`` (method -> (P, N, n) nested list) for sweep decisions.
+    """
     if len(prompts) < min_prompts:
         raise EvaluationError(
             f"the test set has {len(prompts)} prompts; at least {min_prompts} are needed "
@@ -332,19 +550,32 @@ def evaluate(
         bar.close()
     decode_s = time.time() - t0
     scores = score_generations(rows, prompts, objectives)
+    flags = flag_generations(rows, prompts)
     names = [o.name for o in objectives]
-    results = summarise(rows, scores, grid, methods, ref_point)
+    results = summarise(rows, scores, grid, methods, ref_point, flags)
+    boot = None
+    if n_resamples > 0:
+        boot = attach_intervals(results, ref_point, confidence=confidence, n_resamples=n_resamples)
     summary = {"decode_seconds": decode_s, **(extra or {})}
     if out_dir is not None:
-        summary = write_report(
-            out_dir, rows, scores, prompts, grid, results, names, ref_point, summary, extra_columns
+        return write_report(
+            out_dir,
+            rows,
+            scores,
+            prompts,
+            grid,
+            results,
+            names,
+            ref_point,
+            summary,
+            extra_columns,
+            flags,
+            boot,
         )
-    else:
-        summary = {
-            "methods": {
-                r.method: {"rewards": r.rewards.tolist(), "metrics": _jsonable(r.metrics)} for r in results
-            },
-            "ref_point": list(ref_point),
-            **summary,
-        }
-    return summary
+    return {
+        "methods": {r.method: _method_summary(r, boot) for r in results},
+        "per_prompt": {r.method: r.per_prompt.tolist() for r in results},
+        "ref_point": list(ref_point),
+        **_boot_summary(results, boot),
+        **summary,
+    }

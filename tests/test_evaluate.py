@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from mage_ray.evaluate import EvaluationError, evaluate, reference_point
@@ -111,3 +112,94 @@ def test_reference_point_rules():
         reference_point(OBJS, [0])
     with pytest.raises(EvaluationError, match="eval.ref_point"):
         reference_point([_Obj("x", len, None), OBJS[0]])
+
+
+class FluentEngine:
+    """'fluent' answers an English sentence whose length grows with mu_0 and the prompt; 'babble' a glued token."""
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            k = int(round(10 * r.preference[0])) + len(r.prompt)
+            if r.method == "babble":
+                out.append(_Done("zz" * (k + 3)))
+            else:
+                words = "keep a regular bedtime and avoid screens before you go to sleep at night".split()
+                out.append(_Done(" ".join(words[: 3 + k % 12]) + "."))
+        return out
+
+
+WORDS = [
+    _Obj("length", lambda r: min(1.0, len(r.split()) / 15), 0.0),
+    _Obj("shortness", lambda r: 1 - min(1.0, len(r.split()) / 15), 0.0),
+]
+
+
+def test_report_has_degenerate_rates_intervals_claims_and_samples(tmp_path):
+    """Every 'babble' response is flagged by the quality gate (rate 1.0 at every preference, hollow in the plot),
+    no 'fluent' one is (0.0); every metric has a bootstrap interval around its value; the markdown shows the
+    degenerate column, the brackets and the claims; samples.md shows texts at three preferences with the flag."""
+    grid = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    s = evaluate(
+        FluentEngine(),
+        WORDS,
+        prompts,
+        ["rs", "bs", "babble"],
+        grid,
+        ref_point=[0, 0],
+        out_dir=tmp_path,
+        batch_size=8,
+        progress=False,
+        n_resamples=200,
+    )
+    m = s["methods"]
+    assert m["babble"]["degenerate"] == [1.0, 1.0, 1.0] and m["babble"]["degenerate_max"] == 1.0
+    assert m["bs"]["degenerate"] == [0.0, 0.0, 0.0]
+    for name in ("rs", "bs", "babble"):
+        for k in ("hv", "inner_product", "controllability"):
+            b = m[name]["intervals"][k]
+            assert b["lo"] <= b["value"] <= b["hi"], (name, k, b)
+        assert np.array(m[name]["stderr"]).shape == (3, 2)
+    # rs and bs are the same engine answers: ratio exactly 1, interval [1, 1], not "above 1"
+    assert s["bootstrap"]["ratios"]["bs/rs"]["value"] == pytest.approx(1.0)
+    assert s["bootstrap"]["ratios"]["bs/rs"]["holds"] is False
+    df = pq.read_table(tmp_path / "generations.parquet").to_pandas()
+    assert df.groupby("method")["degenerate"].mean().to_dict() == {"babble": 1.0, "bs": 0.0, "rs": 0.0}
+    md = (tmp_path / "metrics.md").read_text()
+    assert "degenerate" in md and "100.0% (max 100.0%)" in md and "90% interval" in md
+    assert "| Bone Soup HV above Rewarded Soups | **no evidence** |" in md
+    samples = (tmp_path / "samples.md").read_text()
+    assert samples.count("] DEGENERATE:") == 3 * 3 and "(0,1)" in samples and "(1,0)" in samples
+    rewards = json.loads((tmp_path / "rewards.json").read_text())
+    assert rewards["babble"][0]["degenerate"] == 1.0 and len(rewards["bs"][0]["stderr"]) == 2
+
+
+def test_claim_verdicts_follow_the_intervals():
+    """holds: the whole interval on the claimed side; fails: all on the other side; else no evidence. The best
+    MAGE variant is the one with the largest HV."""
+    from mage_ray.evaluate import MethodResult, claims
+
+    mu = np.array([[0.0, 1.0], [1.0, 0.0]])
+
+    def res(name, hv):
+        return MethodResult(name, mu, mu, {"hv": hv}, degenerate=np.array([0.0, 0.1]))
+
+    results = [res("rs", 1.0), res("bs", 1.2), res("mage-e-m", 1.3), res("mage-i-m", 1.25)]
+    band = lambda v, lo, hi: {"value": v, "lo": lo, "hi": hi}  # noqa: E731
+    boot = {
+        "ratios": {
+            "bs/rs": {**band(1.2, 1.05, 1.3), "holds": True},
+            "mage-e-m/bs": {**band(1.08, 0.97, 1.2), "holds": False},
+        },
+        "methods": {
+            "bs": {"controllability": band(0.8, 0.6, 0.89)},
+            "mage-e-m": {"controllability": band(0.95, 0.9, 1.0)},
+        },
+    }
+    got = {c["claim"]: c["verdict"] for c in claims(results, boot)}
+    assert got["Bone Soup HV above Rewarded Soups"] == "holds"
+    assert got["MAGE (best variant on test HV: mage-e-m) HV above Bone Soup"] == "no evidence"
+    assert got["controllability of bs >= 0.9"] == "fails"
+    assert got["controllability of mage-e-m >= 0.9"] == "holds"
+    assert got["degenerate responses of bs <= 5% at every preference"] == "fails"

@@ -14,6 +14,7 @@ from mage_ray.decode import Engine, Request
 from mage_ray.metrics import pareto_mask
 from mage_ray.serve.core import BatchDecoder
 from mage_ray.tasks.objectives import get_objective, score
+from mage_ray.tasks.quality import degenerate_mask
 
 PROMPTS = ["Hello there", "Tell me a story about the sea"]
 
@@ -32,8 +33,8 @@ def grid_job(repo_root):
 
 
 def test_batch_decoder_matches_engine_and_scores(bundle, repo_root):
-    """A mixed batch (2 methods x 2 preferences) gives the engine's own completions, and the score columns are
-    the objectives' scores of those texts."""
+    """A mixed batch (2 methods x 2 preferences) gives the engine's own completions, the score columns are the
+    objectives' scores of those texts and ``degenerate`` is the quality gate's flag of each."""
     cfg = load_config(repo_root / "configs" / "smoke.yaml")
     dec = BatchDecoder(
         str(bundle),
@@ -59,6 +60,7 @@ def test_batch_decoder_matches_engine_and_scores(bundle, repo_root):
     objs = [get_objective("conciseness"), get_objective("readability")]
     expect = score(objs, prompts, [c.text for c in ref])
     np.testing.assert_allclose(np.stack([out["score_conciseness"], out["score_readability"]], 1), expect)
+    assert list(out["degenerate"]) == degenerate_mask(prompts, [c.text for c in ref]).tolist()
     assert [list(p) for p in out["preference"]] == prefs
 
 
@@ -108,6 +110,7 @@ def test_grid_job_end_to_end(bundle, grid_job, tmp_path, monkeypatch, repo_root)
         "finish_reason",
         "score_conciseness",
         "score_readability",
+        "degenerate",
     } <= set(df.columns)
     assert sorted(df["prompt"].unique()) == sorted(PROMPTS)
     assert (df["method"] == "bs").all() and (df["completion_tokens"] <= 4).all()
@@ -128,4 +131,6 @@ def test_grid_job_end_to_end(bundle, grid_job, tmp_path, monkeypatch, repo_root)
         ]
     )
     np.testing.assert_allclose([s["mean_rewards"] for s in summary["points"]], means)
+    flagged = [df[df["key"] == tuple(s["preference"])]["degenerate"].mean() for s in summary["points"]]
+    np.testing.assert_allclose([s["degenerate_fraction"] for s in summary["points"]], flagged)
     assert [s["front"] for s in summary["points"]] == list(pareto_mask(means))

@@ -24,6 +24,7 @@ from mage_ray.metrics import pareto_mask
 from mage_ray.serve.core import Generator, decode_defaults
 from mage_ray.serve.schema import ApiError, GenerateBody, Limits, parse_body, to_request
 from mage_ray.tasks.objectives import get_objective, score
+from mage_ray.tasks.quality import degenerate_mask
 
 TOKEN_ENV, TOKEN = "MAGE_SERVE_TEST_TOKEN", "s3cret-test-token"
 LIMITS = Limits(n_objectives=2, methods=("bs", "mage-e-m"), max_tokens_limit=64, objectives=("a", "b"))
@@ -414,8 +415,8 @@ def test_malformed_and_oversized_bodies(server):
 
 
 def test_grid_endpoint(server):
-    """2 prompts x 3 points (step 0.5), scored: per point the mean of the objectives' scores of its texts, and
-    front = pareto_mask of the means. Over the limits (11 points > 5, 4 prompts > 3) -> 400."""
+    """2 prompts x 3 points (step 0.5), scored: per point the mean of the objectives' scores of its texts, the
+    degenerate flag of each text and their fraction, and front = pareto_mask of the means. Over the limits (11 points > 5, 4 prompts > 3) -> 400."""
     prompts = ["Hello there", "Tell me a story"]
     r = _post(
         server,
@@ -435,6 +436,9 @@ def test_grid_endpoint(server):
     means = np.array([score(objs, prompts, p["texts"]).mean(0) for p in g["points"]])
     np.testing.assert_allclose([p["mean_rewards"] for p in g["points"]], means)
     assert g["front"] == list(pareto_mask(means)) and g["usage"]["requests"] == 6
+    for p in g["points"]:  # the quality gate's flag of every text, and the flagged fraction of the point
+        flags = degenerate_mask(prompts, p["texts"]).tolist()
+        assert p["degenerate"] == flags and p["degenerate_fraction"] == pytest.approx(sum(flags) / len(flags))
     r = _post(server, "/v1/grid", {"prompts": prompts, "preferences": [[0.1, 0.9], [0.8, 0.3]]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "preferences[1]"
     r = _post(server, "/v1/grid", {"prompts": prompts, "preferences": {"n_objectives": 2, "step": 0.1}})

@@ -473,9 +473,12 @@ class Generator:
         """Decode ``reqs`` (point-major: request p * len(prompts) + i) and summarise per preference point.
 
         With ``score`` each text is scored by the bundle's objectives; per point the mean reward over the prompts
-        that decoded without error, and ``front[p]`` = no other point's mean reward vector dominates it.
+        that decoded without error, and ``front[p]`` = no other point's mean reward vector dominates it. Every
+        point also says which texts the quality gate flags degenerate (``degenerate``, None where decoding
+        failed) and the fraction flagged among the decoded ones (``degenerate_fraction``).
         """
         from mage_ray.metrics import pareto_mask
+        from mage_ray.tasks.quality import degenerate_mask
 
         for k, r in enumerate(reqs[: len(prompts)]):  # every point shares the prompts: check them once
             await self.check(r, f"prompts[{k}]")
@@ -489,14 +492,24 @@ class Generator:
                 scores[ok] = await self.score(
                     [prompt_text(prompts[k % m]) for k in ok], [comps[k].text for k in ok]
                 )
+        flags = degenerate_mask(
+            [prompt_text(prompts[k % m]) for k in range(len(comps))], [c.text for c in comps]
+        )
         out_points, means = [], []
         for p in range(P):
             cs = comps[p * m : (p + 1) * m]
+            flagged = [
+                None if c.finish_reason == "error" else bool(f)
+                for c, f in zip(cs, flags[p * m : (p + 1) * m])
+            ]
+            decoded = [f for f in flagged if f is not None]
             entry = {
                 "preference": [float(x) for x in points[p]],
                 "texts": [c.text for c in cs],
                 "finish_reasons": [c.finish_reason for c in cs],
                 "errors": [c.error for c in cs] if any(c.error for c in cs) else None,
+                "degenerate": flagged,
+                "degenerate_fraction": sum(decoded) / len(decoded) if decoded else None,
             }
             if scores is not None:
                 block = scores[p * m : (p + 1) * m]
@@ -558,8 +571,8 @@ class Generator:
 
 class BatchDecoder:
     """``map_batches`` callable holding one Engine: columns prompt, preference, method -> + text, finish_reason,
-    error, completion_tokens (and ``score_<objective>`` when ``objectives`` are given; NaN where decoding
-    failed). One call decodes its whole batch as one engine batch (mixed preferences and methods).
+    error, completion_tokens (and ``score_<objective>`` plus ``degenerate`` (the quality gate's flag) when
+    ``objectives`` are given; NaN / False where decoding failed). One call decodes its whole batch as one engine batch (mixed preferences and methods).
 
     ``decode`` is a DecodeConfig (or its dict); ``methods`` limits the adapters loaded to those the methods use.
     Scoring runs in the same actor, so a grid needs one actor pool (two pools can take every CPU of a small
@@ -607,10 +620,14 @@ class BatchDecoder:
         }
         if self.objectives:
             from mage_ray.tasks.objectives import score
+            from mage_ray.tasks.quality import degenerate_mask
 
             ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
             scores = np.full((len(comps), len(self.names)), np.nan)  # (B, n)
+            flags = np.zeros(len(comps), dtype=bool)
             if ok:
                 scores[ok] = score(self.objectives, [prompts[k] for k in ok], [comps[k].text for k in ok])
+                flags[ok] = degenerate_mask([prompts[k] for k in ok], [comps[k].text for k in ok])
             out.update({f"score_{n}": scores[:, j] for j, n in enumerate(self.names)})
+            out["degenerate"] = flags
         return out
