@@ -5,6 +5,11 @@ MAGE Sec 5.2.1: beta in {0.6, 0.7, 0.8} is chosen by the hypervolume of the Bone
 prompts. Tune's ``param_space`` keys are config field paths (``backbone.beta``, ``decode.alpha``,
 ``decode.gamma``): a trial is the job's own config with those fields overridden (STYLE.md #4).
 
+A sweep decides only what its validation prompts can resolve: every trial writes its per-prompt rewards
+(``<run_dir>/sweep/<stage>/<value>.json``), and :func:`decide` bootstraps the trials' HV over the prompts,
+paired (:func:`mage_ray.uncertainty.bootstrap_trials`). The best trial replaces the config's default only when
+the interval of HV(best) - HV(default) lies above 0; otherwise the default is kept and the report says so.
+
 Every Tune run keeps its state under ``<run_dir>/tune/<stage>``; a sweep that is killed and resubmitted
 restores it with ``Tuner.restore`` and does not re-run finished trials. A trial that fails is reported
 with its error and does not sink the sweep (the best of the successful trials wins).
@@ -13,7 +18,6 @@ with its error and does not sink the sweep (the best of the successful trials wi
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config, config_from_dict
+from mage_ray.manifest import join, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -111,43 +116,108 @@ def run_tune_stage(
     return {k: best[k] for k in param_space}, rows
 
 
+def trial_rewards_path(cfg: Config, stage: str, value: float) -> str:
+    """Where a trial of ``stage`` with parameter ``value`` keeps its per-prompt validation rewards."""
+    return join(cfg.storage.run_dir, "sweep", stage, f"{float(value):g}.json")
+
+
+def save_trial_rewards(cfg: Config, stage: str, value: float, per_prompt: list) -> None:
+    """Keep a trial's (P, N, n) validation rewards (nested list) for :func:`decide`."""
+    write_json_atomic(trial_rewards_path(cfg, stage, value), {"value": value, "per_prompt": per_prompt})
+
+
+def decide(cfg: Config, stage: str, param: str, rows: list[dict], default: float) -> tuple[float, dict]:
+    """The value a stage keeps: the best trial only when its validation HV beats the default's beyond prompt
+    noise (paired bootstrap, ``eval.confidence``), else the default. Annotates ``rows`` in place with
+    ``hv_lo`` / ``hv_hi`` (and ``diff_lo`` / ``diff_hi`` against the default); returns (value, decision)."""
+    from mage_ray.soup import preference_grid
+    from mage_ray.uncertainty import bootstrap_trials
+
+    ok = [r for r in rows if r.get("error") is None and r.get("hv") is not None]
+    per_prompt = {}
+    for r in ok:
+        path = Path(trial_rewards_path(cfg, stage, r[param]))
+        if path.is_file():
+            per_prompt[f"{float(r[param]):g}"] = np.asarray(read_json(path)["per_prompt"], dtype=float)
+    best_row = max(ok, key=lambda r: r["hv"])
+    if len(per_prompt) != len(ok) or len(ok) < 2:
+        return float(best_row[param]), {
+            "chosen": float(best_row[param]),
+            "note": "per-prompt rewards missing for some trials (or a single trial): best by point estimate",
+        }
+    from mage_ray.evaluate import reference_point
+    from mage_ray.tasks.objectives import load_objectives
+
+    grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
+    ref = reference_point(load_objectives(cfg.task), cfg.eval.ref_point)
+    res = bootstrap_trials(
+        per_prompt,
+        grid,
+        ref,
+        default=f"{float(default):g}",
+        confidence=cfg.eval.confidence,
+        n_resamples=max(cfg.eval.n_resamples, 1),
+    )
+    for r in ok:
+        t = res["trials"][f"{float(r[param]):g}"]
+        r["hv_lo"], r["hv_hi"] = t["lo"], t["hi"]
+        if "vs_default" in t:
+            r["diff_lo"], r["diff_hi"] = t["vs_default"]["lo"], t["vs_default"]["hi"]
+    chosen = float(res["chosen"])
+    decision = {k: v for k, v in res.items() if k != "trials"}
+    decision["chosen"] = chosen
+    decision["default"] = float(default)
+    return chosen, decision
+
+
+def decision_text(param: str, decision: dict) -> str:
+    """One sentence on what a sweep stage decided and why."""
+    if "note" in decision and "distinguishable" not in decision:
+        return f"{param} = {decision['chosen']:g}: {decision['note']}."
+    best, default, chosen = decision.get("best"), decision.get("default"), decision["chosen"]
+    level = f"{decision.get('confidence', 0.9):.0%}"
+    if decision.get("distinguishable") is None:
+        return f"{param} = {chosen:g} (best by point estimate; {decision.get('note', '')})."
+    if decision["distinguishable"]:
+        return (
+            f"{param} = {chosen:g}: its validation HV is above the default {default:g}'s beyond prompt noise "
+            f"(the {level} paired interval of the difference lies above 0)."
+        )
+    if float(best) == float(default):
+        return f"{param} = {chosen:g}: the default is also the best trial."
+    return (
+        f"{param} = {chosen:g} (the default): the best trial, {float(best):g}, is not distinguishable from it "
+        f"(the {level} paired interval of the HV difference includes 0), so the default is kept."
+    )
+
+
 def _params(row: dict) -> dict:
     return {k: v for k, v in row.items() if "." in k}
 
 
-def plot_sweep(rows: list[dict], param: str, path: str | Path, metric: str = "hv") -> None:
-    """HV vs one swept parameter (failed trials marked)."""
-    import matplotlib
+def plot_sweep(rows: list[dict], param: str, path: str | Path, metric: str = "hv", **marks) -> None:
+    """HV vs one swept parameter with its intervals, default and chosen value (:func:`mage_ray.plots.plot_sweep`)."""
+    from mage_ray.plots import plot_sweep as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = sorted([r for r in rows if r.get(metric) is not None and r["error"] is None], key=lambda r: r[param])
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot([r[param] for r in ok], [r[metric] for r in ok], "o-")
-    for r in rows:
-        if r["error"] is not None:
-            ax.axvline(r[param], color="red", alpha=0.3, ls="--")
-    ax.set_xlabel(param)
-    ax.set_ylabel(f"validation {metric}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path) + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    draw(rows, param, path, metric=metric, **marks)
 
 
 def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> str:
-    head = "| " + " | ".join(params) + f" | validation {metric} | error |"
-    lines = [head, "|" + "---|" * (len(params) + 2)]
+    """Trial table: parameters, validation metric with its interval, difference to the default, error."""
+    head = "| " + " | ".join(params) + f" | validation {metric} [interval] | vs default [interval] | error |"
+    lines = [head, "|" + "---|" * (len(params) + 3)]
     for r in sorted(rows, key=lambda r: tuple(r[p] for p in params)):
         v = r.get(metric)
+        cell = "" if v is None else f"{v:.4g}"
+        if v is not None and r.get(f"{metric}_lo") is not None:
+            cell += f" [{r[f'{metric}_lo']:.4g}, {r[f'{metric}_hi']:.4g}]"
+        diff = ""
+        if r.get("diff_lo") is not None:
+            diff = f"[{r['diff_lo']:+.3g}, {r['diff_hi']:+.3g}]"
         lines.append(
             "| "
             + " | ".join(str(r[p]) for p in params)
-            + f" | {'' if v is None else f'{v:.5g}'} | "
+            + f" | {cell} | {diff} | "
             + (r["error"] or "")
             + " |"
         )

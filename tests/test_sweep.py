@@ -1,0 +1,74 @@
+"""Sweep decisions: a trial replaces the config's default only when it is better beyond prompt noise."""
+
+import numpy as np
+import pytest
+
+from mage_ray.config import load_config
+from mage_ray.metrics import hypervolume
+from mage_ray.soup import preference_grid
+from mage_ray.sweep import decide, decision_text, rows_markdown, save_trial_rewards
+
+
+@pytest.fixture
+def cfg(tmp_path, repo_root):
+    return load_config(
+        repo_root / "configs" / "smoke.yaml",
+        [
+            f"storage.storage_path={tmp_path}",
+            "task.objectives=[conciseness,readability]",
+            "sweep.grid_step=0.5",
+        ],
+    )
+
+
+def _trials(cfg, shifts: dict[float, float], n_prompts: int = 24, seed: int = 0) -> list[dict]:
+    """Per-prompt rewards (P=3, N, 2) = a shared prompt difficulty + a per-trial shift + small noise, saved as
+    each trial's file; returns the Tune-like rows (param, hv, error)."""
+    rng = np.random.default_rng(seed)
+    grid = preference_grid(2, 0.5)
+    difficulty = rng.uniform(0.2, 0.6, size=(1, n_prompts, 1))
+    rows = []
+    for value, shift in shifts.items():
+        X = np.clip(
+            difficulty + grid[:, None, :] * 0.3 + shift + rng.normal(0, 0.05, (3, n_prompts, 2)), 0, 1
+        )
+        save_trial_rewards(cfg, "beta", value, X.tolist())
+        rows.append({"backbone.beta": value, "hv": hypervolume(X.mean(1), [0, 0]), "error": None})
+    return rows
+
+
+def test_default_kept_when_the_best_trial_is_within_noise(cfg):
+    """Shifts of +-0.002 against per-prompt noise of 0.05: the best trial is not distinguishable from the default
+    0.7, which is kept; every row gets its HV interval and its paired difference to the default."""
+    rows = _trials(cfg, {0.6: 0.002, 0.7: 0.0, 0.8: -0.002})
+    chosen, decision = decide(cfg, "beta", "backbone.beta", rows, 0.7)
+    assert chosen == 0.7 and decision["distinguishable"] is False and decision["default"] == 0.7
+    for r in rows:
+        assert (
+            r["hv_lo"] <= r["hv"] <= r["hv_hi"]
+            and r["diff_lo"] <= 0 <= r["diff_hi"]
+            or r["backbone.beta"] == 0.7
+        )
+    text = decision_text("backbone.beta", decision)
+    assert "not distinguishable" in text and "default is kept" in text
+    md = rows_markdown(rows, ["backbone.beta"])
+    assert "[" in md and "vs default" in md
+
+
+def test_clearly_better_trial_is_chosen(cfg):
+    """A trial 0.1 better on every prompt beats the default beyond noise: it is chosen."""
+    rows = _trials(cfg, {0.6: 0.1, 0.7: 0.0, 0.8: 0.0})
+    chosen, decision = decide(cfg, "beta", "backbone.beta", rows, 0.7)
+    assert chosen == 0.6 and decision["distinguishable"] is True
+    assert "beyond prompt noise" in decision_text("backbone.beta", decision)
+
+
+def test_missing_trial_rewards_fall_back_to_the_best_with_a_note(cfg):
+    """Rows from an older run (no per-prompt files): the best point estimate, and the note says why."""
+    rows = [
+        {"backbone.beta": 0.6, "hv": 0.5, "error": None},
+        {"backbone.beta": 0.7, "hv": 0.4, "error": None},
+    ]
+    chosen, decision = decide(cfg, "beta", "backbone.beta", rows, 0.7)
+    assert chosen == 0.6 and "missing" in decision["note"]
+    assert "0.6" in decision_text("backbone.beta", decision)
