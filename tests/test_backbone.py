@@ -202,3 +202,48 @@ def test_reward_aggregation_is_validated(tmp_path):
         smoke_cfg(tmp_path, "backbone.reward_aggregation=mean")
     with pytest.raises(ConfigError, match="trainer rloo"):
         smoke_cfg(tmp_path, "backbone.trainer=rloo", "backbone.reward_aggregation=normalize_then_sum")
+
+
+def test_warm_start_from_an_adapter_starts_from_its_weights(tmp_path):
+    """init_adapter: the new run's LoRA weights before its first step equal the saved adapter's (warm start from
+    a beta-sweep trial); the manifest records where it started; an adapter of another shape is refused."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    cfg = smoke_cfg(tmp_path, "backbone.steps=1")
+    first = tmp_path / "trial"
+    train_backbone(cfg, [0.7, 0.3], first, name="t", objectives=toy_objectives(), prompts=PROMPTS)
+    saved = load_file(first / "adapter" / "adapter_model.safetensors")
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.weights = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+    snap = Snapshot()
+    m = train_backbone(
+        cfg,
+        [0.7, 0.3],
+        tmp_path / "full",
+        name="b0",
+        objectives=toy_objectives(),
+        prompts=PROMPTS,
+        init_adapter=first / "adapter",
+        callbacks=[snap],
+    )
+    assert m["init_adapter"] == str(first / "adapter")
+    assert len(snap.weights) == len(saved) > 0
+    for key, value in saved.items():  # saved keys have no adapter name: ...q_proj.lora_A.weight
+        live = next(v for k, v in snap.weights.items() if k.replace(".default", "") == key)
+        assert torch_equal(live, value), key
+    other = smoke_cfg(tmp_path, "backbone.steps=1", "lora.r=2")
+    with pytest.raises(ValueError, match="init_adapter"):
+        train_backbone(
+            other, [0.7, 0.3], tmp_path / "bad", name="b", objectives=toy_objectives(), prompts=PROMPTS,
+            init_adapter=first / "adapter",
+        )  # fmt: skip
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.cpu(), b.cpu()))

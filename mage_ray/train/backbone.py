@@ -359,6 +359,7 @@ def train_backbone(
     resume_checkpoint: str | Path | None = None,
     quiet: bool = False,
     extra_manifest: dict[str, Any] | None = None,
+    init_adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one LoRA backbone on h = w^T r (Eq. 11); write adapter + manifest under ``out_dir``.
 
@@ -375,6 +376,8 @@ def train_backbone(
         resume_checkpoint: a Trainer checkpoint dir (adapter + optimizer + scheduler + trainer_state.json).
         quiet: no per-step console output (Ray workers report through callbacks instead).
         extra_manifest: extra manifest fields (e.g. ``{"kind": "morlhf", "mu": [...]}``).
+        init_adapter: a PEFT adapter directory (same LoRA shape) whose weights the new adapter starts from (warm
+            start from a short beta-sweep trial); ignored when resuming from a checkpoint, which has its own.
 
     Returns the manifest dict (on every worker; only the main process writes files).
     Raises RewardWeightsError (bad ``w``), ValueError (unwritable ``out_dir``, unsupported trainer) before
@@ -427,6 +430,8 @@ def train_backbone(
     if quiet:
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
+    if init_adapter is not None and resume_checkpoint is None:
+        _load_adapter_weights(trainer.model, init_adapter)
     log.info(
         "backbone %s: %s on w=%s for %d steps -> %s",
         name,
@@ -452,6 +457,7 @@ def train_backbone(
         "backbone_config": dataclasses.asdict(cfg.backbone),
         "adapter": "adapter",
         "metrics_file": "metrics.jsonl",
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,
         **(extra_manifest or {}),
     }
     main = trainer.is_world_process_zero()
@@ -500,6 +506,29 @@ def train_backbone(
         _write_jsonl(out / "metrics.jsonl", history)
         write_manifest(out, manifest)
     return manifest
+
+
+def _load_adapter_weights(model, adapter_dir: str | Path) -> None:
+    """Copy a saved adapter's LoRA weights (safetensors) into the trainer's PEFT model; every key must match."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"init_adapter = {str(adapter_dir)!r} has no adapter_model.safetensors")
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(path)))
+    except RuntimeError as e:  # shape mismatch (another LoRA rank or target set)
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise ValueError(
+            f"init_adapter = {str(adapter_dir)!r} does not fit this LoRA config: {first[0].strip()}"
+        ) from None
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ValueError(
+            f"init_adapter = {str(adapter_dir)!r} does not match the LoRA config: missing {missing[:3]}, "
+            f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]}"
+        )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -468,6 +468,7 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 resume_checkpoint=resume,
                 quiet=True,
                 extra_manifest=config.get("extra_manifest"),
+                init_adapter=config.get("init_adapter"),
             )
         except ObjectiveFailure as e:
             error = str(e).split("; last checkpoint:")[
@@ -505,8 +506,11 @@ def train_backbone_ray(
     extra_manifest: dict[str, Any] | None = None,
     fault_injection: dict[str, Any] | None = None,
     progress: bool = True,
+    init_adapter: str | None = None,
 ) -> dict[str, Any]:
     """Train one backbone as a Ray Train run and publish it to ``out_dir``; return its manifest.
+
+    ``init_adapter``: an adapter directory to start from (see :func:`mage_ray.train.backbone.train_backbone`).
 
     Skips training when ``out_dir`` already holds a complete manifest. Raises ObjectiveFailure (with the
     last Ray checkpoint's path) when an objective fails, TrainingFailedError past ``max_failures``.
@@ -528,6 +532,7 @@ def train_backbone_ray(
         "prompts": list(prompts) if prompts is not None else None,
         "extra_manifest": extra_manifest,
         "fault_injection": fault_injection,
+        "init_adapter": init_adapter,
     }
     run_name = _train_run_name(cfg, out_dir)
     scaling = Scaling.from_backbone(cfg.backbone)
@@ -702,11 +707,12 @@ def train_backbones(
     max_concurrent: int | None = None,
     progress: bool = True,
     fault_injection: dict[str, Any] | None = None,
+    init_adapters: Sequence[str] | None = None,
 ) -> list[dict]:
     """Train the n backbones of B(beta) (Eq. 12; backbone i on w_i = column i) concurrently; return manifests.
 
     ``weights`` overrides the columns (one reward-weight vector per backbone); ``names`` default to
-    ``b0..b{n-1}``. Results go to ``<run_dir>/backbones/beta_<beta>/<name>/``; complete ones are skipped.
+    ``b0..b{n-1}``; ``init_adapters`` (one adapter directory per backbone) warm-starts them. Results go to ``<run_dir>/backbones/beta_<beta>/<name>/``; complete ones are skipped.
     ``backbone.trainer = 'wrpo'`` dispatches to :func:`mage_ray.train.wrpo.train_wrpo_backbones` (offline,
     from scored rollouts and source models; same output layout).
     """
@@ -732,6 +738,8 @@ def train_backbones(
     cfg = prepare_sft_base(cfg)
     beta, ws, names = backbone_plan(cfg, beta, weights, names, objectives)
     fault = fault_injection if fault_injection is not None else _fault_injection_from_env()
+    if init_adapters is not None and len(init_adapters) != len(ws):
+        raise ValueError(f"init_adapters must hold {len(ws)} adapter directories, got {len(init_adapters)}")
     jobs = [
         dict(
             cfg=cfg,
@@ -744,6 +752,7 @@ def train_backbones(
             extra_manifest={"kind": "backbone", "beta": beta, "index": i},
             fault_injection=fault,
             progress=progress,
+            init_adapter=None if init_adapters is None else init_adapters[i],
         )
         for i, (w, nm) in enumerate(zip(ws, names))
     ]
