@@ -54,6 +54,14 @@ def _check_range(
         )
 
 
+def _check_grid_step(name: str, value: float) -> None:
+    """A simplex-lattice step must divide 1 (1/k: 0.5, 0.25, 0.2, 0.1, ...), or the grid misses the vertices."""
+    _check_range(name, value, 0, 1, lo_open=True)
+    k = round(1.0 / value)
+    if abs(k * value - 1.0) > 1e-9:
+        _fail(name, value, f"a step that divides 1, i.e. 1/k for an integer k (e.g. {1 / max(k, 1):g})")
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         _fail(name, value, f"one of {list(choices)}")
@@ -139,11 +147,22 @@ class TaskConfig:
     """Prompts longer than this (in tokens) are truncated from the left."""
     reward_device: str = "cpu"
     """Device for reward models: cpu | cuda."""
+    n_objectives: int | None = None
+    """How many objectives this config is written for (grids, B(beta), reference point); an override of
+    task.objectives with another count is refused. None: any number >= 2."""
 
     def __post_init__(self) -> None:
         _check_choice("task.name", self.name, ("embedded", "hh_rlhf", "summary", "parquet"))
         if not isinstance(self.objectives, list) or len(self.objectives) < 2:
             _fail("task.objectives", self.objectives, "a list of at least 2 objective names")
+        if self.n_objectives is not None:
+            _check_range("task.n_objectives", self.n_objectives, 2, 1000)
+            if len(self.objectives) != self.n_objectives:
+                _fail(
+                    "task.objectives",
+                    self.objectives,
+                    f"{self.n_objectives} objective names (task.n_objectives = {self.n_objectives})",
+                )
         if len(set(self.objectives)) != len(self.objectives):
             _fail("task.objectives", self.objectives, "distinct objective names")
         for f in ("n_train", "n_val", "n_test"):
@@ -288,6 +307,9 @@ class SweepConfig:
     """0 = as many as the cluster's resources hold."""
     train_full: bool = True
     """Train the chosen beta for the full backbone.steps (else keep the trial's backbones)."""
+    warm_start: bool = True
+    """The full backbone run continues from the chosen beta trial's adapters, for backbone.steps minus the trial's
+    steps (the same total budget; the trial's steps and seconds count toward the backbones')."""
 
     def __post_init__(self) -> None:
         if not self.betas:
@@ -300,7 +322,7 @@ class SweepConfig:
             _check_range("sweep.gammas[]", g, 0, 1000)
         _check_range("sweep.beta_step_fraction", self.beta_step_fraction, 0, 1, lo_open=True)
         _check_choice("sweep.gamma_method", self.gamma_method, METHODS)
-        _check_range("sweep.grid_step", self.grid_step, 0, 1, lo_open=True)
+        _check_grid_step("sweep.grid_step", self.grid_step)
         _check_range("sweep.max_concurrent_trials", self.max_concurrent_trials, 0, 10_000)
 
 
@@ -398,11 +420,17 @@ class EvalConfig:
     """Hypervolume reference point (one per objective); None = the task's recorded default."""
     min_test_prompts: int = 4
     """Refuse to evaluate on fewer test prompts than this."""
+    confidence: float = 0.9
+    """Level of the bootstrap intervals (over prompts, paired across methods) of every reported metric."""
+    n_resamples: int = 1000
+    """Bootstrap resamples per report and per sweep decision (0 turns the intervals off)."""
 
     def __post_init__(self) -> None:
         for m in self.methods:
             _check_choice("eval.methods[]", m, METHODS)
-        _check_range("eval.grid_step", self.grid_step, 0, 1, lo_open=True)
+        _check_grid_step("eval.grid_step", self.grid_step)
+        _check_range("eval.confidence", self.confidence, 0, 1, lo_open=True, hi_open=True)
+        _check_range("eval.n_resamples", self.n_resamples, 0, 1_000_000)
         if self.ref_point is not None:
             for v in self.ref_point:
                 _check_range("eval.ref_point[]", v)
@@ -556,7 +584,9 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = 
             raise ConfigError(f"override {item!r} is malformed: expected section.field=value")
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), raw.strip())
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    _cross_validate(cfg)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -575,7 +605,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
             )
     cfg = config_from_dict(data, overrides)
-    _cross_validate(cfg)
     # A relative local storage_path means "relative to where the job was started": fix it now, because Ray
     # Tune trials and Train workers run with another working directory (their trial/session dirs).
     if "://" not in cfg.storage.storage_path:

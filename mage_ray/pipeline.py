@@ -71,7 +71,8 @@ def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
 def validation_hv(
     cfg: Config, bundle_dir: str, method: str, *, alpha: float | None = None, gamma: float | None = None
 ) -> dict:
-    """Decode the validation prompts over the sweep grid with ``method`` and return HV and friends."""
+    """Decode the validation prompts over the sweep grid with ``method``: HV and friends, and ``per_prompt``
+    ((P, N, n) nested list: the rewards behind them, for the paired bootstrap of :func:`mage_ray.sweep.decide`)."""
     from mage_ray.bundle import load_bundle
     from mage_ray.decode import Engine
     from mage_ray.evaluate import evaluate, reference_point
@@ -98,13 +99,26 @@ def validation_hv(
         batch_size=cfg.decode.batch_size,
         request_kwargs=kw,
         progress=False,
+        n_resamples=0,
     )
-    m = summary["methods"][method]["metrics"]
+    m = summary["methods"][method]
     return {
-        "hv": float(m["hv"]),
-        "controllability": float(m["controllability"]),
-        "inner_product": float(m["inner_product"]),
+        "hv": float(m["metrics"]["hv"]),
+        "controllability": float(m["metrics"]["controllability"]),
+        "inner_product": float(m["metrics"]["inner_product"]),
+        "degenerate_max": m.get("degenerate_max"),
+        "per_prompt": summary["per_prompt"][method],
     }
+
+
+def _report_trial(cfg: Config, stage: str, value: float, res: dict, **more) -> None:
+    """Keep the trial's per-prompt rewards on disk (for the paired decision) and report its scalars to Tune."""
+    from ray import tune
+
+    from mage_ray.sweep import save_trial_rewards
+
+    save_trial_rewards(cfg, stage, value, res.pop("per_prompt"))
+    tune.report({**{k: v for k, v in res.items() if v is not None}, **more})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +128,6 @@ def validation_hv(
 def _beta_trial(params: dict, *, base: dict) -> None:
     """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
     import ray
-    from ray import tune
 
     from mage_ray.bundle import build_bundle
     from mage_ray.soup import backbone_weights
@@ -154,7 +167,7 @@ def _beta_trial(params: dict, *, base: dict) -> None:
         default_method="bs",
     )
     res = validation_hv(cfg, bdir, "bs", alpha=0.0)
-    tune.report({**res, "train_seconds": train_s})
+    _report_trial(cfg, "beta", beta, res, train_seconds=train_s)
 
 
 def stage_beta(cfg: Config) -> dict:
@@ -170,9 +183,9 @@ def stage_beta(cfg: Config) -> dict:
         )
     from ray import tune
 
-    from mage_ray.sweep import run_tune_stage
+    from mage_ray.sweep import decide, run_tune_stage
 
-    best, rows = run_tune_stage(
+    _, rows = run_tune_stage(
         cfg,
         "beta",
         tune.with_parameters(_beta_trial, base=cfg.to_dict()),
@@ -180,7 +193,24 @@ def stage_beta(cfg: Config) -> dict:
         resources={"CPU": 0, "memory": 2**26},
         max_concurrent=1,
     )
-    return _finish(cfg, "beta", {"best": best, "rows": rows}, t0)
+    chosen, decision = decide(cfg, "beta", "backbone.beta", rows, cfg.backbone.beta)
+    return _finish(cfg, "beta", {"best": {"backbone.beta": chosen}, "rows": rows, "decision": decision}, t0)
+
+
+def _warm_start(cfg: Config, beta: float, n: int) -> dict | None:
+    """The chosen beta trial's adapters to continue from (``sweep.warm_start``), or None."""
+    from mage_ray.manifest import is_complete
+
+    beta_rec = stage_done(cfg, "beta") or {}
+    rows = [r for r in beta_rec.get("rows") or [] if float(r.get("backbone.beta", -1)) == beta]
+    short = _short_steps(cfg)
+    if not (cfg.sweep.warm_start and rows and rows[0].get("error") is None and short < cfg.backbone.steps):
+        return None
+    dirs = backbone_dirs(cfg, beta, [f"b{i}_s{short}" for i in range(n)])
+    if not all(is_complete(d) for d in dirs):
+        return None
+    adapters = [join(d, "adapter") for d in dirs]
+    return {"from": adapters, "steps": short, "trial_train_seconds": rows[0].get("train_seconds")}
 
 
 def stage_backbones(cfg: Config, beta: float) -> dict:
@@ -192,10 +222,21 @@ def stage_backbones(cfg: Config, beta: float) -> dict:
     t0 = time.time()
     n = cfg.n_objectives
     names = [f"b{i}" for i in range(n)]
-    _banner("backbones", f"{n} backbones of B({beta}) x {cfg.backbone.steps} steps")
-    train_backbones(cfg, beta=beta, names=names)
-    record: dict[str, Any] = {"beta": beta, "backbones": backbone_dirs(cfg, beta, names)}
-    record["train_seconds_bs"] = round(time.time() - t0, 1)
+    warm = _warm_start(cfg, beta, n)
+    if warm is None:
+        _banner("backbones", f"{n} backbones of B({beta}) x {cfg.backbone.steps} steps")
+        train_backbones(cfg, beta=beta, names=names)
+    else:
+        rest = cfg.backbone.steps - warm["steps"]
+        _banner(
+            "backbones",
+            f"{n} backbones of B({beta}): {rest} more steps from the beta trial's {warm['steps']} "
+            f"(= {cfg.backbone.steps} in all)",
+        )
+        seeded = config_from_dict(cfg.to_dict(), [f"backbone.seed={cfg.backbone.seed + 1}"])  # other prompts
+        train_backbones(seeded, beta=beta, names=names, steps=rest, init_adapters=warm["from"])
+    record: dict[str, Any] = {"beta": beta, "backbones": backbone_dirs(cfg, beta, names), "warm_start": warm}
+    record["train_seconds_bs"] = round(time.time() - t0 + ((warm or {}).get("trial_train_seconds") or 0), 1)
     if beta != ONE and _needs_rs(cfg):
         t1 = time.time()
         _banner("backbones", f"{n} Rewarded Soups backbones (beta = 1) x {cfg.backbone.steps} steps")
@@ -249,15 +290,12 @@ def stage_values(cfg: Config, rollouts: str) -> dict:
     return _finish(cfg, "values", {"values": dirs, "metrics": metrics}, t0)
 
 
-def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str) -> None:
-    from ray import tune
-
+def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
     cfg = config_from_dict(base)
-    tune.report(
-        validation_hv(
-            cfg, bundle_dir, method, alpha=params.get("decode.alpha"), gamma=params.get("decode.gamma")
-        )
+    res = validation_hv(
+        cfg, bundle_dir, method, alpha=params.get("decode.alpha"), gamma=params.get("decode.gamma")
     )
+    _report_trial(cfg, stage, float(params[param]), res)
 
 
 def stage_decode_param(
@@ -268,7 +306,9 @@ def stage_decode_param(
     param: str,
     values: list[float],
     fixed: dict[str, float],
+    default: float,
 ) -> dict:
+    """Tune over a decode-only ``param``; keeps ``default`` unless a trial beats it beyond prompt noise."""
     rec = stage_done(cfg, stage)
     if rec:
         return rec
@@ -278,17 +318,16 @@ def stage_decode_param(
         return _finish(cfg, stage, {"best": {param: values[0]}, "rows": []}, t0)
     from ray import tune
 
-    from mage_ray.sweep import run_tune_stage
+    from mage_ray.sweep import decide, run_tune_stage
 
     space = {param: tune.grid_search(values), **fixed}
-    best, rows = run_tune_stage(
-        cfg,
-        stage,
-        tune.with_parameters(_decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method),
-        space,
-        resources={"CPU": 1},
+    trial = tune.with_parameters(
+        _decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
     )
-    return _finish(cfg, stage, {"best": best, "rows": rows, "method": method}, t0)
+    _, rows = run_tune_stage(cfg, stage, trial, space, resources={"CPU": 1})
+    chosen, decision = decide(cfg, stage, param, rows, default)
+    record = {"best": {param: chosen}, "rows": rows, "method": method, "decision": decision}
+    return _finish(cfg, stage, record, t0)
 
 
 def _bundle(
@@ -337,7 +376,7 @@ def run_sweep(cfg: Config) -> dict:
     if not Path(work, "bundle.json").exists():
         _bundle(cfg, work, beta, bb, values, cfg.decode.alpha, cfg.decode.gamma)
     a_rec = stage_decode_param(
-        cfg, "alpha", work, "bs", "decode.alpha", [float(a) for a in cfg.sweep.alphas], {}
+        cfg, "alpha", work, "bs", "decode.alpha", [float(a) for a in cfg.sweep.alphas], {}, cfg.decode.alpha
     )
     alpha = float(a_rec["best"]["decode.alpha"])
     gmethod = (
@@ -353,6 +392,7 @@ def run_sweep(cfg: Config) -> dict:
         "decode.gamma",
         [float(g) for g in cfg.sweep.gammas],
         {"decode.alpha": alpha},
+        cfg.decode.gamma,
     )
     gamma = float(g_rec["best"]["decode.gamma"])
     bundle_dir = join(cfg.storage.run_dir, "bundle")
@@ -372,7 +412,7 @@ def run_sweep(cfg: Config) -> dict:
 def write_sweep_report(cfg: Config, summary: dict) -> str:
     """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``."""
     from mage_ray.evaluate import atomic_write_text
-    from mage_ray.sweep import plot_sweep, rows_markdown
+    from mage_ray.sweep import decision_text, plot_sweep, rows_markdown
 
     out = Path(join(cfg.storage.run_dir, "report"))
     out.mkdir(parents=True, exist_ok=True)
@@ -380,13 +420,18 @@ def write_sweep_report(cfg: Config, summary: dict) -> str:
         f"# Sweep report: {cfg.storage.run_name}\n",
         f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}.\n",
     ]
+    defaults = {"beta": cfg.backbone.beta, "alpha": cfg.decode.alpha, "gamma": cfg.decode.gamma}
     for stage, param in (("beta", "backbone.beta"), ("alpha", "decode.alpha"), ("gamma", "decode.gamma")):
         rec = stage_done(cfg, stage) or {}
         rows = rec.get("rows") or []
         parts.append(f"\n## {stage}" + (f" ({rec.get('method')})" if rec.get("method") else "") + "\n\n")
         if rows:
             parts.append(rows_markdown(rows, [param]))
-            plot_sweep(rows, param, out / f"sweep_{stage}.png")
+            if rec.get("decision"):
+                parts.append("\n" + decision_text(param, rec["decision"]) + "\n")
+            plot_sweep(
+                rows, param, out / f"sweep_{stage}.png", default=defaults[stage], chosen=rec["best"][param]
+            )
             parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
         else:
             parts.append(f"single candidate: {rec.get('best')}\n")
@@ -512,6 +557,8 @@ def run_pipeline(cfg: Config) -> dict:
             out_dir=join(cfg.storage.run_dir, "report"),
             batch_size=cfg.decode.batch_size,
             min_prompts=cfg.eval.min_test_prompts,
+            confidence=cfg.eval.confidence,
+            n_resamples=cfg.eval.n_resamples,
             extra={"beta": summary["beta"], "alpha": summary["alpha"], "gamma": summary["gamma"]},
             extra_columns={"train s": _train_seconds(cfg, methods)},
         )

@@ -12,16 +12,20 @@ from mage_ray.config import Config, ConfigError, add_config_args, load_config
 def parse_job_args(description: str, extra=None) -> tuple[argparse.Namespace, Config]:
     """``--config FILE [section.field=value ...]`` (+ job-specific flags via ``extra(parser)``).
 
-    A bad config prints one clear line and exits with status 2 (nothing is started).
+    A bad config (including an unknown objective name) prints one clear line and exits with status 2 (nothing
+    is started).
     """
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
     if extra is not None:
         extra(parser)
     args = parser.parse_args()
+    from mage_ray.tasks.objectives import ObjectiveError, check_objective_names
+
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        check_objective_names(cfg.task.objectives)
+    except (ConfigError, ObjectiveError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return args, cfg

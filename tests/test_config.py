@@ -11,7 +11,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"embedded.yaml", "smoke.yaml", "hh_rlhf.yaml", "summary.yaml"} <= names
+    assert {"embedded.yaml", "embedded3.yaml", "smoke.yaml", "hh_rlhf.yaml", "summary.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -50,6 +50,10 @@ def test_defaults_and_overrides():
         ("decode.gamma=nan", "decode.gamma"),
         ("eval.ref_point=[0.0]", "eval.ref_point"),
         ("task.objectives=[relevance]", "task.objectives"),
+        ("eval.grid_step=0.3", "eval.grid_step"),
+        ("sweep.grid_step=0.4", "sweep.grid_step"),
+        ("eval.confidence=1.0", "eval.confidence"),
+        ("task.n_objectives=1", "task.n_objectives"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -88,3 +92,54 @@ def test_relative_storage_path_is_made_absolute_at_load(tmp_path, monkeypatch):
     assert cfg.storage.run_dir == f"{tmp_path}/out/{cfg.storage.run_name}"
     uri = load_config(smoke, ["storage.storage_path=s3://bucket/runs"])
     assert uri.storage.storage_path == "s3://bucket/runs"
+
+
+def test_grid_steps_that_divide_one_pass():
+    for step in (1.0, 0.5, 0.25, 0.2, 0.1, 0.05):
+        cfg = load_config(None, [f"eval.grid_step={step}", f"sweep.grid_step={step}"])
+        assert cfg.eval.grid_step == step
+
+
+def test_a_config_written_for_three_objectives_refuses_two():
+    """embedded3.yaml sets task.n_objectives = 3: dropping an objective by override is refused, naming both."""
+    three = Path(__file__).resolve().parents[1] / "configs" / "embedded3.yaml"
+    assert load_config(three).n_objectives == 3
+    with pytest.raises(ConfigError, match=r"task\.objectives.*3 objective names \(task\.n_objectives = 3\)"):
+        load_config(three, ["task.objectives=[relevance,conciseness]"])
+
+
+def test_config_from_dict_cross_validates():
+    """Tune trials and Serve build configs with config_from_dict: the cross-field checks run there too."""
+    from mage_ray.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="eval.ref_point"):
+        config_from_dict({"eval": {"ref_point": [0.0]}})
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("task.objectives=[relevance,nosuchobj]", "unknown objective 'nosuchobj'; known: ["),
+        ("eval.grid_step=0.3", "eval.grid_step"),
+    ],
+)
+def test_jobs_refuse_bad_configs_before_ray_starts(override, expect):
+    """One 'error:' line on stderr naming the field (and the known objectives), exit 2, in seconds: nothing starts."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "jobs/pipeline.py", "--config", "configs/embedded.yaml", override],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], p.stderr
+    assert "relevance" in lines[0] or "grid_step" in expect
+    assert time.time() - t0 < 60
