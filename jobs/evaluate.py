@@ -1,13 +1,14 @@
 """Evaluate a bundle: every method of ``eval.methods`` over the preference grid on the test prompts.
 
-Writes generations.parquet, rewards.json, metrics.json/metrics.md and front.png to ``--out``.
+Writes generations.parquet, rewards.json, metrics.json/metrics.md, samples.md and front.png to ``--out``. Decodes
+with the bundle's alpha and gamma (the sweep's choice) unless ``decode.alpha=`` / ``decode.gamma=`` override them.
 
     python jobs/evaluate.py --config configs/embedded.yaml --bundle runs/embedded/bundle
     ray job submit --working-dir . -- python jobs/evaluate.py --config configs/embedded.yaml --bundle s3://.../bundle
 """
 
 from mage_ray.bundle import load_bundle
-from mage_ray.decode import Engine
+from mage_ray.decode import Engine, decode_defaults
 from mage_ray.evaluate import evaluate, reference_point
 from mage_ray.manifest import join
 from mage_ray.runtime import parse_job_args
@@ -33,7 +34,9 @@ def main() -> None:
     grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
     out = args.out or join(cfg.storage.run_dir, "eval")
     summary = evaluate(
-        Engine(bundle, cfg.decode),
+        Engine(
+            bundle, decode_defaults(cfg, bundle, args.overrides)
+        ),  # the bundle's alpha/gamma unless overridden
         objectives,
         prompts,
         cfg.eval.methods,

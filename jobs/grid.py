@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from mage_ray.bundle import load_bundle
+from mage_ray.decode import decode_defaults
 from mage_ray.manifest import join, write_json_atomic
 from mage_ray.metrics import pareto_mask
 from mage_ray.runtime import init_ray, parse_job_args
-from mage_ray.serve.core import BatchDecoder, decode_defaults
+from mage_ray.serve.core import BatchDecoder
 from mage_ray.soup import preference_grid, validate_preference
 
 

@@ -322,6 +322,21 @@ def _merge_caches(cache_a, mask_a, cache_b, mask_b):
 # ----- the engine -----
 
 
+def decode_defaults(cfg, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
+    """The decode defaults for a bundle: ``cfg.decode`` with the bundle's method, gamma and alpha.
+
+    The sweep chose the bundle's method / gamma / alpha, so they win over the YAML config; a command-line
+    override (``decode.gamma=2``) wins over the bundle. Serving, grids and evaluation all decode with these.
+    """
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    d = cfg.decode
+    kw = {
+        k: getattr(d, k) if f"decode.{k}" in given else v
+        for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))
+    }
+    return DecodeConfig(**{**d.__dict__, **kw})
+
+
 class Engine:
     """The decode engine: ``generate(requests)`` / ``stream(requests)`` over one MixedLoraModel.
 

@@ -516,7 +516,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
 def run_pipeline(cfg: Config) -> dict:
     """The whole chain + the evaluation report on the test prompts (``<run_dir>/report``)."""
     from mage_ray.bundle import load_bundle
-    from mage_ray.decode import Engine
+    from mage_ray.decode import Engine, decode_defaults
     from mage_ray.evaluate import evaluate, reference_point
     from mage_ray.soup import preference_grid
     from mage_ray.tasks.objectives import load_objectives
@@ -546,7 +546,8 @@ def run_pipeline(cfg: Config) -> dict:
         prompts = load_prompts(cfg.task, "test")
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
         _banner("evaluate", f"{len(methods)} methods x {len(grid)} preferences x {len(prompts)} test prompts")
-        engine = Engine(load_bundle(bundle_dir), cfg.decode)
+        bundle = load_bundle(bundle_dir)
+        engine = Engine(bundle, decode_defaults(cfg, bundle))  # the sweep's alpha and gamma, not the YAML's
         report = evaluate(
             engine,
             objectives,

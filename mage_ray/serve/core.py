@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from mage_ray.bundle import Bundle, load_bundle
+from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, DecodeConfig, ServeConfig
-from mage_ray.decode import Completion, Engine, Request, TokenEvent, parts_from_bundle
+from mage_ray.decode import Completion, Engine, Request, TokenEvent, decode_defaults, parts_from_bundle
 from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.models import format_prompt
 from mage_ray.serve.schema import ApiError, Limits, prompt_text
@@ -61,21 +61,6 @@ log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
 COUNTERS = ("requests", "completed", "cancelled", "errors", "tokens", "batches", "steps", "admitted")
-
-
-def decode_defaults(cfg: Config, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
-    """The decode defaults a server uses: ``cfg.decode`` with the bundle's method, gamma and alpha.
-
-    The sweep chose the bundle's method / gamma / alpha, so they win over the YAML config; a command-line
-    override (``decode.gamma=2``) wins over the bundle.
-    """
-    given = {o.split("=", 1)[0].strip() for o in overrides}
-    d = cfg.decode
-    kw = {
-        k: getattr(d, k) if f"decode.{k}" in given else v
-        for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))
-    }
-    return DecodeConfig(**{**d.__dict__, **kw})
 
 
 @dataclass(eq=False)
