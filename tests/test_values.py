@@ -258,3 +258,12 @@ def test_resume_from_a_checkpointed_state_matches_an_uninterrupted_run(tmp_path,
     for module, (A, B) in a.adapter.modules.items():
         torch.testing.assert_close(A, b.adapter.modules[module][0])
         torch.testing.assert_close(B, b.adapter.modules[module][1])
+
+
+def test_objective_names_become_safe_path_names():
+    """Registry names are kept; an hf:<path>@index objective becomes a safe, distinct directory name."""
+    from mage_ray.train.values import path_name
+
+    assert path_name("relevance") == "relevance"
+    a, b = path_name("hf:/models/rm@0"), path_name("hf:/models/rm@1")
+    assert a != b and all(c.isalnum() or c in "._-" for c in a + b)

@@ -41,8 +41,10 @@ token-weighted variance of the validation targets).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -381,9 +383,18 @@ def fit_value_net(
     return history
 
 
+def path_name(objective: str) -> str:
+    """A file-system-safe name for an objective: itself when it is one (``relevance``), else its characters outside
+    ``[A-Za-z0-9._-]`` replaced by ``_`` plus a short hash (``hf:/models/rm@1`` -> ``hf__models_rm_1-<hash>``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", objective)
+    if safe == objective:
+        return objective
+    return f"{safe.strip('_')[:60]}-{hashlib.sha1(objective.encode()).hexdigest()[:8]}"
+
+
 def value_model_dir(cfg: Config, objective: str) -> str:
-    """``<run_dir>/values/<objective>``."""
-    return join(cfg.storage.run_dir, "values", objective)
+    """``<run_dir>/values/<objective>`` (the objective's :func:`path_name`)."""
+    return join(cfg.storage.run_dir, "values", path_name(objective))
 
 
 def save_value_net(net: ValueNet, out_dir: str, manifest: dict[str, Any]) -> str:
@@ -538,7 +549,7 @@ def value_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     steps, every = int(config["steps"]), _checkpoint_every(int(config["steps"]))
-    work = Path(tempfile.mkdtemp(prefix=f"mage-value-{config['objective']}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"mage-value-{path_name(config['objective'])}-"))
     try:
         resume = None
         ckpt = ray.train.get_checkpoint()
@@ -648,7 +659,7 @@ def train_value_model_ray(
         {"cfg": cfg, "rollouts_path": _storage(rollouts_path), "objective": objective, "steps": steps},
         scaling=scaling,
         storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-        name=f"values--{objective}",
+        name=f"values--{path_name(objective)}",
         max_failures=cfg.backbone.max_failures,
         callbacks=[_progress_printer(f"value {objective}")] if progress else [],
     )
