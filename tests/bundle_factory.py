@@ -133,3 +133,31 @@ def cached_tiny_bundle(tmp_path_factory, name: str = "tiny_bundle", **kwargs) ->
     if not (root / "bundle" / "bundle.json").is_file():
         make_tiny_bundle(root, **kwargs)
     return root / "bundle"
+
+
+def make_tiny_reward_model(directory: str | Path) -> str:
+    """A 1-layer GPT2ForSequenceClassification (2 logits) with the embedded tokenizer, saved at ``directory``.
+
+    Use it as ``hf:<directory>@0`` / ``@1``: two objectives that give varied scores to any text, gibberish included
+    (the embedded objectives give a tiny random policy's gibberish their floor, 0, so a smoke run needs these to
+    have preference pairs and a non-zero hypervolume).
+    """
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from mage_ray.models import embedded_tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=256,
+        num_labels=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    GPT2ForSequenceClassification(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

@@ -116,8 +116,8 @@ def test_relevance_on_topic_beats_off_topic():
 
 
 def test_conciseness_values_and_monotone():
-    """q * 2^(-tokens/20) with MiniLM WordPiece tokens: a fluent answer of 20 tokens scores exactly 0.5, one of 40
-    tokens 0.25; among fluent answers fewer tokens score higher; a glued string is many tokens and gated."""
+    """q * finished * 2^(-tokens/20) with MiniLM WordPiece tokens: among finished fluent answers fewer tokens score
+    higher (20 tokens -> 0.5, 40 -> 0.25); a glued string is many tokens; an unfinished answer scores 0."""
     con = get_objective("conciseness")
     base = "Keep a regular bedtime and keep your room cool and dark"
     texts = [
@@ -131,6 +131,13 @@ def test_conciseness_values_and_monotone():
     assert np.allclose(s, [2.0 ** (-k / 20) for k in n]) and np.all(np.diff(s) < 0)
     assert O.conciseness_raw(20) == 0.5 and O.conciseness_raw(40) == 0.25 and O.conciseness_raw(0) == 1.0
     assert O.count_tokens(["Sleepbetterbyrelaxingandbreathingslowly"])[0] > 5
+    # an answer cut off mid-sentence (by the token limit) is not concise: 0, whatever its length
+    cut = con(["How can I sleep better?"] * 2, [base + " and", base])
+    assert cut.tolist() == [0.0, 0.0]
+    assert [O.finished(t) for t in ("Done.", "Really?", 'He said "hi."', "Great! 😊", "Wait...")] == [
+        True
+    ] * 5
+    assert [O.finished(t) for t in ("Keep a regular", "1. Eat\n2. Sleep", "first,", "")] == [False] * 4
 
 
 def test_readability_hand_computed():
@@ -278,28 +285,9 @@ def test_bad_sample_text_is_truncated():
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory) -> str:
     """A 1-layer GPT2ForSequenceClassification (2 labels) with the embedded tokenizer, saved locally."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+    from bundle_factory import make_tiny_reward_model
 
-    from mage_ray.models import embedded_tokenizer_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=len(tok),
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        n_positions=256,
-        num_labels=2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = GPT2ForSequenceClassification(cfg)
-    path = tmp_path_factory.mktemp("tiny_rm")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return make_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm"))
 
 
 def _manual_logits(path: str, texts: list, pair: list | None = None) -> np.ndarray:

@@ -10,13 +10,19 @@ from mage_ray.config import load_config
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
     import ray
+    from bundle_factory import make_tiny_reward_model
 
     from mage_ray.pipeline import run_pipeline, stage_done
 
+    # The embedded objectives give a tiny random policy's gibberish their floor (0): score it with the two logits
+    # of a tiny random reward model instead, so there are preference pairs (MODPO) and a non-zero hypervolume.
+    rm = make_tiny_reward_model(tmp_path / "rm")
     cfg = load_config(
         repo_root / "configs" / "smoke.yaml",
         [
             f"storage.storage_path={tmp_path}",
+            f"task.objectives=[hf:{rm}@0,hf:{rm}@1]",
+            "eval.ref_point=[-10,-10]",
             "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m,ric,modpo,bs-wrpo]",
             "sweep.gammas=[0.0,1.0]",
             "sweep.alphas=[0.0]",
@@ -51,8 +57,41 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         # the baselines trained in their own stages and joined the bundle
         assert bundle["ric"] is not None and len(bundle["modpo"]) == 3 and len(bundle["wrpo_backbones"]) == 2
         assert stage_done(cfg, "wrpo")["beta"] == bundle["beta"]
-        for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md"):
+        for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
             assert (run / "report" / f).exists(), f
+        # every method has its degenerate rate per preference and intervals; the claims are checked
+        assert all(len(m["degenerate"]) == 3 and "intervals" in m for m in metrics["methods"].values())
+        assert {c["verdict"] for c in metrics["claims"]} <= {"holds", "fails", "no evidence"}
+        # the beta stage decided with the paired bootstrap (default 0.7 kept unless beaten beyond noise), and the
+        # full backbones continued from the chosen trial's adapters: 1 trial step + 1 more = backbone.steps
+        decision = beta_rec["decision"]
+        assert decision["chosen"] == bundle["beta"] and decision["default"] == 0.7
+        assert all("hv_lo" in r for r in beta_rec["rows"])
+        warm = stage_done(cfg, "backbones")["warm_start"]
+        assert warm["steps"] == 1 and all(f"b{i}_s1" in warm["from"][i] for i in (0, 1))
+        full = json.loads(
+            (run / "backbones" / f"beta_{bundle['beta']:g}" / "b0" / "manifest.json").read_text()
+        )
+        assert full["init_adapter"] == warm["from"][0] and full["steps_done"] == 1
+        assert "vs default" in (run / "report" / "sweep.md").read_text()
+        # the evaluation decoded with the bundle's (the sweep's) alpha and gamma, not the YAML's
+        import pyarrow.parquet as pq
+
+        from mage_ray.bundle import load_bundle
+        from mage_ray.decode import Engine, Request, decode_defaults
+
+        b = load_bundle(run / "bundle")
+        row = (
+            pq.read_table(run / "report" / "generations.parquet")
+            .to_pandas()
+            .query("method == 'mage-e-m'")
+            .iloc[0]
+        )
+        engine = Engine(b, decode_defaults(cfg, b))
+        again = engine.generate(
+            [Request(prompt=row.prompt, preference=list(row.preference), method="mage-e-m")]
+        )
+        assert again[0].text == row.response
         for stage in (
             "beta",
             "backbones",

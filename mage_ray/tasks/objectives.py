@@ -11,8 +11,12 @@ or non-text response has q = 0):
 * ``relevance``   q * max(0, cos) of all-MiniLM-L6-v2 embeddings of the request and the response (the last human
   turn of a dialogue prompt is the request); an echo of the prompt has q = 0.
 * ``positivity``  q * (1 + VADER compound) / 2.
-* ``conciseness`` q * 2^(-tokens / 20), tokens = all-MiniLM-L6-v2 WordPiece tokens of the response (a glued
-  string is many tokens): 0.5 at 20 tokens, 0.25 at 40.
+* ``conciseness`` q * finished * 2^(-tokens / 20), tokens = all-MiniLM-L6-v2 WordPiece tokens of the response
+  (a glued string is many tokens): 0.5 at 20 tokens, 0.25 at 40; finished = 1 when the response ends its last
+  sentence (. ! ? or an ellipsis, then at most closing quotes, brackets, markup or emoji), else 0. An answer cut
+  off by the token limit has not said its piece in few words, so it is not concise (as DAPO's overlong
+  shaping treats truncated samples); it also keeps GRPO groups whose samples were all cut off from turning
+  token-count noise into an advantage (``normalize_then_sum`` z-scores each objective within its group).
 * ``readability`` q * Flesch reading ease / 100 clipped to [0, 1] (short words and sentences read easier).
 
 Paper reward models (HF sequence classifiers, see :mod:`mage_ray.tasks.hf_rewards`): ``helpful``,
@@ -27,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import threading
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -277,14 +282,27 @@ def conciseness_raw(n_tokens: int, half_tokens: float = CONCISE_HALF_TOKENS) -> 
     return 2.0 ** (-n_tokens / half_tokens)
 
 
+_TRAILING = "\"'”’»)]}*_`"
+
+
+def finished(text: str) -> bool:
+    """True when the text ends its last sentence: . ! ? or an ellipsis, then only closing quotes, brackets,
+    markup characters, emoji or spaces (a response cut off mid-sentence ends in a letter, digit or comma)."""
+    t = text.rstrip()
+    while t and (t[-1] in _TRAILING or unicodedata.category(t[-1]) in ("So", "Sk") or t[-1].isspace()):
+        t = t[:-1]
+    return bool(t) and t[-1] in ".!?…"
+
+
 class Conciseness(EmbeddedObjective):
     name = "conciseness"
     description = (
-        f"q * 2^(-tokens/{CONCISE_HALF_TOKENS:g}) of the response (MiniLM WordPiece tokens), in [0, 1]"
+        f"q * finished * 2^(-tokens/{CONCISE_HALF_TOKENS:g}) of the response (MiniLM WordPiece tokens; an "
+        "unfinished last sentence scores 0), in [0, 1]"
     )
 
     def raw(self, prompts, responses):
-        return [conciseness_raw(n) for n in count_tokens(responses)]
+        return [conciseness_raw(n) * finished(r) for n, r in zip(count_tokens(responses), responses)]
 
 
 def syllables(word: str) -> int:
