@@ -133,7 +133,7 @@ class TaskConfig:
 
     name: str = "embedded"
     """Prompt source: embedded | hh_rlhf | summary | parquet (a file with a 'prompt' column)."""
-    objectives: list[str] = field(default_factory=lambda: ["relevance", "conciseness"])
+    objectives: list[str] = field(default_factory=lambda: ["relevance", "readability"])
     """Objective names from the registry (see mage_ray.tasks.objectives), or 'hf:<id or path>[@index]'."""
     data_path: str | None = None
     """Dataset id or local file/dir for hh_rlhf / summary / parquet tasks (None: the task's default)."""

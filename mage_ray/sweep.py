@@ -101,7 +101,12 @@ def run_tune_stage(
             else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300] if str(r.error).strip() else ''}",
         }
         for k, v in (r.metrics or {}).items():
-            if k.startswith("hv_") or k in ("controllability", "inner_product", "train_seconds"):
+            if k.startswith("hv_") or k in (
+                "controllability",
+                "inner_product",
+                "train_seconds",
+                "degenerate_max",
+            ):
                 row[k] = v
         rows.append(row)
     ok = [r for r in rows if r["error"] is None and r.get(metric) is not None and np.isfinite(r[metric])]
@@ -203,9 +208,13 @@ def plot_sweep(rows: list[dict], param: str, path: str | Path, metric: str = "hv
 
 
 def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> str:
-    """Trial table: parameters, validation metric with its interval, difference to the default, error."""
-    head = "| " + " | ".join(params) + f" | validation {metric} [interval] | vs default [interval] | error |"
-    lines = [head, "|" + "---|" * (len(params) + 3)]
+    """Trial table: parameters, validation metric with its interval, difference to the default, the worst
+    preference's share of degenerate responses, error."""
+    head = (
+        "| " + " | ".join(params) + f" | validation {metric} [interval] | vs default [interval] | degenerate "
+        "(worst preference) | error |"
+    )
+    lines = [head, "|" + "---|" * (len(params) + 4)]
     for r in sorted(rows, key=lambda r: tuple(r[p] for p in params)):
         v = r.get(metric)
         cell = "" if v is None else f"{v:.4g}"
