@@ -224,7 +224,11 @@ def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9)
         if x is None:
             return
         verdict = "holds" if x["lo"] > 1 else ("fails" if x["hi"] < 1 else "no evidence")
-        out.append({"claim": what, "verdict": verdict, "numbers": f"HV {a}/{b} = {_band(x, 3)}"})
+        numbers = f"HV {a}/{b} = {_band(x, 3)}"
+        pa, pb = by[a].per_prompt, by[b].per_prompt
+        if pa is not None and pb is not None and np.array_equal(pa, pb):
+            numbers += f"; {a} scored exactly as {b} on every prompt and preference (e.g. guidance strength 0)"
+        out.append({"claim": what, "verdict": verdict, "numbers": numbers})
 
     mage = [m for m in MAGE_METHODS if m in by]
     best = max(mage, key=lambda m: by[m].metrics["hv"]) if mage else None

@@ -223,11 +223,12 @@ def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> st
         diff = ""
         if r.get("diff_lo") is not None:
             diff = f"[{r['diff_lo']:+.3g}, {r['diff_hi']:+.3g}]"
+        degenerate = "" if r.get("degenerate_max") is None else f"{100 * r['degenerate_max']:.1f}%"
         lines.append(
             "| "
             + " | ".join(str(r[p]) for p in params)
-            + f" | {cell} | {diff} | "
-            + (r["error"] or "")
+            + f" | {cell} | {diff} | {degenerate} | "
+            + (r.get("error") or "")
             + " |"
         )
     return "\n".join(lines) + "\n"

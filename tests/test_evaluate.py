@@ -203,3 +203,25 @@ def test_claim_verdicts_follow_the_intervals():
     assert got["controllability of bs >= 0.9"] == "fails"
     assert got["controllability of mage-e-m >= 0.9"] == "holds"
     assert got["degenerate responses of bs <= 5% at every preference"] == "fails"
+
+
+def test_claim_says_when_a_mage_variant_scored_exactly_as_bone_soup():
+    """With guidance strength 0 the best MAGE variant decodes as bs: the ratio's interval is [1, 1] and the
+    claim row says why instead of leaving a bare 'no evidence'."""
+    from mage_ray.evaluate import MethodResult, claims
+
+    mu = np.array([[0.0, 1.0], [1.0, 0.0]])
+    per = np.random.default_rng(0).uniform(size=(2, 4, 2))
+    results = [
+        MethodResult(m, mu, per.mean(1), {"hv": 1.0}, per_prompt=per.copy()) for m in ("rs", "bs", "mage-i-m")
+    ]
+    results[0].per_prompt = per + 0.1
+    band = {"value": 1.0, "lo": 1.0, "hi": 1.0}
+    boot = {
+        "ratios": {"bs/rs": {**band, "value": 0.9, "lo": 0.8, "hi": 0.95}, "mage-i-m/bs": band},
+        "methods": {m: {"controllability": band} for m in ("bs", "mage-i-m")},
+    }
+    rows = {c["claim"]: c for c in claims(results, boot)}
+    mage = rows["MAGE (best variant on test HV: mage-i-m) HV above Bone Soup"]
+    assert mage["verdict"] == "no evidence" and "scored exactly as bs" in mage["numbers"]
+    assert "exactly" not in rows["Bone Soup HV above Rewarded Soups"]["numbers"]

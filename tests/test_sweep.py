@@ -51,8 +51,12 @@ def test_default_kept_when_the_best_trial_is_within_noise(cfg):
         )
     text = decision_text("backbone.beta", decision)
     assert "not distinguishable" in text and "default is kept" in text
+    rows[0]["degenerate_max"] = 0.0625
     md = rows_markdown(rows, ["backbone.beta"])
     assert "[" in md and "vs default" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, "every row has the header's number of cells"
+    assert "| 6.2% |" in md
 
 
 def test_clearly_better_trial_is_chosen(cfg):
