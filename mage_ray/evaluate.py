@@ -227,7 +227,9 @@ def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9)
         numbers = f"HV {a}/{b} = {_band(x, 3)}"
         pa, pb = by[a].per_prompt, by[b].per_prompt
         if pa is not None and pb is not None and np.array_equal(pa, pb):
-            numbers += f"; {a} scored exactly as {b} on every prompt and preference (e.g. guidance strength 0)"
+            numbers += (
+                f"; {a} scored exactly as {b} on every prompt and preference (e.g. guidance strength 0)"
+            )
         out.append({"claim": what, "verdict": verdict, "numbers": numbers})
 
     mage = [m for m in MAGE_METHODS if m in by]
