@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mage_ray.config import METHODS, ConfigError, ModelConfig
+from mage_ray.config import ConfigError, ModelConfig
+from mage_ray.guidance import method_names
 from mage_ray.manifest import ManifestError, atomic_dir, read_json, write_json_atomic
 
 __all__ = [
@@ -217,8 +218,8 @@ def validate_bundle(b: Bundle, check_files: bool = True) -> Bundle:
         _fail("alpha", b.alpha, "a number > -1 (Eq. 13)")
     if _number("gamma", b.gamma) < 0:
         _fail("gamma", b.gamma, "a number >= 0 (Eq. 25)")
-    if b.default_method not in METHODS:
-        _fail("default_method", b.default_method, f"one of {list(METHODS)}")
+    if b.default_method not in method_names():
+        _fail("default_method", b.default_method, f"one of {method_names()}")
     for key, allowed in (("backbones", (n,)), ("rs_backbones", (0, n)), ("values", (0, n))):
         v = getattr(b, key)
         if not isinstance(v, list) or len(v) not in allowed:

@@ -19,6 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mage_ray.guidance import method_names
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
@@ -65,23 +67,6 @@ def _check_grid_step(name: str, value: float) -> None:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         _fail(name, value, f"one of {list(choices)}")
-
-
-METHODS = (
-    "rs",
-    "bs",
-    "mod",
-    "mage-e",
-    "mage-e-m",
-    "mage-i",
-    "mage-i-m",
-    "base",
-    "morlhf",
-    "ric",
-    "modpo",
-    "bs-wrpo",
-)
-"""Decoding methods the engine knows (``base`` = plain SFT/base policy)."""
 
 
 @dataclass
@@ -181,6 +166,7 @@ class BackboneConfig:
     steps: int = 30
     """Optimizer steps per backbone."""
     learning_rate: float = 1e-4
+    """Adam learning rate of the LoRA parameters."""
     kl_coef: float = 0.05
     """KL penalty coefficient against the base policy (TRL 'beta')."""
     num_generations: int = 4
@@ -188,6 +174,7 @@ class BackboneConfig:
     prompts_per_step: int = 2
     """Prompts per optimizer step per worker."""
     max_completion_length: int = 32
+    """Token limit of each sampled training completion."""
     temperature: float = 1.0
     """Sampling temperature during training rollouts."""
     reward_aggregation: str = "sum_then_normalize"
@@ -199,7 +186,9 @@ class BackboneConfig:
     num_workers: int = 1
     """Ray Train workers per backbone (data parallel)."""
     use_gpu: bool = False
+    """Give each Ray Train worker a GPU (deployment setting; tests use logical GPUs)."""
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    """Ray resources of each training worker, e.g. {CPU: 4, GPU: 1}."""
     placement_strategy: str = "PACK"
     """PACK | SPREAD | STRICT_PACK | STRICT_SPREAD for each backbone's workers."""
     max_failures: int = 2
@@ -213,6 +202,7 @@ class BackboneConfig:
     wrpo_sources: list[str] = field(default_factory=list)
     """WRPO: extra source models (HF ids / paths); the other backbones are always sources."""
     seed: int = 0
+    """Seed of sampling, LoRA initialisation and data order."""
 
     def __post_init__(self) -> None:
         _check_choice("backbone.trainer", self.trainer, ("grpo", "rloo", "wrpo"))
@@ -260,18 +250,29 @@ class ValueConfig:
     rollouts_per_prompt: int = 2
     """Sampled responses per training prompt for the rollout Parquet."""
     rollout_max_tokens: int = 32
+    """Token limit of each sampled rollout response."""
     rollout_batch_size: int = 16
+    """Prompts sampled together when generating rollouts."""
     steps: int = 40
+    """Optimizer steps per value model."""
     learning_rate: float = 2e-4
+    """Adam learning rate of the value model's LoRA and head."""
     batch_size: int = 8
+    """Scored responses per optimizer step."""
     lora_r: int = 8
+    """LoRA rank of the value models."""
     lora_alpha: float = 16.0
+    """LoRA alpha (scale alpha / r) of the value models."""
     val_fraction: float = 0.1
     """Fraction of rollouts held out for validation MSE and ranking accuracy."""
     num_workers: int = 1
+    """Ray Train workers per value model (data parallel)."""
     use_gpu: bool = False
+    """Give each value-model worker a GPU."""
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    """Ray resources of each value-model worker."""
     seed: int = 0
+    """Seed of rollout sampling, initialisation and data order."""
 
     def __post_init__(self) -> None:
         for f in (
@@ -295,8 +296,11 @@ class SweepConfig:
     """Ray Tune sweep of beta (trains), then alpha and gamma (decode only), by hypervolume."""
 
     betas: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8])
+    """Candidate beta of B(beta) (Eq. 12), one Tune trial each; the default is backbone.beta."""
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    """Candidate extrapolation alpha (Eq. 13), decode-only trials of bs; the default is decode.alpha."""
     gammas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 1.0, 3.0, 5.0])
+    """Candidate guidance strengths gamma (Eq. 25), decode-only trials of gamma_method; the default is decode.gamma."""
     beta_step_fraction: float = 0.2
     """Fraction of backbone.steps used by each beta trial (paper: 20%)."""
     gamma_method: str = "mage-e-m"
@@ -321,7 +325,7 @@ class SweepConfig:
         for g in self.gammas:
             _check_range("sweep.gammas[]", g, 0, 1000)
         _check_range("sweep.beta_step_fraction", self.beta_step_fraction, 0, 1, lo_open=True)
-        _check_choice("sweep.gamma_method", self.gamma_method, METHODS)
+        _check_choice("sweep.gamma_method", self.gamma_method, tuple(method_names()))
         _check_grid_step("sweep.grid_step", self.grid_step)
         _check_range("sweep.max_concurrent_trials", self.max_concurrent_trials, 0, 10_000)
 
@@ -331,18 +335,23 @@ class DecodeConfig:
     """Defaults of the decode engine (every request may override them)."""
 
     method: str = "mage-e-m"
+    """Default decoding method of requests that name none (one of mage_ray.guidance.REGISTRY)."""
     gamma: float = 1.0
     """Guidance strength in pi_base * exp(gamma * V) (Eq. 25)."""
     alpha: float = 0.0
     """Extrapolation away from the SFT model (Eq. 13)."""
     max_new_tokens: int = 48
+    """Default number of new tokens per response."""
     max_tokens_limit: int = 512
     """Hard upper bound on max_new_tokens a request may ask for."""
     do_sample: bool = False
+    """Sample (True) or take the argmax of the guided scores (False, Eq. 25)."""
     temperature: float = 1.0
+    """Sampling temperature (applied after guidance)."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it."""
     beam_width: int = 1
     """Beam lookahead (Table 4): b beams..."""
     beam_expansion: int = 1
@@ -352,9 +361,10 @@ class DecodeConfig:
     batch_size: int = 16
     """Rows decoded together by batch jobs (evaluation, grids)."""
     seed: int = 0
+    """Seed of sampling (per request; requests may set their own)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.method", self.method, METHODS)
+        _check_choice("decode.method", self.method, tuple(method_names()))
         _check_range("decode.gamma", self.gamma, 0, 1000)
         _check_range("decode.alpha", self.alpha, -1, 10)
         _check_range("decode.max_tokens_limit", self.max_tokens_limit, 1, 1_000_000)
@@ -373,22 +383,32 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Bind address; localhost unless you mean to expose it."""
     port: int = 8000
+    """HTTP port of the Serve ingress."""
     num_replicas: int = 1
+    """Replicas of the generator deployment (ignored when autoscaling is set)."""
     autoscaling: dict[str, Any] | None = None
     """Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}."""
     max_batch_size: int = 16
+    """Most requests decoded together by one replica."""
     batch_wait_timeout_s: float = 0.01
+    """How long the scheduler waits for more requests before starting a batch."""
     batching: str = "continuous"
     """continuous: queued requests join a running batch between decode steps; micro: a batch is fixed when it
     starts and later requests wait for it (docs/benchmarks.md compares them)."""
     max_ongoing_requests: int = 64
+    """Requests a replica accepts at once (queued + running); more get 503 from Serve."""
     num_cpus: float = 1.0
+    """CPUs reserved per replica."""
     num_gpus: float = 0.0
+    """GPUs per replica (fractions share one GPU)."""
     auth_token_env: str | None = None
     """Name of an environment variable holding a bearer token; None disables auth."""
     max_body_bytes: int = 1_000_000
+    """Largest accepted request body; larger ones get 413."""
     max_prompts_per_grid: int = 64
+    """Most prompts in one /v1/grid request."""
     max_grid_points: int = 256
+    """Most preferences in one /v1/grid request."""
 
     def __post_init__(self) -> None:
         _check_range("serve.port", self.port, 1, 65535)
@@ -414,6 +434,7 @@ class EvalConfig:
     methods: list[str] = field(
         default_factory=lambda: ["rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m"]
     )
+    """Methods the evaluation report compares (any of mage_ray.guidance.REGISTRY); the pipeline trains what they need."""
     grid_step: float = 0.1
     """Simplex-lattice step (2 objectives, 0.1 -> 11 points)."""
     ref_point: list[float] | None = None
@@ -427,7 +448,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for m in self.methods:
-            _check_choice("eval.methods[]", m, METHODS)
+            _check_choice("eval.methods[]", m, tuple(method_names()))
         _check_grid_step("eval.grid_step", self.grid_step)
         _check_range("eval.confidence", self.confidence, 0, 1, lo_open=True, hi_open=True)
         _check_range("eval.n_resamples", self.n_resamples, 0, 1_000_000)
@@ -444,6 +465,7 @@ class StorageConfig:
     storage_path: str = "runs"
     """Local directory or cloud URI (s3://, gs://) for Ray Train/Tune storage and artifacts."""
     run_name: str = "default"
+    """Name of this run: artifacts go to <storage_path>/<run_name>."""
     cache_dir: str = field(
         default_factory=lambda: os.environ.get("MAGE_RAY_CACHE", str(Path.home() / ".cache" / "mage_ray"))
     )
@@ -466,15 +488,25 @@ class Config:
     """The whole job configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base policy."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA shape of the backbones and baselines."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """Prompts and objectives."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """Stage 1: backbone training."""
     value: ValueConfig = field(default_factory=ValueConfig)
+    """Stage 2: rollouts and explicit value models."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    """beta / alpha / gamma sweep on validation prompts."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decode-engine defaults."""
     serve: ServeConfig = field(default_factory=ServeConfig)
+    """Ray Serve deployment."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation report on the test prompts."""
     storage: StorageConfig = field(default_factory=StorageConfig)
+    """Where artifacts go."""
 
     @property
     def n_objectives(self) -> int:

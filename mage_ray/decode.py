@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from mage_ray.bundle import Bundle, adapter_path, load_bundle
 from mage_ray.config import DecodeConfig
-from mage_ray.guidance import AdapterLayout, Plan, PlanArgs, make_plan
+from mage_ray.guidance import ADAPTER_GROUPS, AdapterLayout, Plan, PlanArgs, groups_for, make_plan
 from mage_ray.lora_mix import LoraAdapter, MixedLinear, MixedLoraModel, load_adapter
 from mage_ray.models import format_prompt
 from mage_ray.soup import PreferenceError, validate_preference
@@ -929,19 +929,6 @@ class Engine:
 # ----- bundles -----
 
 
-_GROUPS_FOR = {
-    "rs": {"rs_backbones"},
-    "mod": {"rs_backbones"},
-    "mage-i": {"rs_backbones"},
-    "bs-wrpo": {"wrpo_backbones"},
-    "mage-e": {"values"},
-    "mage-e-m": {"values"},
-    "morlhf": {"morlhf"},
-    "modpo": {"modpo"},
-    "ric": {"ric"},
-}
-
-
 def parts_from_bundle(
     bundle: Bundle, device: str | torch.device = "cpu", methods: Sequence[str] | None = None
 ) -> EngineParts:
@@ -953,9 +940,7 @@ def parts_from_bundle(
     from mage_ray.models import load_policy
     from mage_ray.value_model import load_value_model
 
-    groups = {"rs_backbones", "wrpo_backbones", "values", "morlhf", "modpo", "ric"}
-    if methods is not None:
-        groups = set().union(*(_GROUPS_FOR.get(m, set()) for m in methods)) if methods else set()
+    groups = set(ADAPTER_GROUPS) if methods is None else groups_for(methods)
     mcfg = bundle.model_config()
     model, tok = load_policy(mcfg, device=device)
 

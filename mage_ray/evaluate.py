@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from mage_ray import metrics as M
+from mage_ray.guidance import REGISTRY
+from mage_ray.manifest import atomic_file, write_text_atomic
 
 METRIC_COLUMNS = ("hv", "inner_product", "sparsity", "spacing", "controllability", "front_length")
 _ARROWS = {
@@ -51,7 +51,7 @@ class EvaluationError(ValueError):
 
 DEGENERATE_TARGET = 0.05
 """Fraction of flagged responses above which a front point is drawn hollow and a claim about it fails."""
-MAGE_METHODS = ("mage-e", "mage-e-m", "mage-i", "mage-i-m")
+MAGE_METHODS = tuple(m for m, spec in REGISTRY.items() if spec.family == "mage")
 
 
 @dataclass
@@ -63,15 +63,6 @@ class MethodResult:
     n_errors: int = 0
     per_prompt: np.ndarray | None = None  # (P, N, n) rewards per preference and prompt, NaN where it errored
     degenerate: np.ndarray | None = None  # (P,) fraction of the preference's responses flagged degenerate
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def decode_grid(
@@ -226,10 +217,9 @@ def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9)
         verdict = "holds" if x["lo"] > 1 else ("fails" if x["hi"] < 1 else "no evidence")
         numbers = f"HV {a}/{b} = {_band(x, 3)}"
         pa, pb = by[a].per_prompt, by[b].per_prompt
-        if pa is not None and pb is not None and np.array_equal(pa, pb):
-            numbers += (
-                f"; {a} scored exactly as {b} on every prompt and preference (e.g. guidance strength 0)"
-            )
+        # identical responses can differ in the last float bits of a batched embedding's score
+        if pa is not None and pb is not None and np.allclose(pa, pb, rtol=0.0, atol=1e-5, equal_nan=True):
+            numbers += f"; {a} scored as {b} on every prompt and preference (e.g. guidance strength 0)"
         out.append({"claim": what, "verdict": verdict, "numbers": numbers})
 
     mage = [m for m in MAGE_METHODS if m in by]
@@ -414,9 +404,8 @@ def write_report(
         cols[name] = [None if math.isnan(v) else float(v) for v in scores[:, j]]
     if flags is not None:
         cols["degenerate"] = [None if math.isnan(v) else bool(v) for v in flags]
-    tmp = out / ".generations.parquet.tmp"
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, out / "generations.parquet")
+    with atomic_file(out / "generations.parquet") as tmp:
+        pq.write_table(pa.table(cols), tmp)
     summary = {
         "objectives": list(objectives),
         "ref_point": [float(v) for v in ref_point],
@@ -426,12 +415,12 @@ def write_report(
         **_boot_summary(results, boot),
         **(extra or {}),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    atomic_write_text(out / "rewards.json", json.dumps(_rewards_json(results), indent=2))
-    atomic_write_text(
+    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+    write_text_atomic(out / "rewards.json", json.dumps(_rewards_json(results), indent=2))
+    write_text_atomic(
         out / "metrics.md", metrics_markdown(results, objectives, ref_point, extra_columns, boot)
     )
-    atomic_write_text(out / "samples.md", samples_markdown(rows, scores, flags, prompts, grid, objectives))
+    write_text_atomic(out / "samples.md", samples_markdown(rows, scores, flags, prompts, grid, objectives))
     plot_fronts(results, objectives, out / "front.png")
     return summary
 

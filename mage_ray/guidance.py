@@ -43,21 +43,31 @@ mu^T r. lambda may have negative entries (extrapolation), so w may be negative.
 
 MOD (Shi et al. 2024) is the reverse-KL form: next token from sum_i w_i log pi_i, renormalised.
 
-Users add methods with :func:`register_method`; ``build(layout, mu, args) -> Plan``.
+A method is ONE :func:`register_method` call: ``build(layout, mu, args) -> Plan`` plus its :class:`MethodSpec`
+(the adapter groups it reads, the training stages that make them, its family). Config validation, bundle
+loading (``mage_ray.decode.parts_from_bundle``), the pipeline's stage selection and the claims table read the
+specs; no other module lists methods (docs/architecture.md, "Add a decoding method").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from mage_ray.ric_format import ric_prompt_for_preference
 from mage_ray.soup import merge_coefficients, soup_coefficients
 
 __all__ = [
+    "ADAPTER_GROUPS",
     "AdapterLayout",
+    "FAMILIES",
+    "TRAINING_STAGES",
+    "groups_for",
+    "method_spec",
+    "stages_for",
     "MethodSpec",
     "Plan",
     "PlanArgs",
@@ -156,22 +166,61 @@ class PlanArgs:
     """The request's prompt (RiC rewrites it)."""
 
 
+ADAPTER_GROUPS = ("rs_backbones", "wrpo_backbones", "values", "morlhf", "modpo", "ric")
+"""Adapter groups a bundle may carry beside the Bone Soup backbones (one AdapterLayout field each)."""
+
+TRAINING_STAGES = ("rs_backbones", "rollouts", "values", "morlhf", "ric", "modpo", "wrpo")
+"""Pipeline stages a method may need beside the Bone Soup backbones (``mage_ray.pipeline`` runs them)."""
+
+FAMILIES = ("base", "soup", "mage", "baseline")
+"""base policy | Bone Soup / Rewarded Soups policies | MAGE (soup + guidance) | the papers' other baselines."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """Everything the system knows about one decoding method: the one description of it.
+
+    Config validation (method names), bundle loading (which adapter groups to load) and the pipeline's stage
+    selection (what to train) read these fields; nothing else lists methods.
+    """
+
     name: str
     build: Callable[[AdapterLayout, np.ndarray | None, PlanArgs], Plan]
+    """``build(layout, mu, args) -> Plan``: the request's rows and how their outputs combine."""
     needs_preference: bool = True
+    """False only for methods that ignore mu (``base``)."""
+    groups: tuple[str, ...] = ()
+    """Adapter groups (ADAPTER_GROUPS) the plan reads besides the backbones; bundle loading loads them."""
+    stages: tuple[str, ...] = ()
+    """Training stages (TRAINING_STAGES) that produce those groups; the pipeline runs them."""
+    family: str = "soup"
+    """One of FAMILIES (the claims table compares the best ``mage`` method with ``bs``)."""
+    backbones: bool = True
+    """Reads the Bone Soup backbones of B(beta) (their training time counts towards the method's)."""
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 """Method name -> spec. Add entries with :func:`register_method`."""
 
 
-def register_method(name: str, *, needs_preference: bool = True):
-    """Decorator: register ``build(layout, mu, args) -> Plan`` as decoding method ``name``."""
+def register_method(
+    name: str,
+    *,
+    needs_preference: bool = True,
+    groups: Sequence[str] = (),
+    stages: Sequence[str] = (),
+    family: str = "soup",
+    backbones: bool = True,
+):
+    """Decorator: register ``build(layout, mu, args) -> Plan`` as decoding method ``name`` (see MethodSpec)."""
+    bad = [g for g in groups if g not in ADAPTER_GROUPS] + [s for s in stages if s not in TRAINING_STAGES]
+    if bad or family not in FAMILIES:
+        raise ValueError(f"method {name!r}: unknown groups/stages {bad} or family {family!r}")
 
     def deco(build):
-        REGISTRY[name] = MethodSpec(name, build, needs_preference)
+        REGISTRY[name] = MethodSpec(
+            name, build, needs_preference, tuple(groups), tuple(stages), family, backbones
+        )
         return build
 
     return deco
@@ -181,15 +230,30 @@ def method_names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def method_spec(name: str) -> MethodSpec:
+    """The spec of ``name``; a ValueError naming the known methods otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"method = {name!r} is unknown: expected one of {method_names()}")
+    return REGISTRY[name]
+
+
+def groups_for(methods: Iterable[str]) -> set[str]:
+    """Adapter groups the given methods read (what bundle loading must load)."""
+    return {g for m in methods for g in method_spec(m).groups}
+
+
+def stages_for(methods: Iterable[str]) -> set[str]:
+    """Training stages the given methods need (what the pipeline must run)."""
+    return {st for m in methods for st in method_spec(m).stages}
+
+
 def ric_prompt(prompt: Any, mu: np.ndarray, manifest: Mapping[str, Any] | None) -> Any:
     """RiC (Rewards-in-Context): prepend the preference's target scores to the prompt.
 
     ``manifest`` is the RiC adapter's manifest.json updated with the bundle's ``ric`` entry; it holds the
     normalised score ranges and the mapping. The targets come from RiC's preference-to-reward mapping and are
-    appended to the user text exactly as in training (one function, ``mage_ray.train.ric.ric_user_prompt``).
+    appended to the user text exactly as in training (one function, ``mage_ray.ric_format.ric_user_prompt``).
     """
-    from mage_ray.train.ric import ric_prompt_for_preference
-
     return ric_prompt_for_preference(prompt, mu, manifest)
 
 
@@ -213,12 +277,12 @@ def _experts(L: AdapterLayout, mu: np.ndarray) -> tuple[tuple[int, ...], np.ndar
     return L.backbones, merge_coefficients(mu, beta=L.beta)
 
 
-@register_method("base", needs_preference=False)
+@register_method("base", needs_preference=False, family="base", backbones=False)
 def _base(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan([Row(L.coeffs())], base=[(0, 1.0)])
 
 
-@register_method("rs")
+@register_method("rs", groups=["rs_backbones"], stages=["rs_backbones"], backbones=False)
 def _rs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     _need(L.rs_backbones, "rs", "rs_backbones (beta = 1 backbones)")
     return Plan([Row(L.coeffs(L.rs_backbones, mu))], base=[(0, 1.0)])
@@ -229,19 +293,19 @@ def _bs(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan([_policy(L, mu, a)], base=[(0, 1.0)])
 
 
-@register_method("bs-wrpo")
+@register_method("bs-wrpo", groups=["wrpo_backbones"], stages=["rollouts", "wrpo"], backbones=False)
 def _bs_wrpo(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     _need(L.wrpo_backbones, "bs-wrpo", "wrpo_backbones (backbone.trainer = wrpo)")
     return Plan([Row(L.coeffs(L.wrpo_backbones, soup_coefficients(mu, L.beta, a.alpha)))], base=[(0, 1.0)])
 
 
-@register_method("mod")
+@register_method("mod", groups=["rs_backbones"], stages=["rs_backbones"], family="baseline", backbones=False)
 def _mod(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     cols, w = _experts(L, mu)
     return Plan([Row(L.one_hot(c)) for c in cols], base=[(i, float(w[i])) for i in range(len(cols))])
 
 
-@register_method("mage-e")
+@register_method("mage-e", groups=["values"], stages=["rollouts", "values"], family="mage")
 def _mage_e(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     _need(L.values, "mage-e", "explicit value models (bundle 'values')")
     rows = [_policy(L, mu, a)] + [Row(L.one_hot(c), heads=np.eye(L.n)[i]) for i, c in enumerate(L.values)]
@@ -249,7 +313,7 @@ def _mage_e(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="explicit")
 
 
-@register_method("mage-e-m")
+@register_method("mage-e-m", groups=["values"], stages=["rollouts", "values"], family="mage")
 def _mage_e_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     _need(L.values, "mage-e-m", "explicit value models (bundle 'values')")
     merged = Row(L.coeffs(L.values, mu), heads=np.asarray(mu, dtype=np.float64))  # Eq. 24 on LoRA + head
@@ -258,7 +322,7 @@ def _mage_e_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     )
 
 
-@register_method("mage-i")
+@register_method("mage-i", groups=["rs_backbones"], stages=["rs_backbones"], family="mage")
 def _mage_i(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     cols, w = _experts(L, mu)
     rows = [_policy(L, mu, a), Row(L.coeffs())] + [Row(L.one_hot(c)) for c in cols]
@@ -267,7 +331,7 @@ def _mage_i(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="implicit")
 
 
-@register_method("mage-i-m")
+@register_method("mage-i-m", family="mage")
 def _mage_i_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     if a.implicit_merge == "bone":
         star = L.coeffs(L.backbones, soup_coefficients(mu, L.beta, 0.0))  # MAGE-I-M: Bone Soup, alpha = 0
@@ -291,17 +355,17 @@ def _grid_adapter(entries, mu: np.ndarray, method: str) -> int:
     )
 
 
-@register_method("morlhf")
+@register_method("morlhf", groups=["morlhf"], stages=["morlhf"], family="baseline", backbones=False)
 def _morlhf(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan([Row(L.one_hot(_grid_adapter(L.morlhf, mu, "morlhf")))], base=[(0, 1.0)])
 
 
-@register_method("modpo")
+@register_method("modpo", groups=["modpo"], stages=["rollouts", "modpo"], family="baseline", backbones=False)
 def _modpo(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     return Plan([Row(L.one_hot(_grid_adapter(L.modpo, mu, "modpo")))], base=[(0, 1.0)])
 
 
-@register_method("ric")
+@register_method("ric", groups=["ric"], stages=["rollouts", "ric"], family="baseline", backbones=False)
 def _ric(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     if L.ric is None:
         raise ValueError(
@@ -352,9 +416,7 @@ def make_plan(
     method: str, layout: AdapterLayout, mu: np.ndarray | None, args: PlanArgs, gamma: float
 ) -> Plan:
     """Build and simplify the plan of one request. gamma = 0 drops the guidance rows (score = log pi_base)."""
-    if method not in REGISTRY:
-        raise ValueError(f"method = {method!r} is unknown: expected one of {method_names()}")
-    spec = REGISTRY[method]
+    spec = method_spec(method)
     if spec.needs_preference and mu is None:
         raise ValueError(f"preference is required for method {method!r} (a list of {layout.n} weights)")
     plan = spec.build(layout, mu, args)

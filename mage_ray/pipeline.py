@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config, config_from_dict
-from mage_ray.manifest import join, read_json, write_json_atomic
+from mage_ray.guidance import TRAINING_STAGES, method_spec, stages_for
+from mage_ray.manifest import join, read_json, write_json_atomic, write_text_atomic
 
 ONE = 1.0  # beta of Rewarded Soups backbones (B = I)
 
@@ -237,7 +238,7 @@ def stage_backbones(cfg: Config, beta: float) -> dict:
         train_backbones(seeded, beta=beta, names=names, steps=rest, init_adapters=warm["from"])
     record: dict[str, Any] = {"beta": beta, "backbones": backbone_dirs(cfg, beta, names), "warm_start": warm}
     record["train_seconds_bs"] = round(time.time() - t0 + ((warm or {}).get("trial_train_seconds") or 0), 1)
-    if beta != ONE and _needs_rs(cfg):
+    if beta != ONE and _needs(cfg, "rs_backbones"):
         t1 = time.time()
         _banner("backbones", f"{n} Rewarded Soups backbones (beta = 1) x {cfg.backbone.steps} steps")
         train_backbones(cfg, beta=ONE, names=names)
@@ -248,15 +249,9 @@ def stage_backbones(cfg: Config, beta: float) -> dict:
     return _finish(cfg, "backbones", record, t0)
 
 
-def _needs_rs(cfg: Config) -> bool:
-    return any(m in ("rs", "mod", "mage-i") for m in cfg.eval.methods)
-
-
-def _needs_values(cfg: Config) -> bool:
-    return any(m in ("mage-e", "mage-e-m") for m in cfg.eval.methods) or cfg.sweep.gamma_method in (
-        "mage-e",
-        "mage-e-m",
-    )
+def _needs(cfg: Config, stage: str) -> bool:
+    """Whether a method the run evaluates or sweeps needs training stage ``stage`` (the methods' specs say)."""
+    return stage in stages_for([*cfg.eval.methods, cfg.sweep.gamma_method])
 
 
 def stage_rollouts(cfg: Config) -> dict:
@@ -370,7 +365,7 @@ def run_sweep(cfg: Config) -> dict:
     beta = float(stage_beta(cfg)["best"]["backbone.beta"])
     bb = stage_backbones(cfg, beta)
     values: list[str] = []
-    if _needs_values(cfg):
+    if _needs(cfg, "values"):
         values = stage_values(cfg, stage_rollouts(cfg)["path"])["values"]
     work = join(cfg.storage.run_dir, "sweep", "work_bundle")
     if not Path(work, "bundle.json").exists():
@@ -411,7 +406,6 @@ def run_sweep(cfg: Config) -> dict:
 
 def write_sweep_report(cfg: Config, summary: dict) -> str:
     """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``."""
-    from mage_ray.evaluate import atomic_write_text
     from mage_ray.sweep import decision_text, plot_sweep, rows_markdown
 
     out = Path(join(cfg.storage.run_dir, "report"))
@@ -444,7 +438,7 @@ def write_sweep_report(cfg: Config, summary: dict) -> str:
             parts.append(
                 f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
             )
-    atomic_write_text(out / "sweep.md", "".join(parts))
+    write_text_atomic(out / "sweep.md", "".join(parts))
     write_json_atomic(out / "sweep.json", summary)
     return str(out / "sweep.md")
 
@@ -477,7 +471,8 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
     from mage_ray.soup import preference_grid
 
     extra: dict[str, Any] = {}
-    if "ric" in methods:
+    stages = stages_for(methods)
+    if "ric" in stages:
         from mage_ray.train.ric import ric_dir, train_ric_ray
 
         rec = stage_done(cfg, "ric")
@@ -487,7 +482,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
             train_ric_ray(cfg)
             rec = _finish(cfg, "ric", {"dir": ric_dir(cfg)}, t0)
         extra["ric"] = rec["dir"]
-    if "modpo" in methods:
+    if "modpo" in stages:
         from mage_ray.train.modpo import modpo_dir, train_modpo_grid
 
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
@@ -498,7 +493,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
             train_modpo_grid(cfg, grid)
             rec = _finish(cfg, "modpo", {"grid": grid.tolist()}, t0)
         extra["modpo"] = [(list(map(float, mu)), modpo_dir(cfg, mu)) for mu in grid]
-    if "bs-wrpo" in methods:
+    if "wrpo" in stages:
         from mage_ray.train.wrpo import train_wrpo_backbones
 
         names = [f"wrpo_b{i}" for i in range(cfg.n_objectives)]
@@ -528,7 +523,7 @@ def run_pipeline(cfg: Config) -> dict:
     bundle_dir = summary["bundle"]
     bb = stage_done(cfg, "backbones") or {}
     extra: dict[str, Any] = {}
-    if cfg.backbone.morlhf or "morlhf" in methods:
+    if cfg.backbone.morlhf or "morlhf" in stages_for(methods):
         extra["morlhf"] = stage_morlhf(cfg)
         if "morlhf" not in methods:
             methods.append("morlhf")
@@ -584,31 +579,20 @@ def run_pipeline(cfg: Config) -> dict:
 def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
     """Training wall time attributable to each method (from stage records), for the report table."""
     bb = stage_done(cfg, "backbones") or {}
-    vals = stage_done(cfg, "values") or {}
-    ro = stage_done(cfg, "rollouts") or {}
-    mo = stage_done(cfg, "morlhf") or {}
-    ric, modpo, wrpo = (stage_done(cfg, s) or {} for s in ("ric", "modpo", "wrpo"))
     bs = bb.get("train_seconds_bs")
     rs = bb.get("train_seconds_rs", bs if bb.get("beta") == ONE else None)
-    v = (vals.get("seconds") or 0) + (ro.get("seconds") or 0)
+    seconds = {st: (stage_done(cfg, st) or {}).get("seconds") for st in TRAINING_STAGES}
+    seconds["rs_backbones"] = rs  # trained inside the backbones stage
     out = {}
     for m in methods:
-        t = {
-            "rs": rs,
-            "mod": rs,
-            "bs": bs,
-            "mage-i-m": bs,
-            "mage-i": (bs or 0) + (rs or 0) if rs else bs,
-            "mage-e": (bs or 0) + v,
-            "mage-e-m": (bs or 0) + v,
-            "morlhf": mo.get("seconds"),
-            # offline baselines: their own stage + the scored rollouts they learn from (WRPO: + source sampling
-            # inside its stage; its GRPO source backbones are counted under bs / rs)
-            "ric": ric["seconds"] + (ro.get("seconds") or 0) if ric else None,
-            "modpo": modpo["seconds"] + (ro.get("seconds") or 0) if modpo else None,
-            "bs-wrpo": wrpo["seconds"] + (ro.get("seconds") or 0) if wrpo else None,
-        }.get(m)
-        out[m] = "" if t is None else f"{t:.0f}"
+        spec = method_spec(m)
+        # a method without the Bone Soup backbones has no time unless its own stage (its last) ran
+        if not spec.backbones and spec.stages and seconds[spec.stages[-1]] is None:
+            out[m] = ""
+            continue
+        parts = ([bs] if spec.backbones else []) + [seconds[st] for st in spec.stages]
+        known = [t for t in parts if t is not None]
+        out[m] = f"{sum(known):.0f}" if known else ""
     return out
 
 

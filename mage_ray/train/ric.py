@@ -9,7 +9,7 @@ with z_i = (r_i - mean_i) / std_i the z-score of objective i under the rollouts'
 decimal as in the authors' code (repository YangRui2015/RiC, ``ric/utils.py``: ``<rm{i}_score> {score:.1f}``
 tags between the prompt and the response). The tags are appended to the *user message* (chat template
 applied afterwards), so the decode engine's prompt and the training prompt are built by the same function,
-:func:`ric_user_prompt`.
+:func:`mage_ray.ric_format.ric_user_prompt`.
 
 Inference (preference-to-reward mapping, RiC Sec. 3.3, authors' ``map_rewards_from_preference``
 method "linf"): for preference mu over n objectives, with [lo_i, hi_i] the range of the normalised training
@@ -20,7 +20,7 @@ scores of objective i,
 
 rounded to one decimal. ("l2": lo + mu_i / ||mu||_2 (hi - lo); "linear": lo + mu_i (hi - lo) are the authors'
 alternatives, selectable with ``mapping``.) ``mage_ray.guidance.ric_prompt`` calls
-:func:`ric_prompt_for_preference` with the adapter's manifest, which stores the normalisation statistics,
+:func:`mage_ray.ric_format.ric_prompt_for_preference` with the adapter's manifest, which stores the normalisation statistics,
 the ranges, the tag format and the mapping.
 
 Online rounds (RiC Sec. 3.2, optional, ``rounds > 1``): each further round samples one response per training
@@ -39,9 +39,8 @@ manifest), which is what that rescaling approximates without an extra constant. 
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,15 @@ import torch
 
 from mage_ray.config import Config
 from mage_ray.manifest import join
+from mage_ray.ric_format import (
+    DECIMALS,
+    MAPPINGS,
+    SCORE_TAG,
+    format_scores,
+    preference_to_targets,
+    ric_prompt_for_preference,
+    ric_user_prompt,
+)
 from mage_ray.train.preference_data import (
     OfflineSettings,
     TrainContext,
@@ -79,83 +87,6 @@ __all__ = [
     "train_ric",
     "train_ric_ray",
 ]
-
-SCORE_TAG = "<rm{i}_score>"
-"""Tag of objective i (1-based), as in the RiC code."""
-DECIMALS = 1
-"""Scores in prompts are rounded to one decimal (RiC)."""
-MAPPINGS = ("linf", "l2", "linear")
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompt format and the preference-to-target mapping (shared by training and decoding)
-
-
-def _fmt(v: float) -> str:
-    return f"{round(float(v), DECIMALS) + 0.0:.{DECIMALS}f}"  # + 0.0 turns -0.0 into 0.0
-
-
-def format_scores(scores: Sequence[float]) -> str:
-    """``<rm1_score> 0.8 <rm2_score> -0.3`` (one decimal)."""
-    return " ".join(f"{SCORE_TAG.format(i=i + 1)} {_fmt(v)}" for i, v in enumerate(scores))
-
-
-def ric_user_prompt(prompt: str | list[dict], scores: Sequence[float]) -> str | list[dict]:
-    """The prompt with its score tags appended to the user text (the last user message of a chat)."""
-    tags = format_scores(scores)
-    if isinstance(prompt, str):
-        return f"{prompt.rstrip()} {tags}"
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError(f"prompt must be a string or a non-empty list of chat messages, got {prompt!r}")
-    msgs = copy.deepcopy(prompt)
-    users = [i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role", "user") == "user"]
-    i = users[-1] if users else len(msgs) - 1
-    msgs[i]["content"] = f"{str(msgs[i].get('content', '')).rstrip()} {tags}"
-    return msgs
-
-
-def preference_to_targets(
-    mu: Sequence[float], low: Sequence[float], high: Sequence[float], mapping: str = "linf"
-) -> np.ndarray:
-    """RiC's preference-to-reward mapping (module docstring), rounded to one decimal: (n,) targets."""
-    mu = np.asarray(mu, dtype=np.float64)
-    lo, hi = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-    n = mu.shape[0]
-    if lo.shape != (n,) or hi.shape != (n,):
-        raise ValueError(f"low / high need {n} values (one per objective), got {lo.tolist()} / {hi.tolist()}")
-    if mapping == "linf":
-        frac = np.minimum(n * mu, 1.0)
-        frac[int(np.argmax(mu))] = 1.0
-    elif mapping == "l2":
-        frac = mu / max(float(np.linalg.norm(mu)), 1e-12)
-    elif mapping == "linear":
-        frac = mu
-    else:
-        raise ValueError(f"mapping = {mapping!r} is invalid: expected one of {list(MAPPINGS)}")
-    return np.round(lo + frac * (hi - lo), DECIMALS)
-
-
-def ric_prompt_for_preference(
-    prompt: str | list[dict], mu: Sequence[float], manifest: Mapping[str, Any] | None
-):
-    """The prompt the decode engine sends for method ``ric``: tagged with mapping(mu) as in training."""
-    if not manifest:
-        raise ValueError(
-            "method 'ric' needs the RiC adapter's manifest (bundle 'ric' entry) for its score ranges"
-        )
-    missing = [k for k in ("score_low", "score_high", "objectives") if k not in manifest]
-    if missing:
-        raise ValueError(f"RiC manifest lacks {missing}: retrain with mage_ray.train.ric (it stores them)")
-    if len(mu) != len(manifest["objectives"]):
-        raise ValueError(
-            f"preference has {len(mu)} weights but the RiC adapter has {len(manifest['objectives'])} "
-            f"objectives {manifest['objectives']}"
-        )
-    targets = preference_to_targets(
-        mu, manifest["score_low"], manifest["score_high"], manifest.get("mapping", "linf")
-    )
-    return ric_user_prompt(prompt, targets)
-
 
 # ---------------------------------------------------------------------------------------------
 # Loss and online selection
