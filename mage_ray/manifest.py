@@ -72,27 +72,42 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON: temp file in the same directory, fsync, ``os.replace``."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
-    if is_uri(path):
-        fs, inner = _fs(str(path))
-        with fs.open_output_stream(inner) as f:
-            f.write(text.encode())
-        return
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of local file ``path`` to write; on success it replaces ``path`` in one step
+    (``os.replace``, with the umask's permissions), on failure it is removed and ``path`` is untouched.
+
+    The one atomic-write helper: JSON, text, parquet shards and figures all go through it.
+    """
     p = _local(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers (serving, other users) need the umask
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (local: :func:`atomic_file` with fsync; URI: one object put)."""
+    if is_uri(path):
+        fs, inner = _fs(str(path))
+        with fs.open_output_stream(inner) as f:
+            f.write(text.encode())
+        return
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import moocore
 import numpy as np
 
 from mage_ray.soup import validate_preference
@@ -70,22 +71,10 @@ def _check_ref(ref_point: Sequence[float] | np.ndarray | None, n: int) -> np.nda
     return ref
 
 
-def _hv2d(R: np.ndarray, ref: np.ndarray) -> float:
-    """Exact 2-D hypervolume (maximisation) by a sweep over x descending; R already strictly above ref."""
-    order = np.lexsort((-R[:, 1], -R[:, 0]))  # x descending, then y descending
-    area, y_best = 0.0, ref[1]
-    for x, y in R[order]:
-        if y > y_best:  # this point adds the strip [ref_x, x] x [y_best, y]
-            area += (x - ref[0]) * (y - y_best)
-            y_best = y
-    return float(area)
-
-
 def hypervolume(R: np.ndarray | Sequence[Sequence[float]], ref_point: Sequence[float] | np.ndarray) -> float:
     """Hypervolume dominated by the rows of R (maximised) and bounded below by ``ref_point``, shape (n,).
 
-    Rows that do not strictly dominate ref_point contribute nothing. n = 2 uses an exact sweep; n >= 3 uses
-    moocore (``maximise=True``), falling back to pymoo (which minimises, so both R and ref are negated).
+    Rows that do not strictly dominate ref_point contribute nothing. moocore computes it (``maximise=True``).
     """
     R = _check_rewards(R)
     ref = _check_ref(ref_point, R.shape[1])
@@ -94,16 +83,7 @@ def hypervolume(R: np.ndarray | Sequence[Sequence[float]], ref_point: Sequence[f
         return 0.0
     if R.shape[1] == 1:
         return float(R[:, 0].max() - ref[0])
-    if R.shape[1] == 2:
-        return _hv2d(R, ref)
-    try:
-        import moocore
-
-        return float(moocore.hypervolume(R, ref=ref, maximise=True))
-    except ImportError:
-        from pymoo.indicators.hv import HV
-
-        return float(HV(ref_point=-ref)(-R))
+    return float(moocore.hypervolume(R, ref=ref, maximise=True))
 
 
 def inner_product(
@@ -170,9 +150,7 @@ def controllability(
 def pareto_mask(R: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     """Bool (P,): True where no other row dominates (>= in every objective and > in one). Duplicates stay."""
     R = _check_rewards(R)
-    ge = np.all(R[None, :, :] >= R[:, None, :], axis=-1)  # (P, P): [i, j] = row j >= row i everywhere
-    gt = np.any(R[None, :, :] > R[:, None, :], axis=-1)  # [i, j] = row j > row i somewhere
-    return ~np.any(ge & gt, axis=1)
+    return np.asarray(moocore.is_nondominated(R, maximise=True, keep_weakly=True), dtype=bool)
 
 
 def front_length(R: np.ndarray | Sequence[Sequence[float]]) -> int:

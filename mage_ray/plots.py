@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mage_ray.manifest import atomic_file
 
 MARKERS = "os^Dv<>pPX*h"
 # n >= 3: each method labels the same preferences, so each method puts its labels in its own direction
@@ -292,13 +292,6 @@ def _fmt(v) -> str:
 
 
 def _save(fig, path: str | Path) -> None:
-    """Write ``fig`` to ``path`` atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``fig`` to ``path`` atomically (``mage_ray.manifest.atomic_file``)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config
-from mage_ray.manifest import atomic_dir, is_uri, write_manifest
+from mage_ray.manifest import atomic_dir, is_uri, write_manifest, write_text_atomic
 from mage_ray.tasks.objectives import ObjectiveError
 
 __all__ = [
@@ -532,9 +531,7 @@ def _load_adapter_weights(model, adapter_dir: str | Path) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mage_ray.config import Config, TaskConfig
-from mage_ray.manifest import is_uri, join, read_manifest, write_manifest
+from mage_ray.manifest import atomic_file, is_uri, join, read_manifest, write_manifest
 
 BASE_COLUMNS = ("prompt_index", "prompt", "response", "prompt_ids", "response_ids")
 """Columns every rollout shard has; objective columns follow, one float64 column per objective."""
@@ -189,16 +187,8 @@ def write_shard(table: pa.Table, path: str) -> None:
     if is_uri(path):
         pq.write_table(table, path)
         return
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".shard.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rollout_files(path: str) -> list[str]:
