@@ -14,6 +14,9 @@ Progress: one line per backbone step, e.g. ``[b0] step 3/30 | reward 0.41 | rele
     python jobs/train_backbones.py --config configs/embedded.yaml [section.field=value ...]
     ray job submit --working-dir . -- python jobs/train_backbones.py --config configs/embedded.yaml
     python jobs/train_backbones.py --config configs/smoke.yaml                  # smoke run, tiny model
+    python jobs/train_backbones.py --config configs/embedded.yaml backbone.beta=0.8 backbone.steps=6
+
+Config fields are set by ``section.field=value`` overrides only (no flag shadows a field).
 """
 
 import time
@@ -38,8 +41,6 @@ def _summary(manifests: list[dict], root: str) -> None:
 
 def main() -> None:
     def extra(p):
-        p.add_argument("--beta", type=float, default=None, help="override backbone.beta")
-        p.add_argument("--steps", type=int, default=None, help="override backbone.steps")
         p.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
 
     args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
@@ -47,18 +48,18 @@ def main() -> None:
     # Imported after init_ray: importing ray earlier would freeze its log settings before init_ray sets them.
     from mage_ray.train.ray_train import train_backbones, train_morlhf
 
-    beta = cfg.backbone.beta if args.beta is None else args.beta
+    beta = cfg.backbone.beta
     t0 = time.time()
     print(
         f"training {cfg.n_objectives} backbones of B({beta}) on {cfg.task.objectives} ({cfg.backbone.trainer})"
     )
-    manifests = train_backbones(cfg, beta=beta, steps=args.steps, max_concurrent=args.max_concurrent)
+    manifests = train_backbones(cfg, beta=beta, max_concurrent=args.max_concurrent)
     print(f"backbones done in {time.time() - t0:.0f} s:")
     _summary(manifests, f"{cfg.storage.run_dir}/backbones/beta_{beta:.4g}")
     if cfg.backbone.morlhf:
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
         print(f"training {len(grid)} MORLHF models (w = mu, grid step {cfg.eval.grid_step})")
-        morlhf = train_morlhf(cfg, grid, steps=args.steps, max_concurrent=args.max_concurrent)
+        morlhf = train_morlhf(cfg, grid, max_concurrent=args.max_concurrent)
         _summary(morlhf, f"{cfg.storage.run_dir}/morlhf")
 
 

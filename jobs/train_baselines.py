@@ -10,10 +10,12 @@ and run as Ray Train runs (``backbone.num_workers`` workers each; several runs a
 Every output is ``adapter/`` + ``manifest.json`` + ``metrics.jsonl``; complete ones are skipped, interrupted
 ones resume from their last Ray Train checkpoint. WRPO sources: ``--sources`` or ``backbone.wrpo_sources``
 (HF ids, model dirs, adapter dirs) plus complete non-WRPO backbones already under ``<run_dir>/backbones``.
+Steps (``backbone.steps``), beta (``backbone.beta``) and the MODPO grid (``eval.grid_step``) are config fields,
+set with ``key=value`` overrides.
 
     ray job submit --working-dir . -- python jobs/train_baselines.py --config configs/embedded.yaml \\
         --which all
-    python jobs/train_baselines.py --config configs/smoke.yaml --which modpo --steps 2
+    python jobs/train_baselines.py --config configs/smoke.yaml --which modpo backbone.steps=2 eval.grid_step=0.5
     python jobs/train_baselines.py --config configs/smoke.yaml --which wrpo --sources tiny-random:1
 """
 
@@ -36,15 +38,13 @@ def _line(m: dict) -> str:
 def main() -> None:
     def extra(p):
         p.add_argument("--which", choices=["ric", "modpo", "wrpo", "all"], default="all")
-        p.add_argument(
-            "--steps", type=int, default=None, help="optimizer steps per run (default backbone.steps)"
-        )
         p.add_argument("--rounds", type=int, default=1, help="RiC rounds (1 = offline only)")
         p.add_argument(
-            "--grid-step", type=float, default=None, help="MODPO grid step (default eval.grid_step)"
+            "--sources",
+            default=None,
+            help="WRPO: comma-separated source models / adapter dirs, instead of the discovered backbones + "
+            "backbone.wrpo_sources",
         )
-        p.add_argument("--beta", type=float, default=None, help="WRPO: B(beta) (default backbone.beta)")
-        p.add_argument("--sources", default=None, help="WRPO: comma-separated source models / adapter dirs")
         p.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
 
     args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
@@ -61,20 +61,18 @@ def main() -> None:
         if method == "ric":
             from mage_ray.train.ric import train_ric_ray
 
-            manifests = [train_ric_ray(cfg, steps=args.steps, rounds=args.rounds)]
+            manifests = [train_ric_ray(cfg, rounds=args.rounds)]
         elif method == "modpo":
             from mage_ray.train.modpo import train_modpo_grid
 
-            grid = preference_grid(cfg.n_objectives, args.grid_step or cfg.eval.grid_step)
-            print(f"training {len(grid)} MODPO policies (grid step {args.grid_step or cfg.eval.grid_step})")
-            manifests = train_modpo_grid(cfg, grid, steps=args.steps, max_concurrent=args.max_concurrent)
+            grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
+            print(f"training {len(grid)} MODPO policies (grid step {cfg.eval.grid_step})")
+            manifests = train_modpo_grid(cfg, grid, max_concurrent=args.max_concurrent)
         else:
             from mage_ray.train.wrpo import train_wrpo_backbones
 
             sources = args.sources.split(",") if args.sources else None
-            manifests = train_wrpo_backbones(
-                cfg, beta=args.beta, steps=args.steps, sources=sources, max_concurrent=args.max_concurrent
-            )
+            manifests = train_wrpo_backbones(cfg, sources=sources, max_concurrent=args.max_concurrent)
         print(f"{method} done in {time.time() - t:.0f} s:")
         for m in manifests:
             print(_line(m))

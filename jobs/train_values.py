@@ -6,6 +6,7 @@ are skipped; an interrupted Ray Train run resumes from its last checkpoint.
 
     ray job submit --working-dir . -- python jobs/train_values.py --config configs/embedded.yaml
     python jobs/train_values.py --config configs/smoke.yaml --no-ray        # in-process, one after another
+    python jobs/train_values.py --config configs/smoke.yaml value.steps=4     # fields: key=value overrides
 """
 
 from mage_ray.runtime import init_ray, parse_job_args
@@ -18,7 +19,6 @@ def main() -> None:
             "--rollouts", default=None, help="rollouts dir or Parquet file (default <run_dir>/rollouts)"
         )
         p.add_argument("--objectives", default=None, help="comma-separated subset (default task.objectives)")
-        p.add_argument("--steps", type=int, default=None, help="override value.steps")
         p.add_argument("--max-concurrent", type=int, default=None, help="value models trained at once")
         p.add_argument("--no-ray", action="store_true", help="train in this process, one after another")
 
@@ -31,7 +31,6 @@ def main() -> None:
         args.rollouts,
         objectives,
         use_ray=not args.no_ray,
-        steps=args.steps,
         max_concurrent=args.max_concurrent,
     )
     for m in manifests:

@@ -30,7 +30,16 @@ import numpy as np
 
 from mage_ray.config import Config, config_from_dict
 from mage_ray.guidance import TRAINING_STAGES, method_spec, stages_for
-from mage_ray.manifest import join, read_json, write_json_atomic, write_text_atomic
+from mage_ray.manifest import join, read_json, write_json_atomic
+from mage_ray.sweep import (
+    STAGES,
+    beta_trial,
+    decide,
+    decode_trial,
+    run_tune_stage,
+    short_steps,
+    write_sweep_report,
+)
 
 ONE = 1.0  # beta of Rewarded Soups backbones (B = I)
 
@@ -55,10 +64,6 @@ def _banner(stage: str, text: str) -> None:
     print(f"\n[pipeline] === {stage}: {text}", flush=True)
 
 
-def _short_steps(cfg: Config) -> int:
-    return max(1, int(round(cfg.backbone.steps * cfg.sweep.beta_step_fraction)))
-
-
 def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
     from mage_ray.train.ray_train import backbone_dir
 
@@ -66,109 +71,7 @@ def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation HV of a set of adapters (used inside Tune trials)
-
-
-def validation_hv(
-    cfg: Config, bundle_dir: str, method: str, *, alpha: float | None = None, gamma: float | None = None
-) -> dict:
-    """Decode the validation prompts over the sweep grid with ``method``: HV and friends, and ``per_prompt``
-    ((P, N, n) nested list: the rewards behind them, for the paired bootstrap of :func:`mage_ray.sweep.decide`)."""
-    from mage_ray.bundle import load_bundle
-    from mage_ray.decode import Engine
-    from mage_ray.evaluate import evaluate, reference_point
-    from mage_ray.soup import preference_grid
-    from mage_ray.tasks.objectives import load_objectives
-    from mage_ray.tasks.prompts import load_prompts
-
-    objectives = load_objectives(cfg.task)
-    prompts = load_prompts(cfg.task, "validation")
-    engine = Engine(load_bundle(bundle_dir), cfg.decode)
-    grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
-    kw: dict[str, Any] = {}
-    if alpha is not None:
-        kw["alpha"] = float(alpha)
-    if gamma is not None:
-        kw["gamma"] = float(gamma)
-    summary = evaluate(
-        engine,
-        objectives,
-        prompts,
-        [method],
-        grid,
-        ref_point=reference_point(objectives, cfg.eval.ref_point),
-        batch_size=cfg.decode.batch_size,
-        request_kwargs=kw,
-        progress=False,
-        n_resamples=0,
-    )
-    m = summary["methods"][method]
-    return {
-        "hv": float(m["metrics"]["hv"]),
-        "controllability": float(m["metrics"]["controllability"]),
-        "inner_product": float(m["metrics"]["inner_product"]),
-        "degenerate_max": m.get("degenerate_max"),
-        "per_prompt": summary["per_prompt"][method],
-    }
-
-
-def _report_trial(cfg: Config, stage: str, value: float, res: dict, **more) -> None:
-    """Keep the trial's per-prompt rewards on disk (for the paired decision) and report its scalars to Tune."""
-    from ray import tune
-
-    from mage_ray.sweep import save_trial_rewards
-
-    save_trial_rewards(cfg, stage, value, res.pop("per_prompt"))
-    tune.report({**{k: v for k, v in res.items() if v is not None}, **more})
-
-
-# ---------------------------------------------------------------------------------------------
 # Stages
-
-
-def _beta_trial(params: dict, *, base: dict) -> None:
-    """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
-    import ray
-
-    from mage_ray.bundle import build_bundle
-    from mage_ray.soup import backbone_weights
-    from mage_ray.train.ray_train import backbone_dir, train_backbone_ray
-
-    cfg = config_from_dict(base, [f"backbone.beta={params['backbone.beta']}"])
-    beta = cfg.backbone.beta
-    steps = _short_steps(cfg)
-    names = [f"b{i}_s{steps}" for i in range(cfg.n_objectives)]
-    dirs = [backbone_dir(cfg, beta, nm) for nm in names]
-    t0 = time.time()
-    # Train-inside-Tune: this trial drives one TorchTrainer per backbone, all at once (each driver is a
-    # zero-CPU task; the trainers' workers wait for resources when the cluster is full).
-    drive = ray.remote(num_cpus=0, max_retries=0)(train_backbone_ray)
-    refs = [
-        drive.remote(
-            cfg,
-            w.tolist(),
-            name=nm,
-            out_dir=d,
-            steps=steps,
-            extra_manifest={"kind": "backbone", "beta": beta, "index": i, "sweep_trial": True},
-        )
-        for i, (w, nm, d) in enumerate(zip(backbone_weights(cfg.n_objectives, beta), names, dirs))
-    ]
-    ray.get(refs)  # a failed backbone raises here and fails the trial (reported, the sweep goes on)
-    train_s = time.time() - t0
-    bdir = join(cfg.storage.run_dir, "sweep", f"beta_{beta:g}", "bundle")
-    build_bundle(
-        bdir,
-        model=cfg.model,
-        objectives=cfg.task.objectives,
-        beta=beta,
-        backbones=dirs,
-        alpha=0.0,
-        gamma=0.0,
-        default_method="bs",
-    )
-    res = validation_hv(cfg, bdir, "bs", alpha=0.0)
-    _report_trial(cfg, "beta", beta, res, train_seconds=train_s)
 
 
 def stage_beta(cfg: Config) -> dict:
@@ -177,19 +80,17 @@ def stage_beta(cfg: Config) -> dict:
         return rec
     t0 = time.time()
     betas = [float(b) for b in cfg.sweep.betas]
-    _banner("beta", f"Tune over beta in {betas}, {_short_steps(cfg)} steps per backbone each")
+    _banner("beta", f"Tune over beta in {betas}, {short_steps(cfg)} steps per backbone each")
     if len(betas) == 1:
         return _finish(
             cfg, "beta", {"best": {"backbone.beta": betas[0]}, "rows": [], "note": "single candidate"}, t0
         )
     from ray import tune
 
-    from mage_ray.sweep import decide, run_tune_stage
-
     _, rows = run_tune_stage(
         cfg,
         "beta",
-        tune.with_parameters(_beta_trial, base=cfg.to_dict()),
+        tune.with_parameters(beta_trial, base=cfg.to_dict()),
         {"backbone.beta": tune.grid_search(betas)},
         resources={"CPU": 0, "memory": 2**26},
         max_concurrent=1,
@@ -204,7 +105,7 @@ def _warm_start(cfg: Config, beta: float, n: int) -> dict | None:
 
     beta_rec = stage_done(cfg, "beta") or {}
     rows = [r for r in beta_rec.get("rows") or [] if float(r.get("backbone.beta", -1)) == beta]
-    short = _short_steps(cfg)
+    short = short_steps(cfg)
     if not (cfg.sweep.warm_start and rows and rows[0].get("error") is None and short < cfg.backbone.steps):
         return None
     dirs = backbone_dirs(cfg, beta, [f"b{i}_s{short}" for i in range(n)])
@@ -285,14 +186,6 @@ def stage_values(cfg: Config, rollouts: str) -> dict:
     return _finish(cfg, "values", {"values": dirs, "metrics": metrics}, t0)
 
 
-def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
-    cfg = config_from_dict(base)
-    res = validation_hv(
-        cfg, bundle_dir, method, alpha=params.get("decode.alpha"), gamma=params.get("decode.gamma")
-    )
-    _report_trial(cfg, stage, float(params[param]), res)
-
-
 def stage_decode_param(
     cfg: Config,
     stage: str,
@@ -313,11 +206,9 @@ def stage_decode_param(
         return _finish(cfg, stage, {"best": {param: values[0]}, "rows": []}, t0)
     from ray import tune
 
-    from mage_ray.sweep import decide, run_tune_stage
-
     space = {param: tune.grid_search(values), **fixed}
     trial = tune.with_parameters(
-        _decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
+        decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
     )
     _, rows = run_tune_stage(cfg, stage, trial, space, resources={"CPU": 1})
     chosen, decision = decide(cfg, stage, param, rows, default)
@@ -399,52 +290,10 @@ def run_sweep(cfg: Config) -> dict:
         "bundle": bundle_dir,
         "seconds": round(time.time() - t0, 1),
     }
-    write_sweep_report(cfg, summary)
+    records = {stage: stage_done(cfg, stage) for stage, _ in STAGES}
+    write_sweep_report(cfg, summary, records, stage_done(cfg, "values"))
     print(f"[pipeline] bundle ready: {bundle_dir} (beta={beta}, alpha={alpha}, gamma={gamma})", flush=True)
     return summary
-
-
-def write_sweep_report(cfg: Config, summary: dict) -> str:
-    """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``."""
-    from mage_ray.sweep import decision_text, plot_sweep, rows_markdown
-
-    out = Path(join(cfg.storage.run_dir, "report"))
-    out.mkdir(parents=True, exist_ok=True)
-    parts = [
-        f"# Sweep report: {cfg.storage.run_name}\n",
-        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}.\n",
-    ]
-    defaults = {"beta": cfg.backbone.beta, "alpha": cfg.decode.alpha, "gamma": cfg.decode.gamma}
-    for stage, param in (("beta", "backbone.beta"), ("alpha", "decode.alpha"), ("gamma", "decode.gamma")):
-        rec = stage_done(cfg, stage) or {}
-        rows = rec.get("rows") or []
-        parts.append(f"\n## {stage}" + (f" ({rec.get('method')})" if rec.get("method") else "") + "\n\n")
-        if rows:
-            parts.append(rows_markdown(rows, [param]))
-            if rec.get("decision"):
-                parts.append("\n" + decision_text(param, rec["decision"]) + "\n")
-            plot_sweep(
-                rows, param, out / f"sweep_{stage}.png", default=defaults[stage], chosen=rec["best"][param]
-            )
-            parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
-        else:
-            parts.append(f"single candidate: {rec.get('best')}\n")
-    vals = stage_done(cfg, "values")
-    if vals:
-        parts.append(
-            "\n## value models (validation)\n\n| objective | val MSE | constant-predictor MSE | ranking acc |\n|---|---|---|---|\n"
-        )
-        for o, m in vals.get("metrics", {}).items():
-            parts.append(
-                f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
-            )
-    write_text_atomic(out / "sweep.md", "".join(parts))
-    write_json_atomic(out / "sweep.json", summary)
-    return str(out / "sweep.md")
-
-
-def _f(x) -> str:
-    return "" if x is None else f"{x:.4g}"
 
 
 def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:

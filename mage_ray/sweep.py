@@ -3,7 +3,9 @@
 MAGE Sec 5.2.1: beta in {0.6, 0.7, 0.8} is chosen by the hypervolume of the Bone Soup front after
 ~20% of the training steps; alpha in {0.1..0.5} (Eq. 13) and gamma (Eq. 25) are chosen on validation
 prompts. Tune's ``param_space`` keys are config field paths (``backbone.beta``, ``decode.alpha``,
-``decode.gamma``): a trial is the job's own config with those fields overridden (STYLE.md #4).
+``decode.gamma``): a trial is the job's own config with those fields overridden by :func:`trial_config`
+(STYLE.md #4); :func:`beta_trial` and :func:`decode_trial` are the trials, :func:`write_sweep_report` the report.
+``mage_ray.pipeline`` runs the stages in order and keeps their records.
 
 A sweep decides only what its validation prompts can resolve: every trial writes its per-prompt rewards
 (``<run_dir>/sweep/<stage>/<value>.json``), and :func:`decide` bootstraps the trials' HV over the prompts,
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config, config_from_dict
-from mage_ray.manifest import join, read_json, write_json_atomic
+from mage_ray.manifest import join, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +234,170 @@ def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> st
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials: each builds its config with trial_config (the job's config + the trial's field paths)
+
+
+def short_steps(cfg: Config) -> int:
+    """Steps of a beta trial's backbones: ``sweep.beta_step_fraction`` of ``backbone.steps`` (paper: 20%)."""
+    return max(1, int(round(cfg.backbone.steps * cfg.sweep.beta_step_fraction)))
+
+
+def validation_hv(
+    cfg: Config, bundle_dir: str, method: str, *, alpha: float | None = None, gamma: float | None = None
+) -> dict:
+    """Decode the validation prompts over the sweep grid with ``method``: HV and friends, and ``per_prompt``
+    ((P, N, n) nested list: the rewards behind them, for the paired bootstrap of :func:`decide`).
+    ``alpha`` / ``gamma`` default to ``cfg.decode``'s."""
+    from mage_ray.bundle import load_bundle
+    from mage_ray.decode import Engine
+    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.soup import preference_grid
+    from mage_ray.tasks.objectives import load_objectives
+    from mage_ray.tasks.prompts import load_prompts
+
+    objectives = load_objectives(cfg.task)
+    prompts = load_prompts(cfg.task, "validation")
+    engine = Engine(load_bundle(bundle_dir), cfg.decode)
+    grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
+    kw = {
+        "alpha": float(cfg.decode.alpha if alpha is None else alpha),
+        "gamma": float(cfg.decode.gamma if gamma is None else gamma),
+    }
+    summary = evaluate(
+        engine,
+        objectives,
+        prompts,
+        [method],
+        grid,
+        ref_point=reference_point(objectives, cfg.eval.ref_point),
+        batch_size=cfg.decode.batch_size,
+        request_kwargs=kw,
+        progress=False,
+        n_resamples=0,
+    )
+    m = summary["methods"][method]
+    return {
+        "hv": float(m["metrics"]["hv"]),
+        "controllability": float(m["metrics"]["controllability"]),
+        "inner_product": float(m["metrics"]["inner_product"]),
+        "degenerate_max": m.get("degenerate_max"),
+        "per_prompt": summary["per_prompt"][method],
+    }
+
+
+def _report_trial(cfg: Config, stage: str, value: float, res: dict, **more) -> None:
+    """Keep the trial's per-prompt rewards on disk (for the paired decision) and report its scalars to Tune."""
+    from ray import tune
+
+    save_trial_rewards(cfg, stage, value, res.pop("per_prompt"))
+    tune.report({**{k: v for k, v in res.items() if v is not None}, **more})
+
+
+def beta_trial(params: dict, *, base: dict) -> None:
+    """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
+    import time
+
+    import ray
+
+    from mage_ray.bundle import build_bundle
+    from mage_ray.soup import backbone_weights
+    from mage_ray.train.ray_train import backbone_dir, train_backbone_ray
+
+    cfg = trial_config(base, params)
+    beta = cfg.backbone.beta
+    steps = short_steps(cfg)
+    names = [f"b{i}_s{steps}" for i in range(cfg.n_objectives)]
+    dirs = [backbone_dir(cfg, beta, nm) for nm in names]
+    t0 = time.time()
+    # Train-inside-Tune: this trial drives one TorchTrainer per backbone, all at once (each driver is a
+    # zero-CPU task; the trainers' workers wait for resources when the cluster is full).
+    drive = ray.remote(num_cpus=0, max_retries=0)(train_backbone_ray)
+    refs = [
+        drive.remote(
+            cfg,
+            w.tolist(),
+            name=nm,
+            out_dir=d,
+            steps=steps,
+            extra_manifest={"kind": "backbone", "beta": beta, "index": i, "sweep_trial": True},
+        )
+        for i, (w, nm, d) in enumerate(zip(backbone_weights(cfg.n_objectives, beta), names, dirs))
+    ]
+    ray.get(refs)  # a failed backbone raises here and fails the trial (reported, the sweep goes on)
+    train_s = time.time() - t0
+    bdir = join(cfg.storage.run_dir, "sweep", f"beta_{beta:g}", "bundle")
+    build_bundle(
+        bdir,
+        model=cfg.model,
+        objectives=cfg.task.objectives,
+        beta=beta,
+        backbones=dirs,
+        alpha=0.0,
+        gamma=0.0,
+        default_method="bs",
+    )
+    res = validation_hv(cfg, bdir, "bs", alpha=0.0)  # the backbones alone: no extrapolation
+    _report_trial(cfg, "beta", beta, res, train_seconds=train_s)
+
+
+def decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
+    """Tune trial of a decode-only parameter (``decode.alpha``, ``decode.gamma``): validation HV of ``method``."""
+    cfg = trial_config(base, params)
+    res = validation_hv(cfg, bundle_dir, method)
+    _report_trial(cfg, stage, float(params[param]), res)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+STAGES = (("beta", "backbone.beta"), ("alpha", "decode.alpha"), ("gamma", "decode.gamma"))
+"""The sweep's stages and the config field each one decides."""
+
+
+def write_sweep_report(
+    cfg: Config, summary: dict, records: dict[str, dict | None], values: dict | None
+) -> str:
+    """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``.
+
+    ``records``: the stage records of ``beta``, ``alpha``, ``gamma``; ``values``: the value-model stage's record.
+    """
+    out = Path(join(cfg.storage.run_dir, "report"))
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"# Sweep report: {cfg.storage.run_name}\n",
+        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}.\n",
+    ]
+    defaults = {"beta": cfg.backbone.beta, "alpha": cfg.decode.alpha, "gamma": cfg.decode.gamma}
+    for stage, param in STAGES:
+        rec = records.get(stage) or {}
+        rows = rec.get("rows") or []
+        parts.append(f"\n## {stage}" + (f" ({rec.get('method')})" if rec.get("method") else "") + "\n\n")
+        if rows:
+            parts.append(rows_markdown(rows, [param]))
+            if rec.get("decision"):
+                parts.append("\n" + decision_text(param, rec["decision"]) + "\n")
+            plot_sweep(
+                rows, param, out / f"sweep_{stage}.png", default=defaults[stage], chosen=rec["best"][param]
+            )
+            parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
+        else:
+            parts.append(f"single candidate: {rec.get('best')}\n")
+    if values:
+        parts.append(
+            "\n## value models (validation)\n\n| objective | val MSE | constant-predictor MSE | ranking acc |\n|---|---|---|---|\n"
+        )
+        for o, m in values.get("metrics", {}).items():
+            parts.append(
+                f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
+            )
+    write_text_atomic(out / "sweep.md", "".join(parts))
+    write_json_atomic(out / "sweep.json", summary)
+    return str(out / "sweep.md")
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.4g}"
