@@ -137,7 +137,7 @@ def summarise(
     flags: np.ndarray | None = None,
 ) -> list[MethodResult]:
     """Per-prompt rewards (P, N, n), mean reward per (method, preference), degenerate rate, metric row."""
-    from mage_ray.uncertainty import cell_means
+    from mage_ray.grid import point_summary
 
     n_prompts = 1 + max(r["prompt_index"] for r in rows)
     results = []
@@ -160,8 +160,8 @@ def summarise(
                     f"first error: {first or 'no rows'}"
                 )
         X[np.isnan(X).any(axis=2)] = np.nan  # a generation counts for all objectives or none
-        R = cell_means(X)  # (P, n)
-        deg = None if flags is None else np.nanmean(D, axis=1)
+        s = point_summary(X, None if flags is None else D)
+        R, deg = s["means"], s["degenerate"]  # (P, n), (P,)
         results.append(MethodResult(m, grid.copy(), R, M.all_metrics(R, grid, ref_point), errors, X, deg))
     return results
 

@@ -1,4 +1,5 @@
-"""Offline grids (jobs/grid.py): the BatchDecoder callable alone, then the whole Ray Data job on the tiny bundle."""
+"""Offline grids (mage_ray.grid, jobs/grid.py): the BatchDecoder callable and the per-point summariser alone, then
+the whole Ray Data job on the tiny bundle."""
 
 import importlib.util
 import json
@@ -11,8 +12,8 @@ from bundle_factory import cached_tiny_bundle
 
 from mage_ray.config import load_config
 from mage_ray.decode import Engine, Request
+from mage_ray.grid import BatchDecoder, point_summary
 from mage_ray.metrics import pareto_mask
-from mage_ray.serve.core import BatchDecoder
 from mage_ray.tasks.objectives import get_objective, score
 from mage_ray.tasks.quality import degenerate_mask
 
@@ -62,6 +63,27 @@ def test_batch_decoder_matches_engine_and_scores(bundle, repo_root):
     np.testing.assert_allclose(np.stack([out["score_conciseness"], out["score_readability"]], 1), expect)
     assert list(out["degenerate"]) == degenerate_mask(prompts, [c.text for c in ref]).tolist()
     assert [list(p) for p in out["preference"]] == prefs
+
+
+def test_point_summary_means_degenerate_share_and_front():
+    """2 points x 3 prompts x 2 objectives with one failed response: means over the decoded prompts, the flagged
+    share of the decoded responses, and the front over the points with a mean (an all-failed point has none)."""
+    nan = np.nan
+    X = np.array(
+        [
+            [[1.0, 0.0], [3.0, 2.0], [nan, nan]],  # point 0: mean (2, 1)
+            [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]],  # point 1: mean (1, 1), dominated by point 0
+            [[nan, nan], [nan, nan], [nan, nan]],  # point 2: every response failed
+        ]
+    )
+    D = np.array([[1.0, 0.0, nan], [0.0, 0.0, 1.0], [nan, nan, nan]])
+    s = point_summary(X, D)
+    np.testing.assert_allclose(s["means"][:2], [[2.0, 1.0], [1.0, 1.0]])
+    assert np.isnan(s["means"][2]).all()
+    np.testing.assert_allclose(s["degenerate"][:2], [0.5, 1 / 3])
+    assert np.isnan(s["degenerate"][2])
+    assert s["front"].tolist() == [True, False, False]
+    assert point_summary(X)["degenerate"] is None
 
 
 @pytest.mark.slow

@@ -38,7 +38,6 @@ import collections
 import concurrent.futures
 import copy
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,13 +48,13 @@ from typing import Any
 import numpy as np
 
 from mage_ray.bundle import load_bundle
-from mage_ray.config import Config, DecodeConfig, ServeConfig
+from mage_ray.config import Config, ServeConfig
 from mage_ray.decode import Completion, Engine, Request, TokenEvent, decode_defaults, parts_from_bundle
 from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.models import format_prompt
 from mage_ray.serve.schema import ApiError, Limits, prompt_text
 
-__all__ = ["BatchDecoder", "Generator", "Ticket", "decode_defaults"]
+__all__ = ["Generator", "Ticket", "decode_defaults"]
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +461,7 @@ class Generator:
         point also says which texts the quality gate flags degenerate (``degenerate``, None where decoding
         failed) and the fraction flagged among the decoded ones (``degenerate_fraction``).
         """
-        from mage_ray.metrics import pareto_mask
+        from mage_ray.grid import point_summary
         from mage_ray.tasks.quality import degenerate_mask
 
         for k, r in enumerate(reqs[: len(prompts)]):  # every point shares the prompts: check them once
@@ -480,40 +479,29 @@ class Generator:
         flags = degenerate_mask(
             [prompt_text(prompts[k % m]) for k in range(len(comps))], [c.text for c in comps]
         )
-        out_points, means = [], []
+        # (P, m, n) rewards and (P, m) flags, NaN where decoding failed: the one per-point summariser
+        X = np.full((P, m, self.engine.layout.n), np.nan) if scores is None else scores.reshape(P, m, -1)
+        D = np.array(
+            [np.nan if c.finish_reason == "error" else float(f) for c, f in zip(comps, flags)],
+            dtype=np.float64,
+        ).reshape(P, m)
+        summary = point_summary(X, D)
+        out_points = []
         for p in range(P):
             cs = comps[p * m : (p + 1) * m]
-            flagged = [
-                None if c.finish_reason == "error" else bool(f)
-                for c, f in zip(cs, flags[p * m : (p + 1) * m])
-            ]
-            decoded = [f for f in flagged if f is not None]
+            frac = summary["degenerate"][p]
             entry = {
                 "preference": [float(x) for x in points[p]],
                 "texts": [c.text for c in cs],
                 "finish_reasons": [c.finish_reason for c in cs],
                 "errors": [c.error for c in cs] if any(c.error for c in cs) else None,
-                "degenerate": flagged,
-                "degenerate_fraction": sum(decoded) / len(decoded) if decoded else None,
+                "degenerate": [None if np.isnan(v) else bool(v) for v in D[p]],
+                "degenerate_fraction": None if np.isnan(frac) else float(frac),
             }
             if scores is not None:
-                block = scores[p * m : (p + 1) * m]
-                mean = [
-                    float(np.nanmean(block[:, j])) if np.isfinite(block[:, j]).any() else None
-                    for j in range(block.shape[1])
-                ]
-                entry["mean_rewards"] = mean
-                means.append(mean)
+                entry["mean_rewards"] = [None if np.isnan(v) else float(v) for v in summary["means"][p]]
             out_points.append(entry)
-        front = None
-        if means:
-            R = np.array([[(-math.inf if v is None else v) for v in row] for row in means], dtype=np.float64)
-            valid = np.isfinite(R).all(axis=1)
-            front = [False] * P
-            if valid.any():
-                mask = pareto_mask(R[valid])
-                for idx, f in zip(np.flatnonzero(valid), mask):
-                    front[int(idx)] = bool(f)
+        front = [bool(f) for f in summary["front"]] if scores is not None else None
         d = self.engine.defaults
         tokens = sum(c.usage.completion_tokens for c in comps)
         return {
@@ -549,70 +537,3 @@ class Generator:
             self._loop.call_soon_threadsafe(self._task.cancel)
         self._engine_thread.shutdown(wait=False, cancel_futures=True)
         self._aux_thread.shutdown(wait=False, cancel_futures=True)
-
-
-# ----- offline grids (Ray Data map_batches callables; plain classes, no Ray needed) -----
-
-
-class BatchDecoder:
-    """``map_batches`` callable holding one Engine: columns prompt, preference, method -> + text, finish_reason,
-    error, completion_tokens (and ``score_<objective>`` plus ``degenerate`` (the quality gate's flag) when
-    ``objectives`` are given; NaN / False where decoding failed). One call decodes its whole batch as one engine batch (mixed preferences and methods).
-
-    ``decode`` is a DecodeConfig (or its dict); ``methods`` limits the adapters loaded to those the methods use.
-    Scoring runs in the same actor, so a grid needs one actor pool (two pools can take every CPU of a small
-    cluster and starve the read tasks).
-    """
-
-    def __init__(
-        self,
-        bundle_path: str,
-        decode: DecodeConfig | dict | None = None,
-        methods: Sequence[str] | None = None,
-        device: str = "cpu",
-        objectives: Sequence[str] | None = None,
-        reward_device: str = "cpu",
-    ):
-        bundle = load_bundle(bundle_path)
-        dcfg = DecodeConfig(**decode) if isinstance(decode, dict) else decode
-        self.engine = Engine(parts_from_bundle(bundle, device=device, methods=methods), dcfg, device)
-        self.names = list(objectives or [])
-        self.objectives = None
-        if self.names:
-            from mage_ray.tasks.objectives import get_objective
-
-            self.objectives = [get_objective(n, device=reward_device) for n in self.names]
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        prompts = [str(p) for p in batch["prompt"]]
-        prefs = [[float(x) for x in p] for p in batch["preference"]]
-        methods = [str(m) for m in batch["method"]]
-        comps = self.engine.generate(
-            [Request(prompt=p, preference=mu, method=m) for p, mu, m in zip(prompts, prefs, methods)]
-        )
-        pref_col = np.empty(
-            len(prefs), dtype=object
-        )  # a list column in Parquet (not a tensor extension type)
-        for k, mu in enumerate(prefs):
-            pref_col[k] = mu
-        out = {
-            **batch,
-            "preference": pref_col,
-            "text": np.array([c.text for c in comps], dtype=object),
-            "finish_reason": np.array([c.finish_reason for c in comps], dtype=object),
-            "error": np.array([c.error or "" for c in comps], dtype=object),
-            "completion_tokens": np.array([c.usage.completion_tokens for c in comps], dtype=np.int64),
-        }
-        if self.objectives:
-            from mage_ray.tasks.objectives import score
-            from mage_ray.tasks.quality import degenerate_mask
-
-            ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
-            scores = np.full((len(comps), len(self.names)), np.nan)  # (B, n)
-            flags = np.zeros(len(comps), dtype=bool)
-            if ok:
-                scores[ok] = score(self.objectives, [prompts[k] for k in ok], [comps[k].text for k in ok])
-                flags[ok] = degenerate_mask([prompts[k] for k in ok], [comps[k].text for k in ok])
-            out.update({f"score_{n}": scores[:, j] for j, n in enumerate(self.names)})
-            out["degenerate"] = flags
-        return out
