@@ -56,7 +56,8 @@ def ray_local():
 
 
 def test_format_progress_and_run_names(tmp_path):
-    from mage_ray.train.ray_train import _train_run_name, backbone_dir, format_progress, morlhf_dir
+    from mage_ray.train.ray_shell import format_progress
+    from mage_ray.train.ray_train import _train_run_name, backbone_dir, morlhf_dir
 
     line = format_progress(
         "b0",

@@ -123,7 +123,7 @@ def _fmt(x: float) -> str:
 
 def modpo_dir(cfg: Config, mu: Sequence[float]) -> str:
     """``<run_dir>/modpo/mu_<mu_1>-<mu_2>-...`` (same naming as the MORLHF runs)."""
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     return join(_storage(cfg.storage.run_dir), "modpo", "mu_" + "-".join(_fmt(float(x)) for x in mu))
 
@@ -295,7 +295,7 @@ def train_modpo_grid(
 
     n = len(kwargs.get("objectives") or cfg.task.objectives)
     mus = [validate_preference(mu, n, name="grid[]") for mu in np.asarray(grid, dtype=float)]
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     rollouts = _storage(ensure_rollouts(cfg, rollouts_path))  # absolute: workers may run elsewhere
     total = _steps(cfg, steps)

@@ -42,7 +42,17 @@ import pyarrow as pa
 import torch
 
 from mage_ray.config import Config
-from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, write_manifest
+from mage_ray.manifest import is_complete, join, publish_dir, write_manifest
+from mage_ray.train.ray_shell import (
+    FINAL,
+    Scaling,
+    format_progress,
+    report_final,
+    run_and_publish,
+    run_pending,
+    storage_abs,
+    train_run_name,
+)
 
 __all__ = [
     "PreferencePair",
@@ -421,7 +431,7 @@ def fit_steps(
 
             ctx.on_step(step + 1, m, snapshot)
         elif not ctx.quiet and ctx.rank == 0:
-            print(_progress_line("train", m, end_step), flush=True)
+            print(format_progress("train", {**m, "max_steps": end_step}), flush=True)
     return history
 
 
@@ -491,37 +501,6 @@ def common_manifest(
 # Ray Train shell around any plain trainer ``train_fn(cfg, out_dir, *, ctx, **kwargs) -> manifest``
 
 
-def _progress_line(label: str, m: Mapping[str, Any], max_steps: int) -> str:
-    parts = [
-        f"[{label}] step {int(m.get('step', 0))}/{int(max_steps)}",
-        f"loss {m.get('loss', float('nan')):.4f}",
-    ]
-    for k in ("margin", "accuracy", "alpha", "round"):
-        if k in m:
-            parts.append(f"{k} {m[k]:.4g}")
-    if "step_time_s" in m:
-        parts.append(f"{m['step_time_s']:.2f} s/step")
-    return " | ".join(parts)
-
-
-def _printer(label: str):
-    """A Ray Train ``UserCallback`` (runs in the Train controller): one line per reported step."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class LossProgress(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            m = metrics[0] if metrics else {}
-            if m.get("finished"):
-                print(f"[{label}] finished: {int(m.get('step', 0))} steps, adapter ready", flush=True)
-            elif "loss" in m:
-                print(
-                    _progress_line(label, m, m.get("max_steps", 0)) + (" [ckpt]" if checkpoint else ""),
-                    flush=True,
-                )
-
-    return LossProgress()
-
-
 def lora_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train per-worker loop: ``train_fn`` with step reports, checkpoints every
     ``backbone.checkpoint_every`` steps and resume from ``ray.train.get_checkpoint()``.
@@ -533,7 +512,6 @@ def lora_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
 
     from mage_ray.manifest import MANIFEST_NAME, read_json
-    from mage_ray.train.ray_train import FINAL, report_final
 
     cfg: Config = config["cfg"]
     max_steps = int(config["max_steps"])
@@ -602,45 +580,16 @@ def run_lora_job(
     so a relaunch resumes from the last checkpoint; the kind prefix keeps it apart from a GRPO run that
     wrote the same directory).
     """
-    from mage_ray.manifest import MANIFEST_NAME, read_json
-    from mage_ray.train.ray_train import (
-        FINAL,
-        Scaling,
-        _storage,
-        _train_run_name,
-        max_concurrent_runs,
-        run_torch_trainer,
-    )
-
-    out_dir = _storage(out_dir)
-    if is_complete(out_dir):
-        return read_manifest(out_dir) or {}
-    scaling = Scaling.from_backbone(cfg.backbone)
-    max_concurrent_runs(scaling, 1)  # clear error when the workers can never be placed
-    result = run_torch_trainer(
+    return run_and_publish(
         lora_worker,
         {"train_fn": train_fn, "cfg": cfg, "kwargs": kwargs, "max_steps": max_steps},
-        scaling=scaling,
-        storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-        name=f"{kind}--{_train_run_name(cfg, out_dir)}",
-        max_failures=cfg.backbone.max_failures,
-        callbacks=[_printer(label)] if progress else [],
+        out_dir,
+        cfg=cfg,
+        scaling=Scaling.from_backbone(cfg.backbone),
+        run_name=f"{kind}--{train_run_name(cfg, storage_abs(out_dir))}",
+        label=label,
+        progress=progress,
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"{label}: the Ray Train run {result.path} ended without a final checkpoint")
-    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        final = Path(tmp) / FINAL
-        manifest = read_json(final / MANIFEST_NAME)
-        manifest["ray_train_run"] = result.path
-        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        publish_dir(final, out_dir)
-    return manifest
-
-
-def _lora_job(**job: Any) -> dict[str, Any]:
-    m = run_lora_job(**job)
-    return {"name": m.get("name"), "steps_done": m.get("steps_done"), "status": m.get("status")}
 
 
 def run_lora_jobs(
@@ -648,26 +597,15 @@ def run_lora_jobs(
 ) -> list[dict[str, Any]]:
     """Run every job (keyword arguments of :func:`run_lora_job`) whose ``out_dir`` is not complete yet, the
     pending ones concurrently as Tune trials; return all manifests in job order."""
-    from mage_ray.train.ray_train import Scaling, _storage, run_concurrent
-
-    jobs = list(jobs)
-    pending = [j for j in jobs if not is_complete(j["out_dir"])]
-    for j in jobs:
-        if j not in pending:
-            print(f"[{j['label']}] complete, skipping ({j['out_dir']})", flush=True)
-    if len(pending) == 1:
-        run_lora_job(**pending[0])
-    elif pending:
-        run_concurrent(
-            _lora_job,
-            pending,
-            scaling=Scaling.from_backbone(cfg.backbone),
-            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-            name=experiment,
-            labels=[j["label"] for j in pending],
-            max_concurrent=max_concurrent,
-        )
-    return [read_manifest(j["out_dir"]) or {} for j in jobs]
+    return run_pending(
+        run_lora_job,
+        jobs,
+        cfg=cfg,
+        scaling=Scaling.from_backbone(cfg.backbone),
+        experiment=experiment,
+        labels=[j["label"] for j in jobs],
+        max_concurrent=max_concurrent,
+    )
 
 
 @dataclass

@@ -1,54 +1,52 @@
-"""Ray Train / Tune plumbing shared by mage_ray trainers, and the Stage 1 backbone runs built on it.
+"""Stage 1 backbone runs on the Ray Train shell (:mod:`mage_ray.train.ray_shell`).
 
-Generic pieces (value models and other trainers reuse them with their own per-worker function):
-
-- :class:`Scaling` + :func:`run_torch_trainer`: one Ray Train V2 ``TorchTrainer`` run (data parallel, gloo on
-  CPU / nccl on GPU) with ``FailureConfig(max_failures)``; workers resume from ``ray.train.get_checkpoint()``.
-- :class:`ReportToRayCallback`: a ``transformers.TrainerCallback`` that reports every logged step to Ray
-  Train and attaches the Trainer checkpoint (adapter + optimizer + scheduler + trainer state) whenever the
-  Trainer saves one; :func:`restore_hf_checkpoint` brings it back in a restarted worker.
-- :func:`run_concurrent`: several runs at once. Ray 2.60 runs Train V2 inside Tune with a per-trial *driver*
-  function that builds and fits a ``TorchTrainer`` (``Tuner(trainer)`` is deprecated). The driver does no
-  compute, so its trial reserves no CPU (only a little ``memory``: a Tune trial needs a non-empty bundle)
-  and Train reserves the workers' resources in its own placement group; ``max_concurrent_trials`` is how
-  many runs' workers fit in the cluster.
-- :class:`ProgressPrinter`: a Train ``UserCallback`` (runs in the Train controller) printing one line per
-  reported step.
-
-Backbones (Stage 1, Eq. 11-12): :func:`train_backbones` trains the n columns of B(beta) concurrently,
+Backbones (Eq. 11-12): :func:`train_backbones` trains the n columns of B(beta) concurrently,
 :func:`train_morlhf` one model per preference (w = mu). Each run's per-worker code is
-:func:`mage_ray.train.backbone.train_backbone`, the plain function. Results land in
-``<run_dir>/backbones/beta_<beta>/<name>/`` and ``<run_dir>/morlhf/mu_<...>/`` (adapter/, manifest.json,
-metrics.jsonl); a directory whose manifest says ``complete`` is not retrained. Ray Train's own state
-(checkpoints) lives under ``<run_dir>/ray`` with stable run names, so a relaunched job also resumes an
+:func:`mage_ray.train.backbone.train_backbone`, the plain function, wrapped by :func:`backbone_worker`
+(transformers Trainer callbacks: :class:`ReportToRayCallback` reports every logged step to Ray Train and
+attaches the Trainer checkpoint; :func:`restore_hf_checkpoint` brings it back in a restarted worker). Results
+land in ``<run_dir>/backbones/beta_<beta>/<name>/`` and ``<run_dir>/morlhf/mu_<...>/`` (adapter/,
+manifest.json, metrics.jsonl); a directory whose manifest says ``complete`` is not retrained. Ray Train's own
+state (checkpoints) lives under ``<run_dir>/ray`` with stable run names, so a relaunched job also resumes an
 interrupted backbone from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.train.v2.api.callback import UserCallback
 from transformers import TrainerCallback
 
-from mage_ray.config import BackboneConfig, Config
+from mage_ray.config import Config
 from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+from mage_ray.train.ray_shell import (
+    FINAL,
+    HF_CHECKPOINT,
+    ConcurrentRunError,
+    Scaling,
+    max_concurrent_runs,
+    report_final,
+    restore_hf_checkpoint,
+    run_and_publish,
+    run_concurrent,
+    run_pending,
+    run_torch_trainer,
+    storage_abs,
+    train_run_name,
+)
+
+_storage = storage_abs  # the names the trainers used before the shell had its own module
+_train_run_name = train_run_name
 
 __all__ = [
     "ConcurrentRunError",
-    "ProgressPrinter",
     "FailOnceCallback",
     "ReportToRayCallback",
     "Scaling",
@@ -65,145 +63,8 @@ __all__ = [
     "train_morlhf",
 ]
 
-FINAL = "final"
-"""Subdirectory of the last Ray checkpoint that holds the finished artifact (adapter + manifest)."""
-HF_CHECKPOINT = "checkpoint"
-"""Subdirectory of a Ray checkpoint that holds a transformers Trainer checkpoint."""
 FAIL_AT_STEP_ENV = "MAGE_RAY_FAIL_AT_STEP"
 FAIL_MARKER_ENV = "MAGE_RAY_FAIL_MARKER"
-DRIVER_MEMORY = 64 * 2**20
-"""Logical memory (bytes) a Tune trial reserves for a Train driver; it reserves no CPU."""
-
-
-class ConcurrentRunError(RuntimeError):
-    """One or more of the concurrently launched runs failed; the message lists each."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Generic Ray Train plumbing
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """Workers of one Ray Train run (``ray.train.ScalingConfig``)."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
-    placement_strategy: str = "PACK"
-
-    @classmethod
-    def from_backbone(cls, b: BackboneConfig) -> Scaling:
-        return cls(b.num_workers, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy)
-
-    def scaling_config(self):
-        import ray.train
-
-        return ray.train.ScalingConfig(
-            num_workers=self.num_workers,
-            use_gpu=self.use_gpu,
-            resources_per_worker=dict(self.resources_per_worker) or None,
-            placement_strategy=self.placement_strategy,
-        )
-
-
-def _storage(path: str) -> str:
-    """Ray needs an absolute local path (or a URI) for ``storage_path``."""
-    return path if is_uri(path) else os.path.abspath(path)
-
-
-def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
-    """Run a train loop with Ray Train's per-report INFO line (the whole metrics dict) turned off: our own
-    progress line per step (:func:`format_progress`) says the same in one line."""
-    try:  # Ray names that logger by the module's file path (logging.getLogger(__file__)), not its dotted name
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    except ImportError:  # another Ray layout: keep its logs
-        pass
-    # transformers 5 deprecation warnings raised inside TRL/PEFT (not our calls), printed once per worker
-    warnings.filterwarnings(
-        "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
-    )
-    return fn(config)
-
-
-def run_torch_trainer(
-    train_loop_per_worker: Callable[[dict], Any],
-    config: dict[str, Any],
-    *,
-    scaling: Scaling,
-    storage_path: str,
-    name: str,
-    max_failures: int = 0,
-    callbacks: Sequence[Any] = (),
-    num_to_keep: int | None = 2,
-):
-    """Fit one Ray Train V2 ``TorchTrainer``; return its ``ray.train.Result``.
-
-    ``name`` must be stable across relaunches (no timestamps): V2 restores a run with the same
-    (storage_path, name) from its latest checkpoint. Inside a Tune trial the reported metrics are
-    forwarded to Tune (``TuneReportCallback``). Raises ``ray.train.TrainingFailedError`` when workers
-    fail more than ``max_failures`` times.
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    cbs = list(callbacks)
-    if _in_tune_session():
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        cbs.append(TuneReportCallback())
-    trainer = TorchTrainer(
-        functools.partial(_quiet_worker, train_loop_per_worker),
-        train_loop_config=config,
-        scaling_config=scaling.scaling_config(),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=_storage(storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-            callbacks=cbs,
-        ),
-    )
-    return trainer.fit()
-
-
-def restore_hf_checkpoint(local_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """Download ``ray.train.get_checkpoint()`` into ``local_dir``.
-
-    Returns ``(trainer_checkpoint, final_dir)``: the transformers Trainer checkpoint to resume from, and the
-    finished artifact when the run had already completed (both None on a fresh start).
-    """
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None, None
-    local = Path(local_dir)
-    ckpt.to_directory(str(local))
-    final = local / FINAL
-    if (final / MANIFEST_NAME).is_file():
-        return None, final
-    hf = local / HF_CHECKPOINT
-    return (hf if hf.is_dir() else None), None
-
-
-def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
-    """Rank 0 reports ``artifact_dir`` (its files, not ``checkpoints/``) as checkpoint ``final/``; others
-    report the metrics only (every worker must call ``ray.train.report`` the same number of times).
-
-    Metrics never use the key ``done``: Tune reads it as "trial finished" and drops later results.
-    """
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="mage-final-") as tmp:
-        shutil.copytree(artifact_dir, Path(tmp) / FINAL, ignore=shutil.ignore_patterns("checkpoints", ".*"))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _numeric(logs: dict[str, Any]) -> dict[str, float]:
@@ -296,134 +157,6 @@ def _fault_injection_from_env() -> dict[str, Any] | None:
     return {"step": int(step), "marker": marker}
 
 
-class ProgressPrinter(UserCallback):
-    """Print one line per reported step: ``[label] step k/K | reward .. | <objective> .. | kl ..``.
-
-    Runs in the Train controller actor; Ray forwards its output to the driver's console.
-    """
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def after_report(self, run_context, metrics, checkpoint):
-        if metrics:
-            print(format_progress(self.label, metrics[0], saved=checkpoint is not None), flush=True)
-
-
-def format_progress(label: str, m: dict[str, Any], saved: bool = False) -> str:
-    """One human-readable progress line from a reported metrics dict."""
-    if m.get("failed"):
-        return f"[{label}] FAILED: {m.get('error', '')}"
-    if m.get("complete"):
-        return f"[{label}] done: {int(m.get('step', 0))} steps, adapter ready"
-    parts = [f"[{label}] step {int(m.get('step', 0))}/{int(m.get('max_steps', 0))}"]
-    if "reward" in m:
-        parts.append(f"reward {m['reward']:.4f}")
-    objs = [
-        (k[len("rewards/") : -len("/mean")], v)
-        for k, v in m.items()
-        if k.startswith("rewards/") and k.endswith("/mean")
-    ]
-    if objs:
-        parts.append(" ".join(f"{k} {v:.4f}" for k, v in objs))
-    if "kl" in m:
-        parts.append(f"kl {m['kl']:.2e}")
-    if "wall_step_s" in m:
-        parts.append(f"{m['wall_step_s']:.1f} s/step")
-    return " | ".join(parts) + (" [ckpt]" if saved else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Concurrency via Tune
-
-
-def max_concurrent_runs(scaling: Scaling, n_runs: int, field_prefix: str = "backbone") -> int:
-    """How many runs of ``scaling`` fit in the cluster at once (1..n_runs).
-
-    Pre-flight check (``mage_ray.train.placement.check_resources``): raises InsufficientResourcesError
-    naming ``<field_prefix>.num_workers`` / ``resources_per_worker`` when not even one run fits, instead of
-    letting Ray wait forever for a placement group.
-    """
-    from mage_ray.train.placement import check_resources
-
-    fit = check_resources(
-        scaling.num_workers,
-        scaling.resources_per_worker,
-        scaling.use_gpu,
-        concurrent_runs=n_runs,
-        placement_strategy=scaling.placement_strategy,
-        field_prefix=field_prefix,
-    )
-    return max(1, fit)
-
-
-def _tune_driver(
-    trial_config: dict[str, Any], *, fn: Callable[..., dict], jobs: list[dict]
-) -> dict[str, Any]:
-    """Tune trial body: run job ``index`` and return its result (errors are returned, not raised, so every
-    job runs and the caller gets one clean report)."""
-    i = trial_config["index"]
-    try:
-        out = fn(**jobs[i])
-        return {"index": i, "ok": 1, "result_json": json.dumps(out, default=str)}
-    except Exception as e:  # noqa: BLE001 - reported back to the caller by run_concurrent
-        return {"index": i, "ok": 0, "error": f"{type(e).__name__}: {e}"}
-
-
-def run_concurrent(
-    fn: Callable[..., dict],
-    jobs: Sequence[dict[str, Any]],
-    *,
-    scaling: Scaling,
-    storage_path: str,
-    name: str,
-    labels: Sequence[str] | None = None,
-    max_concurrent: int | None = None,
-    field_prefix: str = "backbone",
-) -> list[dict]:
-    """Run ``fn(**job)`` for every job as concurrent Tune trials; return the results in job order.
-
-    ``fn`` is a driver (it typically calls :func:`run_torch_trainer`) and returns a JSON-able dict.
-    ``scaling`` is one job's Train workers; at most ``max_concurrent`` (default: as many as the cluster
-    holds, :func:`max_concurrent_runs`) run at once. Raises ConcurrentRunError listing every failed job after all finished.
-    """
-    from ray import tune
-
-    jobs = list(jobs)
-    labels = list(labels) if labels is not None else [str(i) for i in range(len(jobs))]
-    k = max_concurrent or max_concurrent_runs(scaling, len(jobs), field_prefix)
-    trainable = tune.with_resources(
-        tune.with_parameters(_tune_driver, fn=fn, jobs=jobs), {"CPU": 0, "memory": DRIVER_MEMORY}
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"index": tune.grid_search(list(range(len(jobs))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=_storage(storage_path), verbose=0),
-    )
-    grid = tuner.fit()
-    results: dict[int, dict] = {}
-    errors: list[str] = []
-    for r in grid:
-        m = r.metrics or {}
-        i = r.config["index"] if r.config else m.get("index")
-        if r.error is not None:
-            errors.append(f"{labels[i]}: {str(r.error).strip().splitlines()[-1]}")
-        elif not m.get("ok"):
-            errors.append(f"{labels[i]}: {m.get('error', 'no result reported')}")
-        else:
-            results[i] = json.loads(m["result_json"])
-    if errors or len(results) != len(jobs):
-        missing = [
-            labels[i]
-            for i in range(len(jobs))
-            if i not in results and not any(e.startswith(labels[i] + ":") for e in errors)
-        ]
-        errors += [f"{lab}: no result" for lab in missing]
-        raise ConcurrentRunError(f"{len(errors)} of {len(jobs)} runs failed:\n  " + "\n  ".join(errors))
-    return [results[i] for i in range(len(jobs))]
-
-
 # ---------------------------------------------------------------------------------------------
 # Backbones
 
@@ -483,17 +216,6 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _train_run_name(cfg: Config, out_dir: str) -> str:
-    """Stable Ray Train run name for an artifact dir: its path below run_dir, '/' -> '--'."""
-    root = _storage(cfg.storage.run_dir).rstrip("/")
-    rel = (
-        out_dir[len(root) :].strip("/")
-        if out_dir.startswith(root + "/")
-        else out_dir.rstrip("/").rsplit("/", 1)[-1]
-    )
-    return rel.replace("/", "--")
-
-
 def train_backbone_ray(
     cfg: Config,
     w: Sequence[float],
@@ -534,42 +256,30 @@ def train_backbone_ray(
         "fault_injection": fault_injection,
         "init_adapter": init_adapter,
     }
-    run_name = _train_run_name(cfg, out_dir)
-    scaling = Scaling.from_backbone(cfg.backbone)
-    max_concurrent_runs(scaling, 1)  # fail fast (clear message) when the workers can never be placed
-    result = run_torch_trainer(
+
+    def check(
+        result,
+    ) -> None:  # an objective that failed inside the worker: not retried, named with its checkpoint
+        rv = result.return_value if isinstance(result.return_value, dict) else {}
+        if rv.get("failed"):
+            last = result.checkpoint.path if result.checkpoint is not None else None
+            raise ObjectiveFailure(
+                f"{rv.get('error')}; last checkpoint: {last or 'none saved yet'}", checkpoint=last
+            )
+
+    return run_and_publish(
         backbone_worker,
         loop_config,
-        scaling=scaling,
-        storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-        name=run_name,
-        max_failures=cfg.backbone.max_failures,
-        callbacks=[ProgressPrinter(name)] if progress else [],
+        out_dir,
+        cfg=cfg,
+        scaling=Scaling.from_backbone(cfg.backbone),
+        run_name=_train_run_name(cfg, out_dir),
+        label=name,
+        progress=progress,
+        check_result=check,
+        # rank 0's time in ray.train.report, this attempt
+        manifest_extra=lambda result: {"ray_report_s": (result.metrics or {}).get("ray_report_s")},
     )
-    m = result.metrics or {}  # metrics of the latest checkpoint
-    rv = result.return_value if isinstance(result.return_value, dict) else {}
-    if rv.get("failed"):
-        last = result.checkpoint.path if result.checkpoint is not None else None
-        raise ObjectiveFailure(
-            f"{rv.get('error')}; last checkpoint: {last or 'none saved yet'}", checkpoint=last
-        )
-    if result.checkpoint is None:
-        raise RuntimeError(
-            f"backbone '{name}': the Ray Train run {result.path} finished without a final checkpoint"
-        )
-    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        final = Path(tmp) / FINAL
-        if not (final / MANIFEST_NAME).is_file():
-            raise RuntimeError(
-                f"backbone '{name}': the latest checkpoint of {result.path} holds no finished adapter"
-            )
-        manifest = read_json(final / MANIFEST_NAME)
-        manifest["ray_train_run"] = result.path
-        manifest["ray_report_s"] = m.get("ray_report_s")  # rank 0's time in ray.train.report, this attempt
-        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        publish_dir(final, out_dir)
-    return manifest
 
 
 def sft_worker(config: dict[str, Any]) -> None:
@@ -651,28 +361,15 @@ def _train_many(
     max_concurrent: int | None,
 ) -> list[dict]:
     """Train every job not complete yet (concurrently when more than one), then read all manifests."""
-    pending = [j for j in jobs if not is_complete(j["out_dir"])]
-    for j in jobs:
-        if j not in pending:
-            print(f"[{j['name']}] complete, skipping ({j['out_dir']})", flush=True)
-    if len(pending) == 1:
-        train_backbone_ray(**pending[0])
-    elif pending:
-        run_concurrent(
-            _backbone_job,
-            [{k: v for k, v in j.items()} for j in pending],
-            scaling=Scaling.from_backbone(cfg.backbone),
-            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-            name=experiment,
-            labels=[j["name"] for j in pending],
-            max_concurrent=max_concurrent,
-        )
-    return [read_manifest(j["out_dir"]) or {} for j in jobs]
-
-
-def _backbone_job(**job: Any) -> dict[str, Any]:
-    m = train_backbone_ray(**job)
-    return {"name": m.get("name"), "steps_done": m.get("steps_done"), "status": m.get("status")}
+    return run_pending(
+        train_backbone_ray,
+        jobs,
+        cfg=cfg,
+        scaling=Scaling.from_backbone(cfg.backbone),
+        experiment=experiment,
+        labels=[j["name"] for j in jobs],
+        max_concurrent=max_concurrent,
+    )
 
 
 def backbone_plan(

@@ -122,7 +122,7 @@ def select_online(z: np.ndarray, mus: np.ndarray, quantile: float, select: str =
 
 def ric_dir(cfg: Config) -> str:
     """``<run_dir>/ric``."""
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     return join(_storage(cfg.storage.run_dir), "ric")
 
@@ -353,7 +353,7 @@ def train_ric_ray(
     """Train RiC as one Ray Train run (``backbone.num_workers`` workers), published to ``out_dir`` (default
     ``<run_dir>/ric``); the rollouts are generated first when missing. A complete directory is returned as
     is."""
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     out = out_dir or ric_dir(cfg)
     per_round = cfg.backbone.steps if steps is None else int(steps)

@@ -59,6 +59,7 @@ from torch import nn
 
 from mage_ray.config import Config
 from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, write_manifest
+from mage_ray.train.ray_shell import FINAL, Scaling, report_final, run_and_publish, run_pending, storage_abs
 from mage_ray.value_model import ADAPTER_DIR, HEAD_FILE, save_value_head, token_values
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +545,6 @@ def value_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
 
     from mage_ray.manifest import MANIFEST_NAME, read_json
-    from mage_ray.train.ray_train import FINAL, report_final
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -597,33 +597,6 @@ def value_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _progress_printer(label: str):
-    """A Ray Train ``UserCallback`` (runs in the Train controller) printing one line per reported step."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class ValueProgress(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            m = metrics[0] if metrics else {}
-            if m.get("finished"):
-                print(f"[{label}] finished: {int(m.get('step', 0))} steps", flush=True)
-            elif "loss" in m:
-                print(
-                    f"[{label}] step {int(m['step'])}/{int(m['max_steps'])} | loss {m['loss']:.4f} | "
-                    f"token mse {m['train_token_mse']:.4f} | {m['step_time_s']:.2f} s/step"
-                    + (" [ckpt]" if checkpoint is not None else ""),
-                    flush=True,
-                )
-
-    return ValueProgress()
-
-
-def _scaling(cfg: Config):
-    from mage_ray.train.ray_train import Scaling
-
-    v = cfg.value
-    return Scaling(v.num_workers, v.use_gpu, dict(v.resources_per_worker), "PACK")
-
-
 def train_value_model_ray(
     cfg: Config,
     rollouts_path: str,
@@ -638,48 +611,18 @@ def train_value_model_ray(
     Ray Train state lives under ``<run_dir>/ray/values--<objective>``; relaunching after a crash resumes
     from the last checkpoint, and a complete ``out_dir`` is not retrained.
     """
-    import json
-
-    from mage_ray.manifest import MANIFEST_NAME, read_json
-    from mage_ray.train.ray_train import (
-        FINAL,
-        _storage,
-        max_concurrent_runs,
-        run_torch_trainer,
-    )
-
-    out_dir = _storage(out_dir or value_model_dir(cfg, objective))
-    if is_complete(out_dir):
-        return read_manifest(out_dir) or {}
     steps = cfg.value.steps if steps is None else int(steps)
-    scaling = _scaling(cfg)
-    max_concurrent_runs(scaling, 1, field_prefix="value")  # clear error when the workers can never be placed
-    result = run_torch_trainer(
+    return run_and_publish(
         value_worker,
-        {"cfg": cfg, "rollouts_path": _storage(rollouts_path), "objective": objective, "steps": steps},
-        scaling=scaling,
-        storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-        name=f"values--{path_name(objective)}",
-        max_failures=cfg.backbone.max_failures,
-        callbacks=[_progress_printer(f"value {objective}")] if progress else [],
+        {"cfg": cfg, "rollouts_path": storage_abs(rollouts_path), "objective": objective, "steps": steps},
+        out_dir or value_model_dir(cfg, objective),
+        cfg=cfg,
+        scaling=Scaling.from_value(cfg.value),
+        run_name=f"values--{path_name(objective)}",
+        label=f"value {objective}",
+        field_prefix="value",
+        progress=progress,
     )
-    if result.checkpoint is None:
-        raise RuntimeError(
-            f"value model {objective!r}: Ray Train run {result.path} ended without a checkpoint"
-        )
-    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        final = Path(tmp) / FINAL
-        manifest = read_json(final / MANIFEST_NAME)
-        manifest["ray_train_run"] = result.path
-        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        publish_dir(final, out_dir)
-    return manifest
-
-
-def _value_job(**job: Any) -> dict[str, Any]:
-    m = train_value_model_ray(**job)
-    return {k: m.get(k) for k in ("objective", "val_mse", "ranking_accuracy", "steps")}
 
 
 def train_value_models(
@@ -697,39 +640,36 @@ def train_value_models(
     the cluster's resources hold, or ``max_concurrent``); without it they train one after the other in
     this process. Complete ones are skipped. Returns the manifests in objective order.
     """
-    from mage_ray.train.ray_train import _storage
-
     # absolute: Ray Train workers and Tune trials run in their own working directories
-    rollouts_path = _storage(rollouts_path or join(cfg.storage.run_dir, "rollouts"))
+    rollouts_path = storage_abs(rollouts_path or join(cfg.storage.run_dir, "rollouts"))
     objectives = list(objectives) if objectives is not None else list(cfg.task.objectives)
-    dirs = {o: value_model_dir(cfg, o) for o in objectives}
-    pending = [o for o in objectives if not is_complete(dirs[o])]
-    for o in objectives:
-        if o not in pending:
-            print(f"[values] {o}: complete, skipping ({dirs[o]})", flush=True)
+    jobs = [
+        {
+            "cfg": cfg,
+            "rollouts_path": rollouts_path,
+            "objective": o,
+            "out_dir": value_model_dir(cfg, o),
+            "steps": steps,
+        }
+        for o in objectives
+    ]
     if not use_ray:
-        for o in pending:
-            train_value_model(cfg, rollouts_path, o, dirs[o], steps=steps)
-    elif len(pending) == 1:
-        train_value_model_ray(cfg, rollouts_path, pending[0], dirs[pending[0]], steps=steps)
-    elif pending:
-        from mage_ray.train.ray_train import _storage, run_concurrent
-
-        jobs = [
-            {"cfg": cfg, "rollouts_path": rollouts_path, "objective": o, "out_dir": dirs[o], "steps": steps}
-            for o in pending
-        ]
-        run_concurrent(
-            _value_job,
-            jobs,
-            scaling=_scaling(cfg),
-            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-            name="values",
-            labels=pending,
-            max_concurrent=max_concurrent,
-            field_prefix="value",
-        )
-    return [read_manifest(dirs[o]) or {} for o in objectives]
+        for j in jobs:
+            if is_complete(j["out_dir"]):
+                print(f"[value {j['objective']}] complete, skipping ({j['out_dir']})", flush=True)
+            else:
+                train_value_model(cfg, rollouts_path, j["objective"], j["out_dir"], steps=steps)
+        return [read_manifest(j["out_dir"]) or {} for j in jobs]
+    return run_pending(
+        train_value_model_ray,
+        jobs,
+        cfg=cfg,
+        scaling=Scaling.from_value(cfg.value),
+        experiment="values",
+        labels=[f"value {o}" for o in objectives],
+        max_concurrent=max_concurrent,
+        field_prefix="value",
+    )
 
 
 __all__ = [

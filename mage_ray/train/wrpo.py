@@ -140,7 +140,7 @@ def _is_adapter_dir(p: Path) -> Path | None:
 def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
     """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``, not the short
     beta-sweep trials), then ``backbone.wrpo_sources``."""
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     found: list[str] = []
     root = Path(_storage(cfg.storage.run_dir)) / "backbones"
@@ -160,7 +160,7 @@ def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
 
 
 def _source_label(cfg: Config, spec: str) -> str:
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     root = str(Path(_storage(cfg.storage.run_dir)) / "backbones") + "/"
     return spec[len(root) :] if spec.startswith(root) else spec
@@ -276,7 +276,7 @@ def source_tables(
     workers' resources) when Ray is initialised, else in this process."""
     import ray
 
-    from mage_ray.train.ray_train import _storage
+    from mage_ray.train.ray_shell import storage_abs as _storage
 
     root = join(_storage(cfg.storage.run_dir), "wrpo", "sources")
     names = (

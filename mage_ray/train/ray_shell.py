@@ -1,0 +1,415 @@
+"""The one Ray Train shell: every mage_ray trainer runs through these functions.
+
+A trainer is a plain per-worker loop ``worker(config) -> manifest`` that reports steps with
+``ray.train.report`` (checkpoints attached every so often) and ends with :func:`report_final` (its artifact as
+checkpoint ``final/``). The shell does the rest, the same way for backbones, value models and the offline
+baselines:
+
+- :func:`run_and_publish`: skip a complete ``out_dir``; check the workers can be placed (a clear error naming
+  the config fields otherwise); fit one Ray Train V2 ``TorchTrainer`` (:func:`run_torch_trainer`: data
+  parallel, ``FailureConfig(max_failures)``, a stable run name so a relaunch resumes from the last checkpoint);
+  publish the ``final/`` artifact of its last checkpoint to ``out_dir`` atomically.
+- :func:`run_pending`: a list of such runs: the complete ones skipped with one line each, one pending run in
+  this process, several as concurrent Tune trials (:func:`run_concurrent`: Ray 2.60 runs Train V2 inside Tune
+  with a per-trial *driver* that reserves no CPU; ``max_concurrent_trials`` is how many runs' workers fit).
+- :func:`progress_printer`: a Train ``UserCallback`` (runs in the Train controller) printing one line per
+  reported step in one format for every trainer (:func:`format_progress`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mage_ray.config import BackboneConfig, Config, ValueConfig
+from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+
+FINAL = "final"
+"""Subdirectory of the last Ray checkpoint that holds the finished artifact (adapter + manifest)."""
+HF_CHECKPOINT = "checkpoint"
+"""Subdirectory of a Ray checkpoint that holds a transformers Trainer checkpoint."""
+DRIVER_MEMORY = 64 * 2**20
+"""Logical memory (bytes) a Tune trial reserves for a Train driver; it reserves no CPU."""
+
+
+class ConcurrentRunError(RuntimeError):
+    """One or more of the concurrently launched runs failed; the message lists each."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Workers of one Ray Train run (``ray.train.ScalingConfig``)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    placement_strategy: str = "PACK"
+
+    @classmethod
+    def from_backbone(cls, b: BackboneConfig) -> Scaling:
+        return cls(b.num_workers, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy)
+
+    @classmethod
+    def from_value(cls, v: ValueConfig) -> Scaling:
+        return cls(v.num_workers, v.use_gpu, dict(v.resources_per_worker), "PACK")
+
+    def scaling_config(self):
+        import ray.train
+
+        return ray.train.ScalingConfig(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=dict(self.resources_per_worker) or None,
+            placement_strategy=self.placement_strategy,
+        )
+
+
+def storage_abs(path: str) -> str:
+    """Ray needs an absolute local path (or a URI) for ``storage_path``."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
+    """Run a train loop with Ray Train's per-report INFO line (the whole metrics dict) turned off: our own
+    progress line per step (:func:`format_progress`) says the same in one line."""
+    try:  # Ray names that logger by the module's file path (logging.getLogger(__file__)), not its dotted name
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray layout: keep its logs
+        pass
+    # transformers 5 deprecation warnings raised inside TRL/PEFT (not our calls), printed once per worker
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
+    return fn(config)
+
+
+def run_torch_trainer(
+    train_loop_per_worker: Callable[[dict], Any],
+    config: dict[str, Any],
+    *,
+    scaling: Scaling,
+    storage_path: str,
+    name: str,
+    max_failures: int = 0,
+    callbacks: Sequence[Any] = (),
+    num_to_keep: int | None = 2,
+):
+    """Fit one Ray Train V2 ``TorchTrainer``; return its ``ray.train.Result``.
+
+    ``name`` must be stable across relaunches (no timestamps): V2 restores a run with the same
+    (storage_path, name) from its latest checkpoint. Inside a Tune trial the reported metrics are
+    forwarded to Tune (``TuneReportCallback``). Raises ``ray.train.TrainingFailedError`` when workers
+    fail more than ``max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    cbs = list(callbacks)
+    if _in_tune_session():
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        cbs.append(TuneReportCallback())
+    trainer = TorchTrainer(
+        functools.partial(_quiet_worker, train_loop_per_worker),
+        train_loop_config=config,
+        scaling_config=scaling.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_abs(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=cbs,
+        ),
+    )
+    return trainer.fit()
+
+
+def restore_hf_checkpoint(local_dir: str | Path) -> tuple[Path | None, Path | None]:
+    """Download ``ray.train.get_checkpoint()`` into ``local_dir``.
+
+    Returns ``(trainer_checkpoint, final_dir)``: the transformers Trainer checkpoint to resume from, and the
+    finished artifact when the run had already completed (both None on a fresh start).
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, None
+    local = Path(local_dir)
+    ckpt.to_directory(str(local))
+    final = local / FINAL
+    if (final / MANIFEST_NAME).is_file():
+        return None, final
+    hf = local / HF_CHECKPOINT
+    return (hf if hf.is_dir() else None), None
+
+
+def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Rank 0 reports ``artifact_dir`` (its files, not ``checkpoints/``) as checkpoint ``final/``; others
+    report the metrics only (every worker must call ``ray.train.report`` the same number of times).
+
+    Metrics never use the key ``done``: Tune reads it as "trial finished" and drops later results.
+    """
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="mage-final-") as tmp:
+        shutil.copytree(artifact_dir, Path(tmp) / FINAL, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_run_name(cfg: Config, out_dir: str) -> str:
+    """Stable Ray Train run name for an artifact dir: its path below run_dir, '/' -> '--'."""
+    root = storage_abs(cfg.storage.run_dir).rstrip("/")
+    rel = (
+        out_dir[len(root) :].strip("/")
+        if out_dir.startswith(root + "/")
+        else out_dir.rstrip("/").rsplit("/", 1)[-1]
+    )
+    return rel.replace("/", "--")
+
+
+def progress_printer(label: str):
+    """A Train ``UserCallback`` printing one line per reported step (:func:`format_progress`). It runs in the
+    Train controller actor; Ray forwards its output to the driver's console. (Built on call: importing this
+    module does not import Ray, so jobs can import trainers before ``init_ray`` sets Ray's log settings.)"""
+    from ray.train.v2.api.callback import UserCallback
+
+    class ProgressPrinter(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                print(format_progress(label, metrics[0], saved=checkpoint is not None), flush=True)
+
+    return ProgressPrinter()
+
+
+def format_progress(label: str, m: dict[str, Any], saved: bool = False) -> str:
+    """One progress line from a reported metrics dict, for every trainer:
+    ``[label] step k/K | reward .. | <objective> .. | kl .. | loss .. | margin .. | 4.3 s/step [ckpt]``."""
+    if m.get("failed"):
+        return f"[{label}] FAILED: {m.get('error', '')}"
+    if m.get("complete") or m.get("finished"):
+        return f"[{label}] done: {int(m.get('step', 0))} steps, artifact ready"
+    parts = [f"[{label}] step {int(m.get('step', 0))}/{int(m.get('max_steps', 0))}"]
+    if "reward" in m:
+        parts.append(f"reward {m['reward']:.4f}")
+    objs = [
+        (k[len("rewards/") : -len("/mean")], v)
+        for k, v in m.items()
+        if k.startswith("rewards/") and k.endswith("/mean")
+    ]
+    if objs:
+        parts.append(" ".join(f"{k} {v:.4f}" for k, v in objs))
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.2e}")
+    if "loss" in m and "reward" not in m:
+        parts.append(f"loss {m['loss']:.4f}")
+    for k in ("train_token_mse", "margin", "accuracy", "alpha", "round"):
+        if k in m:
+            parts.append(f"{k} {m[k]:.4g}")
+    secs = m.get("wall_step_s", m.get("step_time_s"))
+    if secs is not None:
+        parts.append(f"{secs:.1f} s/step")
+    return " | ".join(parts) + (" [ckpt]" if saved else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# One run, published
+
+
+def run_and_publish(
+    worker: Callable[[dict], Any],
+    config: dict[str, Any],
+    out_dir: str,
+    *,
+    cfg: Config,
+    scaling: Scaling,
+    run_name: str,
+    label: str,
+    field_prefix: str = "backbone",
+    progress: bool = True,
+    check_result: Callable[[Any], None] | None = None,
+    manifest_extra: Callable[[Any], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``worker`` as one Ray Train run and publish its ``final/`` artifact to ``out_dir``; return the manifest.
+
+    A complete ``out_dir`` is returned as is. Ray Train state lives under ``<run_dir>/ray/<run_name>``
+    (``run_name`` must be stable: a relaunch resumes from its last checkpoint). ``check_result(result)`` may
+    raise on a result the trainer flags as failed; ``manifest_extra(result)`` adds fields to the manifest.
+    """
+    out_dir = storage_abs(out_dir)
+    if is_complete(out_dir):
+        return read_manifest(out_dir) or {}
+    max_concurrent_runs(
+        scaling, 1, field_prefix
+    )  # fail fast (clear message) when workers can never be placed
+    result = run_torch_trainer(
+        worker,
+        config,
+        scaling=scaling,
+        storage_path=join(storage_abs(cfg.storage.run_dir), "ray"),
+        name=run_name,
+        max_failures=cfg.backbone.max_failures,
+        callbacks=[progress_printer(label)] if progress else [],
+    )
+    if check_result is not None:
+        check_result(result)
+    if result.checkpoint is None:
+        raise RuntimeError(f"{label}: the Ray Train run {result.path} finished without a final checkpoint")
+    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
+        result.checkpoint.to_directory(tmp)
+        final = Path(tmp) / FINAL
+        if not (final / MANIFEST_NAME).is_file():
+            raise RuntimeError(f"{label}: the latest checkpoint of {result.path} holds no finished artifact")
+        manifest = read_json(final / MANIFEST_NAME)
+        manifest["ray_train_run"] = result.path
+        manifest.update(manifest_extra(result) if manifest_extra is not None else {})
+        (final / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish_dir(final, out_dir)
+    return manifest
+
+
+def run_pending(
+    run_one: Callable[..., dict],
+    jobs: Sequence[dict[str, Any]],
+    *,
+    cfg: Config,
+    scaling: Scaling,
+    experiment: str,
+    labels: Sequence[str],
+    max_concurrent: int | None = None,
+    field_prefix: str = "backbone",
+) -> list[dict[str, Any]]:
+    """Run ``run_one(**job)`` for every job whose ``out_dir`` is not complete: one in this process, several as
+    concurrent Tune trials (:func:`run_concurrent`); complete ones are skipped with one line each. Returns
+    every job's manifest, in job order."""
+    jobs, labels = list(jobs), list(labels)
+    pending = [i for i, j in enumerate(jobs) if not is_complete(j["out_dir"])]
+    for i, j in enumerate(jobs):
+        if i not in pending:
+            print(f"[{labels[i]}] complete, skipping ({j['out_dir']})", flush=True)
+    if len(pending) == 1:
+        run_one(**jobs[pending[0]])
+    elif pending:
+        run_concurrent(
+            functools.partial(_summary_of, run_one),
+            [jobs[i] for i in pending],
+            scaling=scaling,
+            storage_path=join(storage_abs(cfg.storage.run_dir), "ray"),
+            name=experiment,
+            labels=[labels[i] for i in pending],
+            max_concurrent=max_concurrent,
+            field_prefix=field_prefix,
+        )
+    return [read_manifest(j["out_dir"]) or {} for j in jobs]
+
+
+def _summary_of(run_one: Callable[..., dict], **job: Any) -> dict[str, Any]:
+    """A Tune trial's small JSON result: the manifest's name, steps and status (the artifact is on disk)."""
+    m = run_one(**job)
+    return {k: m.get(k) for k in ("name", "objective", "steps_done", "steps", "status")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency via Tune
+
+
+def max_concurrent_runs(scaling: Scaling, n_runs: int, field_prefix: str = "backbone") -> int:
+    """How many runs of ``scaling`` fit in the cluster at once (1..n_runs).
+
+    Pre-flight check (``mage_ray.train.placement.check_resources``): raises InsufficientResourcesError
+    naming ``<field_prefix>.num_workers`` / ``resources_per_worker`` when not even one run fits, instead of
+    letting Ray wait forever for a placement group.
+    """
+    from mage_ray.train.placement import check_resources
+
+    fit = check_resources(
+        scaling.num_workers,
+        scaling.resources_per_worker,
+        scaling.use_gpu,
+        concurrent_runs=n_runs,
+        placement_strategy=scaling.placement_strategy,
+        field_prefix=field_prefix,
+    )
+    return max(1, fit)
+
+
+def _tune_driver(
+    trial_config: dict[str, Any], *, fn: Callable[..., dict], jobs: list[dict]
+) -> dict[str, Any]:
+    """Tune trial body: run job ``index`` and return its result (errors are returned, not raised, so every
+    job runs and the caller gets one clean report)."""
+    i = trial_config["index"]
+    try:
+        out = fn(**jobs[i])
+        return {"index": i, "ok": 1, "result_json": json.dumps(out, default=str)}
+    except Exception as e:  # noqa: BLE001 - reported back to the caller by run_concurrent
+        return {"index": i, "ok": 0, "error": f"{type(e).__name__}: {e}"}
+
+
+def run_concurrent(
+    fn: Callable[..., dict],
+    jobs: Sequence[dict[str, Any]],
+    *,
+    scaling: Scaling,
+    storage_path: str,
+    name: str,
+    labels: Sequence[str] | None = None,
+    max_concurrent: int | None = None,
+    field_prefix: str = "backbone",
+) -> list[dict]:
+    """Run ``fn(**job)`` for every job as concurrent Tune trials; return the results in job order.
+
+    ``fn`` is a driver (it typically calls :func:`run_torch_trainer`) and returns a JSON-able dict.
+    ``scaling`` is one job's Train workers; at most ``max_concurrent`` (default: as many as the cluster
+    holds, :func:`max_concurrent_runs`) run at once. Raises ConcurrentRunError listing every failed job after all finished.
+    """
+    from ray import tune
+
+    jobs = list(jobs)
+    labels = list(labels) if labels is not None else [str(i) for i in range(len(jobs))]
+    k = max_concurrent or max_concurrent_runs(scaling, len(jobs), field_prefix)
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_driver, fn=fn, jobs=jobs), {"CPU": 0, "memory": DRIVER_MEMORY}
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"index": tune.grid_search(list(range(len(jobs))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=storage_abs(storage_path), verbose=0),
+    )
+    grid = tuner.fit()
+    results: dict[int, dict] = {}
+    errors: list[str] = []
+    for r in grid:
+        m = r.metrics or {}
+        i = r.config["index"] if r.config else m.get("index")
+        if r.error is not None:
+            errors.append(f"{labels[i]}: {str(r.error).strip().splitlines()[-1]}")
+        elif not m.get("ok"):
+            errors.append(f"{labels[i]}: {m.get('error', 'no result reported')}")
+        else:
+            results[i] = json.loads(m["result_json"])
+    if errors or len(results) != len(jobs):
+        missing = [
+            labels[i]
+            for i in range(len(jobs))
+            if i not in results and not any(e.startswith(labels[i] + ":") for e in errors)
+        ]
+        errors += [f"{lab}: no result" for lab in missing]
+        raise ConcurrentRunError(f"{len(errors)} of {len(jobs)} runs failed:\n  " + "\n  ".join(errors))
+    return [results[i] for i in range(len(jobs))]
