@@ -22,10 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "jobs" / "sweep.py"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not SWEEP.is_file(), reason="jobs/sweep.py not present yet"),
-]
+pytestmark = [pytest.mark.slow]
 
 # The smoke config, cut to the stages a resume test needs: beta (one candidate), 2 backbones (1 GRPO step
 # each), alpha (a 2-trial Tune sweep, decode only), gamma (one candidate), bundle + report. Method `bs`

@@ -142,7 +142,8 @@ def test_objective_name_clash_is_an_error(tmp_path):
 
 def test_ray_data_path(tmp_path):
     """Ray Data pipeline on a local 2-CPU Ray, with registry objectives loaded inside the scoring actor."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     cfg = _cfg(tmp_path, "task.objectives=[conciseness,readability]")
     started = not ray.is_initialized()
     if started:

@@ -206,7 +206,8 @@ def test_incomplete_directory_is_refused(tmp_path):
 @pytest.mark.slow
 def test_ray_train_two_value_models_concurrently(tmp_path, synthetic_rollouts):
     """Two objectives as two Ray Train runs inside Tune on a local 2-CPU Ray; both directories complete."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     from mage_ray.train.values import train_value_models
 
     cfg = _cfg(tmp_path, "task.objectives=[frac,neg]")
