@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = REPO / "jobs" / "sweep.py"
 
 pytestmark = [pytest.mark.slow]
 
