@@ -25,9 +25,8 @@ import numpy as np
 from transformers import TrainerCallback
 
 from mage_ray.config import Config
-from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+from mage_ray.manifest import MANIFEST_NAME, is_complete, read_json, read_manifest
 from mage_ray.train.ray_shell import (
-    FINAL,
     HF_CHECKPOINT,
     ConcurrentRunError,
     Scaling,
@@ -41,9 +40,11 @@ from mage_ray.train.ray_shell import (
     storage_abs,
     train_run_name,
 )
+from mage_ray.train.stage1 import _fmt, backbone_dir, backbone_plan, morlhf_dir, prepare_sft_base
 
 _storage = storage_abs  # the names the trainers used before the shell had its own module
 _train_run_name = train_run_name
+
 
 __all__ = [
     "ConcurrentRunError",
@@ -282,77 +283,6 @@ def train_backbone_ray(
     )
 
 
-def sft_worker(config: dict[str, Any]) -> None:
-    """Ray Train per-worker loop of the optional SFT stage (one worker): :func:`train_sft`, then report."""
-    from mage_ray.train.backbone import train_sft
-
-    work = Path(tempfile.mkdtemp(prefix="mage-sft-"))
-    try:
-        _, final = restore_hf_checkpoint(work / "restored")
-        if final is None:
-            train_sft(config["cfg"], config["pairs"], work / "out")
-            final = work / "out"
-        report_final(final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None) -> Config:
-    """Optional SFT stage: theta_sft shared by all backbones. Returns ``cfg`` with the SFT model as base.
-
-    Runs only when ``backbone.sft_steps > 0`` and the task ships SFT pairs (else logs a skip line and
-    returns ``cfg`` unchanged). The merged model lands in ``<run_dir>/sft/model`` once; later calls reuse it.
-    """
-    import dataclasses
-
-    from mage_ray.train.backbone import task_sft_pairs
-
-    if cfg.backbone.sft_steps <= 0:
-        return cfg
-    out = join(_storage(cfg.storage.run_dir), "sft")
-    if is_uri(out):
-        raise ValueError(
-            f"storage.storage_path = {cfg.storage.storage_path!r}: the SFT stage needs a local or shared "
-            "filesystem path (the merged model becomes model.name_or_path)"
-        )
-    if not is_complete(out):
-        pairs = list(pairs) if pairs is not None else task_sft_pairs(cfg.task)
-        if not pairs:
-            print(
-                f"[sft] task '{cfg.task.name}' has no SFT data; skipping SFT (backbone.sft_steps ignored)",
-                flush=True,
-            )
-            return cfg
-        b = cfg.backbone
-        result = run_torch_trainer(
-            sft_worker,
-            {"cfg": cfg, "pairs": pairs},
-            scaling=Scaling(1, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy),
-            storage_path=join(_storage(cfg.storage.run_dir), "ray"),
-            name="sft",
-            max_failures=b.max_failures,
-        )
-        with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-            result.checkpoint.to_directory(tmp)
-            publish_dir(Path(tmp) / FINAL, out)
-    model = dataclasses.replace(cfg.model, name_or_path=join(out, "model"))
-    return dataclasses.replace(cfg, model=model)
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
-def backbone_dir(cfg: Config, beta: float, name: str) -> str:
-    """``<run_dir>/backbones/beta_<beta>/<name>``."""
-    return join(_storage(cfg.storage.run_dir), "backbones", f"beta_{_fmt(beta)}", name)
-
-
-def morlhf_dir(cfg: Config, mu: Sequence[float]) -> str:
-    """``<run_dir>/morlhf/mu_<mu_1>-<mu_2>-...``."""
-    return join(_storage(cfg.storage.run_dir), "morlhf", "mu_" + "-".join(_fmt(float(x)) for x in mu))
-
-
 def _train_many(
     cfg: Config,
     jobs: list[dict[str, Any]],
@@ -370,26 +300,6 @@ def _train_many(
         labels=[j["name"] for j in jobs],
         max_concurrent=max_concurrent,
     )
-
-
-def backbone_plan(
-    cfg: Config,
-    beta: float | None,
-    weights: Sequence[Sequence[float]] | None,
-    names: Sequence[str] | None,
-    objectives: Sequence[Any] | None,
-) -> tuple[float, list[np.ndarray], list[str]]:
-    """(beta, reward weights, names) of the backbones to train: the columns w_i of B(beta) (Eq. 12) unless
-    ``weights`` are given, named ``b0..b{n-1}`` unless ``names`` are; names must be distinct, one per w."""
-    from mage_ray.soup import backbone_weights
-
-    beta = cfg.backbone.beta if beta is None else float(beta)
-    n = len(objectives) if objectives is not None else cfg.n_objectives
-    ws = [np.asarray(x, dtype=float) for x in weights] if weights is not None else backbone_weights(n, beta)
-    names = list(names) if names is not None else [f"b{i}" for i in range(len(ws))]
-    if len(names) != len(ws) or len(set(names)) != len(names):
-        raise ValueError(f"names must be {len(ws)} distinct names (one per backbone), got {names}")
-    return beta, ws, names
 
 
 def train_backbones(

@@ -498,8 +498,9 @@ def train_wrpo_backbones(
     callables for scoring source responses (default ``load_objectives(task)``). Complete backbones are
     skipped.
     """
-    from mage_ray.train.ray_train import _storage, backbone_dir, backbone_plan, prepare_sft_base
+    from mage_ray.train.ray_shell import storage_abs as _storage
     from mage_ray.train.rollouts import read_rollouts
+    from mage_ray.train.stage1 import backbone_dir, backbone_plan, prepare_sft_base
 
     cfg = prepare_sft_base(cfg)
     beta, ws, names = backbone_plan(cfg, beta, weights, names, objectives)
