@@ -7,10 +7,13 @@ flags degenerate, and whether each point is on its method's non-dominated front.
 
     ray job submit --working-dir . -- python jobs/grid.py --config configs/embedded.yaml \
         --bundle runs/embedded/bundle --score
-    python jobs/grid.py --config configs/smoke.yaml --bundle <dir> --prompts prompts.jsonl --step 0.5 --out /tmp/g
+    python jobs/grid.py --config configs/smoke.yaml --bundle <dir> --prompts prompts.jsonl --out /tmp/g \
+        eval.grid_step=0.5
 
 Prompts come from ``--prompts`` (a .parquet or .jsonl file/dir with a ``prompt`` column) or else from the
-task's ``--split``. The library code is ``mage_ray.grid``; this file only parses arguments. Decoding runs in an actor pool (``map_batches`` with a callable class holding one Engine:
+task's ``--split``; preferences from ``--preferences`` or else the ``eval.grid_step`` grid (config fields are
+set by ``key=value`` overrides only). The library code is ``mage_ray.grid``; this file only parses arguments.
+Decoding runs in an actor pool (``map_batches`` with a callable class holding one Engine:
 ``--concurrency`` actors, each with ``serve.num_cpus`` / ``serve.num_gpus``) in batches of
 ``decode.batch_size`` rows, so different preferences share a batch over one copy of the base weights.
 """
@@ -29,9 +32,10 @@ def main() -> None:
         p.add_argument("--bundle", required=True, help="bundle directory (from jobs/sweep.py)")
         p.add_argument("--prompts", default=None, help=".parquet / .jsonl with a 'prompt' column")
         p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-        p.add_argument("--step", type=float, default=None, help="grid step (default eval.grid_step)")
         p.add_argument(
-            "--preferences", default=None, help="explicit points as JSON, e.g. '[[0.2,0.8],[1,0]]'"
+            "--preferences",
+            default=None,
+            help="explicit points as JSON, e.g. '[[0.2,0.8],[1,0]]' (default: the eval.grid_step grid)",
         )
         p.add_argument("--methods", default=None, help="comma-separated methods (default: the bundle's)")
         p.add_argument("--concurrency", type=int, default=1, help="decoder actors (one Engine each)")
@@ -47,7 +51,7 @@ def main() -> None:
             for i, p in enumerate(json.loads(args.preferences))
         ]
     else:
-        points = preference_grid(n, args.step or cfg.eval.grid_step).tolist()
+        points = preference_grid(n, cfg.eval.grid_step).tolist()
     methods = args.methods.split(",") if args.methods else [bundle.default_method]
     out = args.out or join(cfg.storage.run_dir, "grid")
     init_ray()
