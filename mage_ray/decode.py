@@ -98,6 +98,18 @@ class Request:
     """mage-i-m only: "bone" (MAGE-I-M, Bone Soup pi*) or "naive" (MAGE-I-M', c = mu)."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks with a fixed length)."""
+    prepared: Any = field(default=None, repr=False, compare=False)
+    """Set by :meth:`Engine.prepare` when a caller (Serve) normalised the request ahead of decoding: the engine
+    then uses that job as is instead of validating and tokenising the request again."""
+
+
+class RequestError(ValueError):
+    """A request the normaliser refuses; ``field`` names the bad request field (``info``: numbers behind it)."""
+
+    def __init__(self, field: str, message: str, info: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.field = field
+        self.info = dict(info or {})
 
 
 @dataclass
@@ -195,6 +207,7 @@ class _Job:
     emitted: str = ""
     done: bool = False
     peak_rows: int = 0
+    owner: int = 0  # id() of the engine that prepared the job
 
     @property
     def n_rows(self) -> int:
@@ -461,8 +474,12 @@ class Engine:
 
     # ----- validation -----
 
-    def _prepare(self, index: int, r: Request) -> _Job:
-        """Validate one request and build its job; ValueError names the bad field."""
+    def prepare(self, r: Request, index: int = 0, tokenizer: Any = None) -> _Job:
+        """The one request normaliser: validate ``r`` against this engine's defaults, build its plan (the
+        method's rows) and tokenise its prompt. Returns the job the decode loop runs; raises RequestError naming
+        the bad field. Serve calls it before queueing a request (and stores the job in ``r.prepared``); the
+        engine calls it for every request that has no prepared job. ``tokenizer``: a copy of the engine's for
+        callers on another thread (fast tokenizers are not re-entrant)."""
         d = self.defaults
 
         def pick(name: str):
@@ -479,14 +496,15 @@ class Engine:
                 ok = (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
             if not ok:
                 rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-                raise ValueError(
-                    f"{name} = {v!r} is invalid: expected {'an integer' if integer else 'a number'} {rng}"
+                raise RequestError(
+                    name,
+                    f"{name} = {v!r} is invalid: expected {'an integer' if integer else 'a number'} {rng}",
                 )
             return int(v) if integer else float(v)
 
         method = pick("method")
         if not isinstance(method, str):
-            raise ValueError(f"method = {method!r} is invalid: expected a method name")
+            raise RequestError("method", f"method = {method!r} is invalid: expected a method name")
         gamma = number("gamma", pick("gamma"), 0.0)
         alpha = number("alpha", pick("alpha"), -1.0, lo_open=True)
         max_new = number("max_new_tokens", pick("max_new_tokens"), 1, d.max_tokens_limit, integer=True)
@@ -498,47 +516,64 @@ class Engine:
         lookahead = number("lookahead", pick("lookahead"), 1, integer=True)
         do_sample = pick("do_sample")
         if not isinstance(do_sample, (bool, np.bool_)):
-            raise ValueError(f"do_sample = {do_sample!r} is invalid: expected true or false")
+            raise RequestError("do_sample", f"do_sample = {do_sample!r} is invalid: expected true or false")
         do_sample = bool(do_sample)
         seed = pick("seed")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed = {seed!r} is invalid: expected an integer")
+            raise RequestError("seed", f"seed = {seed!r} is invalid: expected an integer")
         stop = list(r.stop or [])
         if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop = {r.stop!r} is invalid: expected a list of non-empty strings")
+            raise RequestError("stop", f"stop = {r.stop!r} is invalid: expected a list of non-empty strings")
         if r.implicit_merge not in ("bone", "naive"):
-            raise ValueError(f"implicit_merge = {r.implicit_merge!r} is invalid: expected 'bone' or 'naive'")
+            raise RequestError(
+                "implicit_merge",
+                f"implicit_merge = {r.implicit_merge!r} is invalid: expected 'bone' or 'naive'",
+            )
         prompt = r.prompt
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise ValueError("prompt is empty: expected a non-empty string or a list of chat messages")
+                raise RequestError(
+                    "prompt", "prompt is empty: expected a non-empty string or a list of chat messages"
+                )
         elif isinstance(prompt, list) and prompt:
             if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-                raise ValueError("prompt: chat messages must be dicts with a string 'content' (and a 'role')")
+                raise RequestError(
+                    "prompt", "prompt: chat messages must be dicts with a string 'content' (and a 'role')"
+                )
         else:
-            raise ValueError(
-                "prompt is empty or not text: expected a non-empty string or a list of chat messages"
+            raise RequestError(
+                "prompt",
+                "prompt is empty or not text: expected a non-empty string or a list of chat messages",
             )
         mu = None
         if r.preference is not None:
             try:
                 mu = validate_preference(r.preference, self.layout.n)
-            except PreferenceError:
-                raise
             except (TypeError, ValueError) as e:
-                raise PreferenceError(f"preference = {r.preference!r} is invalid: {e}") from e
-        plan = make_plan(method, self.layout, mu, PlanArgs(alpha, r.implicit_merge, prompt), gamma)
+                msg = (
+                    str(e)
+                    if isinstance(e, PreferenceError)
+                    else f"preference = {r.preference!r} is invalid: {e}"
+                )
+                raise RequestError("preference", msg) from e
+        try:
+            plan = make_plan(method, self.layout, mu, PlanArgs(alpha, r.implicit_merge, prompt), gamma)
+        except (ValueError, NotImplementedError) as e:  # the method cannot serve this request on this bundle
+            raise RequestError("method", str(e)) from e
         if plan.prompt is not None:
             prompt = plan.prompt
-        templated = self.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
-        text = format_prompt(self.tokenizer, prompt, self.use_chat_template)
-        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        tok = self.tokenizer if tokenizer is None else tokenizer
+        templated = self.use_chat_template and bool(getattr(tok, "chat_template", None))
+        text = format_prompt(tok, prompt, self.use_chat_template)
+        ids = tok(text, add_special_tokens=not templated)["input_ids"]
         if not ids:
-            raise ValueError("prompt tokenises to zero tokens")
+            raise RequestError("prompt", "prompt tokenises to zero tokens")
         if len(ids) + max_new > self.max_context:
-            raise ValueError(
+            raise RequestError(
+                "prompt",
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the model context of "
-                f"{self.max_context} tokens: shorten the prompt or lower max_new_tokens"
+                f"{self.max_context} tokens: shorten the prompt or lower max_new_tokens",
+                {"prompt_tokens": len(ids), "max_new_tokens": max_new, "max_context": self.max_context},
             )
         gen = torch.Generator(device="cpu")
         gen.manual_seed(int(seed))
@@ -562,6 +597,7 @@ class Engine:
         )
         coeffs = np.stack([row.coeffs for row in plan.rows])  # [R_job, K]
         job.coeffs = torch.tensor(coeffs, dtype=torch.float32)
+        job.owner = id(self)
         return job
 
     # ----- public API -----
@@ -631,7 +667,11 @@ class Engine:
             try:
                 if not isinstance(r, Request):
                     raise ValueError(f"request {i} is a {type(r).__name__}, expected mage_ray.decode.Request")
-                jobs.append(self._prepare(i, r))
+                job, r.prepared = r.prepared, None  # a job is run once
+                if not (isinstance(job, _Job) and job.owner == id(self)):
+                    job = self.prepare(r, i)
+                job.index = i
+                jobs.append(job)
             except (ValueError, NotImplementedError) as e:
                 errors.append(TokenEvent(i, "", True, "error", _error(str(e))))
         return jobs, errors

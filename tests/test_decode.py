@@ -396,6 +396,38 @@ def test_heterogeneous_batch_equals_per_request_runs(engine):
         )
 
 
+def test_prepared_requests_run_without_a_second_normalisation(engine, monkeypatch):
+    """Engine.prepare is the one normaliser: a request prepared ahead (as Serve does before queueing) runs from
+    its job without being validated or tokenised again, gives what an unprepared one gives, and its job is used
+    once; bad fields raise RequestError naming the field."""
+    import copy
+    import dataclasses
+
+    from mage_ray.decode import RequestError
+
+    reqs = _mixed_requests(6)
+    expect = [c.token_ids for c in engine.generate([dataclasses.replace(r) for r in reqs])]
+    tok = copy.deepcopy(engine.tokenizer)
+    for r in reqs:
+        r.prepared = engine.prepare(r, tokenizer=tok)
+    calls = []
+    real = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert [c.token_ids for c in engine.generate(reqs)] == expect and calls == []
+    assert all(r.prepared is None for r in reqs)  # consumed: a second run prepares afresh
+    assert [c.token_ids for c in engine.generate(reqs)] == expect and len(calls) == len(reqs)
+    for bad, field in (
+        (Request("Hi", [0.5, 0.5], gamma=-1.0), "gamma"),
+        (Request("  ", [0.5, 0.5]), "prompt"),
+        (Request("Hi", [0.5, 0.6]), "preference"),
+        (Request("Hi", [0.5, 0.5], method="nosuch"), "method"),
+        (Request("Hi " * 5000, [0.5, 0.5]), "prompt"),
+    ):
+        with pytest.raises(RequestError) as e:
+            real(bad)
+        assert e.value.field == field, (bad, e.value)
+
+
 def test_sampling_reproducible_regardless_of_batch(engine):
     r = Request(
         PROMPTS[1],

@@ -192,7 +192,7 @@ def test_ric_through_ray_train_and_decode_with_the_training_prompt(ray_local, tm
     )
     engine = Engine.from_bundle(bundle, methods=["ric"])
     mu, prompt = [0.2, 0.8], "What is 2 plus 2?"
-    job = engine._prepare(0, Request(prompt, preference=mu, method="ric", max_new_tokens=4))
+    job = engine.prepare(Request(prompt, preference=mu, method="ric", max_new_tokens=4))
     targets = preference_to_targets(mu, m["score_low"], m["score_high"])
     tok = load_tokenizer("tiny-random")
     assert job.prompt_ids == encode_prompts(tok, [ric_user_prompt(prompt, targets)])[0]

@@ -49,9 +49,16 @@ import numpy as np
 
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, ServeConfig
-from mage_ray.decode import Completion, Engine, Request, TokenEvent, decode_defaults, parts_from_bundle
+from mage_ray.decode import (
+    Completion,
+    Engine,
+    Request,
+    RequestError,
+    TokenEvent,
+    decode_defaults,
+    parts_from_bundle,
+)
 from mage_ray.guidance import PlanArgs, make_plan, method_names
-from mage_ray.models import format_prompt
 from mage_ray.serve.schema import ApiError, Limits, prompt_text
 
 __all__ = ["Generator", "Ticket", "decode_defaults"]
@@ -239,26 +246,21 @@ class Generator:
     # ----- validation that needs the model -----
 
     def _check_sync(self, req: Request, field_name: str) -> None:
-        d = self.engine.defaults
-        method = req.method or d.method
-        gamma = d.gamma if req.gamma is None else req.gamma
-        alpha = d.alpha if req.alpha is None else req.alpha
-        mu = None if req.preference is None else np.asarray(req.preference, dtype=np.float64)
+        """Normalise ``req`` with the engine's one normaliser (:meth:`Engine.prepare`) and keep the job in
+        ``req.prepared``, so the engine runs it without validating or tokenising again; its errors become 400s
+        that name the API field (``field_name`` for the prompt, ``method`` for what the method cannot serve)."""
         try:
-            make_plan(method, self.engine.layout, mu, PlanArgs(alpha, req.implicit_merge, req.prompt), gamma)
-        except (ValueError, NotImplementedError) as e:
-            raise ApiError(400, str(e), "method") from None
-        max_new = d.max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
-        templated = self.engine.use_chat_template and bool(getattr(self._tok, "chat_template", None))
-        text = format_prompt(self._tok, req.prompt, self.engine.use_chat_template)
-        n = len(self._tok(text, add_special_tokens=not templated)["input_ids"])
-        if n + max_new > self.engine.max_context:
-            raise ApiError(
-                400,
-                f"{field_name} ({n} tokens) + max_tokens ({max_new}) exceeds the model context of "
-                f"{self.engine.max_context} tokens: shorten the prompt or lower max_tokens",
-                field_name,
-            )
+            req.prepared = self.engine.prepare(req, tokenizer=self._tok)
+        except RequestError as e:
+            if "max_context" in e.info:
+                raise ApiError(
+                    400,
+                    f"{field_name} ({e.info['prompt_tokens']} tokens) + max_tokens ({e.info['max_new_tokens']}) "
+                    f"exceeds the model context of {e.info['max_context']} tokens: shorten the prompt or lower "
+                    "max_tokens",
+                    field_name,
+                ) from None
+            raise ApiError(400, str(e), field_name if e.field == "prompt" else e.field) from None
 
     async def check(self, req: Request, field_name: str = "prompt") -> None:
         """Raise ApiError 400 if the method cannot run on this bundle or the prompt does not fit the context."""
