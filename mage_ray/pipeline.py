@@ -33,9 +33,9 @@ from mage_ray.guidance import TRAINING_STAGES, method_spec, stages_for
 from mage_ray.manifest import join, read_json, write_json_atomic
 from mage_ray.sweep import (
     STAGES,
-    beta_trial,
+    _beta_trial,
+    _decode_trial,
     decide,
-    decode_trial,
     run_tune_stage,
     short_steps,
     write_sweep_report,
@@ -90,7 +90,7 @@ def stage_beta(cfg: Config) -> dict:
     _, rows = run_tune_stage(
         cfg,
         "beta",
-        tune.with_parameters(beta_trial, base=cfg.to_dict()),
+        tune.with_parameters(_beta_trial, base=cfg.to_dict()),
         {"backbone.beta": tune.grid_search(betas)},
         resources={"CPU": 0, "memory": 2**26},
         max_concurrent=1,
@@ -208,7 +208,7 @@ def stage_decode_param(
 
     space = {param: tune.grid_search(values), **fixed}
     trial = tune.with_parameters(
-        decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
+        _decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
     )
     _, rows = run_tune_stage(cfg, stage, trial, space, resources={"CPU": 1})
     chosen, decision = decide(cfg, stage, param, rows, default)

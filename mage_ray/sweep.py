@@ -4,7 +4,7 @@ MAGE Sec 5.2.1: beta in {0.6, 0.7, 0.8} is chosen by the hypervolume of the Bone
 ~20% of the training steps; alpha in {0.1..0.5} (Eq. 13) and gamma (Eq. 25) are chosen on validation
 prompts. Tune's ``param_space`` keys are config field paths (``backbone.beta``, ``decode.alpha``,
 ``decode.gamma``): a trial is the job's own config with those fields overridden by :func:`trial_config`
-(STYLE.md #4); :func:`beta_trial` and :func:`decode_trial` are the trials, :func:`write_sweep_report` the report.
+(STYLE.md #4); :func:`_beta_trial` and :func:`_decode_trial` are the trials, :func:`write_sweep_report` the report.
 ``mage_ray.pipeline`` runs the stages in order and keeps their records.
 
 A sweep decides only what its validation prompts can resolve: every trial writes its per-prompt rewards
@@ -237,7 +237,9 @@ def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> st
 
 
 # ---------------------------------------------------------------------------------------------
-# Trials: each builds its config with trial_config (the job's config + the trial's field paths)
+# Trials: each builds its config with trial_config (the job's config + the trial's field paths).
+# Their names are part of every saved Tune experiment: Tuner.restore refuses a trainable with another name, so
+# renaming them would stop runs of earlier versions from resuming their sweep.
 
 
 def short_steps(cfg: Config) -> int:
@@ -296,7 +298,7 @@ def _report_trial(cfg: Config, stage: str, value: float, res: dict, **more) -> N
     tune.report({**{k: v for k, v in res.items() if v is not None}, **more})
 
 
-def beta_trial(params: dict, *, base: dict) -> None:
+def _beta_trial(params: dict, *, base: dict) -> None:
     """Tune trial: train the n backbones of B(beta) briefly, build a bs bundle, report validation HV."""
     import time
 
@@ -343,7 +345,7 @@ def beta_trial(params: dict, *, base: dict) -> None:
     _report_trial(cfg, "beta", beta, res, train_seconds=train_s)
 
 
-def decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
+def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
     """Tune trial of a decode-only parameter (``decode.alpha``, ``decode.gamma``): validation HV of ``method``."""
     cfg = trial_config(base, params)
     res = validation_hv(cfg, bundle_dir, method)
