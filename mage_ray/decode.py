@@ -668,7 +668,8 @@ class Engine:
                 if not isinstance(r, Request):
                     raise ValueError(f"request {i} is a {type(r).__name__}, expected mage_ray.decode.Request")
                 job, r.prepared = r.prepared, None  # a job is run once
-                if not (isinstance(job, _Job) and job.owner == id(self)):
+                fresh = isinstance(job, _Job) and job.owner == id(self) and not job.hyps and not job.done
+                if not fresh:  # none, another engine's, or already run (a copied Request): normalise anew
                     job = self.prepare(r, i)
                 job.index = i
                 jobs.append(job)
