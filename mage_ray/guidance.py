@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 VALUE_KINDS = ("none", "explicit", "implicit")
-"""How a method's guidance V enters a beam's sequence score (see decode.py): not at all, as the value of the
+"""How a method's guidance V enters a beam's sequence score (see mage_ray.decode): not at all, as the value of the
 last emitted token (explicit value models estimate the final reward), or summed over tokens (implicit:
 sum_t log pi*/pi_ref telescopes to V(x, y) - V(x), Eq. 21-23)."""
 
