@@ -296,6 +296,27 @@ def _prompt(prompt: Any, name: str) -> Any:
     return msgs
 
 
+_DECODING_FIELDS = (
+    "gamma",
+    "alpha",
+    "top_k",
+    "beam_width",
+    "beam_expansion",
+    "lookahead",
+    "implicit_merge",
+    "ignore_eos",
+)
+"""Request fields a body (or an OpenAI body's ``mage`` object) carries under the same name; a body without one
+(grids have no beams) leaves the Request's default."""
+
+
+def _request(decoding: BaseModel, **fields: Any) -> Request:
+    """The engine Request of one prompt: ``fields`` (the ones each body spells its own way) plus the decoding
+    options ``decoding`` has under the Request's names. The engine's normaliser checks the values."""
+    same = {f: getattr(decoding, f) for f in _DECODING_FIELDS if f in type(decoding).model_fields}
+    return Request(**fields, **same)
+
+
 def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, prompt: Any = None) -> Request:
     """Build the engine Request of one body (``prompt`` picks one prompt of a CompletionBody list)."""
     if isinstance(body, GenerateBody):
@@ -303,24 +324,17 @@ def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, p
             raise ApiError(400, "give exactly one of 'prompt' (text) or 'messages' (chat)", "prompt")
         p = _prompt(body.prompt, "prompt") if body.prompt is not None else _prompt(body.messages, "messages")
         method = _method(body.method, limits, "method")
-        return Request(
+        return _request(
+            body,
             prompt=p,
             preference=check_preference(body.preference, limits, method),
             method=method,
-            gamma=body.gamma,
-            alpha=body.alpha,
             max_new_tokens=_max_tokens(body.max_tokens, limits, "max_tokens"),
             do_sample=body.do_sample if body.do_sample is not None else (True if body.temperature else None),
             temperature=body.temperature,
-            top_k=body.top_k,
             top_p=body.top_p,
-            beam_width=body.beam_width,
-            beam_expansion=body.beam_expansion,
-            lookahead=body.lookahead,
             stop=_stops(body.stop, limits, "stop"),
             seed=body.seed,
-            implicit_merge=body.implicit_merge,
-            ignore_eos=body.ignore_eos,
         )
     if body.n != 1:
         raise ApiError(400, f"n = {body.n} is not supported: this server returns one choice (n = 1)", "n")
@@ -345,24 +359,17 @@ def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, p
         do_sample = True
     if temperature == 0:
         temperature = None  # greedy; the engine only reads temperature when sampling
-    return Request(
+    return _request(
+        m,
         prompt=p,
         preference=check_preference(body.preference, limits, method),
         method=method,
-        gamma=m.gamma,
-        alpha=m.alpha,
         max_new_tokens=max_tokens,
         do_sample=do_sample,
         temperature=temperature,
-        top_k=m.top_k,
         top_p=body.top_p,
-        beam_width=m.beam_width,
-        beam_expansion=m.beam_expansion,
-        lookahead=m.lookahead,
         stop=_stops(body.stop, limits, "stop"),
         seed=body.seed,
-        implicit_merge=m.implicit_merge,
-        ignore_eos=m.ignore_eos,
     )
 
 
@@ -425,16 +432,14 @@ def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any]
     stops = _stops(body.stop, limits, "stop")
     do_sample = body.do_sample if body.do_sample is not None else (True if body.temperature else None)
     reqs = [
-        Request(
+        _request(
+            body,
             prompt=p,
             preference=[float(x) for x in mu],
             method=method,
-            gamma=body.gamma,
-            alpha=body.alpha,
             max_new_tokens=max_tokens,
             do_sample=do_sample,
             temperature=body.temperature,
-            top_k=body.top_k,
             top_p=body.top_p,
             stop=stops,
             seed=body.seed,
