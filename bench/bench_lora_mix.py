@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from mage_ray.config import ModelConfig
-from mage_ray.lora_mix import LoraAdapter, MixedLoraModel, merge_into_
+from mage_ray.lora_export import merge_into_
+from mage_ray.lora_mix import LoraAdapter, MixedLoraModel
 from mage_ray.models import load_policy
 from mage_ray.soup import preference_grid, soup_coefficients
 

@@ -15,7 +15,7 @@ measured in the same run. Reported per level: TTFT p50 / p99 (request sent -> fi
 aggregate tokens/s (all completion tokens / wall time of the level), errors.
 
 The naive alternative runs in the same process afterwards, one request at a time: per preference, materialise
-the merged Bone Soup model (``lora_mix.merge_weights``, a full copy of the weights) and run plain HF
+the merged Bone Soup model (``lora_export.merge_weights``, a full copy of the weights) and run plain HF
 ``generate`` (greedy, exactly --max-tokens tokens). It has no value guidance, so the server is also measured
 with method ``bs`` at the largest client count for a like-for-like row.
 """
@@ -133,7 +133,8 @@ def run_naive(bundle_dir: Path, n_prefs: int, max_tokens: int) -> dict:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     from mage_ray.bundle import adapter_path, load_bundle
-    from mage_ray.lora_mix import load_adapter, merge_weights
+    from mage_ray.lora_export import merge_weights
+    from mage_ray.lora_mix import load_adapter
     from mage_ray.models import format_prompt, load_policy
     from mage_ray.soup import soup_coefficients
 

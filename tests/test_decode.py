@@ -18,7 +18,8 @@ import torch
 from mage_ray import guidance
 from mage_ray.config import DecodeConfig, ModelConfig
 from mage_ray.decode import Engine, EngineParts, Request, _truncate
-from mage_ray.lora_mix import load_adapter, merge_weights
+from mage_ray.lora_export import merge_weights
+from mage_ray.lora_mix import load_adapter
 from mage_ray.manifest import write_manifest
 from mage_ray.models import format_prompt, load_policy
 from mage_ray.soup import merge_coefficients, soup_coefficients

@@ -19,17 +19,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from mage_ray.config import ModelConfig
+from mage_ray.lora_export import export_merged, merge_weights, rank_sum_adapter, save_adapter
 from mage_ray.lora_mix import (
     AdapterError,
     LoraAdapter,
     MixedLinear,
     MixedLoraModel,
     adapter_from_peft,
-    export_merged,
     load_adapter,
-    merge_weights,
-    rank_sum_adapter,
-    save_adapter,
 )
 from mage_ray.models import load_policy
 
