@@ -178,7 +178,7 @@ def test_report_has_degenerate_rates_intervals_claims_and_samples(tmp_path):
 def test_claim_verdicts_follow_the_intervals():
     """holds: the whole interval on the claimed side; fails: all on the other side; else no evidence. The best
     MAGE variant is the one with the largest HV."""
-    from mage_ray.evaluate import MethodResult, claims
+    from mage_ray.report import MethodResult, claims
 
     mu = np.array([[0.0, 1.0], [1.0, 0.0]])
 
@@ -208,7 +208,7 @@ def test_claim_verdicts_follow_the_intervals():
 def test_claim_says_when_a_mage_variant_scored_exactly_as_bone_soup():
     """With guidance strength 0 the best MAGE variant decodes as bs: the ratio's interval is [1, 1] and the
     claim row says why instead of leaving a bare 'no evidence'."""
-    from mage_ray.evaluate import MethodResult, claims
+    from mage_ray.report import MethodResult, claims
 
     mu = np.array([[0.0, 1.0], [1.0, 0.0]])
     per = np.random.default_rng(0).uniform(size=(2, 4, 2))
