@@ -1,23 +1,14 @@
-"""Typed configuration: one dataclass per concern, YAML + ``key=value`` overrides.
-
-Load with :func:`load_config`::
-
-    cfg = load_config("configs/embedded.yaml", ["backbone.steps=40", "decode.gamma=1.0"])
-
-Every dataclass validates itself in ``__post_init__`` and raises :class:`ConfigError`
-whose message names the field (``backbone.steps``), the bad value and what is allowed.
-"""
+"""The config sections: one dataclass per concern, each validating itself in ``__post_init__`` (a
+:class:`ConfigError` names the field, the bad value and what is allowed), and a doc line under every field."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Any
 
 from mage_ray.guidance import method_names
 
@@ -514,157 +505,3 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Coerce a YAML/CLI value to the annotated type, or raise naming the field."""
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if tp is Any:
-        return value
-    if origin is None and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            _fail(name, value, f"a mapping of {tp.__name__} fields")
-        return _build(tp, value, name)
-    if origin in (list,):
-        if isinstance(value, str):
-            value = (
-                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            )
-        if not isinstance(value, list):
-            _fail(name, value, "a list")
-        return [_coerce(f"{name}[]", v, args[0]) for v in value] if args else value
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            _fail(name, value, "a mapping")
-        return value
-    if args and type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0]) if len(inner) == 1 else value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        _fail(name, value, "true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            _fail(name, value, "an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        _fail(name, value, "an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            _fail(name, value, "a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _fail(name, value, "a number")
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            _fail(name, value, "a string")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown config field(s) {unknown} in {where}; allowed: {sorted(known)}")
-    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-
-
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
-    """Build a validated :class:`Config` from a nested dict plus ``key=value`` overrides."""
-    data = dict(data or {})
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is malformed: expected section.field=value")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), raw.strip())
-    cfg = _build(Config, data, "")
-    _cross_validate(cfg)
-    return cfg
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML (or defaults when ``path`` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (shipped configs: configs/*.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}"
-            )
-    cfg = config_from_dict(data, overrides)
-    # A relative local storage_path means "relative to where the job was started": fix it now, because Ray
-    # Tune trials and Train workers run with another working directory (their trial/session dirs).
-    if "://" not in cfg.storage.storage_path:
-        cfg.storage.storage_path = os.path.abspath(os.path.expanduser(cfg.storage.storage_path))
-    return cfg
-
-
-def _cross_validate(cfg: Config) -> None:
-    n = cfg.n_objectives
-    if cfg.eval.ref_point is not None and len(cfg.eval.ref_point) != n:
-        _fail("eval.ref_point", cfg.eval.ref_point, f"{n} values, one per objective {cfg.task.objectives}")
-    if not (1.0 / n < cfg.backbone.beta <= 1.0):
-        _fail(
-            "backbone.beta",
-            cfg.backbone.beta,
-            f"a number in (1/n, 1] = ({1.0 / n:.3f}, 1] for n={n} objectives",
-        )
-    for b in cfg.sweep.betas:
-        if not (1.0 / n < b <= 1.0):
-            _fail("sweep.betas[]", b, f"numbers in (1/n, 1] = ({1.0 / n:.3f}, 1]")
-
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as YAML (the exact config a run used, for its manifest)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def add_config_args(parser) -> None:
-    """Standard job CLI: ``--config FILE`` then ``section.field=value`` overrides."""
-    parser.add_argument("--config", default="configs/embedded.yaml", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
