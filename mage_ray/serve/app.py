@@ -12,7 +12,7 @@ Build the application with :func:`build_app` (the import path ``mage_ray.serve.a
 or locally with ``python jobs/serve.py --config configs/embedded.yaml --bundle runs/embedded/bundle``.
 The bundle directory must be readable at the same path on every node that runs a replica.
 
-Routes (bodies in :mod:`mage_ray.serve.schema`):
+Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_ray.serve.responses`):
 
 ====================================  ========================================================================
 ``POST /v1/generate``                 prompt | messages, preference, method, gamma, ..., ``stream`` (SSE)
@@ -57,6 +57,7 @@ from ray.serve import Application
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, config_from_dict, load_config
 from mage_ray.decode import Completion, Request, TokenEvent
+from mage_ray.serve import responses as R
 from mage_ray.serve import schema as S
 from mage_ray.serve.core import Generator, Ticket
 
@@ -239,25 +240,25 @@ class MageServer:
         extra = self._extra(req)
         if not body.stream:
             c = await self._one(req)
-            return {"text": c.text, "finish_reason": c.finish_reason, "usage": S.usage(c), **extra}
+            return {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
         ticket, first = await self._open(req)
 
         async def sse() -> AsyncIterator[bytes]:
             async for ev in _events(ticket, first):
                 if ev.delta:
-                    yield S.sse({"text": ev.delta})
+                    yield R.sse({"text": ev.delta})
                 if ev.finished:
                     c = ev.completion
-                    yield S.sse(
+                    yield R.sse(
                         {
                             "text": c.text,
                             "finish_reason": ev.finish_reason,
-                            "usage": S.usage(c),
+                            "usage": R.usage(c),
                             "error": c.error,
                             **extra,
                         }
                     )
-                    yield S.sse("[DONE]")
+                    yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -265,19 +266,19 @@ class MageServer:
     async def chat_completions(self, request: HttpRequest):
         body = await self._parse(request, S.ChatBody)
         req = S.to_request(body, self.core.limits)
-        model, rid, extra = body.model or self.core.name, S.new_id("chatcmpl"), self._extra(req)
+        model, rid, extra = body.model or self.core.name, R.new_id("chatcmpl"), self._extra(req)
         if not body.stream:
-            return S.chat_response(rid, model, await self._one(req), extra)
+            return R.chat_response(rid, model, await self._one(req), extra)
         ticket, first = await self._open(req)
 
         async def sse() -> AsyncIterator[bytes]:
-            yield S.sse(S.chat_chunk(rid, model, {"role": "assistant", "content": ""}, extra=extra))
+            yield R.sse(R.chat_chunk(rid, model, {"role": "assistant", "content": ""}, extra=extra))
             async for ev in _events(ticket, first):
                 if ev.delta:
-                    yield S.sse(S.chat_chunk(rid, model, {"content": ev.delta}))
+                    yield R.sse(R.chat_chunk(rid, model, {"content": ev.delta}))
                 if ev.finished:
-                    yield S.sse(S.chat_chunk(rid, model, {}, ev.finish_reason, ev.completion))
-                    yield S.sse("[DONE]")
+                    yield R.sse(R.chat_chunk(rid, model, {}, ev.finish_reason, ev.completion))
+                    yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
@@ -290,7 +291,7 @@ class MageServer:
                 400, f"prompt: give 1 to {self.core.limits.max_prompts_per_grid} prompts", "prompt"
             )
         reqs = [S.to_request(body, self.core.limits, prompt=p) for p in prompts]
-        model, rid, extra = body.model or self.core.name, S.new_id("cmpl"), self._extra(reqs[0])
+        model, rid, extra = body.model or self.core.name, R.new_id("cmpl"), self._extra(reqs[0])
         if not body.stream:
             for i, r in enumerate(reqs):
                 await self.core.check(r, f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt")
@@ -298,7 +299,7 @@ class MageServer:
             for c in comps:
                 if c.finish_reason == "error":
                     raise _engine_error(c)
-            return S.completion_response(rid, model, comps, extra)
+            return R.completion_response(rid, model, comps, extra)
         if len(reqs) != 1:
             raise S.ApiError(400, "stream: streaming takes one prompt (send a string, not a list)", "prompt")
         ticket, first = await self._open(reqs[0])
@@ -306,10 +307,10 @@ class MageServer:
         async def sse() -> AsyncIterator[bytes]:
             async for ev in _events(ticket, first):
                 if ev.delta:
-                    yield S.sse(S.completion_chunk(rid, model, 0, ev.delta))
+                    yield R.sse(R.completion_chunk(rid, model, 0, ev.delta))
                 if ev.finished:
-                    yield S.sse(S.completion_chunk(rid, model, 0, "", ev.finish_reason, ev.completion))
-                    yield S.sse("[DONE]")
+                    yield R.sse(R.completion_chunk(rid, model, 0, "", ev.finish_reason, ev.completion))
+                    yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 

@@ -59,7 +59,8 @@ from mage_ray.decode import (
     parts_from_bundle,
 )
 from mage_ray.guidance import PlanArgs, make_plan, method_names
-from mage_ray.serve.schema import ApiError, Limits, prompt_text
+from mage_ray.report import prompt_text
+from mage_ray.serve.schema import ApiError, Limits
 
 __all__ = ["Generator", "Ticket", "decode_defaults"]
 

@@ -1,4 +1,4 @@
-"""HTTP schema of the serving API: pydantic request bodies, their validation, and response/SSE builders.
+"""HTTP schema of the serving API: pydantic request bodies and their validation (responses: :mod:`.responses`).
 
 Endpoints (see :mod:`mage_ray.serve.app`):
 
@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mage_ray.decode import Completion, Request
+from mage_ray.decode import Request
 from mage_ray.soup import PreferenceError, preference_grid, validate_preference
 
 __all__ = [
@@ -45,17 +43,10 @@ __all__ = [
     "GridSpec",
     "Limits",
     "MageParams",
-    "chat_chunk",
-    "chat_response",
-    "completion_chunk",
-    "completion_response",
     "error_body",
-    "finish_reason",
     "grid_points",
     "grid_requests",
     "parse_body",
-    "prompt_text",
-    "sse",
     "to_request",
 ]
 
@@ -448,107 +439,3 @@ def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any]
         for p in prompts
     ]
     return points, prompts, reqs
-
-
-def prompt_text(prompt: Any) -> str:
-    """The text objectives score a prompt by (chat messages joined by newlines)."""
-    return prompt if isinstance(prompt, str) else "\n".join(m.get("content", "") for m in prompt)
-
-
-# ----- responses -----
-
-
-def sse(data: Any) -> bytes:
-    """One server-sent event: ``data: <json>`` (or the literal ``[DONE]``) and a blank line."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def finish_reason(reason: str | None) -> str | None:
-    """Engine finish reasons -> OpenAI's: eos/stop -> "stop", length -> "length", others kept."""
-    return {"eos": "stop", "stop": "stop"}.get(reason, reason) if reason is not None else None
-
-
-def usage(c: Completion | None) -> dict[str, int]:
-    p = c.usage.prompt_tokens if c is not None else 0
-    k = c.usage.completion_tokens if c is not None else 0
-    return {"prompt_tokens": p, "completion_tokens": k, "total_tokens": p + k}
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def chat_response(rid: str, model: str, c: Completion, extra: dict) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": finish_reason(c.finish_reason),
-                "logprobs": None,
-            }
-        ],
-        "usage": usage(c),
-        "mage": extra,
-    }
-
-
-def chat_chunk(
-    rid: str,
-    model: str,
-    delta: dict,
-    reason: str | None = None,
-    c: Completion | None = None,
-    extra: dict | None = None,
-) -> dict[str, Any]:
-    out = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}],
-    }
-    if c is not None:
-        out["usage"] = usage(c)
-    if extra is not None:
-        out["mage"] = extra
-    return out
-
-
-def completion_response(rid: str, model: str, comps: list[Completion], extra: dict) -> dict[str, Any]:
-    tot = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for c in comps:
-        for k, v in usage(c).items():
-            tot[k] += v
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": c.text, "finish_reason": finish_reason(c.finish_reason), "logprobs": None}
-            for i, c in enumerate(comps)
-        ],
-        "usage": tot,
-        "mage": extra,
-    }
-
-
-def completion_chunk(
-    rid: str, model: str, index: int, text: str, reason: str | None = None, c: Completion | None = None
-) -> dict[str, Any]:
-    out = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}],
-    }
-    if c is not None:
-        out["usage"] = usage(c)
-    return out
