@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,22 +58,24 @@ from mage_ray.ric_format import (
     ric_prompt_for_preference,
     ric_user_prompt,
 )
-from mage_ray.train.preference_data import (
+from mage_ray.train.offline import (
     OfflineSettings,
-    TrainContext,
     build_lora_policy,
-    collate_sequences,
     common_manifest,
-    ensure_rollouts,
     fit_steps,
-    make_optimizer,
-    objective_matrix,
-    pad_id,
+    prepare,
     run_lora_jobs,
     save_policy_artifact,
     token_logps,
+)
+from mage_ray.train.preference_data import (
+    collate_sequences,
+    ensure_rollouts,
+    objective_matrix,
+    usable_rows,
     zscore_stats,
 )
+from mage_ray.train.ray_shell import TrainContext
 
 __all__ = [
     "MAPPINGS",
@@ -220,9 +223,7 @@ def train_ric(
 
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     raw = objective_matrix(table, names)  # (N, n)
-    keep = np.isfinite(raw).all(axis=1) & np.array(
-        [len(r) > 0 for r in table.column("response_ids").to_pylist()]
-    )
+    keep = usable_rows(table, raw)
     if not keep.any():
         raise ValueError("the rollouts hold no usable scored response (non-empty, finite scores)")
     mean, std = zscore_stats(raw[keep])
@@ -232,20 +233,15 @@ def train_ric(
     responses = table.column("response_ids").to_pylist()
     offline = [(prompts[i], list(responses[i]), z[i]) for i in np.flatnonzero(keep)]
 
-    torch.manual_seed(s.seed)
-    model, tok = build_lora_policy(cfg, ctx.device)
-    opt = make_optimizer(model, s.learning_rate, ctx.resume)
-    policy = ctx.wrap(model) if ctx.wrap is not None else model
-    pid = pad_id(tok)
+    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
     extra = dict((ctx.resume or {}).get("extra") or {})
     online: list[tuple[str, list[int], np.ndarray]] = [
         (p, ids, np.asarray(sc)) for p, ids, sc in extra.get("online", [])
     ]
     round_log: list[dict] = list(extra.get("round_log", []))
-    step = int(ctx.resume["step"]) if ctx.resume else 0
     history: list[dict] = []
     train_prompts = list(dict.fromkeys(prompts))
-    for rnd in range(step // s.steps, rounds):
+    for rnd in range(t.start_step // s.steps, rounds):
         data = offline
         if rnd > 0:
             if len(round_log) < rnd:  # this round's samples are not in the resumed state yet
@@ -253,7 +249,7 @@ def train_ric(
                 grid = preference_grid(len(names), cfg.eval.grid_step)
                 mus = grid[rng.integers(len(grid), size=len(train_prompts))]  # (P, n)
                 gen = _generate_online(
-                    model, tok, cfg, train_prompts, mus, lo, hi, mapping, s.seed + rnd, ctx
+                    t.model, t.tokenizer, cfg, train_prompts, mus, lo, hi, mapping, s.seed + rnd, ctx
                 )
                 if online_objectives is None:
                     from mage_ray.tasks.objectives import load_objectives
@@ -278,27 +274,26 @@ def train_ric(
             data = [e for e, f in zip(offline, front) if f] + online
         tagged = [ric_user_prompt(p, sc) for p, _, sc in data]
         p_ids = encode_prompts(
-            tok,
+            t.tokenizer,
             tagged,
             use_chat_template=cfg.model.chat_template,
             max_prompt_tokens=cfg.task.max_prompt_tokens,
         )
 
         def step_loss(idx: list[int], _step: int, data=data, p_ids=p_ids, rnd=rnd):
-            batch = collate_sequences([p_ids[i] for i in idx], [data[i][1] for i in idx], pid, s.max_len)
+            batch = collate_sequences([p_ids[i] for i in idx], [data[i][1] for i in idx], t.pad_id, s.max_len)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            loss = sft_loss(token_logps(policy, batch), batch["mask"])
+            loss = sft_loss(token_logps(t.forward, batch), batch["mask"])
             return loss, {"round": float(rnd + 1), "n_examples": float(len(data))}
 
         def state(online=online, round_log=round_log) -> dict:
             return {"online": [(p, ids, sc.tolist()) for p, ids, sc in online], "round_log": round_log}
 
         history += fit_steps(
-            model,
-            opt,
+            t,
             len(data),
             step_loss,
-            start_step=max(step, rnd * s.steps),
+            start_step=max(t.start_step, rnd * s.steps),
             end_step=(rnd + 1) * s.steps,
             batch_size=s.batch_size,
             seed=s.seed + rnd,
@@ -331,7 +326,7 @@ def train_ric(
         "batch_size": s.batch_size,
         "seed": s.seed,
     }
-    save_policy_artifact(model, out_dir, manifest, history)
+    save_policy_artifact(t.model, out_dir, manifest, history)
     if not ctx.quiet:
         print(
             f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x "

@@ -19,7 +19,7 @@ from mage_ray.train.ray_shell import (
     FINAL,
     Scaling,
     report_final,
-    restore_hf_checkpoint,
+    restore_checkpoint,
     run_torch_trainer,
     storage_abs,
 )
@@ -65,7 +65,7 @@ def sft_worker(config: dict[str, Any]) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mage-sft-"))
     try:
-        _, final = restore_hf_checkpoint(work / "restored")
+        _, final = restore_checkpoint(work / "restored")
         if final is None:
             train_sft(config["cfg"], config["pairs"], work / "out")
             final = work / "out"

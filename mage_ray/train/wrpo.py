@@ -43,6 +43,7 @@ import hashlib
 import re
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,23 +54,24 @@ import torch.nn.functional as F
 
 from mage_ray.config import Config
 from mage_ray.manifest import ManifestError, is_complete, join, read_json, read_manifest, write_json_atomic
-from mage_ray.train.preference_data import (
+from mage_ray.train.offline import (
     OfflineSettings,
-    PreferenceTriple,
-    TrainContext,
     build_lora_policy,
-    build_triples,
-    collate_sequences,
     common_manifest,
-    ensure_rollouts,
     fit_steps,
-    make_optimizer,
-    pad_id,
+    prepare,
     reference_logps,
     run_lora_jobs,
     save_policy_artifact,
     sequence_logps,
 )
+from mage_ray.train.preference_data import (
+    PreferenceTriple,
+    build_triples,
+    collate_sequences,
+    ensure_rollouts,
+)
+from mage_ray.train.ray_shell import TrainContext
 
 __all__ = [
     "discover_sources",
@@ -395,11 +397,7 @@ def train_wrpo_backbone(
             "h = w^T r (value.rollouts_per_prompt >= 2)"
         )
 
-    torch.manual_seed(s.seed)
-    model, tok = build_lora_policy(cfg, ctx.device)
-    opt = make_optimizer(model, s.learning_rate, ctx.resume)
-    policy = ctx.wrap(model) if ctx.wrap is not None else model
-    pid = pad_id(tok)
+    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
     ref_cache: dict[int, tuple[float, float, float]] = {}
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
@@ -409,16 +407,18 @@ def train_wrpo_backbone(
             + [triples[i].chosen_ids for i in idx]
             + [triples[i].rejected_ids for i in idx]
         )
-        return {k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, pid, s.max_len).items()}
+        return {
+            k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, t.pad_id, s.max_len).items()
+        }
 
     def step_loss(idx: list[int], step: int):
         todo = [i for i in idx if i not in ref_cache]
         if todo:  # pi_ref is fixed: each triple's reference log-probs once
-            ref = reference_logps(model, batch_of(todo)).cpu()  # [3 b']
+            ref = reference_logps(t.model, batch_of(todo)).cpu()  # [3 b']
             m = len(todo)
             for j, i in enumerate(todo):
                 ref_cache[i] = (float(ref[j]), float(ref[m + j]), float(ref[2 * m + j]))
-        logps = sequence_logps(policy, batch_of(idx))  # [3b]
+        logps = sequence_logps(t.forward, batch_of(idx))  # [3b]
         b = len(idx)
         ref = torch.tensor([ref_cache[i] for i in idx], device=logps.device)  # [b, 3]
         alpha = wrpo_alpha(step, s.steps, alpha_max)
@@ -427,13 +427,10 @@ def train_wrpo_backbone(
         )
         return loss, {**m, "alpha": alpha}
 
-    start = int(ctx.resume["step"]) if ctx.resume else 0
     history = fit_steps(
-        model,
-        opt,
+        t,
         len(triples),
         step_loss,
-        start_step=start,
         end_step=s.steps,
         batch_size=s.batch_size,
         seed=s.seed,
@@ -460,7 +457,7 @@ def train_wrpo_backbone(
         "backbone_config": dataclasses.asdict(cfg.backbone),
         **(extra_manifest or {}),
     }
-    save_policy_artifact(model, out_dir, manifest, history)
+    save_policy_artifact(t.model, out_dir, manifest, history)
     if not ctx.quiet:
         print(
             f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps "
