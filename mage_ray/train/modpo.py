@@ -217,20 +217,14 @@ def train_modpo(
             beta,
         )
 
-    history = fit_steps(
-        t,
-        len(pairs),
-        step_loss,
-        end_step=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        ctx=ctx,
-    )
+    history = fit_steps(t, len(pairs), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
     name = "mu_" + "-".join(_fmt(float(x)) for x in w)  # the directory name of modpo_dir
     manifest = {
-        **common_manifest(cfg, kind="modpo", name=name, steps=s.steps, history=history, t0=t0, ctx=ctx),
+        **common_manifest(
+            cfg, s, kind="modpo", name=name, objectives=names, steps=s.steps, history=history, t0=t0, ctx=ctx
+        ),
         "preference": w.tolist(),
         "mu": w.tolist(),
         "w": w.tolist(),
@@ -238,21 +232,13 @@ def train_modpo(
         "dpo_beta": beta,
         "pivot": k,
         "pivot_objective": names[k],
-        "objectives": names,
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
         "margin_normalisation": "zscore",
         "n_pairs": len(pairs),
-        "batch_size": s.batch_size,
-        "seed": s.seed,
     }
-    save_policy_artifact(t.model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps "
-            f"-> {out_dir}"
-        )
-    return manifest
+    summary = f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps"
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def _steps(cfg: Config, steps: int | None) -> int:

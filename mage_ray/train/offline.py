@@ -29,7 +29,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +71,18 @@ __all__ = [
 
 @dataclass
 class OfflineSettings:
-    """Hyper-parameters shared by the offline trainers, defaulting to the backbone section of the config."""
+    """Hyper-parameters of one offline run: the backbone section of the config for the policy trainers
+    (:meth:`from_config`), the value section for the value models (:meth:`from_value`)."""
 
     steps: int
+    """Last optimizer step (exclusive): the run trains steps ``start .. steps - 1``."""
     batch_size: int
+    """Examples per optimizer step, over all workers."""
     learning_rate: float
     seed: int
-    max_len: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    """Seeds the model's initialisation and the per-epoch example order."""
+    max_len: int | None
+    """Longest prompt + response in tokens (``model.max_context``); longer ones are cut."""
 
     @classmethod
     def from_config(
@@ -209,31 +213,30 @@ def fit_steps(
     t: Trainable,
     n_examples: int,
     step_loss: StepLoss,
-    *,
-    end_step: int,
-    batch_size: int,
-    seed: int,
+    s: OfflineSettings,
     ctx: TrainContext,
+    *,
     start_step: int | None = None,
     snapshot_extra: Callable[[], dict] | None = None,
     max_grad_norm: float | None = 1.0,
     label: str = "train",
 ) -> list[dict[str, float]]:
-    """Optimizer steps ``start_step`` (default ``t.start_step``) .. ``end_step - 1`` of ``step_loss``; return
-    the per-step metrics {step, loss, [grad_norm], **step metrics, step_time_s}.
+    """Optimizer steps ``start_step`` (default ``t.start_step``) .. ``s.steps - 1`` of ``step_loss`` on batches
+    of ``s.batch_size`` examples (:func:`batch_indices` with ``s.seed``); return the per-step metrics {step,
+    loss, [grad_norm], **step metrics, step_time_s}.
 
     Gradients are clipped to ``max_grad_norm`` (None: not clipped). After each step ``ctx.on_step`` gets the
     metrics and a snapshot function; without one, rank 0 prints a progress line about ten times a run
     (unless ``ctx.quiet``).
     """
-    if batch_size < ctx.world_size:
-        raise ValueError(f"batch_size = {batch_size} must be >= the number of workers ({ctx.world_size})")
+    if s.batch_size < ctx.world_size:
+        raise ValueError(f"batch_size = {s.batch_size} must be >= the number of workers ({ctx.world_size})")
     params = [p for p in t.model.parameters() if p.requires_grad]
-    every = max(1, end_step // 10)
+    every = max(1, s.steps // 10)
     history = []
-    for step in range(t.start_step if start_step is None else start_step, end_step):
+    for step in range(t.start_step if start_step is None else start_step, s.steps):
         t0 = time.time()
-        idx = batch_indices(step, n_examples, batch_size, seed, ctx.rank, ctx.world_size)
+        idx = batch_indices(step, n_examples, s.batch_size, s.seed, ctx.rank, ctx.world_size)
         loss, metrics = step_loss(idx, step)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -255,8 +258,8 @@ def fit_steps(
                 }
 
             ctx.on_step(step + 1, m, snapshot)
-        elif not ctx.quiet and ctx.rank == 0 and ((step + 1) % every == 0 or step + 1 == end_step):
-            print(format_progress(label, {**m, "max_steps": end_step}), flush=True)
+        elif not ctx.quiet and ctx.rank == 0 and ((step + 1) % every == 0 or step + 1 == s.steps):
+            print(format_progress(label, {**m, "max_steps": s.steps}), flush=True)
     return history
 
 
@@ -308,21 +311,39 @@ def _jsonable(x: Any) -> Any:
 
 
 def save_policy_artifact(
-    peft_model, out_dir: str, manifest: dict[str, Any], history: Sequence[dict[str, float]]
-) -> str:
+    peft_model,
+    out_dir: str,
+    manifest: dict[str, Any],
+    history: Sequence[dict[str, float]],
+    *,
+    summary: str = "",
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Write ``adapter/`` + ``manifest.json`` + ``metrics.jsonl`` to a temp dir, then publish it to
-    ``out_dir``."""
+    ``out_dir``; print ``<summary> -> <out_dir>`` unless ``quiet``; return the manifest."""
     with tempfile.TemporaryDirectory(prefix=".policy-") as tmp:
         peft_model.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
         Path(tmp, "metrics.jsonl").write_text(
             "".join(json.dumps({k: _jsonable(v) for k, v in h.items()}) + "\n" for h in history)
         )
         write_manifest(tmp, manifest)
-        return publish_dir(tmp, out_dir)
+        publish_dir(tmp, out_dir)
+    if summary and not quiet:
+        print(f"{summary} -> {out_dir}")
+    return manifest
 
 
 def common_manifest(
-    cfg: Config, *, kind: str, name: str, steps: int, history: Sequence[dict], t0: float, ctx: TrainContext
+    cfg: Config,
+    s: OfflineSettings,
+    *,
+    kind: str,
+    name: str,
+    objectives: Sequence[str],
+    steps: int,
+    history: Sequence[dict],
+    t0: float,
+    ctx: TrainContext,
 ) -> dict[str, Any]:
     """Fields every baseline manifest carries (shared artifact format)."""
     return {
@@ -330,11 +351,14 @@ def common_manifest(
         "name": name,
         "trainer": kind,
         "base_model": cfg.model.name_or_path,
+        "objectives": list(objectives),
         "steps": steps,
         "steps_done": int(history[-1]["step"]) if history else (ctx.resume or {}).get("step", 0),
         "num_processes": ctx.world_size,
         "lora": dataclasses.asdict(cfg.lora),
-        "learning_rate": cfg.backbone.learning_rate,
+        "learning_rate": s.learning_rate,
+        "batch_size": s.batch_size,
+        "seed": s.seed,
         "final_metrics": {k: _jsonable(v) for k, v in history[-1].items()} if history else {},
         "loss_by_step": [_jsonable(h["loss"]) for h in history],
         "adapter": "adapter",

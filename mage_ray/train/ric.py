@@ -39,6 +39,7 @@ manifest), which is what that rescaling approximates without an extra constant. 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -289,24 +290,25 @@ def train_ric(
         def state(online=online, round_log=round_log) -> dict:
             return {"online": [(p, ids, sc.tolist()) for p, ids, sc in online], "round_log": round_log}
 
+        round_settings = dataclasses.replace(s, steps=(rnd + 1) * s.steps, seed=s.seed + rnd)
+        start = max(t.start_step, rnd * s.steps)
         history += fit_steps(
-            t,
-            len(data),
-            step_loss,
-            start_step=max(t.start_step, rnd * s.steps),
-            end_step=(rnd + 1) * s.steps,
-            batch_size=s.batch_size,
-            seed=s.seed + rnd,
-            ctx=ctx,
-            snapshot_extra=state,
+            t, len(data), step_loss, round_settings, ctx, start_step=start, snapshot_extra=state
         )
     if ctx.rank != 0:
         return None
     manifest = {
         **common_manifest(
-            cfg, kind="ric", name="ric", steps=s.steps * rounds, history=history, t0=t0, ctx=ctx
+            cfg,
+            s,
+            kind="ric",
+            name="ric",
+            objectives=names,
+            steps=s.steps * rounds,
+            history=history,
+            t0=t0,
+            ctx=ctx,
         ),
-        "objectives": names,
         "beta": None,
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
@@ -323,16 +325,11 @@ def train_ric(
         "online_rounds": round_log,
         "n_offline_examples": len(offline),
         "n_online_examples": len(online),
-        "batch_size": s.batch_size,
-        "seed": s.seed,
     }
-    save_policy_artifact(t.model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x "
-            f"{s.steps} steps -> {out_dir}"
-        )
-    return manifest
+    summary = (
+        f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x {s.steps} steps"
+    )
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def train_ric_ray(

@@ -296,17 +296,7 @@ def fit_value_net(
             sq = (values - batch["target"][:, None]) ** 2 * batch["mask"]  # [b, L]
             return loss, {"train_token_mse": float(sq.sum() / batch["mask"].sum())}
 
-    return fit_steps(
-        t,
-        len(train),
-        step_loss,
-        end_step=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        ctx=ctx,
-        max_grad_norm=None,
-        label=label,
-    )
+    return fit_steps(t, len(train), step_loss, s, ctx, max_grad_norm=None, label=label)
 
 
 def path_name(objective: str) -> str:

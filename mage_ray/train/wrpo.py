@@ -427,20 +427,22 @@ def train_wrpo_backbone(
         )
         return loss, {**m, "alpha": alpha}
 
-    history = fit_steps(
-        t,
-        len(triples),
-        step_loss,
-        end_step=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        ctx=ctx,
-    )
+    history = fit_steps(t, len(triples), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
-    wins = np.mean([t.h_source > t.h_chosen for t in triples])
+    wins = np.mean([x.h_source > x.h_chosen for x in triples])
     manifest = {
-        **common_manifest(cfg, kind="backbone", name=name, steps=s.steps, history=history, t0=t0, ctx=ctx),
+        **common_manifest(
+            cfg,
+            s,
+            kind="backbone",
+            name=name,
+            objectives=names,
+            steps=s.steps,
+            history=history,
+            t0=t0,
+            ctx=ctx,
+        ),
         "trainer": "wrpo",
         "w": w_arr.tolist(),
         "beta": cfg.backbone.beta,
@@ -448,22 +450,15 @@ def train_wrpo_backbone(
         "dpo_beta": beta,
         "wrpo_alpha_max": alpha_max,
         "alpha_schedule": "linear 0 -> alpha_max over the optimizer steps",
-        "objectives": names,
         "sources": list(sources),
         "n_triples": len(triples),
         "source_win_rate": float(wins),
-        "source_counts": {k: sum(t.source == k for t in triples) for k in sources},
-        "batch_size": s.batch_size,
+        "source_counts": {k: sum(x.source == k for x in triples) for k in sources},
         "backbone_config": dataclasses.asdict(cfg.backbone),
         **(extra_manifest or {}),
     }
-    save_policy_artifact(t.model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps "
-            f"-> {out_dir}"
-        )
-    return manifest
+    summary = f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps"
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 _NO_SOURCES = (
