@@ -147,28 +147,13 @@ def _generate_online(
 
     With several workers each rank samples its share and the results are all-gathered (same order everywhere).
     """
-    from mage_ray.train.rollouts import sample_responses
+    from mage_ray.train.rollouts import sample_batches
 
     mine = list(range(ctx.rank, len(prompts), ctx.world_size))
-    out: dict[int, tuple[str, str, list[int]]] = {}
+    tagged = [ric_user_prompt(prompts[i], preference_to_targets(mus[i], lo, hi, mapping)) for i in mine]
     model.eval()
-    bs = cfg.value.rollout_batch_size
-    for k in range(0, len(mine), bs):
-        chunk = mine[k : k + bs]
-        tagged = [ric_user_prompt(prompts[i], preference_to_targets(mus[i], lo, hi, mapping)) for i in chunk]
-        rows = sample_responses(
-            model,
-            tok,
-            tagged,
-            n=1,
-            max_new_tokens=cfg.value.rollout_max_tokens,
-            temperature=cfg.backbone.temperature,
-            seed=(seed * 1_000_003 + chunk[0]) % 2**31,
-            use_chat_template=cfg.model.chat_template,
-            max_prompt_tokens=cfg.task.max_prompt_tokens,
-        )
-        for i, (_, text, _, ids) in zip(chunk, rows):
-            out[i] = (prompts[i], text, ids)
+    rows = sample_batches(model, tok, cfg, tagged, mine, n=1, temperature=cfg.backbone.temperature, seed=seed)
+    out = {i: (prompts[i], text, ids) for i, (_, text, _, ids) in zip(mine, rows)}
     model.train()
     if ctx.world_size > 1:
         import torch.distributed as dist

@@ -208,27 +208,23 @@ def sample_source_table(
     (``mage_ray.train.rollouts`` schema) whose token ids are in the *target* tokenizer."""
     from mage_ray.models import load_tokenizer
     from mage_ray.tasks.objectives import load_objectives
-    from mage_ray.train.rollouts import encode_prompts, rollout_table, sample_responses, score_rows
+    from mage_ray.train.rollouts import encode_prompts, rollout_table, sample_batches, score_rows
 
     model, tok = _load_source(cfg, spec, device)
     target_tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.storage.cache_dir)
     same = tok.get_vocab() == target_tok.get_vocab()
     objs = list(objectives) if objectives is not None else load_objectives(cfg.task, cfg.storage.cache_dir)
-    rows, indices = [], []
-    bs = cfg.value.rollout_batch_size
-    for k in range(0, len(prompts), bs):
-        rows += sample_responses(
-            model,
-            tok,
-            list(prompts[k : k + bs]),
-            n=samples_per_source,
-            max_new_tokens=cfg.value.rollout_max_tokens,
-            temperature=cfg.backbone.temperature,
-            seed=(cfg.backbone.seed * 1_000_003 + k) % 2**31,
-            use_chat_template=cfg.model.chat_template,
-            max_prompt_tokens=cfg.task.max_prompt_tokens,
-        )
-        indices += [i for i in range(k, min(k + bs, len(prompts))) for _ in range(samples_per_source)]
+    rows = sample_batches(
+        model,
+        tok,
+        cfg,
+        list(prompts),
+        range(len(prompts)),
+        n=samples_per_source,
+        temperature=cfg.backbone.temperature,
+        seed=cfg.backbone.seed,
+    )
+    indices = [i for i in range(len(prompts)) for _ in range(samples_per_source)]
     if not same:  # re-tokenise the text with the target tokenizer (+ its EOS)
         eos = target_tok.eos_token_id
         p_ids = dict(
