@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from mage_ray.config import Config
+from mage_ray.config import LoraConfig as LoraSettings
 from mage_ray.manifest import publish_dir, write_manifest
 from mage_ray.train.ray_shell import (
     Scaling,
@@ -113,15 +114,17 @@ class OfflineSettings:
 # Model
 
 
-def lora_config(r: int, alpha: float, target_modules: Sequence[str], dropout: float = 0.0):
-    """A PEFT ``LoraConfig`` for a causal LM: rank ``r``, ``alpha`` on ``target_modules``, no bias."""
+def lora_config(lora: LoraSettings, *, r: int | None = None, alpha: float | None = None):
+    """The PEFT ``LoraConfig`` of the config's ``lora`` section (target modules, dropout; no bias, causal LM),
+    with rank ``r`` and ``alpha`` in place of its own when given (the value models': ``value.lora_r`` / ``lora_alpha``).
+    """
     from peft import LoraConfig
 
     return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
+        r=lora.r if r is None else r,
+        lora_alpha=lora.alpha if alpha is None else alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -134,9 +137,7 @@ def build_lora_policy(cfg: Config, device: Any = "cpu"):
     from mage_ray.models import load_policy
 
     model, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=device)
-    peft_model = get_peft_model(
-        model, lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.dropout)
-    )
+    peft_model = get_peft_model(model, lora_config(cfg.lora))
     return peft_model.train(), tok
 
 

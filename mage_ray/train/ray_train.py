@@ -41,7 +41,14 @@ from mage_ray.train.ray_shell import (
     storage_abs,
     train_run_name,
 )
-from mage_ray.train.stage1 import _fmt, backbone_dir, backbone_plan, morlhf_dir, prepare_sft_base
+from mage_ray.train.stage1 import (
+    _fmt,
+    backbone_dir,
+    backbone_plan,
+    morlhf_dir,
+    prepare_sft_base,
+    validate_reward_weights,
+)
 
 _storage = storage_abs  # the names the trainers used before the shell had its own module
 _train_run_name = train_run_name
@@ -237,7 +244,7 @@ def train_backbone_ray(
     Skips training when ``out_dir`` already holds a complete manifest. Raises ObjectiveFailure (with the
     last Ray checkpoint's path) when an objective fails, TrainingFailedError past ``max_failures``.
     """
-    from mage_ray.train.backbone import ObjectiveFailure, validate_reward_weights
+    from mage_ray.train.backbone import ObjectiveFailure
 
     out_dir = _storage(out_dir)
     if is_complete(out_dir):

@@ -184,11 +184,12 @@ def collate(
 class ValueNet(nn.Module):
     """Base policy + LoRA + vocabulary-sized head; ``forward`` returns V(x, y<t)[next token] [B, L]."""
 
-    def __init__(self, policy, r: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+    def __init__(self, policy, lora):
+        """``lora``: the PEFT ``LoraConfig`` of the value model's adapter (:func:`mage_ray.train.offline.lora_config`)."""
         super().__init__()
         from peft import get_peft_model
 
-        self.peft = get_peft_model(policy, lora_config(r, alpha, target_modules, dropout))
+        self.peft = get_peft_model(policy, lora)
         hidden, vocab = policy.config.hidden_size, policy.config.vocab_size
         self.head = nn.Linear(hidden, vocab)  # W [V, H], b [V]
         nn.init.zeros_(self.head.weight)
@@ -209,7 +210,7 @@ def build_value_net(cfg: Config, device: str | torch.device = "cpu") -> tuple[Va
     from mage_ray.models import load_policy
 
     policy, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=device)
-    net = ValueNet(policy, cfg.value.lora_r, cfg.value.lora_alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    net = ValueNet(policy, lora_config(cfg.lora, r=cfg.value.lora_r, alpha=cfg.value.lora_alpha))
     return net.to(device).train(), tok
 
 

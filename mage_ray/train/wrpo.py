@@ -368,8 +368,8 @@ def train_wrpo_backbone(
     Returns the manifest on rank 0 (others None). Raises RewardWeightsError for a bad ``w`` and ValueError
     when there are no sources or no usable triple.
     """
-    from mage_ray.train.backbone import validate_reward_weights
     from mage_ray.train.rollouts import read_rollouts
+    from mage_ray.train.stage1 import validate_reward_weights
 
     t0 = time.time()
     ctx = ctx or TrainContext()
