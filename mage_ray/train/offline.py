@@ -116,8 +116,8 @@ class OfflineSettings:
 
 def lora_config(lora: LoraSettings, *, r: int | None = None, alpha: float | None = None):
     """The PEFT ``LoraConfig`` of the config's ``lora`` section (target modules, dropout; no bias, causal LM),
-    with rank ``r`` and ``alpha`` in place of its own when given (the value models': ``value.lora_r`` / ``lora_alpha``).
-    """
+    with rank ``r`` and ``alpha`` in place of its own when given (the value models use ``value.lora_r`` and
+    ``value.lora_alpha``)."""
     from peft import LoraConfig
 
     return LoraConfig(

@@ -185,7 +185,7 @@ class ValueNet(nn.Module):
     """Base policy + LoRA + vocabulary-sized head; ``forward`` returns V(x, y<t)[next token] [B, L]."""
 
     def __init__(self, policy, lora):
-        """``lora``: the PEFT ``LoraConfig`` of the value model's adapter (:func:`mage_ray.train.offline.lora_config`)."""
+        """``lora``: the PEFT ``LoraConfig`` of the value model's adapter (:func:`~mage_ray.train.offline.lora_config`)."""
         super().__init__()
         from peft import get_peft_model
 
