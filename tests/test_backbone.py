@@ -11,14 +11,8 @@ import pytest
 
 from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest
-from mage_ray.train.backbone import (
-    ObjectiveFailure,
-    ObjectiveReward,
-    RewardWeightsError,
-    train_backbone,
-    train_sft,
-    validate_reward_weights,
-)
+from mage_ray.train.backbone import ObjectiveFailure, ObjectiveReward, train_backbone
+from mage_ray.train.stage1 import RewardWeightsError, train_sft, validate_reward_weights
 
 PROMPTS = ["Say something nice.", "Tell me about boom boxes.", "What is a cat?", "Write a short poem."]
 

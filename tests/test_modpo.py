@@ -12,13 +12,9 @@ import torch
 from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest
 from mage_ray.train.modpo import modpo_dir, modpo_loss, pivot_of, train_modpo, train_modpo_grid
-from mage_ray.train.preference_data import (
-    TrainContext,
-    batch_indices,
-    build_pairs,
-    collate_sequences,
-    zscore_stats,
-)
+from mage_ray.train.offline import batch_indices
+from mage_ray.train.preference_data import build_pairs, collate_sequences, zscore_stats
+from mage_ray.train.ray_shell import TrainContext
 
 OBJECTIVES = ["conciseness", "readability"]
 
@@ -247,7 +243,7 @@ def test_token_logps_match_a_full_log_softmax(tiny_model_path):
     log_softmax gathered at the next tokens, on the response positions (and 0 elsewhere)."""
     from transformers import AutoModelForCausalLM
 
-    from mage_ray.train.preference_data import sequence_logps, token_logps
+    from mage_ray.train.offline import sequence_logps, token_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     batch = collate_sequences([[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]], pad_id=0)

@@ -9,7 +9,7 @@ import torch
 from mage_ray.config import load_config
 from mage_ray.guidance import ric_prompt
 from mage_ray.manifest import read_manifest
-from mage_ray.train.preference_data import TrainContext
+from mage_ray.train.ray_shell import TrainContext
 from mage_ray.train.ric import (
     format_scores,
     preference_to_targets,

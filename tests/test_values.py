@@ -11,6 +11,8 @@ import torch
 
 from mage_ray.config import load_config
 from mage_ray.models import load_tokenizer
+from mage_ray.train.offline import OfflineSettings, prepare
+from mage_ray.train.ray_shell import TrainContext
 from mage_ray.train.rollouts import encode_prompts, rollout_table
 from mage_ray.train.values import (
     ValueExample,
@@ -129,10 +131,13 @@ def test_parameters_change_after_training_steps(tmp_path, synthetic_rollouts):
     after step 2 the LoRA B matrices have moved as well."""
     cfg = _cfg(tmp_path)
     train, _, _, _ = load_value_data(synthetic_rollouts, "frac", val_fraction=0.25)
-    net, tok = build_value_net(cfg)
+    ctx = TrainContext(quiet=True)
+    t = prepare(lambda device: build_value_net(cfg, device), seed=0, learning_rate=1e-3, ctx=ctx)
+    net = t.model
     assert torch.count_nonzero(net.head.weight) == 0
     before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
-    fit_value_net(net, train, pad_id=tok.pad_token_id, steps=2, batch_size=4, learning_rate=1e-3)
+    history = fit_value_net(t, train, OfflineSettings(2, 4, 1e-3, 0, None), ctx)
+    assert [h["step"] for h in history] == [1, 2] and "grad_norm" not in history[0]  # no clipping
     after = dict(net.named_parameters())
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert not torch.equal(before["head.bias"], after["head.bias"])
@@ -223,23 +228,23 @@ def test_ray_train_two_value_models_concurrently(tmp_path, synthetic_rollouts):
 
 
 def test_resume_from_a_checkpointed_state_matches_an_uninterrupted_run(tmp_path, synthetic_rollouts):
-    """What the Ray worker checkpoints (trainable tensors + AdamW state + step, via torch.save and
-    torch.load(weights_only=True)) resumes to the same weights as a run that was never interrupted."""
+    """What the Ray worker checkpoints (the snapshot: trainable tensors + AdamW state + step, via torch.save
+    and torch.load(weights_only=True)) resumes to the same weights as a run that was never interrupted."""
     import io
-
-    from mage_ray.train.values import trainable_state
 
     cfg = _cfg(tmp_path)
     train_value_model(cfg, synthetic_rollouts, "frac", f"{tmp_path}/straight", steps=4)
     saved = {}
 
-    def capture(step, metrics, net, opt):
+    def capture(step, metrics, snapshot):
         if step == 2:
             buf = io.BytesIO()
-            torch.save({"step": step, "trainable": trainable_state(net), "optimizer": opt.state_dict()}, buf)
+            torch.save(snapshot(), buf)
             saved["state"] = buf.getvalue()
 
-    train_value_model(cfg, synthetic_rollouts, "frac", f"{tmp_path}/first_half", steps=2, on_step=capture)
+    train_value_model(
+        cfg, synthetic_rollouts, "frac", f"{tmp_path}/first_half", steps=2, ctx=TrainContext(on_step=capture)
+    )
     state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
     seen = []
     m = train_value_model(
@@ -248,8 +253,7 @@ def test_resume_from_a_checkpointed_state_matches_an_uninterrupted_run(tmp_path,
         "frac",
         f"{tmp_path}/resumed",
         steps=4,
-        resume=state,
-        on_step=lambda step, *_: seen.append(step),
+        ctx=TrainContext(resume=state, on_step=lambda step, *_: seen.append(step)),
     )
     assert m["steps"] == 4 and seen == [3, 4]  # continued at step 3 (fresh weights from there would differ)
     a = load_value_model(f"{tmp_path}/straight")

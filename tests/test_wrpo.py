@@ -12,14 +12,15 @@ import torch
 
 from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest, write_manifest
-from mage_ray.train.preference_data import TrainContext, build_triples
+from mage_ray.train.preference_data import build_triples
+from mage_ray.train.ray_shell import TrainContext
 from mage_ray.train.wrpo import (
-    discover_sources,
     train_wrpo_backbone,
     train_wrpo_backbones,
     wrpo_alpha,
     wrpo_loss,
 )
+from mage_ray.train.wrpo_sources import discover_sources
 
 OBJECTIVES = ["conciseness", "readability"]
 

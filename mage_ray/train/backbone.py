@@ -19,8 +19,7 @@ runs the same function inside Ray Train workers. Outputs under ``out_dir``::
     metrics.jsonl   one line per optimizer step: rewards/<objective>/mean, reward (= w^T r), kl, loss, ...
     checkpoints/    Trainer checkpoints (adapter + optimizer + scheduler + trainer state) for resuming
 
-``train_sft`` is the optional SFT stage (LoRA SFT merged into the weights -> theta_sft) for tasks that come
-with (prompt, response) pairs.
+The reward weights' validation and the optional SFT stage (``train_sft``) are in :mod:`mage_ray.train.stage1`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,27 +36,16 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config
-from mage_ray.manifest import atomic_dir, is_uri, write_manifest, write_text_atomic
+from mage_ray.manifest import atomic_dir, write_manifest, write_text_atomic
 from mage_ray.tasks.objectives import ObjectiveError
+from mage_ray.train.offline import lora_config
+from mage_ray.train.stage1 import check_writable, precision_args, validate_reward_weights
 
-__all__ = [
-    "ObjectiveFailure",
-    "ObjectiveReward",
-    "RewardWeightsError",
-    "check_writable",
-    "task_sft_pairs",
-    "train_backbone",
-    "train_sft",
-    "validate_reward_weights",
-]
+__all__ = ["ObjectiveFailure", "ObjectiveReward", "train_backbone"]
 
 log = logging.getLogger(__name__)
 
 ONLINE_TRAINERS = ("grpo", "rloo")
-
-
-class RewardWeightsError(ValueError):
-    """The reward weight vector w of a backbone is not a point of the simplex."""
 
 
 class ObjectiveFailure(RuntimeError):
@@ -71,41 +58,6 @@ class ObjectiveFailure(RuntimeError):
         self.objective = objective
         self.sample_index = sample_index
         self.checkpoint = checkpoint
-
-
-def validate_reward_weights(w: Sequence[float] | np.ndarray, n: int, tol: float = 1e-6) -> np.ndarray:
-    """Check ``w`` is a length-n point of the simplex (finite, >= 0, sum 1); return it as float64 (n,)."""
-    try:
-        arr = np.asarray(w, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise RewardWeightsError(f"w must be a vector of {n} numbers, got {w!r}") from e
-    if arr.ndim != 1 or arr.shape[0] != n:
-        raise RewardWeightsError(f"w must have length {n} (one weight per objective), got shape {arr.shape}")
-    for i, v in enumerate(arr):
-        if not math.isfinite(v):
-            raise RewardWeightsError(f"w[{i}] = {v} is not finite")
-        if v < 0:
-            raise RewardWeightsError(f"w[{i}] = {v:g} is negative; reward weights must be >= 0")
-    if abs(arr.sum() - 1.0) > tol:
-        raise RewardWeightsError(f"w sums to {arr.sum():.6g}; reward weights must sum to 1 (Eq. 11)")
-    return arr
-
-
-def check_writable(out_dir: str | Path, what: str = "out_dir") -> Path:
-    """Create ``out_dir`` and prove a file can be written there, else raise ValueError naming it."""
-    if is_uri(out_dir):
-        raise ValueError(
-            f"{what} = {str(out_dir)!r} is a URI; the plain trainer writes to a local directory "
-            "(use mage_ray.train.ray_train for cloud storage)"
-        )
-    p = Path(out_dir)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{what} = {str(p)!r} is not writable: {e.strerror or e}") from e
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,28 +184,6 @@ def _step_clock():
 # Training
 
 
-def _lora_config(cfg: Config):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def _precision() -> dict[str, Any]:
-    """CPU: fp32 and no AMP (bf16 autocast on CPU is slow); GPU: bf16 where supported."""
-    import torch
-
-    if torch.cuda.is_available():
-        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
-    return {"bf16": False, "use_cpu": True}
-
-
 def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_dir: Path, quiet: bool):
     """GRPOConfig / RLOOConfig for one backbone. Batch per worker = prompts_per_step * num_generations."""
     from trl import GRPOConfig, RLOOConfig
@@ -284,7 +214,7 @@ def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_d
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # only LoRA params train, all of them in every forward
-        **_precision(),
+        **precision_args(),
     )
 
 
@@ -423,7 +353,7 @@ def train_backbone(
         args=args,
         train_dataset=dataset,
         processing_class=tok,
-        peft_config=_lora_config(cfg),
+        peft_config=lora_config(cfg.lora),
         callbacks=[_failure_gate(rewards), clock, *callbacks],
     )
     if quiet:
@@ -532,98 +462,3 @@ def _load_adapter_weights(model, adapter_dir: str | Path) -> None:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional SFT stage
-
-
-def task_sft_pairs(task_cfg) -> list[tuple[str, str]] | None:
-    """(prompt, response) SFT pairs of the task, or None when the task ships none.
-
-    Uses ``mage_ray.tasks.prompts.load_sft_pairs(task_cfg)`` when the tasks package provides it.
-    """
-    try:
-        from mage_ray.tasks.prompts import load_sft_pairs
-    except ImportError:
-        return None
-    pairs = load_sft_pairs(task_cfg)
-    return list(pairs) if pairs else None
-
-
-def train_sft(
-    cfg: Config,
-    pairs: Sequence[tuple[str, str]],
-    out_dir: str | Path,
-    *,
-    steps: int | None = None,
-    callbacks: Sequence[Any] = (),
-) -> Path:
-    """LoRA SFT on (prompt, response) pairs, merged into the base weights: theta_sft for every backbone.
-
-    All backbones and the Bone Soup merge (Eq. 13) share one theta_sft, so SFT runs once per job (not per
-    backbone) and its merged weights become the base model. Writes ``out_dir/model`` (full HF checkpoint +
-    tokenizer, atomically) and ``out_dir/manifest.json``; returns the model directory.
-    """
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    from mage_ray.models import load_policy
-
-    t0 = time.time()
-    if not pairs:
-        raise ValueError("pairs must hold at least one (prompt, response) pair for SFT")
-    for i, pr in enumerate(pairs):
-        if len(pr) != 2 or not all(isinstance(s, str) for s in pr):
-            raise ValueError(f"pairs[{i}] must be a (prompt, response) pair of strings, got {pr!r}")
-    steps = cfg.backbone.sft_steps if steps is None else int(steps)
-    if steps < 1:
-        raise ValueError(f"SFT steps must be >= 1 (backbone.sft_steps), got {steps}")
-    out = check_writable(out_dir)
-    model, tok = load_policy(cfg.model, cfg.storage.cache_dir)
-    rows = [
-        {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": r}]}
-        for p, r in pairs
-    ]
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        max_steps=steps,
-        learning_rate=cfg.backbone.learning_rate,
-        per_device_train_batch_size=max(1, min(8, len(rows))),
-        logging_steps=1,
-        save_strategy="no",
-        seed=cfg.backbone.seed,
-        gradient_checkpointing=False,
-        report_to="none",
-        max_length=cfg.task.max_prompt_tokens + cfg.backbone.max_completion_length,
-        **_precision(),
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tok,
-        peft_config=_lora_config(cfg),
-        callbacks=list(callbacks),
-    )
-    trainer.train()
-    merged = trainer.model.merge_and_unload()
-    target = out / "model"
-    with atomic_dir(target) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    write_manifest(
-        out,
-        {
-            "kind": "sft",
-            "status": "complete",
-            "base_model": cfg.model.name_or_path,
-            "model": "model",
-            "pairs": len(pairs),
-            "steps_done": int(trainer.state.global_step),
-            "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
-            "lora": dataclasses.asdict(cfg.lora),
-            "wall_time_s": round(time.time() - t0, 3),
-        },
-    )
-    return target

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,25 +45,26 @@ import torch.nn.functional as F
 
 from mage_ray.config import Config
 from mage_ray.manifest import join
-from mage_ray.train.preference_data import (
+from mage_ray.train.offline import (
     OfflineSettings,
-    PreferencePair,
-    TrainContext,
     build_lora_policy,
-    build_pairs,
-    collate_sequences,
     common_manifest,
-    ensure_rollouts,
     fit_steps,
-    make_optimizer,
-    objective_matrix,
-    pad_id,
+    prepare,
     reference_logps,
     run_lora_jobs,
     save_policy_artifact,
     sequence_logps,
+)
+from mage_ray.train.preference_data import (
+    PreferencePair,
+    build_pairs,
+    collate_sequences,
+    ensure_rollouts,
+    objective_matrix,
     zscore_stats,
 )
+from mage_ray.train.ray_shell import TrainContext
 
 __all__ = ["modpo_dir", "modpo_loss", "pivot_of", "train_modpo", "train_modpo_grid", "train_modpo_ray"]
 
@@ -183,27 +185,23 @@ def train_modpo(
     margin_l = torch.tensor(z_l[:, rest], dtype=torch.float32)  # [P, n-1]
     w_rest = torch.tensor(w[rest], dtype=torch.float32)  # [n-1]
 
-    torch.manual_seed(s.seed)
-    model, tok = build_lora_policy(cfg, ctx.device)
-    opt = make_optimizer(model, s.learning_rate, ctx.resume)
-    policy = ctx.wrap(model) if ctx.wrap is not None else model
-    pid = pad_id(tok)
+    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
     ref_cache: dict[int, tuple[float, float]] = {}
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
         prompts = [pairs[i].prompt_ids for i in idx] * 2
         responses = [pairs[i].chosen_ids for i in idx] + [pairs[i].rejected_ids for i in idx]
-        b = collate_sequences(prompts, responses, pid, s.max_len)
+        b = collate_sequences(prompts, responses, t.pad_id, s.max_len)
         return {key: v.to(ctx.device) for key, v in b.items()}
 
     def step_loss(idx: list[int], step: int):
         batch = batch_of(idx)
         todo = [i for i in idx if i not in ref_cache]
         if todo:  # pi_ref is fixed: compute each pair's reference log-probs once
-            ref = reference_logps(model, batch_of(todo)).cpu()  # [2 b']
+            ref = reference_logps(t.model, batch_of(todo)).cpu()  # [2 b']
             for j, i in enumerate(todo):
                 ref_cache[i] = (float(ref[j]), float(ref[len(todo) + j]))
-        logps = sequence_logps(policy, batch)  # [2b]
+        logps = sequence_logps(t.forward, batch)  # [2b]
         b = len(idx)
         ref_c = torch.tensor([ref_cache[i][0] for i in idx], device=logps.device)
         ref_r = torch.tensor([ref_cache[i][1] for i in idx], device=logps.device)
@@ -219,23 +217,14 @@ def train_modpo(
             beta,
         )
 
-    start = int(ctx.resume["step"]) if ctx.resume else 0
-    history = fit_steps(
-        model,
-        opt,
-        len(pairs),
-        step_loss,
-        start_step=start,
-        end_step=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        ctx=ctx,
-    )
+    history = fit_steps(t, len(pairs), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
     name = "mu_" + "-".join(_fmt(float(x)) for x in w)  # the directory name of modpo_dir
     manifest = {
-        **common_manifest(cfg, kind="modpo", name=name, steps=s.steps, history=history, t0=t0, ctx=ctx),
+        **common_manifest(
+            cfg, s, kind="modpo", name=name, objectives=names, steps=s.steps, history=history, t0=t0, ctx=ctx
+        ),
         "preference": w.tolist(),
         "mu": w.tolist(),
         "w": w.tolist(),
@@ -243,21 +232,13 @@ def train_modpo(
         "dpo_beta": beta,
         "pivot": k,
         "pivot_objective": names[k],
-        "objectives": names,
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
         "margin_normalisation": "zscore",
         "n_pairs": len(pairs),
-        "batch_size": s.batch_size,
-        "seed": s.seed,
     }
-    save_policy_artifact(model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps "
-            f"-> {out_dir}"
-        )
-    return manifest
+    summary = f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps"
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def _steps(cfg: Config, steps: int | None) -> int:

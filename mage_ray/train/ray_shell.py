@@ -136,11 +136,12 @@ def run_torch_trainer(
     return trainer.fit()
 
 
-def restore_hf_checkpoint(local_dir: str | Path) -> tuple[Path | None, Path | None]:
+def restore_checkpoint(local_dir: str | Path, state: str = HF_CHECKPOINT) -> tuple[Path | None, Path | None]:
     """Download ``ray.train.get_checkpoint()`` into ``local_dir``.
 
-    Returns ``(trainer_checkpoint, final_dir)``: the transformers Trainer checkpoint to resume from, and the
-    finished artifact when the run had already completed (both None on a fresh start).
+    Returns ``(state_path, final_dir)``: the checkpoint's ``state`` entry to resume from (a transformers Trainer
+    checkpoint directory, or :data:`STATE_FILE` of a :func:`step_worker`), and the finished artifact when the
+    run had already completed (both None on a fresh start).
     """
     import ray.train
 
@@ -152,13 +153,13 @@ def restore_hf_checkpoint(local_dir: str | Path) -> tuple[Path | None, Path | No
     final = local / FINAL
     if (final / MANIFEST_NAME).is_file():
         return None, final
-    hf = local / HF_CHECKPOINT
-    return (hf if hf.is_dir() else None), None
+    found = local / state
+    return (found if found.exists() else None), None
 
 
-def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
-    """Rank 0 reports ``artifact_dir`` (its files, not ``checkpoints/``) as checkpoint ``final/``; others
-    report the metrics only (every worker must call ``ray.train.report`` the same number of times).
+def report_checkpoint(metrics: dict[str, Any], fill: Callable[[Path], Any]) -> None:
+    """Rank 0 reports ``metrics`` with a checkpoint: a temporary directory that ``fill(directory)`` writes;
+    other ranks report the metrics only (every worker must call ``ray.train.report`` the same number of times).
 
     Metrics never use the key ``done``: Tune reads it as "trial finished" and drops later results.
     """
@@ -167,9 +168,93 @@ def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="mage-final-") as tmp:
-        shutil.copytree(artifact_dir, Path(tmp) / FINAL, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+    with tempfile.TemporaryDirectory(prefix="mage-ckpt-") as tmp:
+        fill(Path(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Report ``artifact_dir`` (its files, not ``checkpoints/``) as checkpoint ``final/`` (:func:`report_checkpoint`)."""
+    ignore = shutil.ignore_patterns("checkpoints", ".*")
+    report_checkpoint(metrics, lambda d: shutil.copytree(artifact_dir, d / FINAL, ignore=ignore))
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker loop of every plain step trainer
+
+
+STATE_FILE = "state.pt"
+"""Ray checkpoint file of an unfinished :func:`step_worker` run: a snapshot {"step", "trainable", "optimizer",
+"extra"}."""
+
+
+@dataclass
+class TrainContext:
+    """What a plain step trainer needs from its runner. The defaults are a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: Any = "cpu"
+    wrap: Callable[[Any], Any] | None = None
+    """Wraps the trainable model for data parallelism (Ray: ``ray.train.torch.prepare_model``)."""
+    on_step: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None
+    """Called after every optimizer step with (step (1-based), metrics, snapshot); ``snapshot()`` returns the
+    resumable state {"step", "trainable", "optimizer", "extra"}."""
+    resume: dict | None = None
+    """A snapshot to continue from."""
+    quiet: bool = False
+
+
+def step_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train per-worker loop around a plain trainer ``train_fn(cfg, out_dir=..., ctx=TrainContext, **kwargs)
+    -> manifest``: step reports, a checkpoint (:data:`STATE_FILE`) every ``checkpoint_every`` steps, resume from
+    ``ray.train.get_checkpoint()``, the artifact reported as ``final/``.
+
+    ``config`` keys: train_fn, cfg, kwargs, max_steps, checkpoint_every. A run that had already finished
+    reports its artifact again. Every worker reports the same number of times (``ray.train.report`` is a
+    barrier). The finished report says "finished", not "done": inside a Tune trial that key would end the
+    trial before the driver publishes.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    max_steps, every = int(config["max_steps"]), int(config["checkpoint_every"])
+    finished = {"finished": 1.0, "step": float(max_steps)}
+    tc = ray.train.get_context()
+    world = tc.get_world_size()
+    work = Path(tempfile.mkdtemp(prefix="mage-step-"))
+    try:
+        state, final = restore_checkpoint(work / "restored", STATE_FILE)
+        if final is not None:
+            report_final(final, finished)
+            return read_json(final / MANIFEST_NAME)
+
+        def on_step(step: int, m: dict[str, float], snapshot: Callable[[], dict]) -> None:
+            if step == max_steps:  # the final report carries the artifact
+                return
+            metrics = {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+            metrics["max_steps"] = max_steps
+            if step % every == 0:
+                report_checkpoint(metrics, lambda d: torch.save(snapshot(), d / STATE_FILE))
+            else:
+                ray.train.report(metrics)
+
+        ctx = TrainContext(
+            rank=tc.get_world_rank(),
+            world_size=world,
+            device=ray.train.torch.get_device(),
+            wrap=ray.train.torch.prepare_model if world > 1 else None,
+            on_step=on_step,
+            resume=torch.load(state, weights_only=True) if state is not None else None,
+            quiet=True,
+        )
+        out = work / "out"
+        manifest = config["train_fn"](config["cfg"], out_dir=str(out), ctx=ctx, **config["kwargs"])
+        report_final(out, finished)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def train_run_name(cfg: Config, out_dir: str) -> str:

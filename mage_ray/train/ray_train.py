@@ -4,7 +4,7 @@ Backbones (Eq. 11-12): :func:`train_backbones` trains the n columns of B(beta) c
 :func:`train_morlhf` one model per preference (w = mu). Each run's per-worker code is
 :func:`mage_ray.train.backbone.train_backbone`, the plain function, wrapped by :func:`backbone_worker`
 (transformers Trainer callbacks: :class:`ReportToRayCallback` reports every logged step to Ray Train and
-attaches the Trainer checkpoint; :func:`restore_hf_checkpoint` brings it back in a restarted worker). Results
+attaches the Trainer checkpoint; :func:`restore_checkpoint` brings it back in a restarted worker). Results
 land in ``<run_dir>/backbones/beta_<beta>/<name>/`` and ``<run_dir>/morlhf/mu_<...>/`` (adapter/,
 manifest.json, metrics.jsonl); a directory whose manifest says ``complete`` is not retrained. Ray Train's own
 state (checkpoints) lives under ``<run_dir>/ray`` with stable run names, so a relaunched job also resumes an
@@ -31,8 +31,9 @@ from mage_ray.train.ray_shell import (
     ConcurrentRunError,
     Scaling,
     max_concurrent_runs,
+    report_checkpoint,
     report_final,
-    restore_hf_checkpoint,
+    restore_checkpoint,
     run_and_publish,
     run_concurrent,
     run_pending,
@@ -40,7 +41,14 @@ from mage_ray.train.ray_shell import (
     storage_abs,
     train_run_name,
 )
-from mage_ray.train.stage1 import _fmt, backbone_dir, backbone_plan, morlhf_dir, prepare_sft_base
+from mage_ray.train.stage1 import (
+    _fmt,
+    backbone_dir,
+    backbone_plan,
+    morlhf_dir,
+    prepare_sft_base,
+    validate_reward_weights,
+)
 
 _storage = storage_abs  # the names the trainers used before the shell had its own module
 _train_run_name = train_run_name
@@ -56,7 +64,7 @@ __all__ = [
     "max_concurrent_runs",
     "morlhf_dir",
     "prepare_sft_base",
-    "restore_hf_checkpoint",
+    "restore_checkpoint",
     "run_concurrent",
     "run_torch_trainer",
     "train_backbone_ray",
@@ -118,10 +126,8 @@ class ReportToRayCallback(TrainerCallback):
         metrics, self._pending = (self._pending or {"step": state.global_step}), None
         src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         t = time.perf_counter()
-        if ray.train.get_context().get_world_rank() == 0 and src.is_dir():
-            with tempfile.TemporaryDirectory(prefix="mage-ckpt-") as tmp:
-                shutil.copytree(src, Path(tmp) / HF_CHECKPOINT)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if src.is_dir():  # rank 0 attaches it, the others report the metrics
+            report_checkpoint(metrics, lambda d: shutil.copytree(src, d / HF_CHECKPOINT))
         else:
             ray.train.report(metrics)
         self.report_seconds += time.perf_counter() - t
@@ -178,7 +184,7 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     work = Path(tempfile.mkdtemp(prefix=f"mage-{config['name']}-"))
     try:
-        resume, final = restore_hf_checkpoint(work / "restored")
+        resume, final = restore_checkpoint(work / "restored")
         if final is not None:  # the run had finished: report the artifact again
             report_final(
                 final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])}
@@ -238,7 +244,7 @@ def train_backbone_ray(
     Skips training when ``out_dir`` already holds a complete manifest. Raises ObjectiveFailure (with the
     last Ray checkpoint's path) when an objective fails, TrainingFailedError past ``max_failures``.
     """
-    from mage_ray.train.backbone import ObjectiveFailure, validate_reward_weights
+    from mage_ray.train.backbone import ObjectiveFailure
 
     out_dir = _storage(out_dir)
     if is_complete(out_dir):

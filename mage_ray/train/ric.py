@@ -39,8 +39,10 @@ manifest), which is what that rescaling approximates without an extra constant. 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,22 +59,24 @@ from mage_ray.ric_format import (
     ric_prompt_for_preference,
     ric_user_prompt,
 )
-from mage_ray.train.preference_data import (
+from mage_ray.train.offline import (
     OfflineSettings,
-    TrainContext,
     build_lora_policy,
-    collate_sequences,
     common_manifest,
-    ensure_rollouts,
     fit_steps,
-    make_optimizer,
-    objective_matrix,
-    pad_id,
+    prepare,
     run_lora_jobs,
     save_policy_artifact,
     token_logps,
+)
+from mage_ray.train.preference_data import (
+    collate_sequences,
+    ensure_rollouts,
+    objective_matrix,
+    usable_rows,
     zscore_stats,
 )
+from mage_ray.train.ray_shell import TrainContext
 
 __all__ = [
     "MAPPINGS",
@@ -143,28 +147,13 @@ def _generate_online(
 
     With several workers each rank samples its share and the results are all-gathered (same order everywhere).
     """
-    from mage_ray.train.rollouts import sample_responses
+    from mage_ray.train.rollouts import sample_batches
 
     mine = list(range(ctx.rank, len(prompts), ctx.world_size))
-    out: dict[int, tuple[str, str, list[int]]] = {}
+    tagged = [ric_user_prompt(prompts[i], preference_to_targets(mus[i], lo, hi, mapping)) for i in mine]
     model.eval()
-    bs = cfg.value.rollout_batch_size
-    for k in range(0, len(mine), bs):
-        chunk = mine[k : k + bs]
-        tagged = [ric_user_prompt(prompts[i], preference_to_targets(mus[i], lo, hi, mapping)) for i in chunk]
-        rows = sample_responses(
-            model,
-            tok,
-            tagged,
-            n=1,
-            max_new_tokens=cfg.value.rollout_max_tokens,
-            temperature=cfg.backbone.temperature,
-            seed=(seed * 1_000_003 + chunk[0]) % 2**31,
-            use_chat_template=cfg.model.chat_template,
-            max_prompt_tokens=cfg.task.max_prompt_tokens,
-        )
-        for i, (_, text, _, ids) in zip(chunk, rows):
-            out[i] = (prompts[i], text, ids)
+    rows = sample_batches(model, tok, cfg, tagged, mine, n=1, temperature=cfg.backbone.temperature, seed=seed)
+    out = {i: (prompts[i], text, ids) for i, (_, text, _, ids) in zip(mine, rows)}
     model.train()
     if ctx.world_size > 1:
         import torch.distributed as dist
@@ -220,9 +209,7 @@ def train_ric(
 
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     raw = objective_matrix(table, names)  # (N, n)
-    keep = np.isfinite(raw).all(axis=1) & np.array(
-        [len(r) > 0 for r in table.column("response_ids").to_pylist()]
-    )
+    keep = usable_rows(table, raw)
     if not keep.any():
         raise ValueError("the rollouts hold no usable scored response (non-empty, finite scores)")
     mean, std = zscore_stats(raw[keep])
@@ -232,20 +219,15 @@ def train_ric(
     responses = table.column("response_ids").to_pylist()
     offline = [(prompts[i], list(responses[i]), z[i]) for i in np.flatnonzero(keep)]
 
-    torch.manual_seed(s.seed)
-    model, tok = build_lora_policy(cfg, ctx.device)
-    opt = make_optimizer(model, s.learning_rate, ctx.resume)
-    policy = ctx.wrap(model) if ctx.wrap is not None else model
-    pid = pad_id(tok)
+    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
     extra = dict((ctx.resume or {}).get("extra") or {})
     online: list[tuple[str, list[int], np.ndarray]] = [
         (p, ids, np.asarray(sc)) for p, ids, sc in extra.get("online", [])
     ]
     round_log: list[dict] = list(extra.get("round_log", []))
-    step = int(ctx.resume["step"]) if ctx.resume else 0
     history: list[dict] = []
     train_prompts = list(dict.fromkeys(prompts))
-    for rnd in range(step // s.steps, rounds):
+    for rnd in range(t.start_step // s.steps, rounds):
         data = offline
         if rnd > 0:
             if len(round_log) < rnd:  # this round's samples are not in the resumed state yet
@@ -253,7 +235,7 @@ def train_ric(
                 grid = preference_grid(len(names), cfg.eval.grid_step)
                 mus = grid[rng.integers(len(grid), size=len(train_prompts))]  # (P, n)
                 gen = _generate_online(
-                    model, tok, cfg, train_prompts, mus, lo, hi, mapping, s.seed + rnd, ctx
+                    t.model, t.tokenizer, cfg, train_prompts, mus, lo, hi, mapping, s.seed + rnd, ctx
                 )
                 if online_objectives is None:
                     from mage_ray.tasks.objectives import load_objectives
@@ -278,40 +260,40 @@ def train_ric(
             data = [e for e, f in zip(offline, front) if f] + online
         tagged = [ric_user_prompt(p, sc) for p, _, sc in data]
         p_ids = encode_prompts(
-            tok,
+            t.tokenizer,
             tagged,
             use_chat_template=cfg.model.chat_template,
             max_prompt_tokens=cfg.task.max_prompt_tokens,
         )
 
         def step_loss(idx: list[int], _step: int, data=data, p_ids=p_ids, rnd=rnd):
-            batch = collate_sequences([p_ids[i] for i in idx], [data[i][1] for i in idx], pid, s.max_len)
+            batch = collate_sequences([p_ids[i] for i in idx], [data[i][1] for i in idx], t.pad_id, s.max_len)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            loss = sft_loss(token_logps(policy, batch), batch["mask"])
+            loss = sft_loss(token_logps(t.forward, batch), batch["mask"])
             return loss, {"round": float(rnd + 1), "n_examples": float(len(data))}
 
         def state(online=online, round_log=round_log) -> dict:
             return {"online": [(p, ids, sc.tolist()) for p, ids, sc in online], "round_log": round_log}
 
+        round_settings = dataclasses.replace(s, steps=(rnd + 1) * s.steps, seed=s.seed + rnd)
+        start = max(t.start_step, rnd * s.steps)
         history += fit_steps(
-            model,
-            opt,
-            len(data),
-            step_loss,
-            start_step=max(step, rnd * s.steps),
-            end_step=(rnd + 1) * s.steps,
-            batch_size=s.batch_size,
-            seed=s.seed + rnd,
-            ctx=ctx,
-            snapshot_extra=state,
+            t, len(data), step_loss, round_settings, ctx, start_step=start, snapshot_extra=state
         )
     if ctx.rank != 0:
         return None
     manifest = {
         **common_manifest(
-            cfg, kind="ric", name="ric", steps=s.steps * rounds, history=history, t0=t0, ctx=ctx
+            cfg,
+            s,
+            kind="ric",
+            name="ric",
+            objectives=names,
+            steps=s.steps * rounds,
+            history=history,
+            t0=t0,
+            ctx=ctx,
         ),
-        "objectives": names,
         "beta": None,
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
@@ -328,16 +310,11 @@ def train_ric(
         "online_rounds": round_log,
         "n_offline_examples": len(offline),
         "n_online_examples": len(online),
-        "batch_size": s.batch_size,
-        "seed": s.seed,
     }
-    save_policy_artifact(model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x "
-            f"{s.steps} steps -> {out_dir}"
-        )
-    return manifest
+    summary = (
+        f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x {s.steps} steps"
+    )
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def train_ric_ray(

@@ -38,6 +38,7 @@ import torch
 
 from mage_ray.config import Config, TaskConfig
 from mage_ray.manifest import atomic_file, is_uri, join, read_manifest, write_manifest
+from mage_ray.train.offline import pad_id
 
 BASE_COLUMNS = ("prompt_index", "prompt", "response", "prompt_ids", "response_ids")
 """Columns every rollout shard has; objective columns follow, one float64 column per objective."""
@@ -104,7 +105,7 @@ def sample_responses(
     prompt_ids = encode_prompts(
         tokenizer, prompts, use_chat_template=use_chat_template, max_prompt_tokens=max_prompt_tokens
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     width = max(len(ids) for ids in prompt_ids)
     device = next(model.parameters()).device
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (B, P) left-padded
@@ -316,8 +317,20 @@ def _device(cfg: Config) -> str:
     return "cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def _sample_batches(model, tok, cfg: Config, texts: list[str], indices: list[int]) -> list[Rollout]:
-    """Sample ``texts`` (global prompt indices ``indices``) in batches of ``value.rollout_batch_size``."""
+def sample_batches(
+    model,
+    tok,
+    cfg: Config,
+    texts: Sequence[str],
+    indices: Sequence[int],
+    *,
+    n: int,
+    temperature: float,
+    seed: int,
+) -> list[Rollout]:
+    """Sample ``n`` responses to each of ``texts`` (global prompt indices ``indices``) in batches of
+    ``value.rollout_batch_size``; each batch is seeded from ``seed`` and its first prompt's index
+    (:func:`_batch_seed`), so the samples do not depend on which worker or shard draws them."""
     rows: list[Rollout] = []
     bs = cfg.value.rollout_batch_size
     for k in range(0, len(indices), bs):
@@ -325,14 +338,21 @@ def _sample_batches(model, tok, cfg: Config, texts: list[str], indices: list[int
             model,
             tok,
             texts[k : k + bs],
-            n=cfg.value.rollouts_per_prompt,
+            n=n,
             max_new_tokens=cfg.value.rollout_max_tokens,
-            temperature=1.0,
-            seed=_batch_seed(cfg.value.seed, indices[k]),
+            temperature=temperature,
+            seed=_batch_seed(seed, indices[k]),
             use_chat_template=cfg.model.chat_template,
             max_prompt_tokens=cfg.task.max_prompt_tokens,
         )
     return rows
+
+
+def _sample_batches(model, tok, cfg: Config, texts: list[str], indices: list[int]) -> list[Rollout]:
+    """The base policy's rollouts: ``value.rollouts_per_prompt`` samples at temperature 1, ``value.seed``."""
+    return sample_batches(
+        model, tok, cfg, texts, indices, n=cfg.value.rollouts_per_prompt, temperature=1.0, seed=cfg.value.seed
+    )
 
 
 def _run_local(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:

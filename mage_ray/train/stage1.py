@@ -1,12 +1,16 @@
-"""Stage 1 plan shared by the GRPO / RLOO trainer (``ray_train``) and the WRPO trainer (``wrpo``): the backbones'
-reward weights, names and directories (Eq. 11-12), and the optional SFT base they all start from.
+"""Stage 1 plan shared by the GRPO / RLOO trainer (``backbone``, ``ray_train``) and the WRPO trainer (``wrpo``):
+the backbones' reward weights (validated on the simplex), names and directories (Eq. 11-12), the writable
+output check and precision settings, and the optional SFT stage (``train_sft``: LoRA SFT merged into the
+weights -> theta_sft, for tasks that come with (prompt, response) pairs) whose model they all start from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,21 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config
-from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json
+from mage_ray.manifest import (
+    MANIFEST_NAME,
+    atomic_dir,
+    is_complete,
+    is_uri,
+    join,
+    publish_dir,
+    read_json,
+    write_manifest,
+)
 from mage_ray.train.ray_shell import (
     FINAL,
     Scaling,
     report_final,
-    restore_hf_checkpoint,
+    restore_checkpoint,
     run_torch_trainer,
     storage_abs,
 )
@@ -27,6 +40,54 @@ from mage_ray.train.ray_shell import (
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+class RewardWeightsError(ValueError):
+    """The reward weight vector w of a backbone is not a point of the simplex."""
+
+
+def validate_reward_weights(w: Sequence[float] | np.ndarray, n: int, tol: float = 1e-6) -> np.ndarray:
+    """Check ``w`` is a length-n point of the simplex (finite, >= 0, sum 1); return it as float64 (n,)."""
+    try:
+        arr = np.asarray(w, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise RewardWeightsError(f"w must be a vector of {n} numbers, got {w!r}") from e
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise RewardWeightsError(f"w must have length {n} (one weight per objective), got shape {arr.shape}")
+    for i, v in enumerate(arr):
+        if not math.isfinite(v):
+            raise RewardWeightsError(f"w[{i}] = {v} is not finite")
+        if v < 0:
+            raise RewardWeightsError(f"w[{i}] = {v:g} is negative; reward weights must be >= 0")
+    if abs(arr.sum() - 1.0) > tol:
+        raise RewardWeightsError(f"w sums to {arr.sum():.6g}; reward weights must sum to 1 (Eq. 11)")
+    return arr
+
+
+def check_writable(out_dir: str | Path, what: str = "out_dir") -> Path:
+    """Create ``out_dir`` and prove a file can be written there, else raise ValueError naming it."""
+    if is_uri(out_dir):
+        raise ValueError(
+            f"{what} = {str(out_dir)!r} is a URI; the plain trainer writes to a local directory "
+            "(use mage_ray.train.ray_train for cloud storage)"
+        )
+    p = Path(out_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} = {str(p)!r} is not writable: {e.strerror or e}") from e
+    return p
+
+
+def precision_args() -> dict[str, Any]:
+    """CPU: fp32 and no AMP (bf16 autocast on CPU is slow); GPU: bf16 where supported."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
+    return {"bf16": False, "use_cpu": True}
 
 
 def backbone_dir(cfg: Config, beta: float, name: str) -> str:
@@ -59,13 +120,107 @@ def backbone_plan(
     return beta, ws, names
 
 
+# ---------------------------------------------------------------------------------------------
+# Optional SFT stage: theta_sft shared by every backbone
+
+
+def task_sft_pairs(task_cfg) -> list[tuple[str, str]] | None:
+    """(prompt, response) SFT pairs of the task, or None when the task ships none.
+
+    Uses ``mage_ray.tasks.prompts.load_sft_pairs(task_cfg)`` when the tasks package provides it.
+    """
+    try:
+        from mage_ray.tasks.prompts import load_sft_pairs
+    except ImportError:
+        return None
+    pairs = load_sft_pairs(task_cfg)
+    return list(pairs) if pairs else None
+
+
+def train_sft(
+    cfg: Config,
+    pairs: Sequence[tuple[str, str]],
+    out_dir: str | Path,
+    *,
+    steps: int | None = None,
+    callbacks: Sequence[Any] = (),
+) -> Path:
+    """LoRA SFT on (prompt, response) pairs, merged into the base weights: theta_sft for every backbone.
+
+    All backbones and the Bone Soup merge (Eq. 13) share one theta_sft, so SFT runs once per job (not per
+    backbone) and its merged weights become the base model. Writes ``out_dir/model`` (full HF checkpoint +
+    tokenizer, atomically) and ``out_dir/manifest.json``; returns the model directory.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from mage_ray.models import load_policy
+    from mage_ray.train.offline import lora_config
+
+    t0 = time.time()
+    if not pairs:
+        raise ValueError("pairs must hold at least one (prompt, response) pair for SFT")
+    for i, pr in enumerate(pairs):
+        if len(pr) != 2 or not all(isinstance(s, str) for s in pr):
+            raise ValueError(f"pairs[{i}] must be a (prompt, response) pair of strings, got {pr!r}")
+    steps = cfg.backbone.sft_steps if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"SFT steps must be >= 1 (backbone.sft_steps), got {steps}")
+    out = check_writable(out_dir)
+    model, tok = load_policy(cfg.model, cfg.storage.cache_dir)
+    rows = [
+        {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": r}]}
+        for p, r in pairs
+    ]
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        max_steps=steps,
+        learning_rate=cfg.backbone.learning_rate,
+        per_device_train_batch_size=max(1, min(8, len(rows))),
+        logging_steps=1,
+        save_strategy="no",
+        seed=cfg.backbone.seed,
+        gradient_checkpointing=False,
+        report_to="none",
+        max_length=cfg.task.max_prompt_tokens + cfg.backbone.max_completion_length,
+        **precision_args(),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=lora_config(cfg.lora),
+        callbacks=list(callbacks),
+    )
+    trainer.train()
+    merged = trainer.model.merge_and_unload()
+    target = out / "model"
+    with atomic_dir(target) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    write_manifest(
+        out,
+        {
+            "kind": "sft",
+            "status": "complete",
+            "base_model": cfg.model.name_or_path,
+            "model": "model",
+            "pairs": len(pairs),
+            "steps_done": int(trainer.state.global_step),
+            "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
+            "lora": dataclasses.asdict(cfg.lora),
+            "wall_time_s": round(time.time() - t0, 3),
+        },
+    )
+    return target
+
+
 def sft_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop of the optional SFT stage (one worker): :func:`train_sft`, then report."""
-    from mage_ray.train.backbone import train_sft
-
     work = Path(tempfile.mkdtemp(prefix="mage-sft-"))
     try:
-        _, final = restore_hf_checkpoint(work / "restored")
+        _, final = restore_checkpoint(work / "restored")
         if final is None:
             train_sft(config["cfg"], config["pairs"], work / "out")
             final = work / "out"
@@ -80,8 +235,6 @@ def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None
     Runs only when ``backbone.sft_steps > 0`` and the task ships SFT pairs (else logs a skip line and
     returns ``cfg`` unchanged). The merged model lands in ``<run_dir>/sft/model`` once; later calls reuse it.
     """
-    from mage_ray.train.backbone import task_sft_pairs
-
     if cfg.backbone.sft_steps <= 0:
         return cfg
     out = join(storage_abs(cfg.storage.run_dir), "sft")

@@ -45,12 +45,11 @@ import hashlib
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,16 @@ from torch import nn
 
 from mage_ray.config import Config
 from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, write_manifest
-from mage_ray.train.ray_shell import FINAL, Scaling, report_final, run_and_publish, run_pending, storage_abs
+from mage_ray.train.offline import OfflineSettings, Trainable, fit_steps, lora_config, prepare
+from mage_ray.train.preference_data import collate_sequences
+from mage_ray.train.ray_shell import (
+    Scaling,
+    TrainContext,
+    run_and_publish,
+    run_pending,
+    step_worker,
+    storage_abs,
+)
 from mage_ray.value_model import ADAPTER_DIR, HEAD_FILE, save_value_head, token_values
 
 # ---------------------------------------------------------------------------------------------
@@ -160,37 +168,13 @@ def load_value_data(
 def collate(
     examples: Sequence[ValueExample], pad_id: int, max_len: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids/attention_mask/next_ids/mask [B, L], target [B].
-
-    next_ids[b, j] = input_ids[b, j + 1]; mask[b, j] = 1 where that next token is a response token, i.e.
-    j in [P - 1, P + T - 2] for a prompt of P and a response of T tokens. Sequences longer than
-    ``max_len`` lose prompt tokens from the left.
-    """
-    seqs, spans = [], []
-    for e in examples:
-        p, r = e.prompt_ids, e.response_ids
-        if max_len is not None and len(p) + len(r) > max_len:
-            keep = max(1, max_len - len(r))
-            p, r = p[-keep:], r[: max_len - keep]
-        seqs.append(p + r)
-        spans.append((len(p), len(r)))
-    B, L = len(seqs), max(len(s) for s in seqs)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.float32)
-    for b, (s, (P, T)) in enumerate(zip(seqs, spans)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
-        mask[b, P - 1 : P + T - 1] = 1.0
-    next_ids = torch.cat([input_ids[:, 1:], torch.full((B, 1), pad_id, dtype=torch.long)], dim=1)
-    target = torch.tensor([e.target for e in examples], dtype=torch.float32)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "next_ids": next_ids,
-        "mask": mask,
-        "target": target,
-    }
+    """Right-padded batch (:func:`~mage_ray.train.preference_data.collate_sequences`): input_ids /
+    attention_mask / next_ids / mask [B, L], and target [B] (the z-scored rewards)."""
+    batch = collate_sequences(
+        [e.prompt_ids for e in examples], [e.response_ids for e in examples], pad_id, max_len
+    )
+    batch["target"] = torch.tensor([e.target for e in examples], dtype=torch.float32)
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,18 +184,11 @@ def collate(
 class ValueNet(nn.Module):
     """Base policy + LoRA + vocabulary-sized head; ``forward`` returns V(x, y<t)[next token] [B, L]."""
 
-    def __init__(self, policy, r: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+    def __init__(self, policy, lora):
+        """``lora``: the PEFT ``LoraConfig`` of the value model's adapter (:func:`~mage_ray.train.offline.lora_config`)."""
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            target_modules=list(target_modules),
-            lora_dropout=dropout,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
         self.peft = get_peft_model(policy, lora)
         hidden, vocab = policy.config.hidden_size, policy.config.vocab_size
         self.head = nn.Linear(hidden, vocab)  # W [V, H], b [V]
@@ -233,12 +210,8 @@ def build_value_net(cfg: Config, device: str | torch.device = "cpu") -> tuple[Va
     from mage_ray.models import load_policy
 
     policy, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=device)
-    net = ValueNet(policy, cfg.value.lora_r, cfg.value.lora_alpha, cfg.lora.target_modules, cfg.lora.dropout)
+    net = ValueNet(policy, lora_config(cfg.lora, r=cfg.value.lora_r, alpha=cfg.value.lora_alpha))
     return net.to(device).train(), tok
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 @torch.no_grad()
@@ -307,81 +280,24 @@ def _n_pairs(rewards: Sequence[float], groups: Sequence[Any]) -> int:
 # Training (plain function)
 
 
-StepHook = Callable[[int, dict[str, float], ValueNet, torch.optim.Optimizer], None]
-"""Called after every optimizer step with (step (1-based), metrics, net, optimizer)."""
-
-
-def trainable_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors (LoRA + head), by parameter name, detached on CPU."""
-    return {n: p.detach().cpu().clone() for n, p in net.named_parameters() if p.requires_grad}
-
-
 def fit_value_net(
-    net: ValueNet,
-    train: Sequence[ValueExample],
-    *,
-    pad_id: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int = 0,
-    start_step: int = 0,
-    optimizer_state: dict | None = None,
-    max_len: int | None = None,
-    on_step: StepHook | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    t: Trainable, train: Sequence[ValueExample], s: OfflineSettings, ctx: TrainContext, label: str = "value"
 ) -> list[dict[str, float]]:
-    """AdamW on the LoRA + head parameters for ``steps`` steps of Eq. 16; return per-step metrics.
+    """Optimizer steps ``t.start_step .. s.steps - 1`` of Eq. 16 on the LoRA + head (the one offline loop,
+    :func:`~mage_ray.train.offline.fit_steps`, without gradient clipping); return per-step metrics, each with
+    ``train_token_mse`` = the token-averaged (V[y_t] - r~)^2 of the step's batch."""
 
-    Batches are drawn from a per-epoch permutation (``seed``, and the epoch); with ``world_size`` > 1 each
-    rank takes its ``batch_size / world_size`` slice of every global batch. ``start_step`` and
-    ``optimizer_state`` resume a run (the batch sequence continues where it stopped).
-    """
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
-    device = next(p.device for p in params)
-    per_rank = max(1, math.ceil(batch_size / world_size))
-    history = []
-    n = len(train)
-    perms: dict[int, np.ndarray] = {}
-
-    def example(g: int) -> int:  # global example counter -> index into train (a new permutation per epoch)
-        epoch, pos = divmod(g, n)
-        if epoch not in perms:
-            perms.clear()
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        return int(perms[epoch][pos])
-
-    for step in range(start_step, steps):
-        t0 = time.time()
-        gstart = step * batch_size
-        idx = [
-            example(g)
-            for g in range(gstart + rank * per_rank, gstart + min(batch_size, (rank + 1) * per_rank))
-        ]
-        batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], pad_id, max_len).items()}
-        values = net(batch["input_ids"], batch["attention_mask"], batch["next_ids"])  # [b, L]
-        loss = value_loss(values, batch["target"], batch["mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            tok_mse = float(
-                ((values - batch["target"][:, None]) ** 2 * batch["mask"]).sum() / batch["mask"].sum()
-            )
-        m = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "train_token_mse": tok_mse,
-            "step_time_s": time.time() - t0,
+    def step_loss(idx: list[int], _step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {
+            k: v.to(ctx.device) for k, v in collate([train[i] for i in idx], t.pad_id, s.max_len).items()
         }
-        history.append(m)
-        if on_step is not None:
-            on_step(step + 1, m, net, opt)
-    return history
+        values = t.forward(batch["input_ids"], batch["attention_mask"], batch["next_ids"])  # [b, L]
+        loss = value_loss(values, batch["target"], batch["mask"])
+        with torch.no_grad():
+            sq = (values - batch["target"][:, None]) ** 2 * batch["mask"]  # [b, L]
+            return loss, {"train_token_mse": float(sq.sum() / batch["mask"].sum())}
+
+    return fit_steps(t, len(train), step_loss, s, ctx, max_grad_norm=None, label=label)
 
 
 def path_name(objective: str) -> str:
@@ -414,78 +330,37 @@ def train_value_model(
     out_dir: str | None = None,
     *,
     steps: int | None = None,
-    device: str | torch.device | None = None,
-    on_step: StepHook | None = None,
-    resume: dict | None = None,
-    wrap: Callable[[nn.Module], nn.Module] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
+    ctx: TrainContext | None = None,
 ) -> dict[str, Any] | None:
     """Train the explicit value model of ``objective_name`` and write it to ``out_dir``; return its manifest.
 
     ``out_dir`` defaults to ``<run_dir>/values/<objective>``; a complete one is returned as is. ``steps``
-    overrides ``value.steps``. The rest is for the Ray Train worker: ``resume`` = {"step", "trainable",
-    "optimizer"} continues a checkpointed run, ``wrap`` wraps the net for data parallelism (DDP),
-    ``on_step(step, metrics, net, optimizer)`` runs after each step (with the unwrapped net), and only
-    ``rank`` 0 evaluates and writes (other ranks return None).
+    overrides ``value.steps``. ``ctx``: the runner (rank, device, DDP wrap, step hook, resume); default a plain
+    process on the GPU when ``value.use_gpu`` and one is there. Only rank 0 evaluates and writes (other ranks
+    return None).
     """
     out_dir = out_dir or value_model_dir(cfg, objective_name)
     if is_complete(out_dir):
         print(f"[values] {objective_name}: complete model in {out_dir}; not retraining")
         return read_manifest(out_dir)
-    steps = cfg.value.steps if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
+    s = OfflineSettings.from_value(cfg, steps)
     t0 = time.time()
-    device = device or ("cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu")
+    ctx = ctx or TrainContext(device="cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu")
     train, val, mean, std = load_value_data(
         rollouts_path, objective_name, val_fraction=cfg.value.val_fraction, seed=cfg.value.seed
     )
-    torch.manual_seed(cfg.value.seed)
-    net, tok = build_value_net(cfg, device)
-    start, opt_state = 0, None
-    if resume is not None:
-        net.load_state_dict(resume["trainable"], strict=False)
-        start, opt_state = int(resume["step"]), resume["optimizer"]
-    model = wrap(net) if wrap is not None else net
-    every = max(1, steps // 10)
-
-    def hook(step: int, m: dict[str, float], _model: nn.Module, opt: torch.optim.Optimizer) -> None:
-        if on_step is not None:
-            on_step(step, m, net, opt)
-        elif step % every == 0 or step == steps:  # plain runs print their own progress
-            print(
-                f"[values] {objective_name}: step {step}/{steps} | loss {m['loss']:.4f} | "
-                f"token mse {m['train_token_mse']:.4f} | {m['step_time_s']:.2f} s/step",
-                flush=True,
-            )
-
-    history = fit_value_net(
-        model,
-        train,
-        pad_id=_pad_id(tok),
-        steps=steps,
-        batch_size=cfg.value.batch_size,
-        learning_rate=cfg.value.learning_rate,
-        seed=cfg.value.seed,
-        start_step=start,
-        optimizer_state=opt_state,
-        max_len=cfg.model.max_context,
-        on_step=hook,
-        rank=rank,
-        world_size=world_size,
-    )
-    if rank != 0:
+    t = prepare(partial(build_value_net, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
+    history = fit_value_net(t, train, s, ctx, label=f"value {objective_name}")
+    if ctx.rank != 0:
         return None
-    metrics = evaluate_value_net(
-        net, val, _pad_id(tok), batch_size=cfg.value.batch_size, max_len=cfg.model.max_context
-    )
+    net = t.model
+    metrics = evaluate_value_net(net, val, t.pad_id, batch_size=s.batch_size, max_len=s.max_len)
     manifest = _manifest(
-        cfg, net, objective_name, mean, std, steps, len(train), metrics, history, time.time() - t0
+        cfg, net, objective_name, mean, std, s.steps, len(train), metrics, history, time.time() - t0
     )
     save_value_net(net, out_dir, manifest)
     print(
-        f"[values] {objective_name}: {steps} steps, val_mse {_fmt(metrics['val_mse'])} "
+        f"[values] {objective_name}: {s.steps} steps, val_mse {_fmt(metrics['val_mse'])} "
         f"(constant {_fmt(metrics['val_mse_constant'])}), ranking accuracy {_fmt(metrics['ranking_accuracy'])} "
         f"-> {out_dir}"
     )
@@ -526,76 +401,6 @@ def _manifest(cfg, net, objective, mean, std, steps, n_train, metrics, history, 
 # ---------------------------------------------------------------------------------------------
 # Ray Train wrapper: one TorchTrainer run per objective, n runs side by side as Tune trials
 
-STATE_FILE = "state.pt"
-"""Ray checkpoint file of an unfinished run: {"step", "trainable" (LoRA + head), "optimizer"}."""
-
-
-def _checkpoint_every(steps: int) -> int:
-    """Checkpoint about 4 times per run, at least 10 steps apart (a head checkpoint is |V| x H x 3 floats)."""
-    return max(10, steps // 4)
-
-
-def value_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train per-worker loop: :func:`train_value_model` with step reports, checkpoints and resume.
-
-    ``config`` keys: cfg, rollouts_path, objective, steps. Resumes from ``ray.train.get_checkpoint()``
-    (trainable tensors + optimizer + step); a run that had finished reports its artifact again.
-    """
-    import ray.train
-    import ray.train.torch
-
-    from mage_ray.manifest import MANIFEST_NAME, read_json
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    steps, every = int(config["steps"]), _checkpoint_every(int(config["steps"]))
-    work = Path(tempfile.mkdtemp(prefix=f"mage-value-{path_name(config['objective'])}-"))
-    try:
-        resume = None
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            ckpt.to_directory(str(work / "restored"))
-            final = work / "restored" / FINAL
-            if (final / MANIFEST_NAME).is_file():
-                report_final(final, {"finished": 1.0, "step": float(steps)})
-                return read_json(final / MANIFEST_NAME)
-            resume = torch.load(work / "restored" / STATE_FILE, weights_only=True)
-
-        def on_step(step: int, m: dict[str, float], net: ValueNet, opt: torch.optim.Optimizer) -> None:
-            metrics = {**m, "max_steps": steps, "wall_step_s": m["step_time_s"]}
-            if step == steps:  # the final report carries the artifact
-                return
-            if step % every == 0 and rank == 0:
-                with tempfile.TemporaryDirectory(prefix="mage-value-ckpt-") as tmp:
-                    state = {"step": step, "trainable": trainable_state(net), "optimizer": opt.state_dict()}
-                    torch.save(state, os.path.join(tmp, STATE_FILE))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-
-        out = work / "out"
-        manifest = train_value_model(
-            config["cfg"],
-            config["rollouts_path"],
-            config["objective"],
-            str(out),
-            steps=steps,
-            device=ray.train.torch.get_device(),
-            on_step=on_step,
-            resume=resume,
-            wrap=ray.train.torch.prepare_model if world > 1 else None,
-            rank=rank,
-            world_size=world,
-        )
-        # Not "done": inside a Tune trial that key would end the trial before the driver publishes.
-        if rank == 0:
-            report_final(out, {"finished": 1.0, "step": float(steps)})
-        else:
-            ray.train.report({"finished": 1.0, "step": float(steps)})
-        return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
 
 def train_value_model_ray(
     cfg: Config,
@@ -612,9 +417,11 @@ def train_value_model_ray(
     from the last checkpoint, and a complete ``out_dir`` is not retrained.
     """
     steps = cfg.value.steps if steps is None else int(steps)
+    kwargs = {"rollouts_path": storage_abs(rollouts_path), "objective_name": objective, "steps": steps}
+    config = {"train_fn": train_value_model, "cfg": cfg, "kwargs": kwargs, "max_steps": steps}
     return run_and_publish(
-        value_worker,
-        {"cfg": cfg, "rollouts_path": storage_abs(rollouts_path), "objective": objective, "steps": steps},
+        step_worker,
+        {**config, "checkpoint_every": max(10, steps // 4)},  # a head checkpoint is |V| x H x 3 floats
         out_dir or value_model_dir(cfg, objective),
         cfg=cfg,
         scaling=Scaling.from_value(cfg.value),
@@ -685,7 +492,6 @@ __all__ = [
     "train_value_model",
     "train_value_model_ray",
     "train_value_models",
-    "value_worker",
     "value_loss",
     "value_model_dir",
 ]

@@ -27,8 +27,9 @@ Sources, in order: ``sources`` given by the caller, else every complete non-WRPO
 the one being trained, plus ``backbone.wrpo_sources`` (HF ids, local model directories, ``embedded:`` /
 ``tiny-random:<seed>`` names, or adapter directories). Each source answers every training prompt once
 (``samples_per_source``), with the target rollouts' sampling settings; responses are scored by the task
-objectives and cached in ``<run_dir>/wrpo/sources/<source>.parquet``. A source with another tokenizer has its
-text re-tokenised with the target's (WRPO's point: heterogeneous models need no vocabulary alignment).
+objectives and cached in ``<run_dir>/wrpo/sources/<source>.parquet`` (:mod:`mage_ray.train.wrpo_sources`). A
+source with another tokenizer has its text re-tokenised with the target's (WRPO's point: heterogeneous models
+need no vocabulary alignment).
 
 Output: the same layout as GRPO backbones, ``<run_dir>/backbones/beta_<beta>/<name>/`` = ``adapter/`` +
 ``manifest.json`` (kind "backbone", trainer "wrpo", w, beta, objectives, ...) + ``metrics.jsonl``, so Bone
@@ -39,42 +40,38 @@ Soup and MAGE build on WRPO backbones unchanged. :func:`train_wrpo_backbone` is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import re
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from mage_ray.config import Config
-from mage_ray.manifest import ManifestError, is_complete, join, read_json, read_manifest, write_json_atomic
-from mage_ray.train.preference_data import (
+from mage_ray.manifest import is_complete, read_manifest
+from mage_ray.train.offline import (
     OfflineSettings,
-    PreferenceTriple,
-    TrainContext,
     build_lora_policy,
-    build_triples,
-    collate_sequences,
     common_manifest,
-    ensure_rollouts,
     fit_steps,
-    make_optimizer,
-    pad_id,
+    prepare,
     reference_logps,
     run_lora_jobs,
     save_policy_artifact,
     sequence_logps,
 )
+from mage_ray.train.preference_data import (
+    PreferenceTriple,
+    build_triples,
+    collate_sequences,
+    ensure_rollouts,
+)
+from mage_ray.train.ray_shell import TrainContext
+from mage_ray.train.wrpo_sources import NO_SOURCES, discover_sources, source_tables
 
 __all__ = [
-    "discover_sources",
-    "sample_source_table",
-    "source_tables",
     "train_wrpo_backbone",
     "train_wrpo_backbones",
     "wrpo_alpha",
@@ -125,217 +122,6 @@ def wrpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# Source models: discovery, sampling, cache
-
-
-def _is_adapter_dir(p: Path) -> Path | None:
-    """The PEFT directory of an artifact dir (``<p>/adapter``) or of a bare adapter dir, else None."""
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
-    return None
-
-
-def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
-    """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``, not the short
-    beta-sweep trials), then ``backbone.wrpo_sources``."""
-    from mage_ray.train.ray_shell import storage_abs as _storage
-
-    found: list[str] = []
-    root = Path(_storage(cfg.storage.run_dir)) / "backbones"
-    skip = {str(Path(_storage(e))) for e in exclude}
-    if root.is_dir():
-        for beta_dir in sorted(root.glob("beta_*")):
-            for d in sorted(p for p in beta_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if str(d) in skip or not is_complete(d):
-                    continue
-                try:
-                    m = read_manifest(d) or {}
-                except ManifestError:
-                    continue
-                if m.get("trainer") != "wrpo" and not m.get("sweep_trial") and _is_adapter_dir(d) is not None:
-                    found.append(str(d))
-    return found + [s for s in cfg.backbone.wrpo_sources if s not in found]
-
-
-def _source_label(cfg: Config, spec: str) -> str:
-    from mage_ray.train.ray_shell import storage_abs as _storage
-
-    root = str(Path(_storage(cfg.storage.run_dir)) / "backbones") + "/"
-    return spec[len(root) :] if spec.startswith(root) else spec
-
-
-def _slug(spec: str) -> str:
-    short = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.rstrip("/").rsplit("/", 2)[-1] if "/" in spec else spec)[
-        -40:
-    ]
-    return f"{short}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
-
-
-def _load_source(cfg: Config, spec: str, device: str = "cpu"):
-    """(model, tokenizer) of a source: an adapter dir on its manifest's base (default the config's base), or a
-    full model (HF id, path, ``embedded:`` / ``tiny-random`` name) with its own tokenizer."""
-    from mage_ray.models import load_policy
-
-    adapter = _is_adapter_dir(Path(spec).expanduser())
-    if adapter is None:
-        return load_policy(
-            dataclasses.replace(cfg.model, name_or_path=spec), cfg.storage.cache_dir, device=device
-        )
-    from peft import PeftModel
-
-    manifest = read_manifest(adapter.parent) if adapter.name == "adapter" else None
-    base = (manifest or {}).get("base_model") or cfg.model.name_or_path
-    model, tok = load_policy(
-        dataclasses.replace(cfg.model, name_or_path=base), cfg.storage.cache_dir, device=device
-    )
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tok
-
-
-def sample_source_table(
-    cfg: Config,
-    spec: str,
-    prompts: Sequence[str],
-    *,
-    objectives: Sequence[Any] | None = None,
-    samples_per_source: int = 1,
-    device: str = "cpu",
-) -> pa.Table:
-    """Sample ``samples_per_source`` responses per prompt from source ``spec`` and score them: a rollout table
-    (``mage_ray.train.rollouts`` schema) whose token ids are in the *target* tokenizer."""
-    from mage_ray.models import load_tokenizer
-    from mage_ray.tasks.objectives import load_objectives
-    from mage_ray.train.rollouts import encode_prompts, rollout_table, sample_responses, score_rows
-
-    model, tok = _load_source(cfg, spec, device)
-    target_tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.storage.cache_dir)
-    same = tok.get_vocab() == target_tok.get_vocab()
-    objs = list(objectives) if objectives is not None else load_objectives(cfg.task, cfg.storage.cache_dir)
-    rows, indices = [], []
-    bs = cfg.value.rollout_batch_size
-    for k in range(0, len(prompts), bs):
-        rows += sample_responses(
-            model,
-            tok,
-            list(prompts[k : k + bs]),
-            n=samples_per_source,
-            max_new_tokens=cfg.value.rollout_max_tokens,
-            temperature=cfg.backbone.temperature,
-            seed=(cfg.backbone.seed * 1_000_003 + k) % 2**31,
-            use_chat_template=cfg.model.chat_template,
-            max_prompt_tokens=cfg.task.max_prompt_tokens,
-        )
-        indices += [i for i in range(k, min(k + bs, len(prompts))) for _ in range(samples_per_source)]
-    if not same:  # re-tokenise the text with the target tokenizer (+ its EOS)
-        eos = target_tok.eos_token_id
-        p_ids = dict(
-            zip(
-                prompts,
-                encode_prompts(
-                    target_tok,
-                    prompts,
-                    use_chat_template=cfg.model.chat_template,
-                    max_prompt_tokens=cfg.task.max_prompt_tokens,
-                ),
-            )
-        )
-        rows = [
-            (p, text, p_ids[p], target_tok(text, add_special_tokens=False)["input_ids"] + [eos])
-            for p, text, _, _ in rows
-        ]
-    scores = score_rows(objs, [r[0] for r in rows], [r[1] for r in rows])
-    return rollout_table(indices, rows, scores)
-
-
-def _sample_remote(
-    cfg: Config, spec: str, prompts: list[str], objectives, samples_per_source: int, path: str, settings: dict
-) -> str:
-    """Sample + score + write one source's cache file (runs as a Ray task when Ray is up)."""
-    from mage_ray.train.rollouts import write_shard
-
-    device = "cuda" if cfg.backbone.use_gpu and torch.cuda.is_available() else "cpu"
-    table = sample_source_table(
-        cfg, spec, prompts, objectives=objectives, samples_per_source=samples_per_source, device=device
-    )
-    write_shard(table, path)
-    write_json_atomic(path[: -len(".parquet")] + ".json", settings)
-    return path
-
-
-def source_tables(
-    cfg: Config,
-    specs: Sequence[str],
-    prompts: Sequence[str],
-    *,
-    objectives: Sequence[Any] | None = None,
-    samples_per_source: int = 1,
-) -> dict[str, str]:
-    """Scored responses of every source to ``prompts``, cached under ``<run_dir>/wrpo/sources/``:
-    {source label: parquet path}. Missing ones are sampled as Ray tasks (one per source, with the backbone
-    workers' resources) when Ray is initialised, else in this process."""
-    import ray
-
-    from mage_ray.train.ray_shell import storage_abs as _storage
-
-    root = join(_storage(cfg.storage.run_dir), "wrpo", "sources")
-    names = (
-        [getattr(o, "name", str(o)) for o in objectives]
-        if objectives is not None
-        else list(cfg.task.objectives)
-    )
-    digest = hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:16]
-    out: dict[str, str] = {}
-    todo = []
-    for spec in specs:
-        path = join(root, _slug(spec) + ".parquet")
-        settings = {
-            "source": spec,
-            "target_model": cfg.model.name_or_path,
-            "objectives": names,
-            "prompts_sha256": digest,
-            "n_prompts": len(prompts),
-            "samples_per_source": samples_per_source,
-            "max_new_tokens": cfg.value.rollout_max_tokens,
-            "temperature": cfg.backbone.temperature,
-            "seed": cfg.backbone.seed,
-            "chat_template": cfg.model.chat_template,
-        }
-        out[_source_label(cfg, spec)] = path
-        try:
-            cached = read_json(path[: -len(".parquet")] + ".json") == settings
-        except ManifestError:
-            cached = False
-        if cached:
-            print(f"[wrpo] source {_source_label(cfg, spec)}: cached responses {path}", flush=True)
-        else:
-            todo.append((spec, path, settings))
-    if todo and ray.is_initialized():
-        res = dict(cfg.backbone.resources_per_worker)
-        task = ray.remote(_sample_remote).options(
-            num_cpus=res.pop("CPU", 1),
-            num_gpus=res.pop("GPU", 1 if cfg.backbone.use_gpu else 0),
-            resources=res or None,
-        )
-        ray.get(
-            [
-                task.remote(cfg, spec, list(prompts), objectives, samples_per_source, path, st)
-                for spec, path, st in todo
-            ]
-        )
-    else:
-        for spec, path, st in todo:
-            _sample_remote(cfg, spec, list(prompts), objectives, samples_per_source, path, st)
-    for spec, path, _ in todo:
-        print(
-            f"[wrpo] source {_source_label(cfg, spec)}: sampled {len(prompts)} x {samples_per_source} "
-            f"-> {path}",
-            flush=True,
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Training: one backbone (plain function), n backbones (Ray)
 
 
@@ -370,8 +156,8 @@ def train_wrpo_backbone(
     Returns the manifest on rank 0 (others None). Raises RewardWeightsError for a bad ``w`` and ValueError
     when there are no sources or no usable triple.
     """
-    from mage_ray.train.backbone import validate_reward_weights
     from mage_ray.train.rollouts import read_rollouts
+    from mage_ray.train.stage1 import validate_reward_weights
 
     t0 = time.time()
     ctx = ctx or TrainContext()
@@ -384,7 +170,7 @@ def train_wrpo_backbone(
     if not beta > 0:
         raise ValueError(f"beta = {beta} must be > 0 (WRPO's KL coefficient; backbone.kl_coef by default)")
     if not sources:
-        raise ValueError(_NO_SOURCES)
+        raise ValueError(NO_SOURCES)
     s = OfflineSettings.from_config(cfg, steps, batch_size)
     target = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     tables = {label: read_rollouts(path) for label, path in sources.items()}
@@ -395,11 +181,7 @@ def train_wrpo_backbone(
             "h = w^T r (value.rollouts_per_prompt >= 2)"
         )
 
-    torch.manual_seed(s.seed)
-    model, tok = build_lora_policy(cfg, ctx.device)
-    opt = make_optimizer(model, s.learning_rate, ctx.resume)
-    policy = ctx.wrap(model) if ctx.wrap is not None else model
-    pid = pad_id(tok)
+    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
     ref_cache: dict[int, tuple[float, float, float]] = {}
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
@@ -409,16 +191,18 @@ def train_wrpo_backbone(
             + [triples[i].chosen_ids for i in idx]
             + [triples[i].rejected_ids for i in idx]
         )
-        return {k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, pid, s.max_len).items()}
+        return {
+            k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, t.pad_id, s.max_len).items()
+        }
 
     def step_loss(idx: list[int], step: int):
         todo = [i for i in idx if i not in ref_cache]
         if todo:  # pi_ref is fixed: each triple's reference log-probs once
-            ref = reference_logps(model, batch_of(todo)).cpu()  # [3 b']
+            ref = reference_logps(t.model, batch_of(todo)).cpu()  # [3 b']
             m = len(todo)
             for j, i in enumerate(todo):
                 ref_cache[i] = (float(ref[j]), float(ref[m + j]), float(ref[2 * m + j]))
-        logps = sequence_logps(policy, batch_of(idx))  # [3b]
+        logps = sequence_logps(t.forward, batch_of(idx))  # [3b]
         b = len(idx)
         ref = torch.tensor([ref_cache[i] for i in idx], device=logps.device)  # [b, 3]
         alpha = wrpo_alpha(step, s.steps, alpha_max)
@@ -427,23 +211,22 @@ def train_wrpo_backbone(
         )
         return loss, {**m, "alpha": alpha}
 
-    start = int(ctx.resume["step"]) if ctx.resume else 0
-    history = fit_steps(
-        model,
-        opt,
-        len(triples),
-        step_loss,
-        start_step=start,
-        end_step=s.steps,
-        batch_size=s.batch_size,
-        seed=s.seed,
-        ctx=ctx,
-    )
+    history = fit_steps(t, len(triples), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
-    wins = np.mean([t.h_source > t.h_chosen for t in triples])
+    wins = np.mean([x.h_source > x.h_chosen for x in triples])
     manifest = {
-        **common_manifest(cfg, kind="backbone", name=name, steps=s.steps, history=history, t0=t0, ctx=ctx),
+        **common_manifest(
+            cfg,
+            s,
+            kind="backbone",
+            name=name,
+            objectives=names,
+            steps=s.steps,
+            history=history,
+            t0=t0,
+            ctx=ctx,
+        ),
         "trainer": "wrpo",
         "w": w_arr.tolist(),
         "beta": cfg.backbone.beta,
@@ -451,29 +234,15 @@ def train_wrpo_backbone(
         "dpo_beta": beta,
         "wrpo_alpha_max": alpha_max,
         "alpha_schedule": "linear 0 -> alpha_max over the optimizer steps",
-        "objectives": names,
         "sources": list(sources),
         "n_triples": len(triples),
         "source_win_rate": float(wins),
-        "source_counts": {k: sum(t.source == k for t in triples) for k in sources},
-        "batch_size": s.batch_size,
+        "source_counts": {k: sum(x.source == k for x in triples) for k in sources},
         "backbone_config": dataclasses.asdict(cfg.backbone),
         **(extra_manifest or {}),
     }
-    save_policy_artifact(model, out_dir, manifest, history)
-    if not ctx.quiet:
-        print(
-            f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps "
-            f"-> {out_dir}"
-        )
-    return manifest
-
-
-_NO_SOURCES = (
-    "backbone.trainer = 'wrpo' needs source models: list them in backbone.wrpo_sources (HF ids, model "
-    "directories or adapter directories), or first train GRPO/RLOO backbones of another beta (or beta = 1 "
-    "Rewarded-Soups backbones) under <run_dir>/backbones"
-)
+    summary = f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps"
+    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def train_wrpo_backbones(
@@ -510,7 +279,7 @@ def train_wrpo_backbones(
         return [read_manifest(d) or {} for d in dirs]
     specs = list(sources) if sources is not None else discover_sources(cfg, exclude=dirs)
     if not specs:
-        raise ValueError(_NO_SOURCES)
+        raise ValueError(NO_SOURCES)
     rollouts = _storage(ensure_rollouts(cfg, rollouts_path))
     prompts = list(dict.fromkeys(read_rollouts(rollouts, columns=["prompt"]).column("prompt").to_pylist()))
     tables = source_tables(cfg, specs, prompts, objectives=objectives, samples_per_source=samples_per_source)
