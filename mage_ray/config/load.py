@@ -50,35 +50,28 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         _fail(name, value, "true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            _fail(name, value, "an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        _fail(name, value, "an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            _fail(name, value, "a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        _fail(name, value, "a number")
+    if tp in (int, float):
+        return _number(name, value, tp)
     if tp is str:
         if isinstance(value, (dict, list)):
             _fail(name, value, "a string")
         return str(value)
     return value
+
+
+def _number(name: str, value: Any, tp: type) -> int | float:
+    """An int (also from an integral float or a numeric string) or a float (from an int or a string); never a bool."""
+    what = "an integer" if tp is int else "a number"
+    if isinstance(value, bool):
+        _fail(name, value, what)
+    if isinstance(value, int) or (isinstance(value, float) and (tp is float or value.is_integer())):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return tp(value)
+        except ValueError:
+            pass
+    _fail(name, value, what)
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
