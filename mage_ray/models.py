@@ -212,6 +212,25 @@ def load_policy(cfg: ModelConfig, cache_dir: str | Path | None = None, device: s
     return model.to(device).eval(), tok
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool = True) -> list[int]:
+    """Token ids of a user prompt as the policy continues it: :func:`format_prompt`, then the tokenizer's own
+    special tokens only when no chat template already holds them. The decode engine and the rollout sampler both
+    encode prompts with it."""
+    text = format_prompt(tokenizer, prompt, use_chat_template)
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the generation config's EOS (one id or a list), then the tokenizer's, in that
+    order (the first is the pad fallback of a tokenizer without a pad token). Engine and rollouts share it."""
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
 def format_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool = True) -> str:
     """Render a user prompt (string or chat messages) to the text the policy continues."""
     if isinstance(prompt, str):

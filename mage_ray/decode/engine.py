@@ -18,6 +18,7 @@ from mage_ray.decode.parts import EngineParts, parts_from_bundle
 from mage_ray.decode.request import Completion, Request, TokenEvent, Usage, _Job, normalise
 from mage_ray.guidance import AdapterLayout
 from mage_ray.lora_mix import LoraAdapter, MixedLinear, MixedLoraModel
+from mage_ray.models import eos_token_ids
 
 __all__ = ["Engine"]
 
@@ -118,10 +119,7 @@ class Engine:
 
         cfg_ctx = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.max_context = min(parts.max_context or cfg_ctx, cfg_ctx)
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
+        eos = eos_token_ids(self.model, self.tokenizer)
         self.eos_ids = set(eos)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)

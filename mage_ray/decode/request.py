@@ -18,7 +18,7 @@ import torch
 
 from mage_ray.config import DecodeConfig
 from mage_ray.guidance import AdapterLayout, Plan, PlanArgs, make_plan
-from mage_ray.models import format_prompt
+from mage_ray.models import encode_prompt
 from mage_ray.soup import PreferenceError, validate_preference
 
 if TYPE_CHECKING:
@@ -243,9 +243,7 @@ def normalise(
     if plan.prompt is not None:
         prompt = plan.prompt
     tok = tokenizer
-    templated = use_chat_template and bool(getattr(tok, "chat_template", None))
-    text = format_prompt(tok, prompt, use_chat_template)
-    ids = tok(text, add_special_tokens=not templated)["input_ids"]
+    ids = encode_prompt(tok, prompt, use_chat_template)
     if not ids:
         raise RequestError("prompt", "prompt tokenises to zero tokens")
     if len(ids) + max_new > max_context:

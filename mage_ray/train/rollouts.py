@@ -57,26 +57,15 @@ def encode_prompts(
     tokenizer, prompts: Sequence[str], *, use_chat_template: bool = True, max_prompt_tokens: int | None = None
 ) -> list[list[int]]:
     """Chat-format and tokenize prompts; keep the last ``max_prompt_tokens`` tokens of longer ones."""
-    from mage_ray.models import format_prompt
+    from mage_ray.models import encode_prompt
 
     out = []
     for p in prompts:
-        text = format_prompt(tokenizer, p, use_chat_template)
-        # The chat template already holds its special tokens; a plain prompt gets the tokenizer's own.
-        templated = use_chat_template and getattr(tokenizer, "chat_template", None)
-        ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        ids = encode_prompt(tokenizer, p, use_chat_template)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             ids = ids[-max_prompt_tokens:]
         out.append(list(ids))
     return out
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 @torch.no_grad()
@@ -126,7 +115,9 @@ def sample_responses(
         pad_token_id=pad,
     )  # (B * n, P + T), rows prompt-major
     generated = out[:, width:].tolist()
-    eos = _eos_ids(model, tokenizer)
+    from mage_ray.models import eos_token_ids
+
+    eos = set(eos_token_ids(model, tokenizer))
     rows: list[Rollout] = []
     for k, gen in enumerate(generated):
         cut = next((j + 1 for j, tok in enumerate(gen) if tok in eos), len(gen))
