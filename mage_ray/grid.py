@@ -27,7 +27,15 @@ from mage_ray.manifest import join
 from mage_ray.metrics import pareto_mask
 from mage_ray.uncertainty import cell_means
 
-__all__ = ["BatchDecoder", "expand", "point_summary", "read_prompts", "run_grid", "summarise_dataset"]
+__all__ = [
+    "BatchDecoder",
+    "expand",
+    "grid_points_summary",
+    "point_summary",
+    "read_prompts",
+    "run_grid",
+    "summarise_dataset",
+]
 
 
 def point_summary(X: np.ndarray, D: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -52,6 +60,47 @@ def point_summary(X: np.ndarray, D: np.ndarray | None = None) -> dict[str, np.nd
     if valid.any():
         front[valid] = pareto_mask(means[valid])
     return {"means": means, "degenerate": degenerate, "front": front}
+
+
+def grid_points_summary(
+    points: np.ndarray, prompts: Sequence[str], comps: Sequence[Any], scores: np.ndarray | None
+) -> tuple[list[dict], list[bool] | None]:
+    """The per-point entries of a decoded grid (Serve's ``/v1/grid``) and its front.
+
+    ``comps``: Completions in point-major order (request p * m + i for m prompts); ``prompts``: the prompt text
+    of every completion, same order; ``scores`` (P * m, n) or None when the grid is not scored. Every text is
+    checked by the quality gate; a point gets its texts, finish reasons, errors, degenerate flags (None where
+    decoding failed), the flagged share and, when scored, its mean rewards; ``front`` (scored grids only) from
+    :func:`point_summary`.
+    """
+    from mage_ray.tasks.quality import degenerate_mask
+
+    P = len(points)
+    m = len(comps) // P
+    flags = degenerate_mask(list(prompts), [c.text for c in comps])
+    # (P, m, n) rewards and (P, m) flags, NaN where decoding failed: the one per-point summariser
+    n = 1 if scores is None else scores.shape[1]
+    X = np.full((P, m, n), np.nan) if scores is None else scores.reshape(P, m, -1)
+    D = np.array(
+        [np.nan if c.finish_reason == "error" else float(f) for c, f in zip(comps, flags)], dtype=np.float64
+    ).reshape(P, m)
+    summary = point_summary(X, D)
+    out_points = []
+    for p in range(P):
+        cs = comps[p * m : (p + 1) * m]
+        frac = summary["degenerate"][p]
+        entry = {
+            "preference": [float(x) for x in points[p]],
+            "texts": [c.text for c in cs],
+            "finish_reasons": [c.finish_reason for c in cs],
+            "errors": [c.error for c in cs] if any(c.error for c in cs) else None,
+            "degenerate": [None if np.isnan(v) else bool(v) for v in D[p]],
+            "degenerate_fraction": None if np.isnan(frac) else float(frac),
+        }
+        if scores is not None:
+            entry["mean_rewards"] = [None if np.isnan(v) else float(v) for v in summary["means"][p]]
+        out_points.append(entry)
+    return out_points, ([bool(f) for f in summary["front"]] if scores is not None else None)
 
 
 class BatchDecoder:

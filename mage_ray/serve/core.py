@@ -464,47 +464,20 @@ class Generator:
         point also says which texts the quality gate flags degenerate (``degenerate``, None where decoding
         failed) and the fraction flagged among the decoded ones (``degenerate_fraction``).
         """
-        from mage_ray.grid import point_summary
-        from mage_ray.tasks.quality import degenerate_mask
+        from mage_ray.grid import grid_points_summary
 
         for k, r in enumerate(reqs[: len(prompts)]):  # every point shares the prompts: check them once
             await self.check(r, f"prompts[{k}]")
         comps = await self.generate_many(reqs)
-        P, m = len(points), len(prompts)
+        m = len(prompts)
+        texts = [prompt_text(prompts[k % m]) for k in range(len(comps))]  # the prompt of every completion
         scores = None
         if score:
             ok = [k for k, c in enumerate(comps) if c.finish_reason != "error"]
             scores = np.full((len(comps), self.engine.layout.n), np.nan)  # (P * m, n)
             if ok:
-                scores[ok] = await self.score(
-                    [prompt_text(prompts[k % m]) for k in ok], [comps[k].text for k in ok]
-                )
-        flags = degenerate_mask(
-            [prompt_text(prompts[k % m]) for k in range(len(comps))], [c.text for c in comps]
-        )
-        # (P, m, n) rewards and (P, m) flags, NaN where decoding failed: the one per-point summariser
-        X = np.full((P, m, self.engine.layout.n), np.nan) if scores is None else scores.reshape(P, m, -1)
-        D = np.array(
-            [np.nan if c.finish_reason == "error" else float(f) for c, f in zip(comps, flags)],
-            dtype=np.float64,
-        ).reshape(P, m)
-        summary = point_summary(X, D)
-        out_points = []
-        for p in range(P):
-            cs = comps[p * m : (p + 1) * m]
-            frac = summary["degenerate"][p]
-            entry = {
-                "preference": [float(x) for x in points[p]],
-                "texts": [c.text for c in cs],
-                "finish_reasons": [c.finish_reason for c in cs],
-                "errors": [c.error for c in cs] if any(c.error for c in cs) else None,
-                "degenerate": [None if np.isnan(v) else bool(v) for v in D[p]],
-                "degenerate_fraction": None if np.isnan(frac) else float(frac),
-            }
-            if scores is not None:
-                entry["mean_rewards"] = [None if np.isnan(v) else float(v) for v in summary["means"][p]]
-            out_points.append(entry)
-        front = [bool(f) for f in summary["front"]] if scores is not None else None
+                scores[ok] = await self.score([texts[k] for k in ok], [comps[k].text for k in ok])
+        out_points, front = grid_points_summary(points, texts, comps, scores)
         d = self.engine.defaults
         tokens = sum(c.usage.completion_tokens for c in comps)
         return {
