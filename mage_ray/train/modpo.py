@@ -47,11 +47,11 @@ from mage_ray.config import Config
 from mage_ray.manifest import join
 from mage_ray.train.offline import (
     OfflineSettings,
+    ReferenceCache,
     build_lora_policy,
     common_manifest,
     fit_steps,
     prepare,
-    reference_logps,
     run_lora_jobs,
     save_policy_artifact,
     sequence_logps,
@@ -186,7 +186,6 @@ def train_modpo(
     w_rest = torch.tensor(w[rest], dtype=torch.float32)  # [n-1]
 
     t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
-    ref_cache: dict[int, tuple[float, float]] = {}
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
         prompts = [pairs[i].prompt_ids for i in idx] * 2
@@ -194,22 +193,17 @@ def train_modpo(
         b = collate_sequences(prompts, responses, t.pad_id, s.max_len)
         return {key: v.to(ctx.device) for key, v in b.items()}
 
+    refs = ReferenceCache(t.model, batch_of, 2)
+
     def step_loss(idx: list[int], step: int):
-        batch = batch_of(idx)
-        todo = [i for i in idx if i not in ref_cache]
-        if todo:  # pi_ref is fixed: compute each pair's reference log-probs once
-            ref = reference_logps(t.model, batch_of(todo)).cpu()  # [2 b']
-            for j, i in enumerate(todo):
-                ref_cache[i] = (float(ref[j]), float(ref[len(todo) + j]))
-        logps = sequence_logps(t.forward, batch)  # [2b]
+        ref = refs(idx, ctx.device)  # [b, 2]: chosen, rejected
+        logps = sequence_logps(t.forward, batch_of(idx))  # [2b]
         b = len(idx)
-        ref_c = torch.tensor([ref_cache[i][0] for i in idx], device=logps.device)
-        ref_r = torch.tensor([ref_cache[i][1] for i in idx], device=logps.device)
         return modpo_loss(
             logps[:b],
             logps[b:],
-            ref_c,
-            ref_r,
+            ref[:, 0],
+            ref[:, 1],
             margin_w[idx].to(logps.device),
             margin_l[idx].to(logps.device),
             float(w[k]),

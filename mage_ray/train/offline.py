@@ -12,7 +12,7 @@ state). It builds its data, calls :func:`prepare` (seed, model, AdamW, resume, D
   global batch sliced by rank (:func:`batch_indices`), optional gradient clipping, a per-step hook that can
   snapshot the run); :func:`token_logps` / :func:`sequence_logps` (sum_t log pi(y_t | x, y<t), shape [B]) and
   :func:`reference_logps` (pi_ref = the same PEFT model with its adapter disabled: no second copy of the
-  weights).
+  weights), :class:`ReferenceCache` (each example's pi_ref log-probs once, for MODPO and WRPO).
 * **Saving.** :func:`save_policy_artifact` (``adapter/`` + ``manifest.json`` + ``metrics.jsonl``, published
   atomically), :func:`common_manifest`.
 * **Ray.** :func:`run_lora_job` (one Ray Train run of :func:`mage_ray.train.ray_shell.step_worker`, published
@@ -52,6 +52,7 @@ from mage_ray.train.ray_shell import (
 
 __all__ = [
     "OfflineSettings",
+    "ReferenceCache",
     "Trainable",
     "batch_indices",
     "build_lora_policy",
@@ -297,6 +298,27 @@ def reference_logps(peft_model, batch: Mapping[str, torch.Tensor]) -> torch.Tens
     """log pi_ref(y | x) [B]: the same PEFT model with its adapter disabled (pi_ref = base / SFT policy)."""
     with peft_model.disable_adapter():
         return sequence_logps(peft_model, batch)
+
+
+class ReferenceCache:
+    """log pi_ref of each example's k sequences, computed once per example (pi_ref is fixed), for the DPO-style
+    trainers (MODPO: chosen, rejected; WRPO: source, chosen, rejected).
+
+    ``batch_of(idx)`` must collate the k sequences of the examples ``idx`` in k blocks of ``len(idx)`` rows (the
+    first sequence of every example, then the second, ...)."""
+
+    def __init__(self, model, batch_of: Callable[[list[int]], Mapping[str, torch.Tensor]], k: int):
+        self.model, self.batch_of, self.k = model, batch_of, k
+        self._cache: dict[int, tuple[float, ...]] = {}
+
+    def __call__(self, idx: Sequence[int], device: Any) -> torch.Tensor:
+        """[len(idx), k] reference log-probs of the examples ``idx`` (float32 on ``device``)."""
+        todo = [i for i in idx if i not in self._cache]
+        if todo:
+            ref = reference_logps(self.model, self.batch_of(todo)).cpu().reshape(self.k, len(todo))  # [k, b']
+            for j, i in enumerate(todo):
+                self._cache[i] = tuple(float(v) for v in ref[:, j])
+        return torch.tensor([self._cache[i] for i in idx], device=device)
 
 
 # ---------------------------------------------------------------------------------------------

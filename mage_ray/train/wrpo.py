@@ -53,11 +53,11 @@ from mage_ray.config import Config
 from mage_ray.manifest import is_complete, read_manifest
 from mage_ray.train.offline import (
     OfflineSettings,
+    ReferenceCache,
     build_lora_policy,
     common_manifest,
     fit_steps,
     prepare,
-    reference_logps,
     run_lora_jobs,
     save_policy_artifact,
     sequence_logps,
@@ -182,7 +182,6 @@ def train_wrpo_backbone(
         )
 
     t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
-    ref_cache: dict[int, tuple[float, float, float]] = {}
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
         prompts = [triples[i].prompt_ids for i in idx] * 3
@@ -195,16 +194,12 @@ def train_wrpo_backbone(
             k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, t.pad_id, s.max_len).items()
         }
 
+    refs = ReferenceCache(t.model, batch_of, 3)
+
     def step_loss(idx: list[int], step: int):
-        todo = [i for i in idx if i not in ref_cache]
-        if todo:  # pi_ref is fixed: each triple's reference log-probs once
-            ref = reference_logps(t.model, batch_of(todo)).cpu()  # [3 b']
-            m = len(todo)
-            for j, i in enumerate(todo):
-                ref_cache[i] = (float(ref[j]), float(ref[m + j]), float(ref[2 * m + j]))
+        ref = refs(idx, ctx.device)  # [b, 3]: source, chosen, rejected
         logps = sequence_logps(t.forward, batch_of(idx))  # [3b]
         b = len(idx)
-        ref = torch.tensor([ref_cache[i] for i in idx], device=logps.device)  # [b, 3]
         alpha = wrpo_alpha(step, s.steps, alpha_max)
         loss, m = wrpo_loss(
             logps[:b], logps[b : 2 * b], logps[2 * b :], ref[:, 0], ref[:, 1], ref[:, 2], alpha, beta
