@@ -8,54 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from offline_fixtures import OBJECTIVES, offline_cfg, write_rollouts
 
-from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest
 from mage_ray.train.modpo import modpo_dir, modpo_loss, pivot_of, train_modpo, train_modpo_grid
 from mage_ray.train.offline import batch_indices
 from mage_ray.train.preference_data import build_pairs, collate_sequences, zscore_stats
 from mage_ray.train.ray_shell import TrainContext
 
-OBJECTIVES = ["conciseness", "readability"]
-
 
 def _cfg(tmp_path, *extra):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"storage.storage_path={tmp_path}",
-            "task.objectives=[conciseness,readability]",
-            "backbone.steps=2",
-            "backbone.prompts_per_step=2",
-            "backbone.num_generations=2",
-            "backbone.checkpoint_every=1",
-            "backbone.max_failures=1",  # a worker group slow to start on a loaded machine is retried
-            "backbone.learning_rate=0.01",
-            *extra,
-        ],
-    )
-
-
-def write_rollouts(path, n_prompts: int = 6, per_prompt: int = 3, seed: int = 0) -> str:
-    """Synthetic scored rollouts in the rollout schema: random 6-token responses (ids 1000..1099 + EOS) to
-    real chat-formatted prompts, random scores per objective."""
-    from mage_ray.models import load_tokenizer
-    from mage_ray.train.rollouts import encode_prompts, rollout_table, write_shard
-
-    tok = load_tokenizer("tiny-random")
-    rng = np.random.default_rng(seed)
-    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(n_prompts)]
-    p_ids = encode_prompts(tok, prompts)
-    rows, idx = [], []
-    for i, p in enumerate(prompts):
-        for _ in range(per_prompt):
-            ids = [int(t) for t in rng.integers(1000, 1100, size=6)] + [tok.eos_token_id]
-            rows.append((p, tok.decode(ids, skip_special_tokens=True), p_ids[i], ids))
-            idx.append(i)
-    scores = {o: rng.uniform(0, 1, size=len(rows)) for o in OBJECTIVES}
-    out = str(path / "rollouts.parquet")
-    write_shard(rollout_table(idx, rows, scores), out)
-    return out
+    return offline_cfg(tmp_path, *extra)
 
 
 def test_modpo_loss_hand_computed():

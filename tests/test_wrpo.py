@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from offline_fixtures import OBJECTIVES, offline_cfg, write_rollouts
 
-from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest, write_manifest
 from mage_ray.train.preference_data import build_triples
 from mage_ray.train.ray_shell import TrainContext
@@ -22,48 +21,11 @@ from mage_ray.train.wrpo import (
 )
 from mage_ray.train.wrpo_sources import discover_sources
 
-OBJECTIVES = ["conciseness", "readability"]
-
 
 def _cfg(tmp_path, *extra):
-    return load_config(
-        "configs/smoke.yaml",
-        [
-            f"storage.storage_path={tmp_path}",
-            "task.objectives=[conciseness,readability]",
-            "backbone.trainer=wrpo",
-            "backbone.steps=2",
-            "backbone.prompts_per_step=2",
-            "backbone.num_generations=2",
-            "backbone.checkpoint_every=1",
-            "backbone.max_failures=1",  # a worker group slow to start on a loaded machine is retried
-            "backbone.learning_rate=0.01",
-            "backbone.wrpo_alpha_max=0.5",
-            "value.rollout_max_tokens=6",
-            *extra,
-        ],
+    return offline_cfg(
+        tmp_path, "backbone.trainer=wrpo", "backbone.wrpo_alpha_max=0.5", "value.rollout_max_tokens=6", *extra
     )
-
-
-def write_rollouts(path, n_prompts: int = 6, per_prompt: int = 3, seed: int = 0) -> str:
-    """Synthetic scored target rollouts (rollout schema): random 6-token responses + EOS, random scores."""
-    from mage_ray.models import load_tokenizer
-    from mage_ray.train.rollouts import encode_prompts, rollout_table, write_shard
-
-    tok = load_tokenizer("tiny-random")
-    rng = np.random.default_rng(seed)
-    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(n_prompts)]
-    p_ids = encode_prompts(tok, prompts)
-    rows, idx = [], []
-    for i, p in enumerate(prompts):
-        for _ in range(per_prompt):
-            ids = [int(t) for t in rng.integers(1000, 1100, size=6)] + [tok.eos_token_id]
-            rows.append((p, tok.decode(ids, skip_special_tokens=True), p_ids[i], ids))
-            idx.append(i)
-    scores = {o: rng.uniform(0, 1, size=len(rows)) for o in OBJECTIVES}
-    out = str(path / "rollouts.parquet")
-    write_shard(rollout_table(idx, rows, scores), out)
-    return out
 
 
 def test_wrpo_loss_hand_computed():
