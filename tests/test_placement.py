@@ -166,7 +166,7 @@ def test_live_cluster_check(gpu_cluster):
 @pytest.mark.slow
 def test_run_concurrent_fails_fast_instead_of_waiting(gpu_cluster, tmp_path):
     """The Tune/Train plumbing checks before it starts: 3 GPU workers per run on 2 GPUs raise at once."""
-    from mage_ray.train.ray_train import Scaling, run_concurrent
+    from mage_ray.train.ray_shell import Scaling, run_concurrent
 
     t = time.time()
     with pytest.raises(InsufficientResourcesError, match="needs 3 GPU bundles"):
@@ -208,7 +208,7 @@ def _placement_driver(label: str, out: str, scaling=None, storage: str | None = 
 
     import ray.train.torch as rtt
 
-    from mage_ray.train.ray_train import Scaling, run_torch_trainer
+    from mage_ray.train.ray_shell import Scaling, run_torch_trainer
 
     rtt.TorchTrainer = functools.partial(rtt.TorchTrainer, torch_config=rtt.TorchConfig(backend="gloo"))
     run_torch_trainer(
@@ -230,7 +230,7 @@ def test_two_backbone_runs_land_on_distinct_gpus(gpu_cluster, tmp_path):
     """
     import ray
 
-    from mage_ray.train.ray_train import Scaling, run_concurrent
+    from mage_ray.train.ray_shell import Scaling, run_concurrent
 
     out = tmp_path / "placement"
     out.mkdir()

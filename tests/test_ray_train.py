@@ -57,7 +57,8 @@ def ray_local():
 
 def test_format_progress_and_run_names(tmp_path):
     from mage_ray.train.ray_shell import format_progress
-    from mage_ray.train.ray_train import _train_run_name, backbone_dir, morlhf_dir
+    from mage_ray.train.ray_shell import train_run_name as _train_run_name
+    from mage_ray.train.ray_train import backbone_dir, morlhf_dir
 
     line = format_progress(
         "b0",
@@ -119,7 +120,8 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(ray_local, tmp_path)
 
 def test_concurrent_backbones_via_tune(ray_local, tmp_path):
     """train_backbones: the 2 columns of B(0.7) train as 2 concurrent Tune trials; a second call skips them."""
-    from mage_ray.train.ray_train import Scaling, max_concurrent_runs, train_backbones
+    from mage_ray.train.ray_shell import Scaling, max_concurrent_runs
+    from mage_ray.train.ray_train import train_backbones
 
     cfg = smoke_cfg(tmp_path)
     assert max_concurrent_runs(Scaling(), 2) == 2  # 4 logical CPUs, 1 CPU per run
@@ -171,3 +173,21 @@ def test_objective_failure_on_one_ddp_rank_stops_every_worker(ray_local, tmp_pat
     assert "objective 'fragile' raised RuntimeError: rank-1 scorer down" in msg and "stopped at step 2" in msg
     assert info.value.checkpoint is not None and os.path.isdir(info.value.checkpoint)
     assert read_manifest(out) is None
+
+
+def test_sft_stage_runs_once_through_the_shell(ray_local, tmp_path):
+    """backbone.sft_steps = 2 with explicit pairs: one Ray Train run publishes <run_dir>/sft (manifest complete,
+    2 steps, the Ray run recorded) and the returned config's base model is the merged model; a second call reuses
+    it without training (the manifest is unchanged)."""
+    from mage_ray.train.ray_train import prepare_sft_base
+
+    cfg = smoke_cfg(tmp_path, "backbone.sft_steps=2")
+    pairs = [("Say hi.", "Hello there!"), ("Name a colour.", "Blue.")]
+    out = prepare_sft_base(cfg, pairs)
+    sft_dir = os.path.join(cfg.storage.run_dir, "sft")
+    m = read_manifest(sft_dir)
+    assert m["status"] == "complete" and m["steps_done"] == 2 and m["ray_train_run"]
+    assert out.model.name_or_path == os.path.join(sft_dir, "model")
+    assert os.path.isfile(os.path.join(sft_dir, "model", "config.json"))
+    again = prepare_sft_base(cfg, pairs)
+    assert again.model.name_or_path == out.model.name_or_path and read_manifest(sft_dir) == m

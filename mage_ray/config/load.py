@@ -10,7 +10,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from mage_ray.config.sections import Config, ConfigError, _fail
+from mage_ray.config.checks import ConfigError, _fail
+from mage_ray.config.sections import Config
 
 __all__ = ["add_config_args", "config_from_dict", "load_config", "save_config"]
 

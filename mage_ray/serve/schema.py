@@ -101,8 +101,8 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class MageParams(_Body):
-    """Decoding options beyond OpenAI's (the ``mage`` field of the OpenAI-compatible endpoints)."""
+class _Method(_Body):
+    """The decoding method and its knobs, shared by every body that decodes (unset: the bundle's defaults)."""
 
     method: str | None = None
     """rs | bs | mod | mage-e | mage-e-m | mage-i | mage-i-m | base | ... (default: the bundle's)."""
@@ -112,6 +112,11 @@ class MageParams(_Body):
     """Extrapolation of Eq. 13."""
     do_sample: bool | None = None
     top_k: int | None = Field(None, ge=0)
+
+
+class MageParams(_Method):
+    """Decoding options beyond OpenAI's (the ``mage`` field of the OpenAI-compatible endpoints)."""
+
     beam_width: int | None = Field(None, ge=1, le=64)
     beam_expansion: int | None = Field(None, ge=1, le=64)
     lookahead: int | None = Field(None, ge=1, le=4096)
@@ -120,19 +125,14 @@ class MageParams(_Body):
     """Decode exactly max_tokens tokens (benchmarks)."""
 
 
-class GenerateBody(_Body):
+class GenerateBody(_Method):
     """``POST /v1/generate``: one prompt (text or chat messages), one preference."""
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     preference: list[Finite] | None = None
-    method: str | None = None
-    gamma: Finite | None = Field(None, ge=0.0, le=1000.0)
-    alpha: Finite | None = Field(None, gt=-1.0, le=10.0)
     max_tokens: int | None = Field(None, ge=1)
-    do_sample: bool | None = None
     temperature: Finite | None = Field(None, gt=0.0, le=100.0)
-    top_k: int | None = Field(None, ge=0)
     top_p: Finite | None = Field(None, gt=0.0, le=1.0)
     beam_width: int | None = Field(None, ge=1, le=64)
     beam_expansion: int | None = Field(None, ge=1, le=64)
@@ -184,18 +184,13 @@ class GridSpec(_Body):
     step: Finite = Field(gt=0.0, le=1.0)
 
 
-class GridBody(_Body):
+class GridBody(_Method):
     """``POST /v1/grid``: every prompt at every preference, one method; optionally scored by the objectives."""
 
     prompts: list[str | list[ChatMessage]]
     preferences: list[list[Finite]] | GridSpec
-    method: str | None = None
-    gamma: Finite | None = Field(None, ge=0.0, le=1000.0)
-    alpha: Finite | None = Field(None, gt=-1.0, le=10.0)
     max_tokens: int | None = Field(None, ge=1)
-    do_sample: bool | None = None
     temperature: Finite | None = Field(None, gt=0.0, le=100.0)
-    top_k: int | None = Field(None, ge=0)
     top_p: Finite | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -392,30 +387,24 @@ def grid_points(body: GridBody, limits: Limits) -> np.ndarray:
         return preference_grid(n, spec.step)
     if not body.preferences:
         raise ApiError(400, "preferences is empty", "preferences")
-    if len(body.preferences) > limits.max_grid_points:
-        raise ApiError(
-            400,
-            f"preferences has {len(body.preferences)} points, more than serve.max_grid_points "
-            f"= {limits.max_grid_points}",
-            "preferences",
-        )
+    _at_most(len(body.preferences), limits.max_grid_points, "preferences", "points", "max_grid_points")
     rows = [
         check_preference(p, limits, None, name=f"preferences[{i}]") for i, p in enumerate(body.preferences)
     ]
     return np.asarray(rows, dtype=np.float64)
 
 
+def _at_most(count: int, limit: int, name: str, unit: str, setting: str) -> None:
+    """ApiError 400 naming ``name`` when ``count`` exceeds the ``serve.<setting>`` limit."""
+    if count > limit:
+        raise ApiError(400, f"{name} has {count} {unit}, more than serve.{setting} = {limit}", name)
+
+
 def grid_requests(body: GridBody, limits: Limits) -> tuple[np.ndarray, list[Any], list[Request]]:
     """(points [P, n], prompts, requests in point-major order: request p * len(prompts) + i)."""
     if not body.prompts:
         raise ApiError(400, "prompts is empty", "prompts")
-    if len(body.prompts) > limits.max_prompts_per_grid:
-        raise ApiError(
-            400,
-            f"prompts has {len(body.prompts)} entries, more than serve.max_prompts_per_grid = "
-            f"{limits.max_prompts_per_grid}",
-            "prompts",
-        )
+    _at_most(len(body.prompts), limits.max_prompts_per_grid, "prompts", "entries", "max_prompts_per_grid")
     prompts = [_prompt(p, f"prompts[{i}]") for i, p in enumerate(body.prompts)]
     points = grid_points(body, limits)
     method = _method(body.method, limits, "method")

@@ -45,17 +45,7 @@ import torch.nn.functional as F
 
 from mage_ray.config import Config
 from mage_ray.manifest import join
-from mage_ray.train.offline import (
-    OfflineSettings,
-    ReferenceCache,
-    build_lora_policy,
-    common_manifest,
-    fit_steps,
-    prepare,
-    run_lora_jobs,
-    save_policy_artifact,
-    sequence_logps,
-)
+from mage_ray.train import offline
 from mage_ray.train.preference_data import (
     PreferencePair,
     build_pairs,
@@ -64,7 +54,7 @@ from mage_ray.train.preference_data import (
     objective_matrix,
     zscore_stats,
 )
-from mage_ray.train.ray_shell import TrainContext
+from mage_ray.train.ray_shell import TrainContext, storage_abs
 
 __all__ = ["modpo_dir", "modpo_loss", "pivot_of", "train_modpo", "train_modpo_grid", "train_modpo_ray"]
 
@@ -125,9 +115,8 @@ def _fmt(x: float) -> str:
 
 def modpo_dir(cfg: Config, mu: Sequence[float]) -> str:
     """``<run_dir>/modpo/mu_<mu_1>-<mu_2>-...`` (same naming as the MORLHF runs)."""
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
-    return join(_storage(cfg.storage.run_dir), "modpo", "mu_" + "-".join(_fmt(float(x)) for x in mu))
+    return join(storage_abs(cfg.storage.run_dir), "modpo", "mu_" + "-".join(_fmt(float(x)) for x in mu))
 
 
 def train_modpo(
@@ -169,7 +158,7 @@ def train_modpo(
     beta = cfg.backbone.kl_coef if beta is None else float(beta)
     if not beta > 0:
         raise ValueError(f"beta = {beta} must be > 0 (MODPO's KL coefficient; backbone.kl_coef by default)")
-    s = OfflineSettings.from_config(cfg, steps, batch_size)
+    s = offline.OfflineSettings.from_config(cfg, steps, batch_size)
 
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     mean, std = zscore_stats(objective_matrix(table, names))
@@ -185,7 +174,9 @@ def train_modpo(
     margin_l = torch.tensor(z_l[:, rest], dtype=torch.float32)  # [P, n-1]
     w_rest = torch.tensor(w[rest], dtype=torch.float32)  # [n-1]
 
-    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
+    t = offline.prepare(
+        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+    )
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
         prompts = [pairs[i].prompt_ids for i in idx] * 2
@@ -193,11 +184,11 @@ def train_modpo(
         b = collate_sequences(prompts, responses, t.pad_id, s.max_len)
         return {key: v.to(ctx.device) for key, v in b.items()}
 
-    refs = ReferenceCache(t.model, batch_of, 2)
+    refs = offline.ReferenceCache(t.model, batch_of, 2)
 
     def step_loss(idx: list[int], step: int):
         ref = refs(idx, ctx.device)  # [b, 2]: chosen, rejected
-        logps = sequence_logps(t.forward, batch_of(idx))  # [2b]
+        logps = offline.sequence_logps(t.forward, batch_of(idx))  # [2b]
         b = len(idx)
         return modpo_loss(
             logps[:b],
@@ -211,12 +202,12 @@ def train_modpo(
             beta,
         )
 
-    history = fit_steps(t, len(pairs), step_loss, s, ctx)
+    history = offline.fit_steps(t, len(pairs), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
     name = "mu_" + "-".join(_fmt(float(x)) for x in w)  # the directory name of modpo_dir
     manifest = {
-        **common_manifest(
+        **offline.common_manifest(
             cfg, s, kind="modpo", name=name, objectives=names, steps=s.steps, history=history, t0=t0, ctx=ctx
         ),
         "preference": w.tolist(),
@@ -232,7 +223,7 @@ def train_modpo(
         "n_pairs": len(pairs),
     }
     summary = f"[modpo] mu={np.round(w, 4).tolist()} pivot {names[k]}: {len(pairs)} pairs, {s.steps} steps"
-    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
+    return offline.save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def _steps(cfg: Config, steps: int | None) -> int:
@@ -270,9 +261,8 @@ def train_modpo_grid(
 
     n = len(kwargs.get("objectives") or cfg.task.objectives)
     mus = [validate_preference(mu, n, name="grid[]") for mu in np.asarray(grid, dtype=float)]
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
-    rollouts = _storage(ensure_rollouts(cfg, rollouts_path))  # absolute: workers may run elsewhere
+    rollouts = storage_abs(ensure_rollouts(cfg, rollouts_path))  # absolute: workers may run elsewhere
     total = _steps(cfg, steps)
     jobs = []
     for i, mu in enumerate(mus):
@@ -298,4 +288,4 @@ def train_modpo_grid(
                 progress=progress,
             )
         )
-    return run_lora_jobs(cfg, jobs, experiment="modpo", max_concurrent=max_concurrent)
+    return offline.run_lora_jobs(cfg, jobs, experiment="modpo", max_concurrent=max_concurrent)

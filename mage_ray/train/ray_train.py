@@ -28,16 +28,12 @@ from mage_ray.config import Config
 from mage_ray.manifest import MANIFEST_NAME, is_complete, read_json, read_manifest
 from mage_ray.train.ray_shell import (
     HF_CHECKPOINT,
-    ConcurrentRunError,
     Scaling,
-    max_concurrent_runs,
     report_checkpoint,
     report_final,
     restore_checkpoint,
     run_and_publish,
-    run_concurrent,
     run_pending,
-    run_torch_trainer,
     storage_abs,
     train_run_name,
 )
@@ -50,23 +46,13 @@ from mage_ray.train.stage1 import (
     validate_reward_weights,
 )
 
-_storage = storage_abs  # the names the trainers used before the shell had its own module
-_train_run_name = train_run_name
-
-
 __all__ = [
-    "ConcurrentRunError",
     "FailOnceCallback",
     "ReportToRayCallback",
-    "Scaling",
     "backbone_dir",
     "backbone_worker",
-    "max_concurrent_runs",
     "morlhf_dir",
     "prepare_sft_base",
-    "restore_checkpoint",
-    "run_concurrent",
-    "run_torch_trainer",
     "train_backbone_ray",
     "train_backbones",
     "train_morlhf",
@@ -246,7 +232,7 @@ def train_backbone_ray(
     """
     from mage_ray.train.backbone import ObjectiveFailure
 
-    out_dir = _storage(out_dir)
+    out_dir = storage_abs(out_dir)
     if is_complete(out_dir):
         return read_manifest(out_dir) or {}
     n = len(objectives) if objectives is not None else cfg.n_objectives
@@ -280,7 +266,7 @@ def train_backbone_ray(
         out_dir,
         cfg=cfg,
         scaling=Scaling.from_backbone(cfg.backbone),
-        run_name=_train_run_name(cfg, out_dir),
+        run_name=train_run_name(cfg, out_dir),
         label=name,
         progress=progress,
         check_result=check,
@@ -290,20 +276,18 @@ def train_backbone_ray(
 
 
 def _train_many(
-    cfg: Config,
-    jobs: list[dict[str, Any]],
-    *,
-    experiment: str,
-    max_concurrent: int | None,
+    cfg: Config, jobs: list[dict[str, Any]], experiment: str, max_concurrent: int | None
 ) -> list[dict]:
     """Train every job not complete yet (concurrently when more than one), then read all manifests."""
+    labels = [j["name"] for j in jobs]
+    scaling = Scaling.from_backbone(cfg.backbone)
     return run_pending(
         train_backbone_ray,
         jobs,
         cfg=cfg,
-        scaling=Scaling.from_backbone(cfg.backbone),
+        scaling=scaling,
         experiment=experiment,
-        labels=[j["name"] for j in jobs],
+        labels=labels,
         max_concurrent=max_concurrent,
     )
 
@@ -353,19 +337,18 @@ def train_backbones(
     fault = fault_injection if fault_injection is not None else _fault_injection_from_env()
     if init_adapters is not None and len(init_adapters) != len(ws):
         raise ValueError(f"init_adapters must hold {len(ws)} adapter directories, got {len(init_adapters)}")
+    common = dict(
+        steps=steps, objectives=objectives, prompts=prompts, fault_injection=fault, progress=progress
+    )
     jobs = [
         dict(
             cfg=cfg,
             w=w.tolist(),
             name=nm,
             out_dir=backbone_dir(cfg, beta, nm),
-            steps=steps,
-            objectives=objectives,
-            prompts=prompts,
             extra_manifest={"kind": "backbone", "beta": beta, "index": i},
-            fault_injection=fault,
-            progress=progress,
             init_adapter=None if init_adapters is None else init_adapters[i],
+            **common,
         )
         for i, (w, nm) in enumerate(zip(ws, names))
     ]
@@ -388,21 +371,16 @@ def train_morlhf(
     cfg = prepare_sft_base(cfg)
     n = len(objectives) if objectives is not None else cfg.n_objectives
     mus = [validate_preference(mu, n, name="grid[]") for mu in np.asarray(grid, dtype=float)]
-    jobs = []
-    for mu in mus:
-        out = morlhf_dir(cfg, mu)
-        name = out.rsplit("/", 1)[-1]
-        jobs.append(
-            dict(
-                cfg=cfg,
-                w=mu.tolist(),
-                name=name,
-                out_dir=out,
-                steps=steps,
-                objectives=objectives,
-                prompts=prompts,
-                extra_manifest={"kind": "morlhf", "mu": mu.tolist(), "beta": None},
-                progress=progress,
-            )
+    common = dict(steps=steps, objectives=objectives, prompts=prompts, progress=progress)
+    jobs = [
+        dict(
+            cfg=cfg,
+            w=mu.tolist(),
+            name=morlhf_dir(cfg, mu).rsplit("/", 1)[-1],
+            out_dir=morlhf_dir(cfg, mu),
+            extra_manifest={"kind": "morlhf", "mu": mu.tolist(), "beta": None},
+            **common,
         )
+        for mu in mus
+    ]
     return _train_many(cfg, jobs, experiment="morlhf", max_concurrent=max_concurrent)

@@ -59,16 +59,7 @@ from mage_ray.ric_format import (
     ric_prompt_for_preference,
     ric_user_prompt,
 )
-from mage_ray.train.offline import (
-    OfflineSettings,
-    build_lora_policy,
-    common_manifest,
-    fit_steps,
-    prepare,
-    run_lora_jobs,
-    save_policy_artifact,
-    token_logps,
-)
+from mage_ray.train import offline
 from mage_ray.train.preference_data import (
     collate_sequences,
     ensure_rollouts,
@@ -76,7 +67,7 @@ from mage_ray.train.preference_data import (
     usable_rows,
     zscore_stats,
 )
-from mage_ray.train.ray_shell import TrainContext
+from mage_ray.train.ray_shell import TrainContext, storage_abs
 
 __all__ = [
     "MAPPINGS",
@@ -126,9 +117,8 @@ def select_online(z: np.ndarray, mus: np.ndarray, quantile: float, select: str =
 
 def ric_dir(cfg: Config) -> str:
     """``<run_dir>/ric``."""
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
-    return join(_storage(cfg.storage.run_dir), "ric")
+    return join(storage_abs(cfg.storage.run_dir), "ric")
 
 
 def _generate_online(
@@ -205,7 +195,7 @@ def train_ric(
         raise ValueError(f"mapping = {mapping!r} is invalid: expected one of {list(MAPPINGS)}")
     select_online(np.zeros((1, 1)), np.ones((1, 1)), quantile, select)  # validates quantile / select early
     names = list(objectives) if objectives is not None else list(cfg.task.objectives)
-    s = OfflineSettings.from_config(cfg, steps, batch_size)
+    s = offline.OfflineSettings.from_config(cfg, steps, batch_size)
 
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     raw = objective_matrix(table, names)  # (N, n)
@@ -217,9 +207,11 @@ def train_ric(
     lo, hi = z[keep].min(axis=0), z[keep].max(axis=0)
     prompts = table.column("prompt").to_pylist()
     responses = table.column("response_ids").to_pylist()
-    offline = [(prompts[i], list(responses[i]), z[i]) for i in np.flatnonzero(keep)]
+    offline_examples = [(prompts[i], list(responses[i]), z[i]) for i in np.flatnonzero(keep)]
 
-    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
+    t = offline.prepare(
+        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+    )
     extra = dict((ctx.resume or {}).get("extra") or {})
     online: list[tuple[str, list[int], np.ndarray]] = [
         (p, ids, np.asarray(sc)) for p, ids, sc in extra.get("online", [])
@@ -228,7 +220,7 @@ def train_ric(
     history: list[dict] = []
     train_prompts = list(dict.fromkeys(prompts))
     for rnd in range(t.start_step // s.steps, rounds):
-        data = offline
+        data = offline_examples
         if rnd > 0:
             if len(round_log) < rnd:  # this round's samples are not in the resumed state yet
                 rng = np.random.default_rng([s.seed, rnd])
@@ -255,9 +247,9 @@ def train_ric(
                         "mean_obtained_z": zg.mean(axis=0).round(4).tolist(),
                     }
                 )
-            offline_z = np.stack([e[2] for e in offline])
+            offline_z = np.stack([e[2] for e in offline_examples])
             front = select_online(offline_z, np.ones_like(offline_z), quantile, "any")
-            data = [e for e, f in zip(offline, front) if f] + online
+            data = [e for e, f in zip(offline_examples, front) if f] + online
         tagged = [ric_user_prompt(p, sc) for p, _, sc in data]
         p_ids = encode_prompts(
             t.tokenizer,
@@ -269,7 +261,7 @@ def train_ric(
         def step_loss(idx: list[int], _step: int, data=data, p_ids=p_ids, rnd=rnd):
             batch = collate_sequences([p_ids[i] for i in idx], [data[i][1] for i in idx], t.pad_id, s.max_len)
             batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            loss = sft_loss(token_logps(t.forward, batch), batch["mask"])
+            loss = sft_loss(offline.token_logps(t.forward, batch), batch["mask"])
             return loss, {"round": float(rnd + 1), "n_examples": float(len(data))}
 
         def state(online=online, round_log=round_log) -> dict:
@@ -277,13 +269,13 @@ def train_ric(
 
         round_settings = dataclasses.replace(s, steps=(rnd + 1) * s.steps, seed=s.seed + rnd)
         start = max(t.start_step, rnd * s.steps)
-        history += fit_steps(
+        history += offline.fit_steps(
             t, len(data), step_loss, round_settings, ctx, start_step=start, snapshot_extra=state
         )
     if ctx.rank != 0:
         return None
     manifest = {
-        **common_manifest(
+        **offline.common_manifest(
             cfg,
             s,
             kind="ric",
@@ -308,13 +300,14 @@ def train_ric(
         "quantile": quantile,
         "select": select,
         "online_rounds": round_log,
-        "n_offline_examples": len(offline),
+        "n_offline_examples": len(offline_examples),
         "n_online_examples": len(online),
     }
     summary = (
-        f"[ric] {len(offline)} offline + {len(online)} online examples, {rounds} round(s) x {s.steps} steps"
+        f"[ric] {len(offline_examples)} offline + {len(online)} online examples, "
+        f"{rounds} round(s) x {s.steps} steps"
     )
-    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
+    return offline.save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def train_ric_ray(
@@ -330,12 +323,11 @@ def train_ric_ray(
     """Train RiC as one Ray Train run (``backbone.num_workers`` workers), published to ``out_dir`` (default
     ``<run_dir>/ric``); the rollouts are generated first when missing. A complete directory is returned as
     is."""
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
     out = out_dir or ric_dir(cfg)
     per_round = cfg.backbone.steps if steps is None else int(steps)
     job_kwargs = {
-        "rollouts_path": _storage(ensure_rollouts(cfg, rollouts_path)),
+        "rollouts_path": storage_abs(ensure_rollouts(cfg, rollouts_path)),
         "steps": per_round,
         "rounds": rounds,
         **kwargs,
@@ -350,4 +342,4 @@ def train_ric_ray(
         max_steps=per_round * rounds,
         progress=progress,
     )
-    return run_lora_jobs(cfg, [job], experiment="ric")[0]
+    return offline.run_lora_jobs(cfg, [job], experiment="ric")[0]

@@ -24,18 +24,10 @@ from mage_ray.manifest import (
     is_complete,
     is_uri,
     join,
-    publish_dir,
     read_json,
     write_manifest,
 )
-from mage_ray.train.ray_shell import (
-    FINAL,
-    Scaling,
-    report_final,
-    restore_checkpoint,
-    run_torch_trainer,
-    storage_abs,
-)
+from mage_ray.train.ray_shell import Scaling, report_final, restore_checkpoint, run_and_publish, storage_abs
 
 
 def _fmt(x: float) -> str:
@@ -252,16 +244,15 @@ def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None
             )
             return cfg
         b = cfg.backbone
-        result = run_torch_trainer(
+        run_and_publish(
             sft_worker,
             {"cfg": cfg, "pairs": pairs},
+            out,
+            cfg=cfg,
             scaling=Scaling(1, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy),
-            storage_path=join(storage_abs(cfg.storage.run_dir), "ray"),
-            name="sft",
-            max_failures=b.max_failures,
+            run_name="sft",
+            label="sft",
+            progress=False,
         )
-        with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-            result.checkpoint.to_directory(tmp)
-            publish_dir(Path(tmp) / FINAL, out)
     model = dataclasses.replace(cfg.model, name_or_path=join(out, "model"))
     return dataclasses.replace(cfg, model=model)

@@ -51,24 +51,14 @@ import torch.nn.functional as F
 
 from mage_ray.config import Config
 from mage_ray.manifest import is_complete, read_manifest
-from mage_ray.train.offline import (
-    OfflineSettings,
-    ReferenceCache,
-    build_lora_policy,
-    common_manifest,
-    fit_steps,
-    prepare,
-    run_lora_jobs,
-    save_policy_artifact,
-    sequence_logps,
-)
+from mage_ray.train import offline
 from mage_ray.train.preference_data import (
     PreferenceTriple,
     build_triples,
     collate_sequences,
     ensure_rollouts,
 )
-from mage_ray.train.ray_shell import TrainContext
+from mage_ray.train.ray_shell import TrainContext, storage_abs
 from mage_ray.train.wrpo_sources import NO_SOURCES, discover_sources, source_tables
 
 __all__ = [
@@ -171,7 +161,7 @@ def train_wrpo_backbone(
         raise ValueError(f"beta = {beta} must be > 0 (WRPO's KL coefficient; backbone.kl_coef by default)")
     if not sources:
         raise ValueError(NO_SOURCES)
-    s = OfflineSettings.from_config(cfg, steps, batch_size)
+    s = offline.OfflineSettings.from_config(cfg, steps, batch_size)
     target = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     tables = {label: read_rollouts(path) for label, path in sources.items()}
     triples: list[PreferenceTriple] = build_triples(target, tables, names, w_arr)
@@ -181,7 +171,9 @@ def train_wrpo_backbone(
             "h = w^T r (value.rollouts_per_prompt >= 2)"
         )
 
-    t = prepare(partial(build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
+    t = offline.prepare(
+        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+    )
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
         prompts = [triples[i].prompt_ids for i in idx] * 3
@@ -194,11 +186,11 @@ def train_wrpo_backbone(
             k: v.to(ctx.device) for k, v in collate_sequences(prompts, responses, t.pad_id, s.max_len).items()
         }
 
-    refs = ReferenceCache(t.model, batch_of, 3)
+    refs = offline.ReferenceCache(t.model, batch_of, 3)
 
     def step_loss(idx: list[int], step: int):
         ref = refs(idx, ctx.device)  # [b, 3]: source, chosen, rejected
-        logps = sequence_logps(t.forward, batch_of(idx))  # [3b]
+        logps = offline.sequence_logps(t.forward, batch_of(idx))  # [3b]
         b = len(idx)
         alpha = wrpo_alpha(step, s.steps, alpha_max)
         loss, m = wrpo_loss(
@@ -206,12 +198,12 @@ def train_wrpo_backbone(
         )
         return loss, {**m, "alpha": alpha}
 
-    history = fit_steps(t, len(triples), step_loss, s, ctx)
+    history = offline.fit_steps(t, len(triples), step_loss, s, ctx)
     if ctx.rank != 0:
         return None
     wins = np.mean([x.h_source > x.h_chosen for x in triples])
     manifest = {
-        **common_manifest(
+        **offline.common_manifest(
             cfg,
             s,
             kind="backbone",
@@ -237,7 +229,7 @@ def train_wrpo_backbone(
         **(extra_manifest or {}),
     }
     summary = f"[wrpo] {name}: w={np.round(w_arr, 4).tolist()} {len(triples)} triples, {s.steps} steps"
-    return save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
+    return offline.save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
 
 
 def train_wrpo_backbones(
@@ -262,7 +254,6 @@ def train_wrpo_backbones(
     callables for scoring source responses (default ``load_objectives(task)``). Complete backbones are
     skipped.
     """
-    from mage_ray.train.ray_shell import storage_abs as _storage
     from mage_ray.train.rollouts import read_rollouts
     from mage_ray.train.stage1 import backbone_dir, backbone_plan, prepare_sft_base
 
@@ -275,7 +266,7 @@ def train_wrpo_backbones(
     specs = list(sources) if sources is not None else discover_sources(cfg, exclude=dirs)
     if not specs:
         raise ValueError(NO_SOURCES)
-    rollouts = _storage(ensure_rollouts(cfg, rollouts_path))
+    rollouts = storage_abs(ensure_rollouts(cfg, rollouts_path))
     prompts = list(dict.fromkeys(read_rollouts(rollouts, columns=["prompt"]).column("prompt").to_pylist()))
     tables = source_tables(cfg, specs, prompts, objectives=objectives, samples_per_source=samples_per_source)
     obj_names = [o.name for o in objectives] if objectives is not None else None
@@ -302,4 +293,4 @@ def train_wrpo_backbones(
                 progress=progress,
             )
         )
-    return run_lora_jobs(cfg, jobs, experiment=f"wrpo-beta_{beta:.4g}", max_concurrent=max_concurrent)
+    return offline.run_lora_jobs(cfg, jobs, experiment=f"wrpo-beta_{beta:.4g}", max_concurrent=max_concurrent)

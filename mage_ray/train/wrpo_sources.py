@@ -22,6 +22,7 @@ import torch
 
 from mage_ray.config import Config
 from mage_ray.manifest import ManifestError, is_complete, join, read_json, read_manifest, write_json_atomic
+from mage_ray.train.ray_shell import storage_abs
 
 __all__ = ["NO_SOURCES", "discover_sources", "sample_source_table", "source_tables"]
 
@@ -44,11 +45,10 @@ def _is_adapter_dir(p: Path) -> Path | None:
 def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
     """Complete non-WRPO backbones under ``<run_dir>/backbones/*/`` (not in ``exclude``, not the short
     beta-sweep trials), then ``backbone.wrpo_sources``."""
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
     found: list[str] = []
-    root = Path(_storage(cfg.storage.run_dir)) / "backbones"
-    skip = {str(Path(_storage(e))) for e in exclude}
+    root = Path(storage_abs(cfg.storage.run_dir)) / "backbones"
+    skip = {str(Path(storage_abs(e))) for e in exclude}
     if root.is_dir():
         for beta_dir in sorted(root.glob("beta_*")):
             for d in sorted(p for p in beta_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -64,9 +64,8 @@ def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
 
 
 def _source_label(cfg: Config, spec: str) -> str:
-    from mage_ray.train.ray_shell import storage_abs as _storage
 
-    root = str(Path(_storage(cfg.storage.run_dir)) / "backbones") + "/"
+    root = str(Path(storage_abs(cfg.storage.run_dir)) / "backbones") + "/"
     return spec[len(root) :] if spec.startswith(root) else spec
 
 
@@ -176,9 +175,7 @@ def source_tables(
     workers' resources) when Ray is initialised, else in this process."""
     import ray
 
-    from mage_ray.train.ray_shell import storage_abs as _storage
-
-    root = join(_storage(cfg.storage.run_dir), "wrpo", "sources")
+    root = join(storage_abs(cfg.storage.run_dir), "wrpo", "sources")
     names = (
         [getattr(o, "name", str(o)) for o in objectives]
         if objectives is not None
