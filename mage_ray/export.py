@@ -84,7 +84,7 @@ def policy_coefficients(
         why = "rewrites the prompt" if plan.prompt is not None else f"decodes with {len(plan.rows)} rows"
         raise ExportError(f"method {method!r} {why}: it is not one set of weights and cannot be exported")
     c = plan.rows[0].coeffs  # [K]
-    terms = [(dirs[i], float(c[i])) for i in np.flatnonzero(c)]
+    terms = [(dirs[i], float(c[i])) for i in np.flatnonzero(np.abs(c) > 1e-12)]  # B^-1 mu: round-off zeros
     if not terms:
         raise ExportError(
             f"method {method!r} uses no adapter: its model is the base model {bundle.base_model!r}"

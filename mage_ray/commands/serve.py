@@ -54,18 +54,23 @@ def run(args, cfg) -> None:
         )
         serve.run(app, name=args.name, route_prefix="/")
         print(
-            f"serving {args.bundle}\n"
+            f"serving {args.bundle} (application {args.name!r})\n"
             f"  playground  {page}\n"
-            f"  API         {api}/generate, {api}/chat/completions, {api}/completions, {api}/grid "
-            f"(OpenAI base_url {api})\n"
+            f"  API         {api}/  (generate, chat/completions, completions, grid, objectives; "
+            f"OpenAI base_url {api})\n"
             "Ctrl-C stops",
             flush=True,
         )
-        while True:
-            time.sleep(3600)
+        _block()
     except KeyboardInterrupt:
         _stop(args.name)
         print("stopped", flush=True)
+
+
+def _block() -> None:
+    """Wait for Ctrl-C (Serve runs in Ray's processes, not in this one)."""
+    while True:
+        time.sleep(3600)
 
 
 def _stop(name: str) -> None:
