@@ -56,7 +56,8 @@ CONFIG_HELP = "Print the merged, validated config (YAML file + key=value overrid
 
 
 def _summary(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0]
+    """A command's one-line help: the first docstring line, without reST's double backquotes."""
+    return (doc or "").strip().splitlines()[0].replace("``", "")
 
 
 def _version() -> str:
