@@ -1,20 +1,20 @@
 """The whole chain on one config: sweep (backbones, rollouts, value models, beta/alpha/gamma) -> bundle
 -> evaluation report comparing every method of ``eval.methods`` (plus MORLHF when configured).
 
-``make demo`` runs this on configs/embedded.yaml. Rerunning resumes from the finished stages.
+``make demo`` runs this on configs/embedded.yaml. Rerunning resumes from the finished stages. The body is
+mage_ray/commands/pipeline.py (also ``mage-ray pipeline``).
 
     python jobs/pipeline.py --config configs/embedded.yaml
     ray job submit --working-dir . -- python jobs/pipeline.py --config configs/embedded.yaml
 """
 
-from mage_ray.pipeline import dumps, run_pipeline
-from mage_ray.runtime import init_ray, parse_job_args
+from mage_ray.commands import pipeline
+from mage_ray.runtime import parse_job_args
 
 
 def main() -> None:
-    _, cfg = parse_job_args(__doc__.splitlines()[0])
-    init_ray()
-    print(dumps(run_pipeline(cfg)))
+    args, cfg = parse_job_args(__doc__.splitlines()[0], pipeline.add_arguments)
+    pipeline.run(args, cfg)
 
 
 if __name__ == "__main__":

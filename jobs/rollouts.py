@@ -1,37 +1,19 @@
 """Sample and score value-model rollouts from the base policy (Ray Data); write ``<run_dir>/rollouts/``.
 
-``value.rollouts_per_prompt`` samples (temperature 1.0, ``value.rollout_max_tokens``) per training prompt,
-scored by every objective of ``task.objectives``. Resumable: shards already written are skipped.
+Resumable: shards already written are skipped. The body is mage_ray/commands/rollouts.py (also
+``mage-ray rollouts``).
 
     ray job submit --working-dir . -- python jobs/rollouts.py --config configs/embedded.yaml
     python jobs/rollouts.py --config configs/smoke.yaml --no-ray            # in-process, no Ray
 """
 
-import numpy as np
-
-from mage_ray.runtime import init_ray, parse_job_args
-from mage_ray.train.rollouts import BASE_COLUMNS, DEFAULT_PROMPTS_PER_SHARD, generate_rollouts, read_rollouts
+from mage_ray.commands import rollouts
+from mage_ray.runtime import parse_job_args
 
 
 def main() -> None:
-    def extra(p):
-        p.add_argument("--out", default=None, help="output directory (default <run_dir>/rollouts)")
-        p.add_argument("--no-ray", action="store_true", help="sample in this process (small runs)")
-        p.add_argument(
-            "--prompts-per-shard", type=int, default=DEFAULT_PROMPTS_PER_SHARD, help="resume granularity"
-        )
-
-    args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
-    if not args.no_ray:
-        init_ray()
-    out = generate_rollouts(cfg, args.out, use_ray=not args.no_ray, prompts_per_shard=args.prompts_per_shard)
-    table = read_rollouts(out)
-    lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
-    print(f"rollouts: {table.num_rows} rows in {out}; response tokens mean {lengths.mean():.1f}")
-    for name in table.column_names:
-        if name not in BASE_COLUMNS:
-            r = np.asarray(table.column(name).to_pylist(), dtype=float)
-            print(f"  {name}: mean {r.mean():.4f} std {r.std():.4f}")
+    args, cfg = parse_job_args(__doc__.splitlines()[0], rollouts.add_arguments)
+    rollouts.run(args, cfg)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,19 @@
 
 Runs backbones (per-beta Tune trials, then the chosen beta in full) -> rollouts -> value models ->
 alpha/gamma Tune trials -> bundle + sweep report under ``<storage.storage_path>/<storage.run_name>/``.
-Rerunning the same command resumes: finished stages, trials and artifacts are kept.
+Rerunning the same command resumes. The body is mage_ray/commands/sweep.py (also ``mage-ray sweep``).
 
     python jobs/sweep.py --config configs/embedded.yaml
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/embedded.yaml storage.storage_path=s3://bucket/runs
 """
 
-from mage_ray.pipeline import dumps, run_sweep
-from mage_ray.runtime import init_ray, parse_job_args
+from mage_ray.commands import sweep
+from mage_ray.runtime import parse_job_args
 
 
 def main() -> None:
-    _, cfg = parse_job_args(__doc__.splitlines()[0])
-    init_ray()
-    print(dumps(run_sweep(cfg)))
+    args, cfg = parse_job_args(__doc__.splitlines()[0], sweep.add_arguments)
+    sweep.run(args, cfg)
 
 
 if __name__ == "__main__":

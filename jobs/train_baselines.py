@@ -1,17 +1,8 @@
 """Train the paper's trained baselines: RiC, MODPO (one policy per grid preference) and WRPO backbones.
 
-All three learn from the base policy's scored rollouts (``<run_dir>/rollouts``, generated first when missing)
-and run as Ray Train runs (``backbone.num_workers`` workers each; several runs at once as Tune trials):
-
-    ric    Rewards-in-Context SFT (+ ``--rounds`` - 1 online rounds) -> <run_dir>/ric/
-    modpo  one MODPO policy per eval.grid_step preference          -> <run_dir>/modpo/mu_<...>/
-    wrpo   the n WRPO backbones of B(beta) from source models    -> <run_dir>/backbones/beta_<b>/b<i>/
-
-Every output is ``adapter/`` + ``manifest.json`` + ``metrics.jsonl``; complete ones are skipped, interrupted
-ones resume from their last Ray Train checkpoint. WRPO sources: ``--sources`` or ``backbone.wrpo_sources``
-(HF ids, model dirs, adapter dirs) plus complete non-WRPO backbones already under ``<run_dir>/backbones``.
-Steps (``backbone.steps``), beta (``backbone.beta``) and the MODPO grid (``eval.grid_step``) are config fields,
-set with ``key=value`` overrides.
+All three learn from the base policy's scored rollouts and run as Ray Train runs; complete outputs are skipped,
+interrupted ones resume. The body, and what it writes, is in mage_ray/commands/train_baselines.py (also
+``mage-ray train-baselines``).
 
     ray job submit --working-dir . -- python jobs/train_baselines.py --config configs/embedded.yaml \\
         --which all
@@ -19,63 +10,13 @@ set with ``key=value`` overrides.
     python jobs/train_baselines.py --config configs/smoke.yaml --which wrpo --sources tiny-random:1
 """
 
-import time
-
-from mage_ray.runtime import init_ray, parse_job_args
-
-
-def _line(m: dict) -> str:
-    fm = m.get("final_metrics", {})
-    extra = " ".join(
-        f"{k} {fm[k]:.4g}" for k in ("margin", "accuracy", "alpha") if isinstance(fm.get(k), float)
-    )
-    return (
-        f"  {m.get('kind')} {m.get('name')}: {m.get('steps_done')} steps, "
-        f"loss {fm.get('loss', float('nan')):.4f} {extra} ({m.get('wall_time_s', 0):.0f} s)"
-    )
+from mage_ray.commands import train_baselines
+from mage_ray.runtime import parse_job_args
 
 
 def main() -> None:
-    def extra(p):
-        p.add_argument("--which", choices=["ric", "modpo", "wrpo", "all"], default="all")
-        p.add_argument("--rounds", type=int, default=1, help="RiC rounds (1 = offline only)")
-        p.add_argument(
-            "--sources",
-            default=None,
-            help="WRPO: comma-separated source models / adapter dirs, instead of the discovered backbones + "
-            "backbone.wrpo_sources",
-        )
-        p.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
-
-    args, cfg = parse_job_args(__doc__.splitlines()[0], extra)
-    init_ray()
-    from mage_ray.soup import preference_grid
-    from mage_ray.train.preference_data import ensure_rollouts
-
-    which = ["ric", "modpo", "wrpo"] if args.which == "all" else [args.which]
-    t0 = time.time()
-    rollouts = ensure_rollouts(cfg)
-    print(f"rollouts ready: {rollouts} ({time.time() - t0:.0f} s)")
-    for method in which:
-        t = time.time()
-        if method == "ric":
-            from mage_ray.train.ric import train_ric_ray
-
-            manifests = [train_ric_ray(cfg, rounds=args.rounds)]
-        elif method == "modpo":
-            from mage_ray.train.modpo import train_modpo_grid
-
-            grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
-            print(f"training {len(grid)} MODPO policies (grid step {cfg.eval.grid_step})")
-            manifests = train_modpo_grid(cfg, grid, max_concurrent=args.max_concurrent)
-        else:
-            from mage_ray.train.wrpo import train_wrpo_backbones
-
-            sources = args.sources.split(",") if args.sources else None
-            manifests = train_wrpo_backbones(cfg, sources=sources, max_concurrent=args.max_concurrent)
-        print(f"{method} done in {time.time() - t:.0f} s:")
-        for m in manifests:
-            print(_line(m))
+    args, cfg = parse_job_args(__doc__.splitlines()[0], train_baselines.add_arguments)
+    train_baselines.run(args, cfg)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def _gguf_location(name: str) -> tuple[str, str]:
     return directory, filename
 
 
+def embedded_gguf(name: str = "smollm2-135m-instruct") -> Path:
+    """The GGUF file of an embedded model inside its wheel (nothing is loaded); ModelLoadError says the fix."""
+    directory, filename = _gguf_location(name)
+    return Path(directory) / filename
+
+
 def _atomic_dir(target: Path, build) -> Path:
     """Build a directory in a temp sibling and rename it into place (safe against crashes/races)."""
     if (target / "READY").exists():

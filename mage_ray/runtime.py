@@ -9,26 +9,36 @@ import sys
 from mage_ray.config import Config, ConfigError, add_config_args, load_config
 
 
-def parse_job_args(description: str, extra=None) -> tuple[argparse.Namespace, Config]:
+def parse_job_args(
+    description: str, extra=None, argv: list[str] | None = None, prog: str | None = None
+) -> tuple[argparse.Namespace, Config]:
     """``--config FILE [section.field=value ...]`` (+ job-specific flags via ``extra(parser)``).
 
-    A bad config (including an unknown objective name) prints one clear line and exits with status 2 (nothing
-    is started).
+    Overrides may stand anywhere, also after a flag's value (``--bundle DIR a.b=1 --out X c.d=2``):
+    the arguments are parsed intermixed. ``argv`` defaults to ``sys.argv[1:]``. A bad config (including an
+    unknown objective name) prints one clear line and exits with status 2 (nothing is started).
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(parser)
     if extra is not None:
         extra(parser)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args(argv)
+    return args, checked_config(args.config, args.overrides)
+
+
+def checked_config(path: str | None, overrides: list[str]) -> Config:
+    """:func:`load_config` plus the objective-name check; on a bad config print ``error: ...`` and exit 2."""
     from mage_ray.tasks.objectives import ObjectiveError, check_objective_names
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(path, overrides)
         check_objective_names(cfg.task.objectives)
     except (ConfigError, ObjectiveError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return args, cfg
+    return cfg
 
 
 def _keep_repeated_log_lines() -> None:

@@ -1,0 +1,23 @@
+"""Sweep beta, alpha and gamma against hypervolume and write a servable bundle.
+
+Runs backbones (per-beta Tune trials, then the chosen beta in full) -> rollouts -> value models ->
+alpha/gamma Tune trials -> bundle + sweep report under ``<storage.storage_path>/<storage.run_name>/``.
+Rerunning the same command resumes: finished stages, trials and artifacts are kept.
+
+    mage-ray sweep --config configs/embedded.yaml storage.storage_path=s3://bucket/runs
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    """No flags of its own: config fields are ``key=value`` overrides."""
+
+
+def run(args, cfg) -> None:
+    from mage_ray.runtime import init_ray
+
+    init_ray()
+    from mage_ray.pipeline import dumps, run_sweep
+
+    print(dumps(run_sweep(cfg)))
