@@ -15,7 +15,7 @@ The bundle directory must be readable at the same path on every node that runs a
 Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_ray.serve.responses`):
 
 ====================================  ========================================================================
-``POST /v1/generate``                 prompt | messages, preference, method, gamma, ..., ``stream`` (SSE)
+``POST /v1/generate``                 prompt | messages, preference, method, gamma, ..., ``stream`` (SSE), ``score``
 ``POST /v1/chat/completions``         OpenAI-compatible (+ ``preference``, ``mage``); ``stream`` supported
 ``POST /v1/completions``              OpenAI-compatible (+ ``preference``, ``mage``); ``stream`` for one prompt
 ``POST /v1/grid``                     prompts x preference grid, optionally scored; mean rewards + front flags
@@ -33,7 +33,8 @@ checked). ``max_tokens`` is bounded by ``decode.max_tokens_limit``. Errors are J
 ``{"error": {"message", "type", "param", "code"}}`` where ``param`` names the offending field.
 
 SSE (``/v1/generate`` with ``stream: true``): one ``data: {"text": ...}`` event per token chunk, then
-``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}``, then ``data: [DONE]``.
+``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}`` (+ ``scores`` when the request
+asked for them), then ``data: [DONE]``.
 A client that disconnects cancels its request: the engine drops its rows at the next decode step.
 """
 
@@ -238,9 +239,14 @@ class MageServer:
         body = await self._parse(request, S.GenerateBody)
         req = S.to_request(body, self.core.limits)
         extra = self._extra(req)
+        if body.score:
+            await self.core.load_scorers()  # objectives that cannot load here: 400 before anything decodes
         if not body.stream:
             c = await self._one(req)
-            return {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
+            out = {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
+            if body.score:
+                out["scores"] = await self.core.score_completion(req, c.text)
+            return out
         ticket, first = await self._open(req)
 
         async def sse() -> AsyncIterator[bytes]:
@@ -249,15 +255,19 @@ class MageServer:
                     yield R.sse({"text": ev.delta})
                 if ev.finished:
                     c = ev.completion
-                    yield R.sse(
-                        {
-                            "text": c.text,
-                            "finish_reason": ev.finish_reason,
-                            "usage": R.usage(c),
-                            "error": c.error,
-                            **extra,
-                        }
-                    )
+                    final = {
+                        "text": c.text,
+                        "finish_reason": ev.finish_reason,
+                        "usage": R.usage(c),
+                        "error": c.error,
+                        **extra,
+                    }
+                    if body.score and ev.finish_reason not in ("error", "cancelled"):
+                        try:
+                            final["scores"] = await self.core.score_completion(req, c.text)
+                        except Exception as e:  # noqa: BLE001  (the stream is open: report it in the event)
+                            final["error"] = f"score: {e}"
+                    yield R.sse(final)
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
