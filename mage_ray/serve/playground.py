@@ -64,7 +64,8 @@ def _file(name: str) -> Response:
 @router.get("/", include_in_schema=False)
 @router.get("/playground", include_in_schema=False)
 async def page() -> Response:
-    """The playground page. Its asset links and API calls are relative, so it also works under a route prefix."""
+    """The playground page. Its asset links and API calls are relative: under a Serve route prefix, open
+    ``<prefix>/playground``."""
     return _file("index.html")
 
 

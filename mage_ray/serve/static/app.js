@@ -1,6 +1,6 @@
 // mage_ray playground: plain JavaScript, no framework, no build step (see mage_ray/serve/playground.py).
 // Reads v1/objectives, streams v1/generate (fetch + ReadableStream: EventSource cannot POST) and draws v1/front.
-// Every URL is relative, so the page also works under a Serve route prefix.
+// Every URL is relative, so the page also works under a Serve route prefix (open <prefix>/playground).
 "use strict";
 
 const TOKEN_KEY = "mage_ray.token";
@@ -248,7 +248,6 @@ async function runOne(which, signal) {
   $(".pref-text", panel).textContent = prefLabel(state.mu[which]);
   state.scores[which] = null;
   panel.dataset.state = "streaming";
-  panel.dataset.chunks = "0";
   panel.setAttribute("aria-busy", "true");
   meta.textContent = "waiting for the first token…";
   try {
@@ -256,7 +255,6 @@ async function runOne(which, signal) {
       body,
       (delta) => {
         text.textContent += delta;
-        panel.dataset.chunks = String(Number(panel.dataset.chunks) + 1);
         meta.textContent = "streaming…";
       },
       signal,
