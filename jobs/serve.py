@@ -7,8 +7,10 @@ Binds ``serve.host``:``serve.port`` (127.0.0.1:8000 unless configured) and block
 
     curl -N localhost:8000/v1/generate -d '{"prompt": "Tell me about the sea", "preference": [0.3, 0.7], "stream": true}'
 
-With ``serve.auth_token_env=MAGE_TOKEN`` (and MAGE_TOKEN set before Ray starts) every route but /healthz needs
-``Authorization: Bearer $MAGE_TOKEN``. See mage_ray/serve/app.py for the routes.
+Open http://127.0.0.1:8000/ for the browser playground (README, "Playground").
+
+With ``serve.auth_token_env=MAGE_TOKEN`` (and MAGE_TOKEN set before Ray starts) every route but /healthz and the
+playground page needs ``Authorization: Bearer $MAGE_TOKEN``. See mage_ray/serve/app.py for the routes.
 """
 
 from ray import serve
@@ -26,7 +28,8 @@ def main() -> None:
     app = build_app({"bundle": args.bundle, "config": args.config, "overrides": args.overrides})
     init_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    print(f"serving {args.bundle} at http://{cfg.serve.host}:{cfg.serve.port} (Ctrl-C stops)", flush=True)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"serving {args.bundle} at {url} (playground: {url}/; Ctrl-C stops)", flush=True)
     serve.run(app, name=args.name, route_prefix="/", blocking=True)
 
 
