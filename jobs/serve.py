@@ -6,6 +6,13 @@ and blocks until Ctrl-C, which stops Serve and exits with status 0. The body is 
 
     python jobs/serve.py --config configs/embedded.yaml --bundle runs/embedded/bundle
     python jobs/serve.py --config configs/smoke.yaml --bundle <dir> serve.port=8001 serve.num_replicas=2
+
+Try it::
+
+    curl -N localhost:8000/v1/generate -d '{"prompt": "Tell me about the sea", "preference": [0.3, 0.7], "stream": true}'
+
+With ``serve.auth_token_env=MAGE_TOKEN`` (and MAGE_TOKEN set before Ray starts) every route but /healthz and the
+playground page needs ``Authorization: Bearer $MAGE_TOKEN``.
 """
 
 from mage_ray.commands import serve

@@ -15,25 +15,28 @@ The bundle directory must be readable at the same path on every node that runs a
 Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_ray.serve.responses`):
 
 ====================================  ========================================================================
-``POST /v1/generate``                 prompt | messages, preference, method, gamma, ..., ``stream`` (SSE)
+``POST /v1/generate``                 prompt | messages, preference, method, gamma, ..., ``stream`` (SSE), ``score``
 ``POST /v1/chat/completions``         OpenAI-compatible (+ ``preference``, ``mage``); ``stream`` supported
 ``POST /v1/completions``              OpenAI-compatible (+ ``preference``, ``mage``); ``stream`` for one prompt
 ``POST /v1/grid``                     prompts x preference grid, optionally scored; mean rewards + front flags
 ``GET  /v1/objectives``               objective names, methods, defaults (method, gamma, alpha, beta), limits
 ``GET  /v1/models``                   the served model (OpenAI clients list it)
 ``GET  /v1/stats``                    request / token / cancellation counters of this replica
+``GET  /v1/front``                    the bundle's Pareto front from its evaluation report (:mod:`.playground`)
 ``GET  /healthz``                     200 when the engine is loaded and not stuck, else 503 (no auth)
+``GET  /``, ``/playground``           the preference playground page (no auth: it holds no data)
 ====================================  ========================================================================
 
 Security: Serve's HTTP proxy binds ``serve.host`` (127.0.0.1 unless configured; ``jobs/serve.py`` passes it
 to ``serve.start``). With ``serve.auth_token_env`` naming a set environment variable (visible to the
-replicas), every route but ``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise). Bodies over
-``serve.max_body_bytes`` get 413 (the Content-Length header and the bytes actually received are both
-checked). ``max_tokens`` is bounded by ``decode.max_tokens_limit``. Errors are JSON
+replicas), every route but ``/healthz`` and the playground page (its files) needs ``Authorization: Bearer
+<token>`` (401 otherwise). Bodies over ``serve.max_body_bytes`` get 413 (the Content-Length header and the bytes
+actually received are both checked). ``max_tokens`` is bounded by ``decode.max_tokens_limit``. Errors are JSON
 ``{"error": {"message", "type", "param", "code"}}`` where ``param`` names the offending field.
 
 SSE (``/v1/generate`` with ``stream: true``): one ``data: {"text": ...}`` event per token chunk, then
-``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}``, then ``data: [DONE]``.
+``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}`` (+ ``scores`` when the request
+asked for them), then ``data: [DONE]``.
 A client that disconnects cancels its request: the engine drops its rows at the next decode step.
 """
 
@@ -60,6 +63,8 @@ from mage_ray.decode import Completion, Request, TokenEvent
 from mage_ray.serve import responses as R
 from mage_ray.serve import schema as S
 from mage_ray.serve.core import Generator, Ticket
+from mage_ray.serve.playground import front_json
+from mage_ray.serve.playground import router as playground_router
 
 __all__ = ["GRACEFUL_SHUTDOWN_S", "MageServer", "api", "build_app", "deployment_options"]
 
@@ -69,6 +74,7 @@ GRACEFUL_SHUTDOWN_S = 60.0
 """How long a stopping replica lets in-flight requests (streams included) finish before it is killed."""
 
 api = FastAPI(title="mage_ray", description="Preference-conditioned guided generation (MAGE / Bone Soup)")
+api.include_router(playground_router)  # the page at / and /playground (no auth: it holds no data)
 
 
 @api.exception_handler(S.ApiError)
@@ -151,6 +157,7 @@ class MageServer:
             # shared node slows decoding by orders of magnitude.
             torch.set_num_threads(int(cfg.serve.num_cpus))
         self.core = Generator.from_bundle(bundle, cfg, overrides or [])
+        self.bundle = bundle
         self.max_body = cfg.serve.max_body_bytes
         env = cfg.serve.auth_token_env
         self.token = os.environ.get(env) if env else None
@@ -228,6 +235,11 @@ class MageServer:
         self._auth(request)
         return self.core.stats()
 
+    @api.get("/v1/front")
+    async def front(self, request: HttpRequest) -> dict:
+        self._auth(request)
+        return front_json(self.bundle, self.core.engine.objectives)
+
     @api.get("/v1/models")
     async def models(self, request: HttpRequest) -> dict:
         self._auth(request)
@@ -238,9 +250,14 @@ class MageServer:
         body = await self._parse(request, S.GenerateBody)
         req = S.to_request(body, self.core.limits)
         extra = self._extra(req)
+        if body.score:
+            await self.core.load_scorers()  # objectives that cannot load here: 400 before anything decodes
         if not body.stream:
             c = await self._one(req)
-            return {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
+            out = {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
+            if body.score:
+                out["scores"] = await self.core.score_completion(req, c.text)
+            return out
         ticket, first = await self._open(req)
 
         async def sse() -> AsyncIterator[bytes]:
@@ -249,15 +266,19 @@ class MageServer:
                     yield R.sse({"text": ev.delta})
                 if ev.finished:
                     c = ev.completion
-                    yield R.sse(
-                        {
-                            "text": c.text,
-                            "finish_reason": ev.finish_reason,
-                            "usage": R.usage(c),
-                            "error": c.error,
-                            **extra,
-                        }
-                    )
+                    final = {
+                        "text": c.text,
+                        "finish_reason": ev.finish_reason,
+                        "usage": R.usage(c),
+                        "error": c.error,
+                        **extra,
+                    }
+                    if body.score and ev.finish_reason not in ("error", "cancelled"):
+                        try:
+                            final["scores"] = await self.core.score_completion(req, c.text)
+                        except Exception as e:  # noqa: BLE001  (the stream is open: report it in the event)
+                            final["error"] = f"score: {e}"
+                    yield R.sse(final)
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -437,22 +437,36 @@ class Generator:
             self._objectives = [get_objective(n, device=self.reward_device) for n in self.engine.objectives]
         return self._objectives
 
-    def _score_sync(self, prompts: list[str], texts: list[str]) -> np.ndarray:
-        from mage_ray.tasks.objectives import score
-
+    def _scorers(self):
+        """The bundle's objectives; ApiError 400 naming ``score`` when they cannot be loaded here."""
         try:
-            objs = self._load_objectives()
+            return self._load_objectives()
         except Exception as e:  # noqa: BLE001  (unknown objective, reward model not available offline)
             raise ApiError(
                 400, f"score: the bundle's objectives cannot be loaded here: {e}", "score"
             ) from None
-        return score(objs, prompts, texts)
+
+    def _score_sync(self, prompts: list[str], texts: list[str]) -> np.ndarray:
+        from mage_ray.tasks.objectives import score
+
+        return score(self._scorers(), prompts, texts)
+
+    async def load_scorers(self) -> None:
+        """Load the bundle's objectives now (ApiError naming ``score`` if they cannot be), so that a streamed
+        request asking for scores is refused before its stream opens."""
+        await asyncio.get_running_loop().run_in_executor(self._aux_thread, self._scorers)
 
     async def score(self, prompts: list[str], texts: list[str]) -> np.ndarray:
         """(N, n) scores of the bundle's objectives (loaded on first use)."""
         return await asyncio.get_running_loop().run_in_executor(
             self._aux_thread, self._score_sync, prompts, texts
         )
+
+    async def score_completion(self, req: Request, text: str) -> list[float | None]:
+        """The per-objective scores (bundle order; None where not finite) of one completion ``text`` of ``req``,
+        scored against its prompt as the grid scores its texts."""
+        s = await self.score([prompt_text(req.prompt)], [text])  # (1, n)
+        return [float(v) if np.isfinite(v) else None for v in s[0]]
 
     async def grid(
         self, points: np.ndarray, prompts: list[Any], reqs: list[Request], score: bool = False

@@ -2,7 +2,8 @@
 
 Endpoints (see :mod:`mage_ray.serve.app`):
 
-* ``POST /v1/generate``          :class:`GenerateBody`    native API (prompt or messages, preference, method, ...)
+* ``POST /v1/generate``          :class:`GenerateBody`    native API (prompt or messages, preference, method, ...,
+                                                          ``score``)
 * ``POST /v1/chat/completions``  :class:`ChatBody`        OpenAI-compatible; extra fields ``preference``, ``mage``
 * ``POST /v1/completions``       :class:`CompletionBody`  OpenAI-compatible; extra fields ``preference``, ``mage``
 * ``POST /v1/grid``              :class:`GridBody`        prompts x preference grid, optionally scored
@@ -142,6 +143,9 @@ class GenerateBody(_Method):
     implicit_merge: Literal["bone", "naive"] = "bone"
     ignore_eos: bool = False
     stream: bool = False
+    score: bool = False
+    """Score the completion with the bundle's objectives: the response (or the stream's final event) gains
+    ``scores``, one per objective in the bundle's order."""
 
 
 class _OpenAIBody(BaseModel):
