@@ -22,7 +22,17 @@ from mage_ray.config import load_config
 from mage_ray.decode import Request
 from mage_ray.metrics import pareto_mask
 from mage_ray.serve.core import Generator, decode_defaults
-from mage_ray.serve.schema import ApiError, GenerateBody, Limits, parse_body, to_request
+from mage_ray.serve.schema import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    GenerateBody,
+    GridBody,
+    Limits,
+    error_body,
+    parse_body,
+    to_request,
+)
 from mage_ray.tasks.objectives import get_objective, score
 from mage_ray.tasks.quality import degenerate_mask
 
@@ -85,6 +95,77 @@ def test_schema_builds_requests():
     with pytest.raises(ApiError) as e:
         parse_body(b'{"prompt": "x", "preference": [NaN, 0.5]}', GenerateBody)
     assert e.value.field == "preference[0]"
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+OPENAI_BAD = [  # (body patch, endpoint model, field named, code)
+    ({"stream": "maybe"}, "chat", "stream", None),
+    ({"stream_options": 5}, "chat", "stream_options", None),
+    ({"stream_options": {"include_usage": True}}, "chat", "stream_options", None),  # without stream
+    (
+        {"stream": True, "stream_options": {"include_usage": "x"}},
+        "chat",
+        "stream_options.include_usage",
+        None,
+    ),
+    ({"bogus": 1}, "chat", "bogus", None),
+    ({"n": 2}, "chat", "n", "unsupported_parameter"),
+    ({"logprobs": True}, "chat", "logprobs", "unsupported_parameter"),
+    ({"tools": [{"type": "function"}]}, "chat", "tools", "unsupported_parameter"),
+    ({"response_format": {"type": "json_object"}}, "chat", "response_format", "unsupported_parameter"),
+    ({"mage": {"gamma": -1}}, "chat", "mage.gamma", None),
+    ({"echo": True}, "completion", "echo", "unsupported_parameter"),
+    ({"best_of": 3}, "completion", "best_of", "unsupported_parameter"),
+    ({"suffix": "x"}, "completion", "suffix", "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize(
+    "patch, kind, field, code", OPENAI_BAD, ids=[f"{k}-{f}" for _, k, f, _ in OPENAI_BAD]
+)
+def test_openai_bodies_name_the_field_and_use_string_codes(patch, kind, field, code):
+    """Every refused OpenAI field is named (the location cleaner keeps names starting with 'str': stream,
+    stream_options); unknown keys are named; error codes are strings or null, as OpenAI's are."""
+    base = CHAT if kind == "chat" else {"prompt": "hi"}
+    model = ChatBody if kind == "chat" else CompletionBody
+    with pytest.raises(ApiError) as e:
+        to_request(parse_body(json.dumps({**base, **patch}).encode(), model), LIMITS)
+    assert e.value.status == 400 and e.value.field == field, e.value.message
+    assert e.value.code == code and error_body(e.value)["error"]["code"] == code
+    assert field in e.value.message
+
+
+def test_openai_fields_that_change_nothing_are_accepted():
+    """Standard OpenAI fields with no effect here (user, metadata, store, the 'not used' values of the refused
+    ones) pass, and the request decodes as without them."""
+    body = {
+        **CHAT,
+        "user": "u1",
+        "metadata": {"k": "v"},
+        "store": False,
+        "service_tier": "auto",
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    r = to_request(parse_body(json.dumps(body).encode(), ChatBody), LIMITS)
+    assert r == to_request(parse_body(json.dumps(CHAT).encode(), ChatBody), LIMITS)
+
+
+def test_every_problem_is_listed_and_grid_lattice_errors_name_the_step():
+    """Two bad fields: the first is the param, both are in the message (an unknown key is not hidden); a lattice
+    with step 0 names preferences.step, not "Input should be a valid list" of the other union branch."""
+    with pytest.raises(ApiError) as e:
+        parse_body(b'{"prompt": "x", "gamma": -1, "bogus": 1}', GenerateBody)
+    assert e.value.field == "gamma" and "bogus: unknown field" in e.value.message
+    with pytest.raises(ApiError) as e:
+        parse_body(b'{"prompts": ["a"], "preferences": {"n_objectives": 2, "step": 0}}', GridBody)
+    assert e.value.field == "preferences.step" and "valid list" not in e.value.message
+    with pytest.raises(ApiError) as e:
+        parse_body(b'{"prompts": ["a"], "preferences": [[0.5, "x"]]}', GridBody)
+    assert e.value.field == "preferences[0][1]"
 
 
 def test_decode_defaults_precedence(bundle, smoke):
@@ -367,6 +448,72 @@ def test_openai_client_works_unchanged(server):
     assert "sums to" in str(e.value)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_openai_models_usage_and_model_names(server):
+    """models.list / retrieve name the served model ("mage", created = the bundle's write time); a request for
+    another model is a 404 model_not_found; streams carry usage only with stream_options.include_usage, in a
+    last chunk with no choices (OpenAI's rule)."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0)
+    models = client.models.list().data
+    assert [m.id for m in models] == ["mage"] and models[0].created > 1_700_000_000
+    assert client.models.retrieve("mage").id == "mage"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
+    msgs = [{"role": "user", "content": "Say hello"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=2)
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    plain = list(client.chat.completions.create(model="mage", messages=msgs, max_tokens=4, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason is not None
+    with_usage = list(
+        client.chat.completions.create(
+            model="mage", messages=msgs, max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens <= 4
+    assert all(c.usage is None for c in with_usage[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in with_usage[:-1]) == "".join(
+        c.choices[0].delta.content or "" for c in plain
+    )
+    comp = list(
+        client.completions.create(
+            model="mage", prompt="Hi", max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert comp[-1].choices == [] and comp[-1].usage.total_tokens > 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mage", messages=msgs, n=2)
+    assert e.value.code == "unsupported_parameter" and e.value.param == "n"
+
+
+def test_client_hanging_up_mid_body_leaves_no_traceback(server):
+    """A client that sends half its body and closes: the replica logs no traceback ("Future exception was never
+    retrieved") and keeps serving."""
+    import ray
+
+    host, port = server.url.removeprefix("http://").split(":")
+    for path in ("/v1/generate", "/v1/chat/completions") * 2:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 500\r\n\r\n".encode()
+                + b'{"prompt": "Hel'
+            )
+            time.sleep(0.5)  # the request reaches the replica, which waits for the rest of the body
+    time.sleep(5)  # Python reports an unretrieved future's exception when the future is collected
+    ok = _post(server, "/v1/generate", {"prompt": "Hello", "preference": [0.5, 0.5], "max_tokens": 2})
+    assert ok.status_code == 200
+    text = ""
+    for root, _, files in os.walk(ray._private.worker._global_node.get_logs_dir_path()):
+        for name in files:
+            if name.endswith((".log", ".err", ".out")):
+                with open(os.path.join(root, name), errors="replace") as f:
+                    text += f.read()
+    assert "Future exception was never retrieved" not in text and "ClientDisconnect" not in text
 
 
 BAD = [

@@ -353,9 +353,13 @@ class ServeConfig:
     """Most prompts in one /v1/grid request."""
     max_grid_points: int = 256
     """Most preferences in one /v1/grid request."""
+    model_name: str = "mage"
+    """The model id /v1/models lists and responses carry; OpenAI requests naming another model get 404."""
 
     def __post_init__(self) -> None:
         _check_range("serve.port", self.port, 1, 65535)
+        if not isinstance(self.model_name, str) or not self.model_name.strip():
+            _fail("serve.model_name", self.model_name, "a non-empty model id")
         _check_range("serve.num_replicas", self.num_replicas, 1, 10_000)
         _check_range("serve.max_batch_size", self.max_batch_size, 1, 4096)
         _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0, 60)

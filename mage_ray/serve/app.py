@@ -20,7 +20,7 @@ Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_
 ``POST /v1/completions``              OpenAI-compatible (+ ``preference``, ``mage``); ``stream`` for one prompt
 ``POST /v1/grid``                     prompts x preference grid, optionally scored; mean rewards + front flags
 ``GET  /v1/objectives``               objective names, methods, defaults (method, gamma, alpha, beta), limits
-``GET  /v1/models``                   the served model (OpenAI clients list it)
+``GET  /v1/models[/{id}]``            the served model ``serve.model_name`` (OpenAI list / retrieve; else 404)
 ``GET  /v1/stats``                    request / token / cancellation counters of this replica
 ``GET  /v1/front``                    the bundle's Pareto front from its evaluation report (:mod:`.playground`)
 ``GET  /healthz``                     200 when the engine is loaded and not stuck, else 503 (no auth)
@@ -32,7 +32,12 @@ to ``serve.start``). With ``serve.auth_token_env`` naming a set environment vari
 replicas), every route but ``/healthz`` and the playground page (its files) needs ``Authorization: Bearer
 <token>`` (401 otherwise). Bodies over ``serve.max_body_bytes`` get 413 (the Content-Length header and the bytes
 actually received are both checked). ``max_tokens`` is bounded by ``decode.max_tokens_limit``. Errors are JSON
-``{"error": {"message", "type", "param", "code"}}`` where ``param`` names the offending field.
+``{"error": {"message", "type", "param", "code"}}`` where ``param`` names the offending field and ``code`` is a
+string or null (``unsupported_parameter``, ``model_not_found``), as OpenAI's. The OpenAI endpoints declare
+OpenAI's request fields: those that change nothing here are ignored, those this server cannot honour (``n`` > 1,
+``logprobs``, ``tools``, ...) are refused by name, any other key is refused by name. Streams carry usage only
+with ``stream_options.include_usage``, in a last chunk with ``choices: []``. A request naming another model than
+the served one gets 404 ``model_not_found``; a client that hangs up mid-body gets nothing and logs nothing.
 
 SSE (``/v1/generate`` with ``stream: true``): one ``data: {"text": ...}`` event per token chunk, then
 ``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}`` (+ ``scores`` when the request
@@ -56,6 +61,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from starlette.requests import ClientDisconnect
 
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, config_from_dict, load_config
@@ -97,12 +103,15 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
                 "request_too_large",
             )
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise S.ApiError(
-                413, f"request body exceeds serve.max_body_bytes = {limit}", "body", "request_too_large"
-            )
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise S.ApiError(
+                    413, f"request body exceeds serve.max_body_bytes = {limit}", "body", "request_too_large"
+                )
+    except ClientDisconnect:  # the client hung up mid-body: answer no one, log no traceback
+        raise S.ApiError(400, "the client disconnected before sending the whole body", "body") from None
     return bytes(buf)
 
 
@@ -141,6 +150,10 @@ async def _events(ticket: Ticket, first: TokenEvent) -> AsyncIterator[TokenEvent
     finally:
         if not ticket.finished:
             ticket.cancel()
+
+
+def _include_usage(body: S.ChatBody | S.CompletionBody) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 @serve.deployment(name="MageServer")
@@ -240,10 +253,30 @@ class MageServer:
         self._auth(request)
         return front_json(self.bundle, self.core.engine.objectives)
 
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.core.name, "object": "model", "created": self.core.created, "owned_by": "mage_ray"}
+
+    def _check_model(self, name: str | None) -> str:
+        """The served model id; ApiError 404 ``model_not_found`` when a request names another model."""
+        if name is not None and name != self.core.name:
+            raise S.ApiError(
+                404,
+                f"The model {name!r} does not exist: this server serves {self.core.name!r} (serve.model_name)",
+                "model",
+                code="model_not_found",
+            )
+        return self.core.name
+
     @api.get("/v1/models")
     async def models(self, request: HttpRequest) -> dict:
         self._auth(request)
-        return {"object": "list", "data": [{"id": self.core.name, "object": "model", "owned_by": "mage_ray"}]}
+        return {"object": "list", "data": [self._model()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: HttpRequest) -> dict:
+        self._auth(request)
+        self._check_model(model_id)
+        return self._model()
 
     @api.post("/v1/generate")
     async def generate(self, request: HttpRequest):
@@ -287,18 +320,21 @@ class MageServer:
     async def chat_completions(self, request: HttpRequest):
         body = await self._parse(request, S.ChatBody)
         req = S.to_request(body, self.core.limits)
-        model, rid, extra = body.model or self.core.name, R.new_id("chatcmpl"), self._extra(req)
+        model, rid, extra = self._check_model(body.model), R.new_id("chatcmpl"), self._extra(req)
         if not body.stream:
             return R.chat_response(rid, model, await self._one(req), extra)
         ticket, first = await self._open(req)
+        chunk = R.Chunks(rid, model, "chat.completion.chunk", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
-            yield R.sse(R.chat_chunk(rid, model, {"role": "assistant", "content": ""}, extra=extra))
+            yield R.sse(chunk.chat({"role": "assistant", "content": ""}, extra=extra))
             async for ev in _events(ticket, first):
                 if ev.delta:
-                    yield R.sse(R.chat_chunk(rid, model, {"content": ev.delta}))
+                    yield R.sse(chunk.chat({"content": ev.delta}))
                 if ev.finished:
-                    yield R.sse(R.chat_chunk(rid, model, {}, ev.finish_reason, ev.completion))
+                    yield R.sse(chunk.chat({}, ev.finish_reason))
+                    if chunk.include_usage:
+                        yield R.sse(chunk.usage_only(ev.completion))
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -312,7 +348,7 @@ class MageServer:
                 400, f"prompt: give 1 to {self.core.limits.max_prompts_per_grid} prompts", "prompt"
             )
         reqs = [S.to_request(body, self.core.limits, prompt=p) for p in prompts]
-        model, rid, extra = body.model or self.core.name, R.new_id("cmpl"), self._extra(reqs[0])
+        model, rid, extra = self._check_model(body.model), R.new_id("cmpl"), self._extra(reqs[0])
         if not body.stream:
             for i, r in enumerate(reqs):
                 await self.core.check(r, f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt")
@@ -324,13 +360,16 @@ class MageServer:
         if len(reqs) != 1:
             raise S.ApiError(400, "stream: streaming takes one prompt (send a string, not a list)", "prompt")
         ticket, first = await self._open(reqs[0])
+        chunk = R.Chunks(rid, model, "text_completion", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
             async for ev in _events(ticket, first):
                 if ev.delta:
-                    yield R.sse(R.completion_chunk(rid, model, 0, ev.delta))
+                    yield R.sse(chunk.text(ev.delta))
                 if ev.finished:
-                    yield R.sse(R.completion_chunk(rid, model, 0, "", ev.finish_reason, ev.completion))
+                    yield R.sse(chunk.text("", ev.finish_reason))
+                    if chunk.include_usage:
+                        yield R.sse(chunk.usage_only(ev.completion))
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -38,10 +38,10 @@ import collections
 import concurrent.futures
 import copy
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,58 +61,11 @@ from mage_ray.decode import (
 from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.report import prompt_text
 from mage_ray.serve.schema import ApiError, Limits
+from mage_ray.serve.ticket import CANCELLED, COUNTERS, Ticket, error_event
 
 __all__ = ["Generator", "Ticket", "decode_defaults"]
 
 log = logging.getLogger(__name__)
-
-CANCELLED = "cancelled"
-COUNTERS = ("requests", "completed", "cancelled", "errors", "tokens", "batches", "steps", "admitted")
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One submitted request: its events arrive on ``queue`` (TokenEvent; the last one has finished=True)."""
-
-    request: Request
-    interactive: bool
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    """Set by :meth:`cancel` (from the event loop); read by the engine thread between steps."""
-    finished: bool = False
-    submitted: float = field(default_factory=time.monotonic)
-    completion: Completion | None = None
-
-    def cancel(self) -> None:
-        """Stop decoding this request (no-op once it finished)."""
-        self.cancelled = True
-
-    async def next(self) -> TokenEvent:
-        return await self.queue.get()
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        """Yield events until the finishing one; cancel the request if the consumer stops early."""
-        try:
-            while True:
-                ev = await self.queue.get()
-                yield ev
-                if ev.finished:
-                    return
-        finally:
-            if not self.finished:
-                self.cancel()
-
-    async def result(self) -> Completion:
-        async for ev in self.events():
-            if ev.finished:
-                return ev.completion
-        raise RuntimeError("stream ended without a final event")  # pragma: no cover
-
-
-def _error_event(index: int, msg: str) -> TokenEvent:
-    return TokenEvent(
-        index, "", True, "error", Completion(text="", token_ids=[], finish_reason="error", error=msg)
-    )
 
 
 class Generator:
@@ -126,6 +79,7 @@ class Generator:
         reward_device: str = "cpu",
         stuck_after_s: float = 300.0,
         name: str = "mage",
+        created: int = 0,
     ):
         self.engine = engine
         sc = serve_cfg or ServeConfig()
@@ -143,6 +97,9 @@ class Generator:
         self.stuck_after_s = stuck_after_s
         self.reward_device = reward_device
         self.name = name
+        """The model id of /v1/models and OpenAI responses (``serve.model_name``)."""
+        self.created = created
+        """Unix time the bundle was written (``created`` of /v1/models)."""
         self.methods = tuple(self._available_methods())
         self.limits = Limits(
             n_objectives=engine.layout.n,
@@ -182,7 +139,14 @@ class Generator:
         engine = Engine(
             parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device
         )
-        return cls(engine, cfg.serve, reward_device=cfg.task.reward_device, name=Path(bundle.root).name)
+        created = int(os.stat(Path(bundle.root) / "bundle.json").st_mtime)
+        return cls(
+            engine,
+            cfg.serve,
+            reward_device=cfg.task.reward_device,
+            name=cfg.serve.model_name,
+            created=created,
+        )
 
     # ----- introspection -----
 
@@ -405,7 +369,7 @@ class Generator:
             log.exception("decode batch of %d failed", len(batch))
             for i, t in enumerate(batch):
                 if not done[i]:
-                    loop.call_soon_threadsafe(self._deliver, t, _error_event(i, f"decoding failed: {e}"))
+                    loop.call_soon_threadsafe(self._deliver, t, error_event(i, f"decoding failed: {e}"))
 
     # ----- convenience API -----
 
@@ -520,7 +484,7 @@ class Generator:
                 t = q.popleft()
                 t.cancel()
                 if self._loop is not None and not self._loop.is_closed():
-                    self._loop.call_soon_threadsafe(self._finish, t, _error_event(0, "server shut down"))
+                    self._loop.call_soon_threadsafe(self._finish, t, error_event(0, "server shut down"))
         for t in self._running or []:
             t.cancel()
         if self._task is not None and self._loop is not None and not self._loop.is_closed():

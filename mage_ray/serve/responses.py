@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from mage_ray.decode import Completion
 
 __all__ = [
-    "chat_chunk",
+    "Chunks",
     "chat_response",
-    "completion_chunk",
     "completion_response",
     "finish_reason",
     "new_id",
@@ -62,28 +62,6 @@ def chat_response(rid: str, model: str, c: Completion, extra: dict) -> dict[str,
     }
 
 
-def chat_chunk(
-    rid: str,
-    model: str,
-    delta: dict,
-    reason: str | None = None,
-    c: Completion | None = None,
-    extra: dict | None = None,
-) -> dict[str, Any]:
-    out = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}],
-    }
-    if c is not None:
-        out["usage"] = usage(c)
-    if extra is not None:
-        out["mage"] = extra
-    return out
-
-
 def completion_response(rid: str, model: str, comps: list[Completion], extra: dict) -> dict[str, Any]:
     tot = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for c in comps:
@@ -103,16 +81,38 @@ def completion_response(rid: str, model: str, comps: list[Completion], extra: di
     }
 
 
-def completion_chunk(
-    rid: str, model: str, index: int, text: str, reason: str | None = None, c: Completion | None = None
-) -> dict[str, Any]:
-    out = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}],
-    }
-    if c is not None:
-        out["usage"] = usage(c)
-    return out
+@dataclass(frozen=True)
+class Chunks:
+    """The chunks of one OpenAI stream (``object`` = ``chat.completion.chunk`` or ``text_completion``).
+
+    OpenAI's usage rule: without ``stream_options.include_usage`` no chunk carries usage; with it every chunk has
+    ``usage: null`` and one last chunk (:meth:`usage_only`, before ``[DONE]``) has ``choices: []`` and the usage.
+    """
+
+    rid: str
+    model: str
+    object: str
+    include_usage: bool = False
+
+    def _base(self, choices: list[dict]) -> dict[str, Any]:
+        out = {"id": self.rid, "object": self.object, "created": int(time.time()), "model": self.model}
+        out["choices"] = choices
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def chat(self, delta: dict, reason: str | None = None, extra: dict | None = None) -> dict[str, Any]:
+        out = self._base(
+            [{"index": 0, "delta": delta, "finish_reason": finish_reason(reason), "logprobs": None}]
+        )
+        if extra is not None:
+            out["mage"] = extra
+        return out
+
+    def text(self, text: str, reason: str | None = None) -> dict[str, Any]:
+        return self._base(
+            [{"index": 0, "text": text, "finish_reason": finish_reason(reason), "logprobs": None}]
+        )
+
+    def usage_only(self, c: Completion | None) -> dict[str, Any]:
+        return {**self._base([]), "usage": usage(c)}

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from mage_ray.decode import Request
 from mage_ray.soup import PreferenceError, preference_grid, validate_preference
@@ -61,15 +62,21 @@ class ApiError(ValueError):
     """A request the API refuses: HTTP ``status``, a message, and the request ``field`` at fault (or None)."""
 
     def __init__(
-        self, status: int, message: str, field: str | None = None, type: str = "invalid_request_error"
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.field, self.type = status, message, field, type
+        self.status, self.message, self.field, self.type, self.code = status, message, field, type, code
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
-    """OpenAI-style error JSON: ``{"error": {message, type, param, code}}``."""
-    return {"error": {"message": err.message, "type": err.type, "param": err.field, "code": err.status}}
+    """OpenAI's error JSON: ``{"error": {message, type, param, code}}``; ``code`` is a string or null
+    (``model_not_found``, ``unsupported_parameter``, ...), the HTTP status is the response's."""
+    return {"error": {"message": err.message, "type": err.type, "param": err.field, "code": err.code}}
 
 
 @dataclass(frozen=True)
@@ -148,10 +155,41 @@ class GenerateBody(_Method):
     ``scores``, one per objective in the bundle's order."""
 
 
-class _OpenAIBody(BaseModel):
-    # OpenAI clients send fields we do not use (user, metadata, ...): ignore those; the ones that would change
-    # the result (n > 1, logprobs, penalties) are declared and refused when set.
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(_Body):
+    """OpenAI's ``stream_options`` (only with ``stream: true``)."""
+
+    include_usage: bool = False
+    """Send a last chunk with ``choices: []`` and the request's usage (other chunks carry ``usage: null``)."""
+    include_obfuscation: bool | None = None
+    """Accepted and ignored (OpenAI pads chunks against side channels; this server does not)."""
+
+
+_OPENAI_UNSUPPORTED = {
+    "logit_bias": None,
+    "top_logprobs": None,
+    "tools": None,
+    "tool_choice": ("none",),
+    "functions": None,
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": None,
+    "prediction": None,
+    "reasoning_effort": None,
+    "web_search_options": None,
+    "verbosity": None,
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": None,
+}
+"""Standard OpenAI request fields this server cannot honour, with the values that mean "not used" (besides
+null): a request setting one to anything else is refused naming it (n, logprobs and the penalties likewise)."""
+
+
+class _OpenAIBody(_Body):
+    # The standard OpenAI request fields are declared: the ones that change nothing here (user, metadata, store,
+    # service_tier, ...) are accepted and ignored, the ones that would change the result are refused by name when
+    # set (n > 1, logprobs, penalties, tools, ...: _OPENAI_UNSUPPORTED); any other key is an error naming it.
     model: str | None = None
     preference: list[Finite] | None = None
     mage: MageParams = Field(default_factory=MageParams)
@@ -163,10 +201,33 @@ class _OpenAIBody(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
     presence_penalty: Finite | None = None
     frequency_penalty: Finite | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    logit_bias: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
 
 
 class ChatBody(_OpenAIBody):
@@ -192,7 +253,11 @@ class GridBody(_Method):
     """``POST /v1/grid``: every prompt at every preference, one method; optionally scored by the objectives."""
 
     prompts: list[str | list[ChatMessage]]
-    preferences: list[list[Finite]] | GridSpec
+    preferences: Annotated[
+        Annotated[list[list[Finite]], Tag("list[list[float]]")] | Annotated[GridSpec, Tag("GridSpec")],
+        Discriminator(lambda v: "GridSpec" if isinstance(v, dict | GridSpec) else "list[list[float]]"),
+    ]
+    """Explicit points, or a lattice ``{n_objectives, step}`` (an object is read as the lattice only)."""
     max_tokens: int | None = Field(None, ge=1)
     temperature: Finite | None = Field(None, gt=0.0, le=100.0)
     top_p: Finite | None = Field(None, gt=0.0, le=1.0)
@@ -204,18 +269,31 @@ class GridBody(_Method):
 # ----- parsing and validation -----
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none)$|[\[\]-]|^[A-Z]")
+"""Parts of a pydantic error location that name a union branch (``str``, ``list[str]``, ``GridSpec``,
+``function-after[...]``), not a field: request fields are lower-case identifiers."""
+
+
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("str", "list[", "function-", "constrained-")):  # union branch names
+        elif not _UNION_TAG.search(str(part)):
             out += ("." if out else "") + str(part)
     return out or "body"
 
 
+def _problem(err: dict) -> tuple[str, str]:
+    where = _loc(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return where, f"{where}: unknown field (not part of this API)"
+    return where, f"{where}: {err['msg']}"
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    """JSON bytes -> a validated body; malformed JSON or a bad field -> ApiError 400 naming the field."""
+    """JSON bytes -> a validated body; malformed JSON or bad fields -> ApiError 400 naming the (first) field and
+    listing every problem (up to 4) in the message."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -225,11 +303,10 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        errs = e.errors(include_url=False)
-        first = errs[0]
-        where = _loc(first["loc"])
-        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-        raise ApiError(400, f"{where}: {first['msg']}{more}", where) from None
+        problems = list(dict.fromkeys(_problem(err) for err in e.errors(include_url=False)))
+        first = problems[0][0]
+        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ApiError(400, "; ".join(m for _, m in problems[:4]) + more, first) from None
 
 
 def check_preference(pref: list[float] | None, limits: Limits, method: str | None, name: str = "preference"):
@@ -307,6 +384,27 @@ def _request(decoding: BaseModel, **fields: Any) -> Request:
     return Request(**fields, **same)
 
 
+def _unsupported(name: str, why: str) -> ApiError:
+    return ApiError(400, f"{name} is not supported: {why}", name, code="unsupported_parameter")
+
+
+def _check_openai_fields(body: ChatBody | CompletionBody) -> None:
+    """Refuse, by name, the standard OpenAI fields this server cannot honour when a request sets them."""
+    if body.n != 1:
+        raise _unsupported("n", f"n = {body.n}; this server returns one choice (n = 1)")
+    if body.logprobs:
+        raise _unsupported("logprobs", "this server returns no log-probabilities")
+    for f in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, f):
+            raise _unsupported(f, "use the 'mage' decoding options")
+    for f, unused in _OPENAI_UNSUPPORTED.items():
+        v = getattr(body, f)
+        if v is not None and v not in (unused or ()):
+            raise _unsupported(f, "this server generates plain text with the 'mage' decoding options")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+
 def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, prompt: Any = None) -> Request:
     """Build the engine Request of one body (``prompt`` picks one prompt of a CompletionBody list)."""
     if isinstance(body, GenerateBody):
@@ -326,13 +424,7 @@ def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, p
             stop=_stops(body.stop, limits, "stop"),
             seed=body.seed,
         )
-    if body.n != 1:
-        raise ApiError(400, f"n = {body.n} is not supported: this server returns one choice (n = 1)", "n")
-    if body.logprobs:
-        raise ApiError(400, "logprobs are not supported", "logprobs")
-    for f in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, f):
-            raise ApiError(400, f"{f} is not supported (use 'mage' decoding options)", f)
+    _check_openai_fields(body)
     if isinstance(body, ChatBody):
         p = _prompt(body.messages, "messages")
     else:
