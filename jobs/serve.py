@@ -8,13 +8,15 @@ and blocks until Ctrl-C, which stops Serve and exits with status 0. The body is 
     python jobs/serve.py --config configs/smoke.yaml --bundle <dir> serve.port=8001 serve.num_replicas=2
 """
 
-from mage_ray.commands import serve
+import sys
+
+from mage_ray.commands import run_command, serve
 from mage_ray.runtime import parse_job_args
 
 
 def main() -> None:
     args, cfg = parse_job_args(__doc__.splitlines()[0], serve.add_arguments)
-    serve.run(args, cfg)
+    sys.exit(run_command(serve, args, cfg))
 
 
 if __name__ == "__main__":
