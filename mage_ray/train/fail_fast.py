@@ -4,8 +4,8 @@ Ray Train V2 restarts the worker group on *any* worker error, up to ``FailureCon
 its failure policy cannot be told which errors are deterministic. A missing model, a bad config value, an
 objective that cannot load or data that cannot be read fail the same way on every attempt: each retry costs a
 worker-group start and another screen of tracebacks. So every trainer's per-worker loop runs inside
-:func:`worker_loop`: an exception of a :data:`PERMANENT` type is caught in the worker and *returned* as
-``{"failed": True, "error": "<Type>: <first line>"}`` -- the run then ends normally, the driver reads rank 0's
+:func:`worker_loop`: an exception of a permanent type (:func:`_permanent`) is caught in the worker and *returned* as
+``{PERMANENT_ERROR: "<Type>: <message in one line>"}`` -- the run then ends normally, the driver reads rank 0's
 return value (``Result.return_value``) and :func:`raise_if_failed` raises :class:`RunFailed` with that one
 line. Anything else (a worker process that dies, a lost collective, an out-of-memory kill, a connection reset)
 is raised as before and retried from the last checkpoint.
@@ -22,6 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from mage_ray.config import ConfigError
+
+PERMANENT_ERROR = "permanent_error"
+"""Key of a worker's return value that carries an error no retry can fix (one line)."""
 
 
 class RunFailed(RuntimeError):
@@ -65,11 +68,11 @@ def worker_loop(worker: Callable[[dict], Any], config: dict[str, Any]) -> Any:
     try:
         return worker(config)
     except _permanent() as e:
-        return {"failed": True, "error": one_line(e)}
+        return {PERMANENT_ERROR: one_line(e)}
 
 
 def raise_if_failed(result: Any, label: str) -> None:
     """Raise RunFailed when rank 0 returned a :func:`worker_loop` failure (``result``: a ``ray.train.Result``)."""
     rv = result.return_value
-    if isinstance(rv, dict) and rv.get("failed"):
-        raise RunFailed(f"{label}: {rv.get('error')} (not retried: the same error would recur)")
+    if isinstance(rv, dict) and PERMANENT_ERROR in rv:
+        raise RunFailed(f"{label}: {rv[PERMANENT_ERROR]} (not retried: the same error would recur)")
