@@ -14,10 +14,10 @@ from mage_ray.commands import evaluate, run_command
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], evaluate.add_arguments)
-    sys.exit(run_command(evaluate, args, cfg))
+    return run_command(evaluate, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

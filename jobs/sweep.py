@@ -14,10 +14,10 @@ from mage_ray.commands import run_command, sweep
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], sweep.add_arguments)
-    sys.exit(run_command(sweep, args, cfg))
+    return run_command(sweep, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

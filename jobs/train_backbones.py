@@ -18,10 +18,10 @@ from mage_ray.commands import run_command, train_backbones
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], train_backbones.add_arguments)
-    sys.exit(run_command(train_backbones, args, cfg))
+    return run_command(train_backbones, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

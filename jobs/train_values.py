@@ -15,10 +15,10 @@ from mage_ray.commands import run_command, train_values
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], train_values.add_arguments)
-    sys.exit(run_command(train_values, args, cfg))
+    return run_command(train_values, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
