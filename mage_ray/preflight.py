@@ -52,7 +52,7 @@ __all__ = [
 
 TRAINING = ("objectives", "model", "data", "storage")
 """The checks of the commands that train or sample (pipeline, sweep, train-*, rollouts)."""
-HUB_TIMEOUT_S = 4.0
+HUB_TIMEOUT_S = 3.0
 """Seconds the one hub request of a model check may take (a hub id that is not in the local cache)."""
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted job's driver: JSON with the job's runtime_env."""
