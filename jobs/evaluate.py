@@ -4,17 +4,20 @@ Writes generations.parquet, rewards.json, metrics.json/metrics.md, samples.md an
 body is mage_ray/commands/evaluate.py (also ``mage-ray evaluate``).
 
     python jobs/evaluate.py --config configs/embedded.yaml --bundle runs/embedded/bundle
-    ray job submit --working-dir . -- python jobs/evaluate.py --config configs/embedded.yaml --bundle s3://.../bundle
+    ray job submit --working-dir . -- python jobs/evaluate.py --config configs/embedded.yaml \\
+        --bundle /shared/mage_runs/embedded/bundle storage.storage_path=/shared/mage_runs
 """
 
-from mage_ray.commands import evaluate
+import sys
+
+from mage_ray.commands import evaluate, run_command
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], evaluate.add_arguments)
-    evaluate.run(args, cfg)
+    return run_command(evaluate, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

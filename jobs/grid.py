@@ -4,19 +4,21 @@ Writes Parquet to ``<out>/generations/`` and, with ``--score``, ``<out>/summary.
 outputs are in mage_ray/commands/grid.py (also ``mage-ray grid``); the library code is ``mage_ray.grid``.
 
     ray job submit --working-dir . -- python jobs/grid.py --config configs/embedded.yaml \\
-        --bundle runs/embedded/bundle --score
+        --bundle /shared/mage_runs/embedded/bundle --score storage.storage_path=/shared/mage_runs
     python jobs/grid.py --config configs/smoke.yaml --bundle <dir> --prompts prompts.jsonl --out /tmp/g \\
         eval.grid_step=0.5
 """
 
-from mage_ray.commands import grid
+import sys
+
+from mage_ray.commands import grid, run_command
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], grid.add_arguments)
-    grid.run(args, cfg)
+    return run_command(grid, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,17 +5,20 @@
 mage_ray/commands/pipeline.py (also ``mage-ray pipeline``).
 
     python jobs/pipeline.py --config configs/embedded.yaml
-    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/embedded.yaml
+    ray job submit --working-dir . -- python jobs/pipeline.py --config configs/embedded.yaml \\
+        storage.storage_path=/shared/mage_runs
 """
 
-from mage_ray.commands import pipeline
+import sys
+
+from mage_ray.commands import pipeline, run_command
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], pipeline.add_arguments)
-    pipeline.run(args, cfg)
+    return run_command(pipeline, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

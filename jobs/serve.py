@@ -15,14 +15,16 @@ With ``serve.auth_token_env=MAGE_TOKEN`` (and MAGE_TOKEN set before Ray starts) 
 playground page needs ``Authorization: Bearer $MAGE_TOKEN``.
 """
 
-from mage_ray.commands import serve
+import sys
+
+from mage_ray.commands import run_command, serve
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], serve.add_arguments)
-    serve.run(args, cfg)
+    return run_command(serve, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

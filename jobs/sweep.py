@@ -8,14 +8,16 @@ Rerunning the same command resumes. The body is mage_ray/commands/sweep.py (also
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/embedded.yaml storage.storage_path=s3://bucket/runs
 """
 
-from mage_ray.commands import sweep
+import sys
+
+from mage_ray.commands import run_command, sweep
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], sweep.add_arguments)
-    sweep.run(args, cfg)
+    return run_command(sweep, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

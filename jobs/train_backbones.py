@@ -6,19 +6,22 @@ mage_ray/commands/train_backbones.py (also ``mage-ray train-backbones``). Config
 ``section.field=value`` overrides only (no flag shadows a field).
 
     python jobs/train_backbones.py --config configs/embedded.yaml [section.field=value ...]
-    ray job submit --working-dir . -- python jobs/train_backbones.py --config configs/embedded.yaml
+    ray job submit --working-dir . -- python jobs/train_backbones.py --config configs/embedded.yaml \\
+        storage.storage_path=/shared/mage_runs
     python jobs/train_backbones.py --config configs/smoke.yaml                  # smoke run, tiny model
     python jobs/train_backbones.py --config configs/embedded.yaml backbone.beta=0.8 backbone.steps=6
 """
 
-from mage_ray.commands import train_backbones
+import sys
+
+from mage_ray.commands import run_command, train_backbones
 from mage_ray.runtime import parse_job_args
 
 
-def main() -> None:
+def main() -> int:
     args, cfg = parse_job_args(__doc__.splitlines()[0], train_backbones.add_arguments)
-    train_backbones.run(args, cfg)
+    return run_command(train_backbones, args, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,10 @@
 
 Every subcommand takes --config FILE and section.field=value overrides, in any position, and the flags of its
 job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
-mage_ray/commands/ each). A bad config prints one "error: ..." line and exits with status 2 before anything
-starts. `mage-ray <command> --help` shows a command's flags and examples.
+mage_ray/commands/ each). A bad config, a missing model or bundle, or storage Ray would delete prints one
+"error: ..." line and exits with status 2 before anything starts; a run that fails on one of mage_ray's own
+errors prints one "error: ..." line and exits with status 1. Commands that write print their output
+location at the start and at the end. `mage-ray <command> --help` shows a command's flags and examples.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mage_ray.commands import (
     grid,
     pipeline,
     rollouts,
+    run_command,
     serve,
     sweep,
     train_backbones,
@@ -106,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (parse_intermixed_args refuses parsers that have subparsers).
     name, module = argv[0], COMMANDS[argv[0]]
     args, cfg = parse_job_args(module.__doc__, module.add_arguments, argv=argv[1:], prog=f"mage-ray {name}")
-    return module.run(args, cfg) or 0
+    return run_command(module, args, cfg)
 
 
 if __name__ == "__main__":

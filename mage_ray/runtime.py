@@ -15,26 +15,32 @@ def parse_job_args(
     """``--config FILE [section.field=value ...]`` (+ job-specific flags via ``extra(parser)``).
 
     Overrides may stand anywhere, also after a flag's value (``--bundle DIR a.b=1 --out X c.d=2``):
-    the arguments are parsed intermixed. ``argv`` defaults to ``sys.argv[1:]``. A bad config (including an
-    unknown objective name) prints one clear line and exits with status 2 (nothing is started).
+    the arguments are parsed intermixed. ``argv`` defaults to ``sys.argv[1:]``. A bad config, or anything else
+    :mod:`mage_ray.preflight` finds (a missing model or bundle, storage Ray would delete), prints one clear line
+    and exits with status 2 (nothing is started).
     """
+    from mage_ray.preflight import TRAINING
+
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_args(parser)
+    parser.set_defaults(checks=TRAINING)  # the preflight checks; a command's add_arguments may choose others
     if extra is not None:
         extra(parser)
     args = parser.parse_intermixed_args(argv)
-    return args, checked_config(args.config, args.overrides)
+    return args, checked_config(args.config, args.overrides, args)
 
 
-def checked_config(path: str | None, overrides: list[str]) -> Config:
-    """:func:`load_config` plus the objective-name check; on a bad config print ``error: ...`` and exit 2."""
-    from mage_ray.tasks.objectives import ObjectiveError, check_objective_names
+def checked_config(path: str | None, overrides: list[str], args: argparse.Namespace | None = None) -> Config:
+    """:func:`load_config` plus :func:`mage_ray.preflight.check` (the command's ``args.checks``; without ``args``
+    the objective names only); on a bad config print ``error: ...`` and exit 2."""
+    from mage_ray import preflight
+    from mage_ray.tasks.objectives import ObjectiveError
 
     try:
         cfg = load_config(path, overrides)
-        check_objective_names(cfg.task.objectives)
+        preflight.check(cfg, args)
     except (ConfigError, ObjectiveError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

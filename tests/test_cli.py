@@ -83,8 +83,9 @@ def test_pyproject_script_points_at_an_importable_callable(repo_root):
 
 
 def test_jobs_and_commands_run_the_same_bodies(repo_root):
-    """Each jobs/<verb>.py imports mage_ray.commands.<verb>, parses with its add_arguments and calls its run, and
-    `mage-ray <verb>` maps to that same module; no job imports another job."""
+    """Each jobs/<verb>.py imports mage_ray.commands.<verb>, parses with its add_arguments and runs it with
+    run_command (as `mage-ray <verb>` does), and `mage-ray <verb>` maps to that same module; no job imports
+    another job."""
     modules = {m.__name__.rsplit(".", 1)[1]: name for name, m in COMMANDS.items()}
     jobs = sorted((repo_root / "jobs").glob("*.py"))
     assert jobs
@@ -100,7 +101,8 @@ def test_jobs_and_commands_run_the_same_bodies(repo_root):
         assert job.stem in modules, f"{job.name} has no mage-ray command"
         assert not any(mod and mod.startswith("jobs") for mod, _ in imported), job.name
         calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-        assert f"{job.stem}.run" in calls and "parse_job_args" in calls, job.name
+        assert f"run_command({job.stem}, args, cfg)" in {ast.unparse(n) for n in ast.walk(tree)}, job.name
+        assert "parse_job_args" in calls, job.name
         assert ast.get_docstring(tree) and "python jobs/" in ast.get_docstring(tree), job.name
 
 
@@ -129,26 +131,34 @@ def test_bad_override_is_one_error_line_and_exit_2(argv, smoke, capsys):
     assert captured.out == ""
 
 
-def test_overrides_parse_after_bundle_and_between_flags(smoke):
+def test_overrides_parse_after_bundle_and_between_flags(smoke, bundle):
     """The shared parser (jobs and CLI) takes key=value after a flag's value and between flags."""
-    argv = ["--config", smoke, "--bundle", "b", "decode.max_new_tokens=5", "--score", "eval.grid_step=0.5"]
+    argv = [
+        "--config",
+        smoke,
+        "--bundle",
+        str(bundle),
+        "decode.max_new_tokens=5",
+        "--score",
+        "eval.grid_step=0.5",
+    ]
     args, cfg = parse_job_args("grid", grid_cmd.add_arguments, argv=argv)
     assert (
-        args.bundle == "b"
+        args.bundle == str(bundle)
         and args.score
         and args.overrides == ["decode.max_new_tokens=5", "eval.grid_step=0.5"]
     )
     assert cfg.decode.max_new_tokens == 5 and cfg.eval.grid_step == 0.5
 
 
-def test_cli_hands_the_parsed_args_to_the_command(smoke, monkeypatch):
+def test_cli_hands_the_parsed_args_to_the_command(smoke, bundle, monkeypatch):
     """`mage-ray grid ...` parses like the job and calls mage_ray.commands.grid.run (replaced here: no Ray)."""
     seen = {}
     monkeypatch.setattr(grid_cmd, "run", lambda args, cfg: seen.update(args=args, cfg=cfg))
     argv = [
         "grid",
         "--bundle",
-        "b",
+        str(bundle),
         "decode.max_new_tokens=5",
         "--config",
         smoke,

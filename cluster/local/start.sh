@@ -7,7 +7,8 @@
 #   cluster/local/start.sh                       # head (1 CPU) + 2 workers (1 CPU, 1 logical GPU each)
 #   NUM_WORKERS=0 HEAD_CPUS=2 cluster/local/start.sh
 #   source /tmp/mage_ray_local/env                # then: ray status, python -c 'import ray; ray.init()'
-#   ray job submit --address "$RAY_DASHBOARD" --working-dir . -- python jobs/sweep.py --config configs/smoke.yaml
+#   ray job submit --address "$RAY_DASHBOARD" --working-dir . -- python jobs/sweep.py --config configs/smoke.yaml \
+#       storage.storage_path=/tmp/mage_runs          # absolute: the job runs in a temporary copy Ray deletes
 #
 # Environment (all optional):
 #   CLUSTER_DIR   state + temp dirs of the cluster (default /tmp/mage_ray_local; keep it short: Ray's unix

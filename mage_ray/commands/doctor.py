@@ -43,8 +43,9 @@ class Check:
 
 def add_arguments(parser) -> None:
     """No flags of its own. ``--config`` / overrides only choose the run and cache directories checked; without
-    ``--config`` the defaults are (``runs/``, ``$MAGE_RAY_CACHE`` or ``~/.cache/mage_ray``)."""
-    parser.set_defaults(config=None)
+    ``--config`` the defaults are (``runs/``, ``$MAGE_RAY_CACHE`` or ``~/.cache/mage_ray``). No preflight checks
+    (mage_ray.preflight): the doctor reports what is missing itself, every line, instead of stopping at one."""
+    parser.set_defaults(config=None, checks=())
 
 
 def _python() -> Check:

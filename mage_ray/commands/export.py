@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
         "--merged-model", action="store_true", help="write the merged model (W0 + deltas), not an adapter"
     )
     parser.add_argument("--device", default="cpu", help="device for --merged-model (cpu, cuda)")
+    parser.set_defaults(checks=("bundle", "storage"))  # mage_ray.preflight; --out is its output
 
 
 def parse_preference(text: str) -> list[float]:

@@ -36,6 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="decoder actors (one Engine each)")
     parser.add_argument("--score", action="store_true", help="score texts with the bundle's objectives")
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/grid)")
+    parser.set_defaults(checks=("bundle", "storage", "grid", "model"))  # mage_ray.preflight
 
 
 def run(args, cfg) -> None:

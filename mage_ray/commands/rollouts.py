@@ -11,12 +11,14 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    from mage_ray.train.rollouts import DEFAULT_PROMPTS_PER_SHARD
-
+    """(No import of mage_ray.train.rollouts here: it imports torch, and a bad config must fail in a second.)"""
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/rollouts)")
     parser.add_argument("--no-ray", action="store_true", help="sample in this process (small runs)")
     parser.add_argument(
-        "--prompts-per-shard", type=int, default=DEFAULT_PROMPTS_PER_SHARD, help="resume granularity"
+        "--prompts-per-shard",
+        type=int,
+        default=None,
+        help="resume granularity (default mage_ray.train.rollouts.DEFAULT_PROMPTS_PER_SHARD, 32)",
     )
 
 
@@ -27,9 +29,15 @@ def run(args, cfg) -> None:
         init_ray()
     import numpy as np
 
-    from mage_ray.train.rollouts import BASE_COLUMNS, generate_rollouts, read_rollouts
+    from mage_ray.train.rollouts import (
+        BASE_COLUMNS,
+        DEFAULT_PROMPTS_PER_SHARD,
+        generate_rollouts,
+        read_rollouts,
+    )
 
-    out = generate_rollouts(cfg, args.out, use_ray=not args.no_ray, prompts_per_shard=args.prompts_per_shard)
+    shard = args.prompts_per_shard or DEFAULT_PROMPTS_PER_SHARD
+    out = generate_rollouts(cfg, args.out, use_ray=not args.no_ray, prompts_per_shard=shard)
     table = read_rollouts(out)
     lengths = np.array([len(r) for r in table.column("response_ids").to_pylist()])
     print(f"rollouts: {table.num_rows} rows in {out}; response tokens mean {lengths.mean():.1f}")

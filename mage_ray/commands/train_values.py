@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--objectives", default=None, help="comma-separated subset (default task.objectives)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="value models trained at once")
     parser.add_argument("--no-ray", action="store_true", help="train in this process, one after another")
+    parser.set_defaults(
+        checks=("storage", "model", "objectives")
+    )  # mage_ray.preflight: reads rollouts, not prompts
 
 
 def run(args, cfg) -> None:

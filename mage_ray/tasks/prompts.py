@@ -276,12 +276,28 @@ def _sources(task: TaskConfig) -> dict[str, Callable[[], Iterator[dict[str, Any]
     path = Path(raw).expanduser()
     if path.exists():
         return _local_sources(task, path)
-    if raw.startswith((".", "/", "~")) or path.suffix.lower() in FILE_TYPES or raw.count("/") > 1:
+    if _local_name(raw):
         raise TaskDataError(
             f"task.data_path = {raw!r} does not exist (expected a {'/'.join(FILE_TYPES)} file, a directory "
             "of them, or a hub dataset id owner/name[:config])"
         )
     return _hub_sources(task, raw)
+
+
+def _local_name(raw: str) -> bool:
+    """A ``task.data_path`` that names a local file or directory (not a hub dataset id owner/name[:config])."""
+    return raw.startswith((".", "/", "~")) or Path(raw).suffix.lower() in FILE_TYPES or raw.count("/") > 1
+
+
+def check_data_path(task: TaskConfig) -> None:
+    """Raise TaskDataError when ``task.data_path`` cannot name data: a task that needs a path has none, or a
+    local file or directory is missing or holds no data files. Reads no rows and never contacts the hub (a hub
+    dataset id passes)."""
+    raw = task.data_path
+    if raw is None and task.name != "parquet":
+        return  # the embedded file, or the task's default hub dataset
+    if raw is None or Path(str(raw)).expanduser().exists() or _local_name(str(raw)):
+        _sources(task)  # lists local files only: raises for a missing path or a directory without data files
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,6 +38,7 @@ import numpy as np
 from mage_ray.config import Config
 from mage_ray.manifest import atomic_dir, write_manifest, write_text_atomic
 from mage_ray.tasks.objectives import ObjectiveError
+from mage_ray.train.fail_fast import RunFailed
 from mage_ray.train.offline import lora_config
 from mage_ray.train.stage1 import check_writable, precision_args, validate_reward_weights
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 ONLINE_TRAINERS = ("grpo", "rloo")
 
 
-class ObjectiveFailure(RuntimeError):
+class ObjectiveFailure(RunFailed):
     """An objective raised or returned a non-finite / wrongly shaped value during training."""
 
     def __init__(

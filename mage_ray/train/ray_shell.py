@@ -8,7 +8,8 @@ baselines:
 - :func:`run_and_publish`: skip a complete ``out_dir``; check the workers can be placed (a clear error naming
   the config fields otherwise); fit one Ray Train V2 ``TorchTrainer`` (:func:`run_torch_trainer`: data
   parallel, ``FailureConfig(max_failures)``, a stable run name so a relaunch resumes from the last checkpoint);
-  publish the ``final/`` artifact of its last checkpoint to ``out_dir`` atomically.
+  publish the ``final/`` artifact of its last checkpoint to ``out_dir`` atomically. An error a retry cannot fix
+  (config, model, objective, data) ends the run at once as one ``RunFailed`` (:mod:`mage_ray.train.fail_fast`).
 - :func:`run_pending`: a list of such runs: the complete ones skipped with one line each, one pending run in
   this process, several as concurrent Tune trials (:func:`run_concurrent`: Ray 2.60 runs Train V2 inside Tune
   with a per-trial *driver* that reserves no CPU; ``max_concurrent_trials`` is how many runs' workers fit).
@@ -32,6 +33,7 @@ from typing import Any
 
 from mage_ray.config import BackboneConfig, Config, ValueConfig
 from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+from mage_ray.train import fail_fast
 
 FINAL = "final"
 """Subdirectory of the last Ray checkpoint that holds the finished artifact (adapter + manifest)."""
@@ -342,8 +344,9 @@ def run_and_publish(
     max_concurrent_runs(
         scaling, 1, field_prefix
     )  # fail fast (clear message) when workers can never be placed
+    # An error a retry cannot fix is returned by the workers, not raised (not retried): raise_if_failed below.
     result = run_torch_trainer(
-        worker,
+        functools.partial(fail_fast.worker_loop, worker),
         config,
         scaling=scaling,
         storage_path=join(storage_abs(cfg.storage.run_dir), "ray"),
@@ -353,6 +356,7 @@ def run_and_publish(
     )
     if check_result is not None:
         check_result(result)
+    fail_fast.raise_if_failed(result, label)
     if result.checkpoint is None:
         raise RuntimeError(f"{label}: the Ray Train run {result.path} finished without a final checkpoint")
     with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
