@@ -32,6 +32,7 @@ __all__ = [
     "publish_dir",
     "read_json",
     "read_manifest",
+    "scratch_dir",
     "write_json_atomic",
     "write_manifest",
 ]
@@ -219,3 +220,53 @@ def publish_dir(src: str | os.PathLike, dest: str | os.PathLike) -> str:
             str(manifest), f"{inner}/{MANIFEST_NAME}", source_filesystem=local_fs, destination_filesystem=fs
         )
     return str(dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch directories that a killed process does not leave behind
+
+SCRATCH_ROOT = "mage_ray-scratch"
+"""Directory under the node's temp dir holding every scratch directory (``<prefix>-<pid>-<random>``)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_scratch(root: str | os.PathLike | None = None) -> list[str]:
+    """Remove the scratch directories whose owner process is gone (killed before its ``finally`` ran); return
+    their names. Directories of live processes are kept."""
+    root = Path(root) if root is not None else Path(tempfile.gettempdir()) / SCRATCH_ROOT
+    removed = []
+    for d in root.iterdir() if root.is_dir() else []:
+        try:
+            pid = int(d.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A fresh local directory ``<tmp>/mage_ray-scratch/<prefix>-<pid>-<random>``, removed on exit.
+
+    A process killed with SIGKILL cannot clean up, so every new scratch directory first sweeps the ones whose
+    owner process is gone (:func:`sweep_scratch`): a resumed job leaves no debris from the killed one.
+    """
+    root = Path(tempfile.gettempdir()) / SCRATCH_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(root)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

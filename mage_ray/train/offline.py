@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 
 from mage_ray.config import Config
 from mage_ray.config import LoraConfig as LoraSettings
-from mage_ray.manifest import publish_dir, write_manifest
+from mage_ray.manifest import publish_dir, scratch_dir, write_manifest
 from mage_ray.train.ray_shell import (
     Scaling,
     TrainContext,
@@ -344,7 +343,7 @@ def save_policy_artifact(
 ) -> dict[str, Any]:
     """Write ``adapter/`` + ``manifest.json`` + ``metrics.jsonl`` to a temp dir, then publish it to
     ``out_dir``; print ``<summary> -> <out_dir>`` unless ``quiet``; return the manifest."""
-    with tempfile.TemporaryDirectory(prefix=".policy-") as tmp:
+    with scratch_dir("mage-policy") as tmp:
         peft_model.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
         Path(tmp, "metrics.jsonl").write_text(
             "".join(json.dumps({k: _jsonable(v) for k, v in h.items()}) + "\n" for h in history)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from mage_ray.config import BackboneConfig, Config, ValueConfig
-from mage_ray.manifest import MANIFEST_NAME, is_complete, is_uri, join, publish_dir, read_json, read_manifest
+from mage_ray.manifest import (
+    MANIFEST_NAME,
+    is_complete,
+    is_uri,
+    join,
+    publish_dir,
+    read_json,
+    read_manifest,
+    scratch_dir,
+)
 from mage_ray.train import fail_fast
 
 FINAL = "final"
@@ -96,6 +104,31 @@ def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
     return fn(config)
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train V2's record (in ``<storage_path>/<name>/``) of the checkpoints a run registered."""
+
+
+def drop_unregistered_checkpoints(storage_path: str, name: str) -> list[str]:
+    """Remove the ``checkpoint_*`` directories of run ``name`` that Ray's snapshot does not list; return them.
+
+    A worker killed with its driver can finish writing a checkpoint for 2-3 s that the dead controller never
+    registers; Ray ignores it on resume but never deletes it (``num_to_keep`` counts registered ones only). Local
+    storage only (on a URI this returns []).
+    """
+    run = Path(storage_abs(storage_path)) / name
+    if is_uri(storage_path) or not run.is_dir():
+        return []
+    keep: set[str] = set()
+    if (run / SNAPSHOT).is_file():
+        snap = read_json(run / SNAPSHOT)
+        results = [*snap.get("checkpoint_results", []), snap.get("latest_checkpoint_result") or {}]
+        keep = {r.get("checkpoint_dir_name") for r in results} - {None}
+    dropped = sorted(d.name for d in run.glob("checkpoint_*") if d.is_dir() and d.name not in keep)
+    for d in dropped:
+        shutil.rmtree(run / d, ignore_errors=True)
+    return dropped
+
+
 def run_torch_trainer(
     train_loop_per_worker: Callable[[dict], Any],
     config: dict[str, Any],
@@ -118,6 +151,11 @@ def run_torch_trainer(
     from ray.train.torch import TorchTrainer
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
+    dropped = drop_unregistered_checkpoints(storage_path, name)
+    if dropped:
+        print(
+            f"[{name}] removed {len(dropped)} checkpoint(s) Ray never registered (a killed run's)", flush=True
+        )
     cbs = list(callbacks)
     if _in_tune_session():
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -170,9 +208,9 @@ def report_checkpoint(metrics: dict[str, Any], fill: Callable[[Path], Any]) -> N
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="mage-ckpt-") as tmp:
-        fill(Path(tmp))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    with scratch_dir("mage-ckpt") as tmp:
+        fill(tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
 
 
 def report_final(artifact_dir: str | Path, metrics: dict[str, Any]) -> None:
@@ -225,8 +263,7 @@ def step_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     finished = {"finished": 1.0, "step": float(max_steps)}
     tc = ray.train.get_context()
     world = tc.get_world_size()
-    work = Path(tempfile.mkdtemp(prefix="mage-step-"))
-    try:
+    with scratch_dir("mage-step") as work:
         state, final = restore_checkpoint(work / "restored", STATE_FILE)
         if final is not None:
             report_final(final, finished)
@@ -255,8 +292,6 @@ def step_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         manifest = config["train_fn"](config["cfg"], out_dir=str(out), ctx=ctx, **config["kwargs"])
         report_final(out, finished)
         return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def train_run_name(cfg: Config, out_dir: str) -> str:
@@ -359,9 +394,9 @@ def run_and_publish(
     fail_fast.raise_if_failed(result, label)
     if result.checkpoint is None:
         raise RuntimeError(f"{label}: the Ray Train run {result.path} finished without a final checkpoint")
-    with tempfile.TemporaryDirectory(prefix="mage-publish-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        final = Path(tmp) / FINAL
+    with scratch_dir("mage-publish") as tmp:
+        result.checkpoint.to_directory(str(tmp))
+        final = tmp / FINAL
         if not (final / MANIFEST_NAME).is_file():
             raise RuntimeError(f"{label}: the latest checkpoint of {result.path} holds no finished artifact")
         manifest = read_json(final / MANIFEST_NAME)

@@ -25,7 +25,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from mage_ray.config import Config
-from mage_ray.manifest import MANIFEST_NAME, is_complete, read_json, read_manifest
+from mage_ray.manifest import MANIFEST_NAME, is_complete, read_json, read_manifest, scratch_dir
 from mage_ray.train.ray_shell import (
     HF_CHECKPOINT,
     Scaling,
@@ -168,8 +168,7 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from mage_ray.train.backbone import ObjectiveFailure, train_backbone
 
-    work = Path(tempfile.mkdtemp(prefix=f"mage-{config['name']}-"))
-    try:
+    with scratch_dir("mage-backbone") as work:
         resume, final = restore_checkpoint(work / "restored")
         if final is not None:  # the run had finished: report the artifact again
             report_final(
@@ -205,8 +204,6 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         final_metrics = {"complete": 1.0, "step": float(manifest["steps_done"])}
         report_final(out, {**final_metrics, "ray_report_s": reporter.report_seconds})
         return manifest
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def train_backbone_ray(

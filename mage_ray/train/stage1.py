@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from mage_ray.manifest import (
     is_uri,
     join,
     read_json,
+    scratch_dir,
     write_manifest,
 )
 from mage_ray.train.ray_shell import Scaling, report_final, restore_checkpoint, run_and_publish, storage_abs
@@ -210,15 +210,12 @@ def train_sft(
 
 def sft_worker(config: dict[str, Any]) -> None:
     """Ray Train per-worker loop of the optional SFT stage (one worker): :func:`train_sft`, then report."""
-    work = Path(tempfile.mkdtemp(prefix="mage-sft-"))
-    try:
+    with scratch_dir("mage-sft") as work:
         _, final = restore_checkpoint(work / "restored")
         if final is None:
             train_sft(config["cfg"], config["pairs"], work / "out")
             final = work / "out"
         report_final(final, {"complete": 1.0, "step": float(read_json(final / MANIFEST_NAME)["steps_done"])})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None) -> Config:

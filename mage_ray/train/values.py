@@ -45,7 +45,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ import torch
 from torch import nn
 
 from mage_ray.config import Config
-from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, write_manifest
+from mage_ray.manifest import is_complete, join, publish_dir, read_manifest, scratch_dir, write_manifest
 from mage_ray.train.offline import OfflineSettings, Trainable, fit_steps, lora_config, prepare
 from mage_ray.train.preference_data import collate_sequences
 from mage_ray.train.ray_shell import (
@@ -316,7 +315,7 @@ def value_model_dir(cfg: Config, objective: str) -> str:
 
 def save_value_net(net: ValueNet, out_dir: str, manifest: dict[str, Any]) -> str:
     """Write adapter/ + value_head.safetensors + manifest.json atomically (temp dir, then rename/upload)."""
-    with tempfile.TemporaryDirectory(prefix=".value-") as tmp:
+    with scratch_dir("mage-value") as tmp:
         net.peft.save_pretrained(os.path.join(tmp, ADAPTER_DIR), safe_serialization=True)
         save_value_head(os.path.join(tmp, HEAD_FILE), net.head.weight, net.head.bias)
         write_manifest(tmp, manifest)
