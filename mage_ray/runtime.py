@@ -49,11 +49,41 @@ def _keep_repeated_log_lines() -> None:
             pass
 
 
+LOOPBACK = "127.0.0.1"
+"""The only address a private local Ray (no RAY_ADDRESS) listens on."""
+
+
+def _local_ray_on_loopback() -> None:
+    """Make the local Ray that ``ray.init`` is about to start listen on 127.0.0.1 only.
+
+    On Linux Ray takes the machine's network address as the node address, and its servers (GCS, raylet, object
+    manager, core workers, dashboard and runtime-env agents, metrics exporters) bind to it or to every
+    interface; ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into that address. Ray uses 127.0.0.1
+    instead when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is 0 (what it does on macOS and Windows: "no multi-node
+    cluster"), and every server then binds to loopback. Ray reads the variable when it is first imported (often
+    before this runs), so its module constant is set as well; the processes Ray starts inherit the variable. Set
+    it to 1 yourself to keep the old all-interfaces behaviour.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in (
+        "0",
+        "false",
+        "False",
+    )
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
 
     A plain ``ray.init()`` would attach to any ``ray start`` instance on the machine; a job run as
     ``python jobs/x.py`` gets its own Ray instead, unless RAY_ADDRESS says otherwise (``auto`` joins).
+
+    The private local Ray listens on 127.0.0.1 only (:func:`_local_ray_on_loopback`; the dashboard included) and
+    runs the dashboard's API server, because Ray Train's placement-group cleaner asks the State API (served
+    there) every second whether the Train controller is alive, and logs a warning each time it cannot. A cluster
+    (RAY_ADDRESS set) keeps the addresses and dashboard it was started with.
     """
     import ray
 
@@ -63,4 +93,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        _local_ray_on_loopback()
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            log_to_driver=True,
+        )
