@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
+import warnings
 
 from mage_ray.config import Config, ConfigError, add_config_args, load_config
 
@@ -49,6 +52,45 @@ def _keep_repeated_log_lines() -> None:
             pass
 
 
+IGNORED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers 5 deprecates ``model.is_gradient_checkpointing``; PEFT (PeftModel.__init__) and TRL
+    # (unwrap_model_for_generation) read it, mage_ray does not: once per Train worker, nothing to fix on our side.
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+"""(start of the message, category) of library warnings that are not caused by a mage_ray call. Deprecations that
+mage_ray's own calls caused are fixed where they are made instead. No comma or colon in a message (PYTHONWARNINGS
+syntax)."""
+
+
+LIBRARY_ENV = {
+    "PYTHONWARNINGS": ",".join(f"ignore:{msg}:{cat.__name__}" for msg, cat in IGNORED_WARNINGS),
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+"""Environment that quiets library noise mage_ray cannot fix at its own call sites, in every process of a job.
+
+- ``PYTHONWARNINGS``: ignore :data:`IGNORED_WARNINGS` (Python reads it when a worker process starts).
+- ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: Ray Train reroutes ``print`` in its workers to logging and also copies prints
+  made while ``sys.stdout`` is redirected; ``datasets`` fingerprints a table by having dill capture a ``dis.dis``
+  listing that way, so ~10 lines of bytecode reached the log per backbone run. Without the patch a worker's prints
+  go to its stdout, which Ray forwards to the driver as before.
+"""
+
+
+def quiet_libraries() -> dict[str, str]:
+    """Give this process, and the processes it starts, :data:`LIBRARY_ENV`; return what was added (for the Ray job's
+    ``runtime_env``, which reaches the workers of a cluster too).
+
+    A variable already set (by you, or by ``ray job submit --runtime-env``) is kept: yours win. ``PYTHONWARNINGS``
+    acts only when an interpreter starts, so this process gets the same warning filters directly.
+    """
+    env = {k: v for k, v in LIBRARY_ENV.items() if k not in os.environ}
+    if "PYTHONWARNINGS" in env:
+        for msg, cat in IGNORED_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(msg), category=cat)
+    os.environ.update(env)
+    return env
+
+
 LOOPBACK = "127.0.0.1"
 """The only address a private local Ray (no RAY_ADDRESS) listens on."""
 
@@ -74,6 +116,12 @@ def _local_ray_on_loopback() -> None:
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
 
@@ -82,22 +130,35 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     The private local Ray listens on 127.0.0.1 only (:func:`_local_ray_on_loopback`; the dashboard included) and
     runs the dashboard's API server, because Ray Train's placement-group cleaner asks the State API (served
-    there) every second whether the Train controller is alive, and logs a warning each time it cannot. A cluster
-    (RAY_ADDRESS set) keeps the addresses and dashboard it was started with.
+    there) every second whether the Train controller is alive, and logs a warning each time it cannot. The
+    dashboard gets a free port, and the job's workers get its URL as RAY_API_SERVER_ADDRESS: without it a State
+    API client in a worker looks for "the" Ray on the machine by listing running GCS processes, and fails (a
+    traceback from every cleaner) when other Ray instances run beside this one. A cluster (RAY_ADDRESS set) keeps
+    the addresses and dashboard it was started with. Either way every process of the job gets
+    :data:`LIBRARY_ENV` (:func:`quiet_libraries`, through the job's ``runtime_env``).
     """
     import ray
 
     if ray.is_initialized():
         return
     _keep_repeated_log_lines()
+    env = quiet_libraries()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env={"env_vars": env} if env else None,
+        )
     else:
         _local_ray_on_loopback()
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host=LOOPBACK,
+            dashboard_port=port,
             log_to_driver=True,
+            runtime_env={"env_vars": env},
         )

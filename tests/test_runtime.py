@@ -76,18 +76,49 @@ def test_proc_net_addresses_decode():
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.0.2.2")
 
 
-def test_cluster_keeps_its_addresses(monkeypatch):
-    """With RAY_ADDRESS set, init_ray joins that cluster as it is: no loopback setting, no dashboard options."""
+def test_cluster_keeps_its_addresses_and_gets_the_library_env(monkeypatch):
+    """With RAY_ADDRESS set, init_ray joins that cluster as it is (no loopback setting, no dashboard options) and
+    hands the job's processes the library environment; variables the user set are left to them."""
+    import warnings
+
     import ray
 
     calls = []
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # init_ray writes the environment: restore it after
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    runtime.init_ray()
-    assert calls == [{"address": "10.0.0.5:6379", "log_to_driver": True}]
+    for var in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONWARNINGS", "RAY_TRAIN_ENABLE_PRINT_PATCH"):
+        monkeypatch.delenv(var, raising=False)
+    with warnings.catch_warnings():  # and the warning filters
+        runtime.init_ray()
+        monkeypatch.setenv("PYTHONWARNINGS", "default")  # the user's own
+        monkeypatch.delenv("RAY_TRAIN_ENABLE_PRINT_PATCH")
+        runtime.init_ray()
+    env = {"PYTHONWARNINGS": runtime.LIBRARY_ENV["PYTHONWARNINGS"], "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    assert calls == [
+        {"address": "10.0.0.5:6379", "log_to_driver": True, "runtime_env": {"env_vars": env}},
+        {
+            "address": "10.0.0.5:6379",
+            "log_to_driver": True,
+            "runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        },
+    ]
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+def test_pythonwarnings_ignores_exactly_the_library_deprecations(tmp_path):
+    """A fresh interpreter with the job's PYTHONWARNINGS (what a Ray worker gets) drops the listed library
+    warnings and still shows any other FutureWarning."""
+    (msg, cat), *_ = runtime.IGNORED_WARNINGS
+    code = (
+        "import warnings\n"
+        f"warnings.warn({msg + ' and will be removed in v6.'!r}, {cat.__name__})\n"
+        "warnings.warn('`something_else` is deprecated', FutureWarning)\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": runtime.LIBRARY_ENV["PYTHONWARNINGS"]}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+    assert msg not in err and "`something_else` is deprecated" in err
 
 
 # The job: init_ray, then one Ray Train run whose single worker writes its MASTER_PORT and waits (up to 120 s) until
@@ -166,3 +197,6 @@ def test_local_ray_listens_on_loopback_only_and_train_polls_quietly(tmp_path, re
     outside = [x for x in listeners if not is_loopback(x[1]) and x[2] != master_port]
     assert outside == [], f"listening outside loopback: {outside}"
     assert "Failed to query Ray Train Controller" not in out
+    assert "(PlacementGroupCleaner pid=" not in out, out[
+        -4000:
+    ]  # nor any other line (e.g. a traceback) from it
