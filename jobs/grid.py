@@ -23,7 +23,7 @@ import json
 from mage_ray.bundle import load_bundle
 from mage_ray.grid import read_prompts, run_grid, summarise_dataset
 from mage_ray.manifest import join, write_json_atomic
-from mage_ray.runtime import init_ray, parse_job_args
+from mage_ray.runtime import data_progress, init_ray, parse_job_args
 from mage_ray.soup import preference_grid, validate_preference
 
 
@@ -55,6 +55,7 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else [bundle.default_method]
     out = args.out or join(cfg.storage.run_dir, "grid")
     init_ray()
+    data_progress()  # Ray Data's progress bars on a terminal, its log lines otherwise
     try:
         prompts = read_prompts(args.prompts, cfg, args.split)
     except ValueError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import socket
@@ -162,3 +163,23 @@ def init_ray(num_cpus: int | None = None) -> None:
             log_to_driver=True,
             runtime_env={"env_vars": env},
         )
+
+
+def data_progress() -> None:
+    """How a Ray Data run on this driver reports progress (call before it executes).
+
+    On a terminal: Ray Data's own progress bars (rows done, rows per second, and the time left once Ray Data has
+    estimated the output size from the first finished tasks), and none of its INFO lines on the console (execution
+    plans, "execution finished", sink summaries; they still go to ``ray-data.log`` in the session's log
+    directory). Off a terminal (a log file, ``| tee``) Ray Data cannot draw bars and logs the same progress as
+    INFO lines instead, every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (10): those stay.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = True
+    if sys.stdout.isatty():  # the test Ray Data itself makes to choose bars over log lines
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(
+                handler, logging.StreamHandler
+            ):  # the console handler; the file handlers are not streams
+                handler.setLevel(logging.WARNING)

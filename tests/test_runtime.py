@@ -200,3 +200,23 @@ def test_local_ray_listens_on_loopback_only_and_train_polls_quietly(tmp_path, re
     assert "(PlacementGroupCleaner pid=" not in out, out[
         -4000:
     ]  # nor any other line (e.g. a traceback) from it
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_data_progress_keeps_ray_data_info_lines_off_a_terminal_only(monkeypatch, tty):
+    """On a terminal Ray Data draws progress bars and its INFO lines leave the console (the session's
+    ray-data.log keeps them); piped to a file its INFO progress lines stay, since bars cannot be drawn there."""
+    import logging
+
+    from ray.data import DataContext
+
+    handlers = logging.getLogger("ray.data").handlers
+    for h in handlers:
+        monkeypatch.setattr(h, "level", h.level)  # restored after the test
+    monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: tty)
+    runtime.data_progress()
+    assert DataContext.get_current().enable_progress_bars
+    levels = {h.name: h.level for h in handlers}  # Ray Data names its handlers after its logging config
+    assert levels["console"] == (logging.WARNING if tty else logging.INFO)
+    assert levels["file"] <= logging.INFO
