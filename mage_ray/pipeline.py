@@ -84,9 +84,10 @@ class StageClock:
     started) and one when it ends (its time, and an estimate of what is left).
 
     The estimate is plain arithmetic on the stages' own times, and the line says so: the stages still to run
-    times the mean time of the finished stages of this run (their records, earlier invocations included). Stages
-    differ a lot (a Tune sweep over training vs. a decode-only one), so it is a rough figure; the training stages'
-    per-step lines and the evaluation's progress bar give the finer view inside a stage.
+    times the mean time of the finished stages of this run (their records, earlier invocations included; stages
+    done in under a second, such as a sweep over one candidate, are left out). Stages differ a lot (a Tune sweep
+    over training vs. a decode-only one), so it is a rough figure; the training stages' per-step lines and the
+    evaluation's progress bar give the finer view inside a stage.
     """
 
     def __init__(self, cfg: Config, stages: list[str]):
@@ -102,14 +103,15 @@ class StageClock:
     def end(self, stage: str, seconds: float) -> None:
         records = {st: stage_done(self.cfg, st) for st in self.stages}
         left = [st for st, rec in records.items() if rec is None]
-        timed = [rec["seconds"] for rec in records.values() if rec and "seconds" in rec]
+        # a stage decided without work (one candidate) says nothing about how long the others take
+        timed = [rec["seconds"] for rec in records.values() if rec and rec.get("seconds", 0) >= 1]
         if not left:
             rest = "no stage left"
         elif timed:
             mean = sum(timed) / len(timed)
             rest = (
                 f"left: {', '.join(left)}, about {_hms(mean * len(left))} "
-                f"({len(left)} x the {_hms(mean)} mean of the {len(timed)} finished stages)"
+                f"({len(left)} x the {_hms(mean)} mean of the {len(timed)} finished stage{'s' if len(timed) > 1 else ''})"
             )
         else:
             rest = f"left: {', '.join(left)}"

@@ -142,7 +142,8 @@ def test_planned_stages_follow_the_methods(repo_root):
 
 def test_stage_lines_say_where_the_run_is_and_what_is_left(tmp_path, repo_root, capsys):
     """Records of beta (100 s) and backbones (200 s) exist; alpha, gamma and evaluate do not. The end line of
-    backbones: its time, its place (2 of 5) and 3 stages left x the 150 s mean of the 2 finished = 450 s = 7m30s."""
+    backbones: its time, its place (2 of 5) and 3 stages left x the 150 s mean of the 2 finished = 450 s = 7m30s.
+    A beta stage decided at once (0.4 s, one candidate) is not timed: 3 x 200 s = 10m00s."""
     from mage_ray.manifest import write_json_atomic
     from mage_ray.pipeline import StageClock
 
@@ -160,4 +161,9 @@ def test_stage_lines_say_where_the_run_is_and_what_is_left(tmp_path, repo_root, 
     assert end == (
         "[pipeline] stage 'backbones' done in 3m20s (stage 2/5, 0 s into this run); left: alpha, gamma, evaluate,"
         " about 7m30s (3 x the 2m30s mean of the 2 finished stages)"
+    )
+    write_json_atomic(str(tmp_path / "smoke" / "stages" / "beta.json"), {"seconds": 0.4})
+    clock.end("backbones", 200.0)
+    assert (
+        capsys.readouterr().out.strip().endswith("about 10m00s (3 x the 3m20s mean of the 1 finished stage)")
     )
