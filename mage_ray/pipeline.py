@@ -108,10 +108,10 @@ class StageClock:
         if not left:
             rest = "no stage left"
         elif timed:
-            mean = sum(timed) / len(timed)
+            mean, n = sum(timed) / len(timed), len(timed)
             rest = (
                 f"left: {', '.join(left)}, about {_hms(mean * len(left))} "
-                f"({len(left)} x the {_hms(mean)} mean of the {len(timed)} finished stage{'s' if len(timed) > 1 else ''})"
+                f"({len(left)} x the {_hms(mean)} mean of the {n} finished stage{'s' * (n > 1)})"
             )
         else:
             rest = f"left: {', '.join(left)}"
