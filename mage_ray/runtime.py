@@ -110,11 +110,7 @@ def _local_ray_on_loopback() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray._private.ray_constants as ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in (
-        "0",
-        "false",
-        "False",
-    )
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", False)
 
 
 def _free_port() -> int:
@@ -179,7 +175,6 @@ def data_progress() -> None:
     DataContext.get_current().enable_progress_bars = True
     if sys.stdout.isatty():  # the test Ray Data itself makes to choose bars over log lines
         for handler in logging.getLogger("ray.data").handlers:
-            if isinstance(
-                handler, logging.StreamHandler
-            ):  # the console handler; the file handlers are not streams
+            # the console handler is a stream; the session's log files are not
+            if isinstance(handler, logging.StreamHandler):
                 handler.setLevel(logging.WARNING)
