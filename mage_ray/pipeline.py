@@ -53,15 +53,92 @@ def stage_done(cfg: Config, stage: str) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
+def planned_stages(cfg: Config, evaluate: bool = True) -> list[str]:
+    """The recorded stages a run of ``cfg`` goes through, in order: :func:`run_sweep`'s, and with ``evaluate``
+    :func:`run_pipeline`'s (MORLHF, the baselines the evaluated methods need, the evaluation)."""
+    stages = ["beta", "backbones"]
+    if _needs(cfg, "values"):
+        stages += ["rollouts", "values"]
+    stages += ["alpha", "gamma"]
+    if evaluate:
+        needed = stages_for(list(cfg.eval.methods))
+        if cfg.backbone.morlhf or "morlhf" in needed:
+            stages.append("morlhf")
+        stages += [st for st in ("ric", "modpo", "wrpo") if st in needed]
+        stages.append("evaluate")
+    return stages
+
+
+def _hms(seconds: float) -> str:
+    """45 s, 5m46s, 1h02m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+class StageClock:
+    """The pipeline's progress lines: one when a stage starts (its place in the run, the time since the run
+    started) and one when it ends (its time, and an estimate of what is left).
+
+    The estimate is plain arithmetic on the stages' own times, and the line says so: the stages still to run
+    times the mean time of the finished stages of this run (their records, earlier invocations included; stages
+    done in under a second, such as a sweep over one candidate, are left out). Stages differ a lot (a Tune sweep
+    over training vs. a decode-only one), so it is a rough figure; the training stages' per-step lines and the
+    evaluation's progress bar give the finer view inside a stage.
+    """
+
+    def __init__(self, cfg: Config, stages: list[str]):
+        self.cfg, self.stages, self.t0 = cfg, stages, time.time()
+
+    def _where(self, stage: str) -> str:
+        i = self.stages.index(stage) + 1 if stage in self.stages else "?"
+        return f"stage {i}/{len(self.stages)}, {_hms(time.time() - self.t0)} into this run"
+
+    def start(self, stage: str, text: str) -> None:
+        print(f"\n[pipeline] === {stage} ({self._where(stage)}): {text}", flush=True)
+
+    def end(self, stage: str, seconds: float) -> None:
+        records = {st: stage_done(self.cfg, st) for st in self.stages}
+        left = [st for st, rec in records.items() if rec is None]
+        # a stage decided without work (one candidate) says nothing about how long the others take
+        timed = [rec["seconds"] for rec in records.values() if rec and rec.get("seconds", 0) >= 1]
+        if not left:
+            rest = "no stage left"
+        elif timed:
+            mean, n = sum(timed) / len(timed), len(timed)
+            rest = (
+                f"left: {', '.join(left)}, about {_hms(mean * len(left))} "
+                f"({len(left)} x the {_hms(mean)} mean of the {n} finished stage{'s' * (n > 1)})"
+            )
+        else:
+            rest = f"left: {', '.join(left)}"
+        print(
+            f"[pipeline] stage {stage!r} done in {_hms(seconds)} ({self._where(stage)}); {rest}", flush=True
+        )
+
+
+_clock: StageClock | None = None
+"""The progress lines of the run in progress (:func:`run_sweep` or :func:`run_pipeline` sets it)."""
+
+
 def _finish(cfg: Config, stage: str, record: dict, t0: float) -> dict:
     record = {**record, "stage": stage, "seconds": round(time.time() - t0, 1)}
     write_json_atomic(_stage_path(cfg, stage), record)
-    print(f"[pipeline] stage {stage!r} done in {record['seconds']:.0f} s", flush=True)
+    if _clock is None:
+        print(f"[pipeline] stage {stage!r} done in {_hms(record['seconds'])}", flush=True)
+    else:
+        _clock.end(stage, record["seconds"])
     return record
 
 
 def _banner(stage: str, text: str) -> None:
-    print(f"\n[pipeline] === {stage}: {text}", flush=True)
+    if _clock is None:
+        print(f"\n[pipeline] === {stage}: {text}", flush=True)
+    else:
+        _clock.start(stage, text)
 
 
 def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
@@ -250,8 +327,13 @@ def _bundle(
     )
 
 
-def run_sweep(cfg: Config) -> dict:
-    """Stages beta -> backbones -> rollouts -> values -> alpha -> gamma -> bundle; returns the summary."""
+def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
+    """Stages beta -> backbones -> rollouts -> values -> alpha -> gamma -> bundle; returns the summary.
+
+    ``progress``: start this run's progress lines (:class:`StageClock`); run_pipeline starts its own instead."""
+    global _clock
+    if progress:
+        _clock = StageClock(cfg, planned_stages(cfg, evaluate=False))
     t0 = time.time()
     beta = float(stage_beta(cfg)["best"]["backbone.beta"])
     bb = stage_backbones(cfg, beta)
@@ -366,8 +448,10 @@ def run_pipeline(cfg: Config) -> dict:
     from mage_ray.tasks.objectives import load_objectives
     from mage_ray.tasks.prompts import load_prompts
 
+    global _clock
+    _clock = StageClock(cfg, planned_stages(cfg))
     t0 = time.time()
-    summary = run_sweep(cfg)
+    summary = run_sweep(cfg, progress=False)
     methods = list(cfg.eval.methods)
     bundle_dir = summary["bundle"]
     bb = stage_done(cfg, "backbones") or {}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
+import socket
 import sys
+import warnings
 
 from mage_ray.config import Config, ConfigError, add_config_args, load_config
 
@@ -65,18 +69,128 @@ def _keep_repeated_log_lines() -> None:
             pass
 
 
+IGNORED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers 5 deprecates ``model.is_gradient_checkpointing``; PEFT (PeftModel.__init__) and TRL
+    # (unwrap_model_for_generation) read it, mage_ray does not: once per Train worker, nothing to fix on our side.
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+"""(start of the message, category) of library warnings that are not caused by a mage_ray call. Deprecations that
+mage_ray's own calls caused are fixed where they are made instead. No comma or colon in a message (PYTHONWARNINGS
+syntax)."""
+
+
+LIBRARY_ENV = {
+    "PYTHONWARNINGS": ",".join(f"ignore:{msg}:{cat.__name__}" for msg, cat in IGNORED_WARNINGS),
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+"""Environment that quiets library noise mage_ray cannot fix at its own call sites, in every process of a job.
+
+- ``PYTHONWARNINGS``: ignore :data:`IGNORED_WARNINGS` (Python reads it when a worker process starts).
+- ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: Ray Train reroutes ``print`` in its workers to logging and also copies prints
+  made while ``sys.stdout`` is redirected; ``datasets`` fingerprints a table by having dill capture a ``dis.dis``
+  listing that way, so ~10 lines of bytecode reached the log per backbone run. Without the patch a worker's prints
+  go to its stdout, which Ray forwards to the driver as before.
+"""
+
+
+def quiet_libraries() -> dict[str, str]:
+    """Give this process, and the processes it starts, :data:`LIBRARY_ENV`; return what was added (for the Ray job's
+    ``runtime_env``, which reaches the workers of a cluster too).
+
+    A variable already set (by you, or by ``ray job submit --runtime-env``) is kept: yours win. ``PYTHONWARNINGS``
+    acts only when an interpreter starts, so this process gets the same warning filters directly.
+    """
+    env = {k: v for k, v in LIBRARY_ENV.items() if k not in os.environ}
+    if "PYTHONWARNINGS" in env:
+        for msg, cat in IGNORED_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(msg), category=cat)
+    os.environ.update(env)
+    return env
+
+
+LOOPBACK = "127.0.0.1"
+"""The only address a private local Ray (no RAY_ADDRESS) listens on."""
+
+
+def _local_ray_on_loopback() -> None:
+    """Make the local Ray that ``ray.init`` is about to start listen on 127.0.0.1 only.
+
+    On Linux Ray takes the machine's network address as the node address, and its servers (GCS, raylet, object
+    manager, core workers, dashboard and runtime-env agents, metrics exporters) bind to it or to every
+    interface; ``ray.init(_node_ip_address="127.0.0.1")`` is turned back into that address. Ray uses 127.0.0.1
+    instead when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is 0 (what it does on macOS and Windows: "no multi-node
+    cluster"), and every server then binds to loopback. Ray reads the variable when it is first imported (often
+    before this runs), so its module constant is set as well; the processes Ray starts inherit the variable. Set
+    it to 1 yourself to keep the old all-interfaces behaviour.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = ray_constants.env_bool("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
 
     A plain ``ray.init()`` would attach to any ``ray start`` instance on the machine; a job run as
     ``python jobs/x.py`` gets its own Ray instead, unless RAY_ADDRESS says otherwise (``auto`` joins).
+
+    The private local Ray listens on 127.0.0.1 only (:func:`_local_ray_on_loopback`; the dashboard included) and
+    runs the dashboard's API server, because Ray Train's placement-group cleaner asks the State API (served
+    there) every second whether the Train controller is alive, and logs a warning each time it cannot. The
+    dashboard gets a free port, and the job's workers get its URL as RAY_API_SERVER_ADDRESS: without it a State
+    API client in a worker looks for "the" Ray on the machine by listing running GCS processes, and fails (a
+    traceback from every cleaner) when other Ray instances run beside this one. A cluster (RAY_ADDRESS set) keeps
+    the addresses and dashboard it was started with. Either way every process of the job gets
+    :data:`LIBRARY_ENV` (:func:`quiet_libraries`, through the job's ``runtime_env``).
     """
     import ray
 
     if ray.is_initialized():
         return
     _keep_repeated_log_lines()
+    env = quiet_libraries()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(
+            address=os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env={"env_vars": env} if env else None,
+        )
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        _local_ray_on_loopback()
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{port}"
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            dashboard_port=port,
+            log_to_driver=True,
+            runtime_env={"env_vars": env},
+        )
+
+
+def data_progress() -> None:
+    """How a Ray Data run on this driver reports progress (call before it executes).
+
+    On a terminal: Ray Data's own progress bars (rows done, rows per second, and the time left once Ray Data has
+    estimated the output size from the first finished tasks), and none of its INFO lines on the console (execution
+    plans, "execution finished", sink summaries; they still go to ``ray-data.log`` in the session's log
+    directory). Off a terminal (a log file, ``| tee``) Ray Data cannot draw bars and logs the same progress as
+    INFO lines instead, every ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds (10): those stay.
+    """
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = True
+    if sys.stdout.isatty():  # the test Ray Data itself makes to choose bars over log lines
+        for handler in logging.getLogger("ray.data").handlers:
+            # the console handler is a stream; the session's log files are not
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.WARNING)

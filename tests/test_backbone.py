@@ -189,6 +189,21 @@ def test_reward_aggregation_reaches_grpo_config(tmp_path, agg):
     assert args.multi_objective_aggregation == agg and list(args.reward_weights) == [0.7, 0.3]
 
 
+@pytest.mark.parametrize("trainer", ["grpo", "rloo"])
+def test_trainer_args_turn_checkpointing_off_without_deprecation_warnings(tmp_path, trainer):
+    """TRL defaults activation checkpointing on; the configs turn it off by its current name, so building them
+    raises no FutureWarning (``gradient_checkpointing=False`` warned once per worker)."""
+    import warnings
+
+    from mage_ray.train.backbone import _trainer_args
+
+    cfg = smoke_cfg(tmp_path, f"backbone.trainer={trainer}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = _trainer_args(cfg, trainer, np.array([0.7, 0.3]), 2, tmp_path / "out", quiet=True)
+    assert args.gradient_checkpointing is False and args.activation_checkpointing is False
+
+
 def test_reward_aggregation_is_validated(tmp_path):
     from mage_ray.config import ConfigError
 

@@ -40,7 +40,10 @@ def test_unregistered_checkpoints_are_dropped(tmp_path):
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
         (run / name).mkdir(parents=True)
     snap = {
-        "checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}],
+        "checkpoint_results": [
+            {"checkpoint_dir_name": "checkpoint_a"},
+            {"checkpoint_dir_name": "checkpoint_b"},
+        ],
         "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_b"},
     }
     (run / SNAPSHOT).write_text(json.dumps(snap))

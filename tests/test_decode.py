@@ -397,6 +397,26 @@ def test_heterogeneous_batch_equals_per_request_runs(engine):
         )
 
 
+def test_cache_argument_keeps_tokens_and_does_not_warn(engine, monkeypatch):
+    """The decoder gets its KV cache as ``cache`` (transformers' current name) without a FutureWarning, and the
+    16 mixed requests (greedy and sampled, 8 methods) decode to the same tokens as through the deprecated
+    ``past_key_values`` alias, which transformers maps onto the same argument."""
+    import warnings
+
+    assert engine.cache_arg == "cache"
+    reqs = _mixed_requests()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        new = engine.generate(reqs)
+    monkeypatch.setattr(engine, "cache_arg", "past_key_values")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = engine.generate(reqs)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in new] == [
+        (o.token_ids, o.text, o.finish_reason) for o in old
+    ]
+
+
 def test_prepared_requests_run_without_a_second_normalisation(engine, monkeypatch):
     """Engine.prepare is the one normaliser: a request prepared ahead (as Serve does before queueing) runs from
     its job without being validated or tokenised again, gives what an unprepared one gives, and its job is used

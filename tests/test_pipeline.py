@@ -111,3 +111,59 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         assert {p: p.stat().st_mtime for p in (run / "stages").iterdir()} == before
     finally:
         ray.shutdown()
+
+
+def test_planned_stages_follow_the_methods(repo_root):
+    """The stages a run goes through: the sweep's (rollouts and values only when an evaluated or swept method
+    reads value models), then MORLHF and the baselines the evaluated methods need, then the evaluation."""
+    from mage_ray.pipeline import planned_stages
+
+    smoke = repo_root / "configs" / "smoke.yaml"
+    cfg = load_config(smoke)  # eval.methods: rs bs mod mage-e mage-e-m mage-i mage-i-m
+    assert planned_stages(cfg) == ["beta", "backbones", "rollouts", "values", "alpha", "gamma", "evaluate"]
+    assert planned_stages(cfg, evaluate=False) == [
+        "beta",
+        "backbones",
+        "rollouts",
+        "values",
+        "alpha",
+        "gamma",
+    ]
+    cfg = load_config(smoke, ["eval.methods=[rs,bs,mod,mage-e-m,mage-i-m,ric,modpo,bs-wrpo]"])
+    assert planned_stages(cfg) == [
+        *("beta", "backbones", "rollouts", "values", "alpha", "gamma"),
+        *("ric", "modpo", "wrpo", "evaluate"),
+    ]  # the stages test_smoke_pipeline_end_to_end_and_resume finds recorded
+    cfg = load_config(
+        smoke, ["eval.methods=[bs,mage-i]", "sweep.gamma_method=mage-i-m", "backbone.morlhf=true"]
+    )
+    assert planned_stages(cfg) == ["beta", "backbones", "alpha", "gamma", "morlhf", "evaluate"]
+
+
+def test_stage_lines_say_where_the_run_is_and_what_is_left(tmp_path, repo_root, capsys):
+    """Records of beta (100 s) and backbones (200 s) exist; alpha, gamma and evaluate do not. The end line of
+    backbones: its time, its place (2 of 5) and 3 stages left x the 150 s mean of the 2 finished = 450 s = 7m30s.
+    A beta stage decided at once (0.4 s, one candidate) is not timed: 3 x 200 s = 10m00s."""
+    from mage_ray.manifest import write_json_atomic
+    from mage_ray.pipeline import StageClock
+
+    cfg = load_config(
+        repo_root / "configs" / "smoke.yaml", [f"storage.storage_path={tmp_path}", "eval.methods=[bs,mage-i]"]
+    )
+    stages = ["beta", "backbones", "alpha", "gamma", "evaluate"]
+    clock = StageClock(cfg, stages)
+    clock.start("backbones", "2 backbones")
+    for stage, seconds in (("beta", 100.0), ("backbones", 200.0)):
+        write_json_atomic(str(tmp_path / "smoke" / "stages" / f"{stage}.json"), {"seconds": seconds})
+    clock.end("backbones", 200.0)
+    start, end = capsys.readouterr().out.strip().splitlines()
+    assert start.startswith("[pipeline] === backbones (stage 2/5, 0 s into this run): 2 backbones")
+    assert end == (
+        "[pipeline] stage 'backbones' done in 3m20s (stage 2/5, 0 s into this run); left: alpha, gamma, evaluate,"
+        " about 7m30s (3 x the 2m30s mean of the 2 finished stages)"
+    )
+    write_json_atomic(str(tmp_path / "smoke" / "stages" / "beta.json"), {"seconds": 0.4})
+    clock.end("backbones", 200.0)
+    assert (
+        capsys.readouterr().out.strip().endswith("about 10m00s (3 x the 3m20s mean of the 1 finished stage)")
+    )

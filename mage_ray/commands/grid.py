@@ -41,7 +41,7 @@ def add_arguments(parser) -> None:
 
 def run(args, cfg) -> None:
     from mage_ray.manifest import join, write_json_atomic
-    from mage_ray.runtime import init_ray
+    from mage_ray.runtime import data_progress, init_ray
     from mage_ray.soup import preference_grid, validate_preference
 
     bundle = open_bundle(args.bundle)
@@ -56,6 +56,7 @@ def run(args, cfg) -> None:
     methods = args.methods.split(",") if args.methods else [bundle.default_method]
     out = args.out or join(cfg.storage.run_dir, "grid")
     init_ray()
+    data_progress()  # Ray Data's progress bars on a terminal, its log lines otherwise
     from mage_ray.grid import read_prompts, run_grid, summarise_dataset
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -98,6 +99,11 @@ class Engine:
                 "the decode engine needs a plain nn.Linear lm_head (adapters may not target lm_head)"
             )
         self.body = self.model.get_decoder()
+        # The decoder's KV-cache argument: ``cache`` in recent transformers 5 releases, where ``past_key_values`` is
+        # a deprecated alias (a FutureWarning per process, removed in 5.40); ``past_key_values`` before them.
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        )
         self.vocab = self.lm_head.out_features
         hidden = self.lm_head.in_features
         heads_w, heads_b = [], []
@@ -326,7 +332,7 @@ class Engine:
     def _forward(self, ids, mask, pos, cache, lay: _Layout) -> torch.Tensor:
         """Decoder body over all rows -> last-position hidden state h [R, H] (final norm applied)."""
         out = self.body(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self.cache_arg: cache}
         )
         return out.last_hidden_state[:, -1]
 

@@ -40,7 +40,12 @@ from mage_ray.manifest import atomic_dir, write_manifest, write_text_atomic
 from mage_ray.tasks.objectives import ObjectiveError
 from mage_ray.train.fail_fast import RunFailed
 from mage_ray.train.offline import lora_config
-from mage_ray.train.stage1 import check_writable, precision_args, validate_reward_weights
+from mage_ray.train.stage1 import (
+    check_writable,
+    no_checkpointing_args,
+    precision_args,
+    validate_reward_weights,
+)
 
 __all__ = ["ObjectiveFailure", "ObjectiveReward", "train_backbone"]
 
@@ -209,7 +214,7 @@ def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_d
         save_steps=b.checkpoint_every,
         save_total_limit=2,
         seed=b.seed,
-        gradient_checkpointing=False,
+        **no_checkpointing_args(),
         use_vllm=False,
         report_to="none",
         disable_tqdm=quiet,

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +96,6 @@ def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray layout: keep its logs
         pass
-    # transformers 5 deprecation warnings raised inside TRL/PEFT (not our calls), printed once per worker
-    warnings.filterwarnings(
-        "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
-    )
     return fn(config)
 
 

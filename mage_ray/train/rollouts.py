@@ -402,9 +402,10 @@ class _ScoreActor:
 def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
     import ray.data
 
-    from mage_ray.runtime import init_ray
+    from mage_ray.runtime import data_progress, init_ray
 
     init_ray()  # joins RAY_ADDRESS's cluster (ray job submit) or starts a local one; no-op when connected
+    data_progress()  # Ray Data's progress bars on a terminal, its log lines otherwise
     res = dict(cfg.value.resources_per_worker)  # one sampling actor = one value worker's resources
     cpus = res.pop("CPU", 1)
     gpus = res.pop("GPU", 1) if cfg.value.use_gpu else 0

@@ -82,6 +82,15 @@ def precision_args() -> dict[str, Any]:
     return {"bf16": False, "use_cpu": True}
 
 
+def no_checkpointing_args() -> dict[str, bool]:
+    """Activation checkpointing off (TRL's configs default it on). Recent transformers 5 releases call the field
+    ``activation_checkpointing``; ``gradient_checkpointing`` is a deprecated alias there that warns."""
+    from transformers import TrainingArguments
+
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+
+
 def backbone_dir(cfg: Config, beta: float, name: str) -> str:
     """``<run_dir>/backbones/beta_<beta>/<name>``."""
     return join(storage_abs(cfg.storage.run_dir), "backbones", f"beta_{_fmt(beta)}", name)
@@ -172,7 +181,7 @@ def train_sft(
         logging_steps=1,
         save_strategy="no",
         seed=cfg.backbone.seed,
-        gradient_checkpointing=False,
+        **no_checkpointing_args(),
         report_to="none",
         max_length=cfg.task.max_prompt_tokens + cfg.backbone.max_completion_length,
         **precision_args(),
