@@ -22,6 +22,7 @@ Stages (MAGE Sec 5.2):
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,15 @@ def _stage_path(cfg: Config, stage: str) -> str:
 def stage_done(cfg: Config, stage: str) -> dict | None:
     p = Path(_stage_path(cfg, stage))
     return read_json(p) if p.exists() else None
+
+
+def skip_done(cfg: Config, stage: str, rec: dict | None) -> dict | None:
+    """``rec`` (a finished stage's record, or None); when it is a record, print the resumed run's line for it:
+    ``[pipeline] stage 'beta': done at <time>, skipping``."""
+    if rec:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(_stage_path(cfg, stage))))
+        print(f"[pipeline] stage {stage!r}: done at {when}, skipping", flush=True)
+    return rec
 
 
 def planned_stages(cfg: Config, evaluate: bool = True) -> list[str]:
@@ -153,7 +163,7 @@ def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
 
 def stage_beta(cfg: Config) -> dict:
     rec = stage_done(cfg, "beta")
-    if rec:
+    if skip_done(cfg, "beta", rec):
         return rec
     t0 = time.time()
     betas = [float(b) for b in cfg.sweep.betas]
@@ -194,7 +204,7 @@ def _warm_start(cfg: Config, beta: float, n: int) -> dict | None:
 
 def stage_backbones(cfg: Config, beta: float) -> dict:
     rec = stage_done(cfg, "backbones")
-    if rec and rec.get("beta") == beta:
+    if skip_done(cfg, "backbones", rec if rec and rec.get("beta") == beta else None):
         return rec
     from mage_ray.train.ray_train import train_backbones
 
@@ -234,7 +244,7 @@ def _needs(cfg: Config, stage: str) -> bool:
 
 def stage_rollouts(cfg: Config) -> dict:
     rec = stage_done(cfg, "rollouts")
-    if rec:
+    if skip_done(cfg, "rollouts", rec):
         return rec
     from mage_ray.train.rollouts import generate_rollouts
 
@@ -246,7 +256,7 @@ def stage_rollouts(cfg: Config) -> dict:
 
 def stage_values(cfg: Config, rollouts: str) -> dict:
     rec = stage_done(cfg, "values")
-    if rec:
+    if skip_done(cfg, "values", rec):
         return rec
     from mage_ray.train.values import train_value_models
 
@@ -275,7 +285,7 @@ def stage_decode_param(
 ) -> dict:
     """Tune over a decode-only ``param``; keeps ``default`` unless a trial beats it beyond prompt noise."""
     rec = stage_done(cfg, stage)
-    if rec:
+    if skip_done(cfg, stage, rec):
         return rec
     t0 = time.time()
     _banner(stage, f"Tune over {param} in {values} for {method} (decode only)")
@@ -384,7 +394,7 @@ def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:
 
     grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
     rec = stage_done(cfg, "morlhf")
-    if not rec:
+    if not skip_done(cfg, "morlhf", rec):
         t0 = time.time()
         _banner("morlhf", f"{len(grid)} MORLHF models (w = mu) x {cfg.backbone.steps} steps")
         train_morlhf(cfg, grid)
@@ -407,7 +417,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
         from mage_ray.train.ric import ric_dir, train_ric_ray
 
         rec = stage_done(cfg, "ric")
-        if not rec:
+        if not skip_done(cfg, "ric", rec):
             t0 = time.time()
             _banner("ric", f"RiC: SFT on score-conditioned rollouts x {cfg.backbone.steps} steps")
             train_ric_ray(cfg)
@@ -418,7 +428,8 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
 
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
         rec = stage_done(cfg, "modpo")
-        if not rec or rec.get("grid") != grid.tolist():  # a new grid trains only its missing points
+        # a new grid trains only its missing points
+        if not skip_done(cfg, "modpo", rec if rec and rec.get("grid") == grid.tolist() else None):
             t0 = time.time()
             _banner("modpo", f"{len(grid)} MODPO policies (one per preference) x {cfg.backbone.steps} steps")
             train_modpo_grid(cfg, grid)
@@ -429,7 +440,7 @@ def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> d
 
         names = [f"wrpo_b{i}" for i in range(cfg.n_objectives)]
         rec = stage_done(cfg, "wrpo")
-        if not rec or rec.get("beta") != beta:
+        if not skip_done(cfg, "wrpo", rec if rec and rec.get("beta") == beta else None):
             t0 = time.time()
             sources = [*bb["backbones"], *bb.get("rs_backbones", []), *cfg.backbone.wrpo_sources]
             _banner("wrpo", f"{len(names)} WRPO backbones of B({beta}) from {len(sources)} source models")
@@ -468,7 +479,7 @@ def run_pipeline(cfg: Config) -> dict:
     if rec and rec.get("methods") != methods:
         print(f"[pipeline] methods changed {rec.get('methods')} -> {methods}: evaluating again", flush=True)
         rec = None
-    if not rec:
+    if not skip_done(cfg, "evaluate", rec):
         t1 = time.time()
         objectives = load_objectives(cfg.task)
         prompts = load_prompts(cfg.task, "test")
