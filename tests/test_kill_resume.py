@@ -87,7 +87,7 @@ def test_sigkill_mid_stage_then_resume_leaves_no_debris(tmp_path, repo_root):
     for snap in ray_dir.glob(f"*/{SNAPSHOT}"):  # every checkpoint left is one Ray registered
         state = json.loads(snap.read_text())
         registered = {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
-        assert {d.name for d in snap.parent.glob("checkpoint_*")} <= registered, snap.parent
+        assert {d.name for d in snap.parent.glob("checkpoint_*") if d.is_dir()} <= registered, snap.parent
     scratch = Path(tempfile.gettempdir()) / SCRATCH_ROOT
     leftovers = [d.name for d in scratch.iterdir() if not _alive(int(d.name.rsplit("-", 2)[-2]))]
     assert leftovers == [], leftovers
