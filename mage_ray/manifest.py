@@ -33,6 +33,7 @@ __all__ = [
     "read_json",
     "read_manifest",
     "scratch_dir",
+    "storage_abs",
     "write_json_atomic",
     "write_manifest",
 ]
@@ -48,6 +49,12 @@ def is_uri(path: str | os.PathLike) -> bool:
     """True for ``scheme://...`` locations (s3, gs, hdfs, ...); local paths and ``file://`` count as local."""
     s = str(path)
     return "://" in s and not s.startswith("file://")
+
+
+def storage_abs(path: str) -> str:
+    """An absolute local path (or the URI unchanged): what Ray needs for ``storage_path``, and what workers running
+    in other working directories can open."""
+    return path if is_uri(path) else os.path.abspath(path)
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

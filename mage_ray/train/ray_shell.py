@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mage_ray.config import BackboneConfig, Config, ValueConfig
+from mage_ray.config import Config
 from mage_ray.manifest import (
     MANIFEST_NAME,
     is_complete,
@@ -41,50 +40,18 @@ from mage_ray.manifest import (
     scratch_dir,
 )
 from mage_ray.train import fail_fast
+from mage_ray.train.tune_runs import (  # noqa: F401  (the shell's names, re-exported)
+    ConcurrentRunError,
+    Scaling,
+    max_concurrent_runs,
+    run_concurrent,
+    storage_abs,
+)
 
 FINAL = "final"
 """Subdirectory of the last Ray checkpoint that holds the finished artifact (adapter + manifest)."""
 HF_CHECKPOINT = "checkpoint"
 """Subdirectory of a Ray checkpoint that holds a transformers Trainer checkpoint."""
-DRIVER_MEMORY = 64 * 2**20
-"""Logical memory (bytes) a Tune trial reserves for a Train driver; it reserves no CPU."""
-
-
-class ConcurrentRunError(RuntimeError):
-    """One or more of the concurrently launched runs failed; the message lists each."""
-
-
-@dataclass(frozen=True)
-class Scaling:
-    """Workers of one Ray Train run (``ray.train.ScalingConfig``)."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
-    placement_strategy: str = "PACK"
-
-    @classmethod
-    def from_backbone(cls, b: BackboneConfig) -> Scaling:
-        return cls(b.num_workers, b.use_gpu, dict(b.resources_per_worker), b.placement_strategy)
-
-    @classmethod
-    def from_value(cls, v: ValueConfig) -> Scaling:
-        return cls(v.num_workers, v.use_gpu, dict(v.resources_per_worker), "PACK")
-
-    def scaling_config(self):
-        import ray.train
-
-        return ray.train.ScalingConfig(
-            num_workers=self.num_workers,
-            use_gpu=self.use_gpu,
-            resources_per_worker=dict(self.resources_per_worker) or None,
-            placement_strategy=self.placement_strategy,
-        )
-
-
-def storage_abs(path: str) -> str:
-    """Ray needs an absolute local path (or a URI) for ``storage_path``."""
-    return path if is_uri(path) else os.path.abspath(path)
 
 
 def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
@@ -441,94 +408,3 @@ def _summary_of(run_one: Callable[..., dict], **job: Any) -> dict[str, Any]:
     """A Tune trial's small JSON result: the manifest's name, steps and status (the artifact is on disk)."""
     m = run_one(**job)
     return {k: m.get(k) for k in ("name", "objective", "steps_done", "steps", "status")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Concurrency via Tune
-
-
-def max_concurrent_runs(scaling: Scaling, n_runs: int, field_prefix: str = "backbone") -> int:
-    """How many runs of ``scaling`` fit in the cluster at once (1..n_runs).
-
-    Pre-flight check (``mage_ray.train.placement.check_resources``): raises InsufficientResourcesError
-    naming ``<field_prefix>.num_workers`` / ``resources_per_worker`` when not even one run fits, instead of
-    letting Ray wait forever for a placement group.
-    """
-    from mage_ray.train.placement import check_resources
-
-    fit = check_resources(
-        scaling.num_workers,
-        scaling.resources_per_worker,
-        scaling.use_gpu,
-        concurrent_runs=n_runs,
-        placement_strategy=scaling.placement_strategy,
-        field_prefix=field_prefix,
-    )
-    return max(1, fit)
-
-
-def _tune_driver(
-    trial_config: dict[str, Any], *, fn: Callable[..., dict], jobs: list[dict]
-) -> dict[str, Any]:
-    """Tune trial body: run job ``index`` and return its result (errors are returned, not raised, so every
-    job runs and the caller gets one clean report)."""
-    i = trial_config["index"]
-    try:
-        out = fn(**jobs[i])
-        return {"index": i, "ok": 1, "result_json": json.dumps(out, default=str)}
-    except Exception as e:  # noqa: BLE001 - reported back to the caller by run_concurrent
-        return {"index": i, "ok": 0, "error": f"{type(e).__name__}: {e}"}
-
-
-def run_concurrent(
-    fn: Callable[..., dict],
-    jobs: Sequence[dict[str, Any]],
-    *,
-    scaling: Scaling,
-    storage_path: str,
-    name: str,
-    labels: Sequence[str] | None = None,
-    max_concurrent: int | None = None,
-    field_prefix: str = "backbone",
-) -> list[dict]:
-    """Run ``fn(**job)`` for every job as concurrent Tune trials; return the results in job order.
-
-    ``fn`` is a driver (it typically calls :func:`run_torch_trainer`) and returns a JSON-able dict.
-    ``scaling`` is one job's Train workers; at most ``max_concurrent`` (default: as many as the cluster
-    holds, :func:`max_concurrent_runs`) run at once. Raises ConcurrentRunError listing every failed job after all finished.
-    """
-    from ray import tune
-
-    jobs = list(jobs)
-    labels = list(labels) if labels is not None else [str(i) for i in range(len(jobs))]
-    k = max_concurrent or max_concurrent_runs(scaling, len(jobs), field_prefix)
-    trainable = tune.with_resources(
-        tune.with_parameters(_tune_driver, fn=fn, jobs=jobs), {"CPU": 0, "memory": DRIVER_MEMORY}
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"index": tune.grid_search(list(range(len(jobs))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=storage_abs(storage_path), verbose=0),
-    )
-    grid = tuner.fit()
-    results: dict[int, dict] = {}
-    errors: list[str] = []
-    for r in grid:
-        m = r.metrics or {}
-        i = r.config["index"] if r.config else m.get("index")
-        if r.error is not None:
-            errors.append(f"{labels[i]}: {str(r.error).strip().splitlines()[-1]}")
-        elif not m.get("ok"):
-            errors.append(f"{labels[i]}: {m.get('error', 'no result reported')}")
-        else:
-            results[i] = json.loads(m["result_json"])
-    if errors or len(results) != len(jobs):
-        missing = [
-            labels[i]
-            for i in range(len(jobs))
-            if i not in results and not any(e.startswith(labels[i] + ":") for e in errors)
-        ]
-        errors += [f"{lab}: no result" for lab in missing]
-        raise ConcurrentRunError(f"{len(errors)} of {len(jobs)} runs failed:\n  " + "\n  ".join(errors))
-    return [results[i] for i in range(len(jobs))]
