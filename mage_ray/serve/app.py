@@ -173,7 +173,7 @@ async def _ask(call):
         raise _lost(e) from None
 
 
-async def _open(gen: DeploymentResponseGenerator) -> list[TokenEvent]:
+async def _first_events(gen: DeploymentResponseGenerator) -> list[TokenEvent]:
     """The first events of an engine stream (the request's first token, or its refusal as an ApiError); the call
     is cancelled if that fails or the client goes away meanwhile."""
     try:
@@ -292,7 +292,7 @@ class MageIngress:
 
     async def _open(self, req: Request) -> tuple[DeploymentResponseGenerator, list[TokenEvent]]:
         gen = self.engine.options(stream=True).events.remote(req, self._field(req))
-        return gen, await _open(gen)
+        return gen, await _first_events(gen)
 
     # ----- routes -----
 
