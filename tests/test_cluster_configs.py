@@ -325,10 +325,15 @@ def _validate_serve_config(doc: dict) -> Any:
     assert {"bundle", "config"} <= set(app["args"]) <= {"bundle", "config", "overrides"}
     assert (REPO / app["args"]["config"]).is_file()
     hh = load_config(REPO / app["args"]["config"])
-    (dep,) = app["deployments"]
+    dep, ingress = app["deployments"]
+    assert (dep["name"], ingress["name"]) == ("MageEngine", "MageIngress")
     # Serve's default max_ongoing_requests (5) would starve batching: it must exceed the batch size.
     assert dep["max_ongoing_requests"] > hh.serve.max_batch_size
     assert dep["ray_actor_options"]["num_gpus"] >= 1
+    # The ingress holds one request per engine request: it must let as many through, and scale as far.
+    assert ingress["max_ongoing_requests"] >= dep["max_ongoing_requests"]
+    assert ingress["autoscaling_config"] == dep["autoscaling_config"]
+    assert "ray_actor_options" not in ingress  # the code's default: no CPU reserved, no GPU
     return schema
 
 
@@ -353,15 +358,15 @@ def test_serve_schema_check_catches_typos():
 
 
 def test_serve_import_path_and_deployment_name_resolve():
-    """The import path in serve.yaml names the app builder, and its deployment override names the app's
-    deployment (Serve rejects overrides of deployments that do not exist)."""
+    """The import path in serve.yaml names the app builder, and its deployment overrides name the app's
+    deployments, the engine first (Serve rejects overrides of deployments that do not exist)."""
     from ray.serve._private.utils import import_attr
 
     from mage_ray.serve import app as serve_app
 
     app = _load("cluster/serve.yaml")["applications"][0]
     assert import_attr(app["import_path"]) is serve_app.build_app
-    assert [d["name"] for d in app["deployments"]] == [serve_app.MageServer.name]
+    assert [d["name"] for d in app["deployments"]] == [serve_app.MageEngine.name, serve_app.MageIngress.name]
 
 
 @pytest.mark.slow
@@ -391,6 +396,7 @@ def test_serve_yaml_deploys_the_app(tmp_path):
     dep = app["deployments"][0]
     dep["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0}
     dep["autoscaling_config"]["max_replicas"] = 1
+    app["deployments"][1]["autoscaling_config"]["max_replicas"] = 1
     doc["http_options"]["port"] = port
     cfg_file = tmp_path / "serve.json"
     cfg_file.write_text(json.dumps(doc))

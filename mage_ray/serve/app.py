@@ -1,4 +1,5 @@
-"""Ray Serve deployment + FastAPI ingress over :class:`mage_ray.serve.core.Generator`.
+"""The Serve application: a FastAPI ingress deployment (:class:`MageIngress`) in front of the engine deployment
+(:class:`mage_ray.serve.engine.MageEngine`, one :class:`mage_ray.serve.core.Generator` per replica).
 
 Build the application with :func:`build_app` (the import path ``mage_ray.serve.app:build_app``, args
 ``{bundle: <dir>, config: <yaml or null>, overrides: [section.field=value, ...]}``), e.g. from a Serve config::
@@ -10,7 +11,23 @@ Build the application with :func:`build_app` (the import path ``mage_ray.serve.a
         args: {bundle: runs/embedded/bundle, config: configs/embedded.yaml, overrides: []}
 
 or locally with ``python jobs/serve.py --config configs/embedded.yaml --bundle runs/embedded/bundle``.
-The bundle directory must be readable at the same path on every node that runs a replica.
+The bundle directory must be readable at the same path on every node that runs a replica. Both deployments
+take their replica count (or autoscaling) and concurrency from the config's ``serve`` section; the engine its
+resources too, the ingress reserves no CPU. A Serve config overrides them by deployment name, ``MageEngine``
+and ``MageIngress`` (``cluster/serve.yaml``).
+
+Model composition (why: :mod:`mage_ray.serve.engine`): the ingress does everything HTTP (routes, auth, body
+limits, parsing and validation with :mod:`.schema`, SSE formatting, the playground) and calls the engine
+through a ``DeploymentHandle`` once per request; ``/v1/generate`` and the OpenAI streams use
+``handle.options(stream=True)``. When the engine replica dies, the ingress is still there to say so:
+
+* an open stream ends with an error event and ``[DONE]``: on ``/v1/generate`` the final event has
+  ``"finish_reason": "error"`` and ``"error"``; on the OpenAI routes the last chunk is OpenAI's mid-stream error,
+  ``{"error": {"message", "type": "unavailable", ...}}`` (the ``openai`` client raises ``APIError``);
+* a non-streaming request gets 503 ``{"error": {"type": "unavailable", ...}}``.
+
+Serve starts another engine replica meanwhile; requests that arrive before it is up wait for it (measured in
+docs/benchmarks.md, section "Serve survives faults").
 
 Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_ray.serve.responses`):
 
@@ -21,9 +38,9 @@ Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_
 ``POST /v1/grid``                     prompts x preference grid, optionally scored; mean rewards + front flags
 ``GET  /v1/objectives``               objective names, methods, defaults (method, gamma, alpha, beta), limits
 ``GET  /v1/models[/{id}]``            the served model ``serve.model_name`` (OpenAI list / retrieve; else 404)
-``GET  /v1/stats``                    request / token / cancellation counters of this replica
+``GET  /v1/stats``                    request / token / cancellation counters of an engine replica, its ``pid``
 ``GET  /v1/front``                    the bundle's Pareto front from its evaluation report (:mod:`.playground`)
-``GET  /healthz``                     200 when the engine is loaded and not stuck, else 503 (no auth)
+``GET  /healthz``                     200 when an engine replica answers, loaded and not stuck, else 503 (no auth)
 ``GET  /``, ``/playground``           the preference playground page (no auth: it holds no data)
 ====================================  ========================================================================
 
@@ -42,12 +59,14 @@ the served one gets 404 ``model_not_found``; a client that hangs up mid-body get
 SSE (``/v1/generate`` with ``stream: true``): one ``data: {"text": ...}`` event per token chunk, then
 ``data: {"text": <full text>, "finish_reason", "usage", "preference", "method"}`` (+ ``scores`` when the request
 asked for them), then ``data: [DONE]``.
-A client that disconnects cancels its request: the engine drops its rows at the next decode step.
+A client that disconnects cancels its request: the ingress cancels its engine call, and the engine drops the
+request's rows at the next decode step.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
 # class-based routes Serve builds (string annotations resolve in Serve's module and fail).
 
+import asyncio
 import hmac
 import logging
 import os
@@ -60,7 +79,10 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException, RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import ClientDisconnect
 
 from mage_ray.bundle import load_bundle
@@ -68,16 +90,17 @@ from mage_ray.config import Config, config_from_dict, load_config
 from mage_ray.decode import Completion, Request, TokenEvent
 from mage_ray.serve import responses as R
 from mage_ray.serve import schema as S
-from mage_ray.serve.core import Generator, Ticket
+from mage_ray.serve.engine import EngineFacts, MageEngine, engine_options
 from mage_ray.serve.playground import front_json
 from mage_ray.serve.playground import router as playground_router
+from mage_ray.serve.ticket import error_event
 
-__all__ = ["GRACEFUL_SHUTDOWN_S", "MageServer", "api", "build_app", "deployment_options"]
+__all__ = ["HEALTH_TIMEOUT_S", "MageEngine", "MageIngress", "api", "build_app", "ingress_options"]
 
 log = logging.getLogger("ray.serve")
 
-GRACEFUL_SHUTDOWN_S = 60.0
-"""How long a stopping replica lets in-flight requests (streams included) finish before it is killed."""
+HEALTH_TIMEOUT_S = 10.0
+"""/healthz answers 503 when no engine replica reports its health within this many seconds."""
 
 api = FastAPI(title="mage_ray", description="Preference-conditioned guided generation (MAGE / Bone Soup)")
 api.include_router(playground_router)  # the page at / and /playground (no auth: it holds no data)
@@ -115,63 +138,106 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
     return bytes(buf)
 
 
+LOST = "the engine replica is unavailable"
+"""How the message of a request whose engine replica died or could not be reached starts (503 unavailable)."""
+
+
 def _engine_error(c: Completion, field: str | None = None) -> S.ApiError:
     """A request the engine refused (400 naming the field its message starts with) or failed on (500/503)."""
     msg = c.error or "unknown error"
     if msg.startswith("decoding failed"):
         return S.ApiError(500, msg, None, "server_error")
-    if msg.startswith("server shut down"):
+    if msg.startswith(("server shut down", LOST)):
         return S.ApiError(503, msg, None, "unavailable")
     m = re.match(r"[A-Za-z_][A-Za-z_0-9]*(\[\d+\])?", msg)
     return S.ApiError(400, msg, field or (m.group(0) if m else None))
 
 
-async def _first(ticket: Ticket) -> TokenEvent:
-    """Wait for a ticket's first event (the request's first token, or its refusal); cancel on disconnect."""
+def _lost(e: BaseException) -> S.ApiError:
+    """503 for a request whose engine replica died or could not be reached (Serve is starting another)."""
+    return S.ApiError(503, f"{LOST} ({type(e).__name__}): retry the request", None, "unavailable")
+
+
+async def _ask(call):
+    """Await one engine call (a DeploymentResponse, or a streaming response's ``__anext__()``): an ApiError the
+    engine raised comes back as itself, a dead or unreachable engine replica as 503 ``unavailable``."""
     try:
-        ev = await ticket.next()
-    except BaseException:
-        ticket.cancel()
+        return await call
+    except RequestCancelledError:
         raise
-    if ev.finished and ev.finish_reason == "error":
-        raise _engine_error(ev.completion)
-    return ev
+    except RayTaskError as e:
+        if isinstance(e.cause, S.ApiError):
+            raise e.cause from None
+        raise
+    except (RayActorError, RayServeException) as e:
+        raise _lost(e) from None
 
 
-async def _events(ticket: Ticket, first: TokenEvent) -> AsyncIterator[TokenEvent]:
-    """first, then the rest of a ticket's events; cancels the request if the consumer goes away early."""
-    ev = first
+async def _first_events(gen: DeploymentResponseGenerator) -> list[TokenEvent]:
+    """The first events of an engine stream (the request's first token, or its refusal as an ApiError); the call
+    is cancelled if that fails or the client goes away meanwhile."""
+    try:
+        first = await _ask(gen.__anext__())
+    except BaseException:
+        gen.cancel()
+        raise
+    if first[0].finished and first[0].finish_reason == "error":
+        raise _engine_error(first[0].completion)
+    return first
+
+
+async def _events(gen: DeploymentResponseGenerator, first: list[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    """``first``, then the rest of an engine stream's events, up to the finishing one.
+
+    A stream that cannot go on (the engine replica died, or the call failed) ends with an error event instead of a
+    truncated body; a consumer that goes away early (the client disconnected) cancels the engine call.
+    """
+    batch, done = first, False
     try:
         while True:
-            yield ev
-            if ev.finished:
+            for ev in batch:
+                yield ev
+                if ev.finished:
+                    done = True
+                    return
+            try:
+                batch = await gen.__anext__()
+            except RequestCancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001  (the stream is open: report it in a last event)
+                done = True
+                log.warning("engine stream lost mid-request: %r", e)
+                if isinstance(e, (RayActorError, RayServeException)):
+                    yield error_event(0, _lost(e).message)
+                else:
+                    yield error_event(0, f"decoding failed: the engine call raised {type(e).__name__}: {e}")
                 return
-            ev = await ticket.next()
     finally:
-        if not ticket.finished:
-            ticket.cancel()
+        if not done:
+            gen.cancel()
 
 
 def _include_usage(body: S.ChatBody | S.CompletionBody) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-@serve.deployment(name="MageServer")
+def _openai_error(c: Completion) -> bytes:
+    """OpenAI's mid-stream error chunk ``{"error": {...}}`` for a stream that failed after it opened (the openai
+    client raises it as ``APIError``)."""
+    return R.sse(S.error_body(_engine_error(c)))
+
+
+@serve.deployment(name="MageIngress")
 @serve.ingress(api)
-class MageServer:
-    """One replica: one :class:`Generator` (one engine, one copy of the base weights) behind the HTTP API."""
+class MageIngress:
+    """The HTTP API over the engine deployment: auth, body limits, validation, SSE; holds no model."""
 
-    def __init__(self, bundle: str, config: dict[str, Any], overrides: list[str] | None = None):
+    def __init__(self, engine: DeploymentHandle, bundle: str, config: dict[str, Any]):
         cfg = config_from_dict(config)
-        if cfg.serve.num_gpus == 0 and cfg.serve.num_cpus >= 1:
-            import torch
-
-            # One intra-op thread per reserved CPU: more threads than cores makes OpenMP spin-wait, which on a
-            # shared node slows decoding by orders of magnitude.
-            torch.set_num_threads(int(cfg.serve.num_cpus))
-        self.core = Generator.from_bundle(bundle, cfg, overrides or [])
+        self.engine = engine
         self.bundle = bundle
         self.max_body = cfg.serve.max_body_bytes
+        self._facts: EngineFacts | None = None
         env = cfg.serve.auth_token_env
         self.token = os.environ.get(env) if env else None
         if env and not self.token:
@@ -179,17 +245,13 @@ class MageServer:
                 "serve.auth_token_env = %r but that variable is not set on this replica: auth is OFF", env
             )
 
-    async def check_health(self) -> None:
-        ok, why = self.core.health()
-        if not ok:
-            raise RuntimeError(why)
-
-    def __del__(self) -> None:
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.close()
-
     # ----- plumbing -----
+
+    async def facts(self) -> EngineFacts:
+        """The engine's limits and defaults (asked once; every engine replica serves the same bundle and config)."""
+        if self._facts is None:
+            self._facts = await _ask(self.engine.facts.remote())
+        return self._facts
 
     def _auth(self, request: HttpRequest) -> None:
         if self.token is None:
@@ -208,32 +270,42 @@ class MageServer:
         self._auth(request)
         return S.parse_body(await read_body(request, self.max_body), model)
 
-    def _extra(self, req: Request) -> dict[str, Any]:
-        d = self.core.engine.defaults
+    @staticmethod
+    def _extra(facts: EngineFacts, req: Request) -> dict[str, Any]:
+        d = facts.info["defaults"]
         return {
             "preference": req.preference,
-            "method": req.method or d.method,
-            "gamma": d.gamma if req.gamma is None else req.gamma,
-            "alpha": d.alpha if req.alpha is None else req.alpha,
+            "method": req.method or d["method"],
+            "gamma": d["gamma"] if req.gamma is None else req.gamma,
+            "alpha": d["alpha"] if req.alpha is None else req.alpha,
         }
 
+    @staticmethod
+    def _field(req: Request) -> str:
+        return "messages" if isinstance(req.prompt, list) else "prompt"
+
     async def _one(self, req: Request) -> Completion:
-        await self.core.check(req, "messages" if isinstance(req.prompt, list) else "prompt")
-        c = await self.core.generate(req)
+        c = await _ask(self.engine.generate.remote(req, self._field(req)))
         if c.finish_reason == "error":
             raise _engine_error(c)
         return c
 
-    async def _open(self, req: Request) -> tuple[Ticket, TokenEvent]:
-        await self.core.check(req, "messages" if isinstance(req.prompt, list) else "prompt")
-        t = self.core.submit(req)
-        return t, await _first(t)
+    async def _open(self, req: Request) -> tuple[DeploymentResponseGenerator, list[TokenEvent]]:
+        gen = self.engine.options(stream=True).events.remote(req, self._field(req))
+        return gen, await _first_events(gen)
 
     # ----- routes -----
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        ok, why = self.core.health()
+        call = self.engine.health.remote()
+        try:
+            ok, why = await asyncio.wait_for(_ask(call), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            call.cancel()
+            ok, why = False, f"no engine replica answered within {HEALTH_TIMEOUT_S:.0f} s"
+        except S.ApiError as e:
+            ok, why = False, e.message
         return JSONResponse(
             {"status": "ok" if ok else "unhealthy", "detail": why}, status_code=200 if ok else 503
         )
@@ -241,60 +313,64 @@ class MageServer:
     @api.get("/v1/objectives")
     async def objectives(self, request: HttpRequest) -> dict:
         self._auth(request)
-        return self.core.info()
+        return (await self.facts()).info
 
     @api.get("/v1/stats")
     async def stats(self, request: HttpRequest) -> dict:
         self._auth(request)
-        return self.core.stats()
+        return await _ask(self.engine.stats.remote())
 
     @api.get("/v1/front")
     async def front(self, request: HttpRequest) -> dict:
         self._auth(request)
-        return front_json(self.bundle, self.core.engine.objectives)
+        return front_json(self.bundle, (await self.facts()).info["objectives"])
 
-    def _model(self) -> dict[str, Any]:
-        return {"id": self.core.name, "object": "model", "created": self.core.created, "owned_by": "mage_ray"}
+    @staticmethod
+    def _model(facts: EngineFacts) -> dict[str, Any]:
+        return {"id": facts.name, "object": "model", "created": facts.created, "owned_by": "mage_ray"}
 
-    def _check_model(self, name: str | None) -> str:
+    @staticmethod
+    def _check_model(facts: EngineFacts, name: str | None) -> str:
         """The served model id; ApiError 404 ``model_not_found`` when a request names another model."""
-        if name is not None and name != self.core.name:
+        if name is not None and name != facts.name:
             raise S.ApiError(
                 404,
-                f"The model {name!r} does not exist: this server serves {self.core.name!r} (serve.model_name)",
+                f"The model {name!r} does not exist: this server serves {facts.name!r} (serve.model_name)",
                 "model",
                 code="model_not_found",
             )
-        return self.core.name
+        return facts.name
 
     @api.get("/v1/models")
     async def models(self, request: HttpRequest) -> dict:
         self._auth(request)
-        return {"object": "list", "data": [self._model()]}
+        return {"object": "list", "data": [self._model(await self.facts())]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: HttpRequest) -> dict:
         self._auth(request)
-        self._check_model(model_id)
-        return self._model()
+        facts = await self.facts()
+        self._check_model(facts, model_id)
+        return self._model(facts)
 
     @api.post("/v1/generate")
     async def generate(self, request: HttpRequest):
         body = await self._parse(request, S.GenerateBody)
-        req = S.to_request(body, self.core.limits)
-        extra = self._extra(req)
-        if body.score:
-            await self.core.load_scorers()  # objectives that cannot load here: 400 before anything decodes
+        facts = await self.facts()
+        req = S.to_request(body, facts.limits)
+        extra = self._extra(facts, req)
+        if body.score:  # objectives that cannot load here: 400 before anything decodes
+            await _ask(self.engine.load_scorers.remote())
         if not body.stream:
             c = await self._one(req)
             out = {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
             if body.score:
-                out["scores"] = await self.core.score_completion(req, c.text)
+                out["scores"] = await _ask(self.engine.score_completion.remote(req, c.text))
             return out
-        ticket, first = await self._open(req)
+        gen, first = await self._open(req)
 
         async def sse() -> AsyncIterator[bytes]:
-            async for ev in _events(ticket, first):
+            async for ev in _events(gen, first):
                 if ev.delta:
                     yield R.sse({"text": ev.delta})
                 if ev.finished:
@@ -308,7 +384,7 @@ class MageServer:
                     }
                     if body.score and ev.finish_reason not in ("error", "cancelled"):
                         try:
-                            final["scores"] = await self.core.score_completion(req, c.text)
+                            final["scores"] = await _ask(self.engine.score_completion.remote(req, c.text))
                         except Exception as e:  # noqa: BLE001  (the stream is open: report it in the event)
                             final["error"] = f"score: {e}"
                     yield R.sse(final)
@@ -319,22 +395,30 @@ class MageServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: HttpRequest):
         body = await self._parse(request, S.ChatBody)
-        req = S.to_request(body, self.core.limits)
-        model, rid, extra = self._check_model(body.model), R.new_id("chatcmpl"), self._extra(req)
+        facts = await self.facts()
+        req = S.to_request(body, facts.limits)
+        model, rid, extra = (
+            self._check_model(facts, body.model),
+            R.new_id("chatcmpl"),
+            self._extra(facts, req),
+        )
         if not body.stream:
             return R.chat_response(rid, model, await self._one(req), extra)
-        ticket, first = await self._open(req)
+        gen, first = await self._open(req)
         chunk = R.Chunks(rid, model, "chat.completion.chunk", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
             yield R.sse(chunk.chat({"role": "assistant", "content": ""}, extra=extra))
-            async for ev in _events(ticket, first):
+            async for ev in _events(gen, first):
                 if ev.delta:
                     yield R.sse(chunk.chat({"content": ev.delta}))
                 if ev.finished:
-                    yield R.sse(chunk.chat({}, ev.finish_reason))
-                    if chunk.include_usage:
-                        yield R.sse(chunk.usage_only(ev.completion))
+                    if ev.finish_reason == "error":
+                        yield _openai_error(ev.completion)
+                    else:
+                        yield R.sse(chunk.chat({}, ev.finish_reason))
+                        if chunk.include_usage:
+                            yield R.sse(chunk.usage_only(ev.completion))
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -342,34 +426,39 @@ class MageServer:
     @api.post("/v1/completions")
     async def completions(self, request: HttpRequest):
         body = await self._parse(request, S.CompletionBody)
+        facts = await self.facts()
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-        if not prompts or len(prompts) > self.core.limits.max_prompts_per_grid:
-            raise S.ApiError(
-                400, f"prompt: give 1 to {self.core.limits.max_prompts_per_grid} prompts", "prompt"
-            )
-        reqs = [S.to_request(body, self.core.limits, prompt=p) for p in prompts]
-        model, rid, extra = self._check_model(body.model), R.new_id("cmpl"), self._extra(reqs[0])
+        if not prompts or len(prompts) > facts.limits.max_prompts_per_grid:
+            raise S.ApiError(400, f"prompt: give 1 to {facts.limits.max_prompts_per_grid} prompts", "prompt")
+        reqs = [S.to_request(body, facts.limits, prompt=p) for p in prompts]
+        model, rid, extra = (
+            self._check_model(facts, body.model),
+            R.new_id("cmpl"),
+            self._extra(facts, reqs[0]),
+        )
         if not body.stream:
-            for i, r in enumerate(reqs):
-                await self.core.check(r, f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt")
-            comps = await self.core.generate_many(reqs, interactive=True)
+            fields = [f"prompt[{i}]" if isinstance(body.prompt, list) else "prompt" for i in range(len(reqs))]
+            comps = await _ask(self.engine.generate_many.remote(reqs, fields))
             for c in comps:
                 if c.finish_reason == "error":
                     raise _engine_error(c)
             return R.completion_response(rid, model, comps, extra)
         if len(reqs) != 1:
             raise S.ApiError(400, "stream: streaming takes one prompt (send a string, not a list)", "prompt")
-        ticket, first = await self._open(reqs[0])
+        gen, first = await self._open(reqs[0])
         chunk = R.Chunks(rid, model, "text_completion", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
-            async for ev in _events(ticket, first):
+            async for ev in _events(gen, first):
                 if ev.delta:
                     yield R.sse(chunk.text(ev.delta))
                 if ev.finished:
-                    yield R.sse(chunk.text("", ev.finish_reason))
-                    if chunk.include_usage:
-                        yield R.sse(chunk.usage_only(ev.completion))
+                    if ev.finish_reason == "error":
+                        yield _openai_error(ev.completion)
+                    else:
+                        yield R.sse(chunk.text("", ev.finish_reason))
+                        if chunk.include_usage:
+                            yield R.sse(chunk.usage_only(ev.completion))
                     yield R.sse("[DONE]")
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -377,25 +466,15 @@ class MageServer:
     @api.post("/v1/grid")
     async def grid(self, request: HttpRequest):
         body = await self._parse(request, S.GridBody)
-        points, prompts, reqs = S.grid_requests(body, self.core.limits)
-        return await self.core.grid(points, prompts, reqs, score=body.score)
+        points, prompts, reqs = S.grid_requests(body, (await self.facts()).limits)
+        return await _ask(self.engine.grid.remote(points, prompts, reqs, body.score))
 
 
-def deployment_options(cfg: Config) -> dict[str, Any]:
-    """Serve deployment options from ServeConfig: replicas or autoscaling, concurrency, resources, shutdown."""
-    sc = cfg.serve
-    opts: dict[str, Any] = {
-        "max_ongoing_requests": sc.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus},
-        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
-        "graceful_shutdown_wait_loop_s": 1.0,
-        "health_check_period_s": 10.0,
-        "health_check_timeout_s": 30.0,
-    }
-    if sc.autoscaling:
-        opts["autoscaling_config"] = dict(sc.autoscaling)
-    else:
-        opts["num_replicas"] = sc.num_replicas
+def ingress_options(cfg: Config) -> dict[str, Any]:
+    """Serve options of the ingress: as many replicas as the engine (or the same autoscaling) and the same
+    concurrency, no CPU reserved (it parses and formats; the engine replicas hold the cores)."""
+    opts = engine_options(cfg)
+    opts["ray_actor_options"] = {"num_cpus": 0}
     return opts
 
 
@@ -403,7 +482,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """Serve application builder: ``{bundle: <dir>, config: <yaml path or null>, overrides: [...]}``.
 
     The config and the bundle are validated here (on the driver), so a bad path or field fails the deploy
-    with a clear message instead of crash-looping replicas.
+    with a clear message instead of crash-looping replicas. Returns the ingress bound to the engine.
     """
     unknown = sorted(set(args) - {"bundle", "config", "overrides"})
     if unknown:
@@ -416,4 +495,5 @@ def build_app(args: dict[str, Any]) -> Application:
     b = load_bundle(bundle)
     if len(b.objectives) < 2:  # pragma: no cover  (load_bundle already enforces it)
         raise ValueError(f"bundle {bundle}: needs >= 2 objectives")
-    return MageServer.options(**deployment_options(cfg)).bind(str(b.root), cfg.to_dict(), overrides)
+    engine = MageEngine.options(**engine_options(cfg)).bind(str(b.root), cfg.to_dict(), overrides)
+    return MageIngress.options(**ingress_options(cfg)).bind(engine, str(b.root), cfg.to_dict())

@@ -72,6 +72,11 @@ class ApiError(ValueError):
         super().__init__(message)
         self.status, self.message, self.field, self.type, self.code = status, message, field, type, code
 
+    def __reduce__(self):
+        # Rebuilt from all its fields when it crosses processes (the engine deployment raises it, the ingress
+        # renders it); the default would call ApiError(message) and fail.
+        return type(self), (self.status, self.message, self.field, self.type, self.code)
+
 
 def error_body(err: ApiError) -> dict[str, Any]:
     """OpenAI's error JSON: ``{"error": {message, type, param, code}}``; ``code`` is a string or null

@@ -33,6 +33,14 @@ class Ticket:
     async def next(self) -> TokenEvent:
         return await self.queue.get()
 
+    async def next_batch(self) -> list[TokenEvent]:
+        """The next event and every event already queued behind it (a consumer that fell behind catches up in
+        one message instead of one per token)."""
+        out = [await self.queue.get()]
+        while not out[-1].finished and not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
+
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Yield events until the finishing one; cancel the request if the consumer stops early."""
         try:

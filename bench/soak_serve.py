@@ -1,0 +1,299 @@
+"""Soak test of the Serve app on loopback: mixed traffic for a fixed time, then 5xx count and replica memory.
+
+    .venv/bin/python bench/soak_serve.py                                  # 10 minutes, runs/v4/bundle, embedded.yaml
+    .venv/bin/python bench/soak_serve.py --minutes 1 --bundle <dir> --out /tmp/soak.json
+    .venv/bin/python bench/soak_serve.py --bundle <dir> --config configs/smoke.yaml serve.max_batch_size=8
+
+Starts a local Ray and Serve (``build_app`` on ``--bundle`` with ``--config`` and any ``section.field=value``
+overrides; the application is named ``soak<pid>`` so its replicas can be told from other Serve apps on the
+machine), warms it up, then runs client threads until ``--minutes`` have passed (bounded: every request has a
+timeout, and the clients stop by themselves at the deadline):
+
+* ``stream``: ``POST /v1/generate`` with ``stream``, a random preference, method and length, read to ``[DONE]``;
+* ``chat``: non-streaming ``POST /v1/chat/completions`` with a random preference;
+* ``grid``: small ``POST /v1/grid`` requests (1-2 prompts x 3 preferences, some scored);
+* ``disconnect``: a long ``ignore_eos`` stream that the client closes after a few events (the server must
+  cancel it: the engine's ``cancelled`` counter is reported next to the number of disconnects).
+
+Counted per kind: responses by status class (2xx / 4xx / 5xx), transport errors, streams that ended with an
+error event. The engine and ingress replicas' resident memory (psutil RSS) is sampled after the warm-up, every
+minute, and at the end after the traffic stopped and the server went idle. Prints a summary, writes it as JSON
+(``--out``), and exits with status 1 if any request got a 5xx, failed in transport, or a stream ended in error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("stream", "chat", "grid", "disconnect")
+TIMEOUT_S = 300.0
+"""Longest any one request may take (a stuck server fails the soak instead of hanging it)."""
+PROMPTS = [
+    "Tell me about the sea.",
+    "How do I make bread at home?",
+    "Explain photosynthesis to a child.",
+    "What should I pack for a week of hiking?",
+    "Why is the sky blue?",
+    "Give me advice on learning a language.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _preference(rng: random.Random, n: int) -> list[float]:
+    """A random point of the simplex, rounded to 3 decimals (the server renormalises within 1e-4)."""
+    w = [rng.expovariate(1.0) for _ in range(n)]
+    p = [round(x / sum(w), 3) for x in w]
+    p[-1] = round(1.0 - sum(p[:-1]), 3)
+    return p
+
+
+def _rss(pid: int | None) -> int | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss if pid else None
+    except psutil.Error:
+        return None
+
+
+def _ingress_pid(app: str) -> int | None:
+    """The ingress replica's process, found by its Ray process title (``ray::ServeReplica:<app>:MageIngress``)."""
+    import psutil
+
+    mark = f"ServeReplica:{app}:MageIngress"
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(mark in c for c in p.info["cmdline"] or []):
+            return p.info["pid"]
+    return None
+
+
+class Tally:
+    """Thread-safe counters: ``<kind>.<2xx|4xx|5xx|transport|stream_error|ok>`` and disconnects."""
+
+    def __init__(self) -> None:
+        self.c: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.samples: dict[str, str] = {}
+        """One example message per failure counter (the first seen)."""
+
+    def add(self, key: str, sample: str | None = None) -> None:
+        with self.lock:
+            self.c[key] += 1
+            if sample is not None and key not in self.samples:
+                self.samples[key] = sample[:300]
+
+    def status(self, kind: str, r: requests.Response) -> bool:
+        cls = f"{r.status_code // 100}xx"
+        self.add(f"{kind}.{cls}", None if cls == "2xx" else f"HTTP {r.status_code}: {r.text[:200]}")
+        return r.status_code == 200
+
+
+def _stream(url: str, body: dict, kind: str, tally: Tally, stop_after: int | None = None) -> None:
+    """POST a streaming request; read it to [DONE] (or close it after ``stop_after`` events)."""
+    with requests.post(url, json=body, stream=True, timeout=TIMEOUT_S) as r:
+        if not tally.status(kind, r):
+            return
+        n, final = 0, None
+        for line in r.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            n += 1
+            if stop_after is not None and n >= stop_after:
+                tally.add("disconnect.closed")
+                return  # leaving the with block closes the connection mid-stream
+            payload = line[6:]
+            if payload == b"[DONE]":
+                break
+            ev = json.loads(payload)
+            if "finish_reason" in ev:
+                final = ev
+        if final is None or final["finish_reason"] == "error":
+            tally.add(f"{kind}.stream_error", json.dumps(final))
+        else:
+            tally.add(f"{kind}.ok")
+
+
+def client(kind: str, seed: int, url: str, info: dict, deadline: float, tally: Tally) -> None:
+    """One client thread: requests of ``kind`` one after another until ``deadline``."""
+    rng = random.Random(seed)
+    n = info["n_objectives"]
+    methods = [m for m in ("bs", info["defaults"]["method"]) if m in info["methods"]]
+    while time.monotonic() < deadline:
+        prompt = rng.choice(PROMPTS)
+        try:
+            if kind == "stream":
+                body = {
+                    "prompt": prompt,
+                    "preference": _preference(rng, n),
+                    "method": rng.choice(methods),
+                    "max_tokens": rng.randint(4, 48),
+                    "stream": True,
+                }
+                _stream(url + "/v1/generate", body, kind, tally)
+            elif kind == "disconnect":
+                body = {"prompt": prompt, "max_tokens": 256, "ignore_eos": True, "stream": True}
+                _stream(url + "/v1/generate", body, kind, tally, stop_after=rng.randint(2, 6))
+            elif kind == "chat":
+                body = {
+                    "model": info["model"],
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": rng.randint(4, 32),
+                    "preference": _preference(rng, n),
+                }
+                r = requests.post(url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+                if tally.status(kind, r):
+                    tally.add(f"{kind}.ok")
+            else:  # grid
+                body = {
+                    "prompts": rng.sample(PROMPTS, rng.randint(1, 2)),
+                    "preferences": {"n_objectives": n, "step": 0.5},
+                    "max_tokens": 8,
+                    "score": rng.random() < 0.3,
+                }
+                r = requests.post(url + "/v1/grid", json=body, timeout=TIMEOUT_S)
+                if tally.status(kind, r):
+                    tally.add(f"{kind}.ok")
+        except (requests.RequestException, ValueError) as e:
+            tally.add(f"{kind}.transport", f"{type(e).__name__}: {e}")
+        time.sleep(rng.uniform(0.0, 0.5))
+
+
+def _memory(engine_pid: int | None, ingress_pid: int | None, t0: float) -> dict:
+    return {
+        "t_s": round(time.monotonic() - t0, 1),
+        "engine_rss_mb": (_rss(engine_pid) or 0) / 2**20,
+        "ingress_rss_mb": (_rss(ingress_pid) or 0) / 2**20,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("overrides", nargs="*", help="section.field=value config overrides")
+    ap.add_argument("--bundle", default=str(REPO / "runs" / "v4" / "bundle"))
+    ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
+    ap.add_argument("--minutes", type=float, default=10.0, help="traffic duration (the soak stops by itself)")
+    ap.add_argument(
+        "--clients",
+        default="stream=3,chat=1,grid=1,disconnect=1",
+        help="client threads per kind (stream, chat, grid, disconnect)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "soak_serve.json"))
+    args = ap.parse_args()
+    clients = {k: int(v) for k, v in (kv.split("=") for kv in args.clients.split(","))}
+    if set(clients) - set(KINDS):
+        ap.error(f"--clients: kinds are {', '.join(KINDS)}")
+
+    import ray
+    from ray import serve
+
+    from mage_ray.serve.app import build_app
+
+    app = f"soak{os.getpid()}"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    load0 = os.getloadavg()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.monotonic()
+        serve.run(
+            build_app({"bundle": args.bundle, "config": args.config, "overrides": args.overrides}),
+            name=app,
+            route_prefix="/",
+        )
+        print(f"app {app} up in {time.monotonic() - t0:.0f} s on {url}", flush=True)
+        info = requests.get(url + "/v1/objectives", timeout=TIMEOUT_S).json()
+        warm = Tally()
+        for i, kind in enumerate(("stream", "chat", "grid", "disconnect")):  # load everything (scorers too)
+            client(kind, 10_000 + i, url, info, time.monotonic() + 0.1, warm)
+        requests.post(
+            url + "/v1/generate", json={"prompt": "Hi", "max_tokens": 2, "score": True}, timeout=300
+        )
+        stats0 = requests.get(url + "/v1/stats", timeout=TIMEOUT_S).json()
+        engine_pid, ingress_pid = stats0["pid"], _ingress_pid(app)
+        start = time.monotonic()
+        memory = [_memory(engine_pid, ingress_pid, start)]
+        print(f"warm: {dict(warm.c)}; memory {memory[0]}", flush=True)
+
+        tally, deadline = Tally(), start + 60 * args.minutes
+        threads = [
+            threading.Thread(
+                target=client, args=(kind, args.seed * 1000 + 10 * j + i, url, info, deadline, tally)
+            )
+            for j, kind in enumerate(KINDS)
+            for i in range(clients.get(kind, 0))
+        ]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):  # they stop at the deadline (each request is bounded too)
+            time.sleep(1.0)
+            if time.monotonic() >= start + 60 * len(memory):  # one sample a minute
+                memory.append(_memory(engine_pid, ingress_pid, start))
+                print(f"{memory[-1]} {dict(sorted(tally.c.items()))}", flush=True)
+        traffic_s = time.monotonic() - start
+        idle_deadline = time.monotonic() + 60  # let cancelled and queued requests drain
+        while time.monotonic() < idle_deadline:
+            stats1 = requests.get(url + "/v1/stats", timeout=TIMEOUT_S).json()
+            if stats1["active"] == 0 and stats1["queued"] == 0:
+                break
+            time.sleep(0.5)
+        memory.append(_memory(engine_pid, ingress_pid, start))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    c = tally.c
+    by_class = {cls: sum(v for k, v in c.items() if k.endswith("." + cls)) for cls in ("2xx", "4xx", "5xx")}
+    failures = {k: v for k, v in c.items() if k.endswith((".5xx", ".transport", ".stream_error"))}
+    summary = {
+        "args": vars(args),
+        "load_average_at_start": load0,
+        "load_average_at_end": os.getloadavg(),
+        "traffic_s": traffic_s,
+        "requests": sum(by_class.values()) + sum(v for k, v in c.items() if k.endswith(".transport")),
+        "status": by_class,
+        "counts": dict(sorted(c.items())),
+        "failures": failures,
+        "failure_samples": {k: v for k, v in tally.samples.items() if k in failures},
+        "disconnects": c["disconnect.closed"],
+        "engine_cancelled": stats1["cancelled"] - stats0["cancelled"],
+        "engine_stats_end": stats1,
+        "engine_pid": engine_pid,
+        "engine_restarted": stats1["pid"] != engine_pid,
+        "memory": memory,
+        "engine_rss_growth_mb": memory[-1]["engine_rss_mb"] - memory[0]["engine_rss_mb"],
+        "ingress_rss_growth_mb": memory[-1]["ingress_rss_mb"] - memory[0]["ingress_rss_mb"],
+    }
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    print(
+        f"\n{summary['requests']} requests in {traffic_s / 60:.1f} min: 2xx {by_class['2xx']}, 4xx "
+        f"{by_class['4xx']}, 5xx {by_class['5xx']}; failures {failures or 'none'}\n"
+        f"disconnects {summary['disconnects']} (engine cancelled {summary['engine_cancelled']}); engine RSS "
+        f"{memory[0]['engine_rss_mb']:.0f} -> {memory[-1]['engine_rss_mb']:.0f} MB, ingress RSS "
+        f"{memory[0]['ingress_rss_mb']:.0f} -> {memory[-1]['ingress_rss_mb']:.0f} MB; written to {args.out}",
+        flush=True,
+    )
+    sys.exit(1 if failures or summary["engine_restarted"] else 0)
+
+
+if __name__ == "__main__":
+    main()
