@@ -6,8 +6,8 @@
 
 Starts a local Ray and Serve (``build_app`` on ``--bundle`` with ``--config`` and any ``section.field=value``
 overrides; the application is named ``soak<pid>`` so its replicas can be told from other Serve apps on the
-machine), warms it up, then runs client threads until ``--minutes`` have passed (bounded: every request has a
-timeout, and the clients stop by themselves at the deadline):
+machine), warms it up with ``--warmup-minutes`` of the same traffic, then runs client threads until ``--minutes``
+have passed (bounded: every request has a timeout, and the clients stop by themselves at the deadline):
 
 * ``stream``: ``POST /v1/generate`` with ``stream``, a random preference, method and length, read to ``[DONE]``;
 * ``chat``: non-streaming ``POST /v1/chat/completions`` with a random preference;
@@ -16,8 +16,8 @@ timeout, and the clients stop by themselves at the deadline):
   cancel it: the engine's ``cancelled`` counter is reported next to the number of disconnects).
 
 Counted per kind: responses by status class (2xx / 4xx / 5xx), transport errors, streams that ended with an
-error event. The engine and ingress replicas' resident memory (psutil RSS) is sampled after the warm-up, every
-minute, and at the end after the traffic stopped and the server went idle. Prints a summary, writes it as JSON
+error event. The engine and ingress replicas' resident memory (psutil RSS; the engine's pid from /v1/stats) is
+sampled after the warm-up, every minute, and at the end once the traffic stopped and the server went idle. Prints a summary, writes it as JSON
 (``--out``), and exits with status 1 if any request got a 5xx, failed in transport, or a stream ended in error.
 """
 
@@ -184,12 +184,54 @@ def _memory(engine_pid: int | None, ingress_pid: int | None, t0: float) -> dict:
     }
 
 
+def traffic(
+    url: str,
+    info: dict,
+    clients: dict[str, int],
+    seed: int,
+    seconds: float,
+    tally: Tally,
+    memory: list[dict] | None = None,
+    pids: tuple[int | None, int | None] = (None, None),
+) -> None:
+    """Run the client threads for ``seconds`` (they stop by themselves); append a memory sample each minute."""
+    start = time.monotonic()
+    deadline = start + seconds
+    threads = [
+        threading.Thread(target=client, args=(kind, seed * 1000 + 10 * j + i, url, info, deadline, tally))
+        for j, kind in enumerate(KINDS)
+        for i in range(clients.get(kind, 0))
+    ]
+    for t in threads:
+        t.start()
+    minute = 1
+    while any(t.is_alive() for t in threads):
+        time.sleep(1.0)
+        if memory is not None and time.monotonic() >= start + 60 * minute:
+            memory.append(_memory(*pids, start))
+            print(f"{memory[-1]} {dict(sorted(tally.c.items()))}", flush=True)
+            minute += 1
+
+
+def _idle(url: str, wait_s: float = 60.0) -> dict:
+    """The engine's /v1/stats once nothing is running or queued (cancellations drained), or after ``wait_s``."""
+    end = time.monotonic() + wait_s
+    while True:
+        stats = requests.get(url + "/v1/stats", timeout=TIMEOUT_S).json()
+        if (stats["active"] == 0 and stats["queued"] == 0) or time.monotonic() > end:
+            return stats
+        time.sleep(0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="section.field=value config overrides")
     ap.add_argument("--bundle", default=str(REPO / "runs" / "v4" / "bundle"))
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
     ap.add_argument("--minutes", type=float, default=10.0, help="traffic duration (the soak stops by itself)")
+    ap.add_argument(
+        "--warmup-minutes", type=float, default=1.0, help="the same traffic before the first sample"
+    )
     ap.add_argument(
         "--clients",
         default="stream=3,chat=1,grid=1,disconnect=1",
@@ -222,40 +264,18 @@ def main() -> None:
         )
         print(f"app {app} up in {time.monotonic() - t0:.0f} s on {url}", flush=True)
         info = requests.get(url + "/v1/objectives", timeout=TIMEOUT_S).json()
-        warm = Tally()
-        for i, kind in enumerate(("stream", "chat", "grid", "disconnect")):  # load everything (scorers too)
-            client(kind, 10_000 + i, url, info, time.monotonic() + 0.1, warm)
-        requests.post(
-            url + "/v1/generate", json={"prompt": "Hi", "max_tokens": 2, "score": True}, timeout=300
-        )
-        stats0 = requests.get(url + "/v1/stats", timeout=TIMEOUT_S).json()
+        warm = Tally()  # the same traffic, so that the first memory sample is of a warm replica
+        traffic(url, info, clients, args.seed + 1, 60 * args.warmup_minutes, warm)
+        stats0 = _idle(url)
         engine_pid, ingress_pid = stats0["pid"], _ingress_pid(app)
         start = time.monotonic()
         memory = [_memory(engine_pid, ingress_pid, start)]
-        print(f"warm: {dict(warm.c)}; memory {memory[0]}", flush=True)
+        print(f"warm-up: {dict(sorted(warm.c.items()))}; memory {memory[0]}", flush=True)
 
-        tally, deadline = Tally(), start + 60 * args.minutes
-        threads = [
-            threading.Thread(
-                target=client, args=(kind, args.seed * 1000 + 10 * j + i, url, info, deadline, tally)
-            )
-            for j, kind in enumerate(KINDS)
-            for i in range(clients.get(kind, 0))
-        ]
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):  # they stop at the deadline (each request is bounded too)
-            time.sleep(1.0)
-            if time.monotonic() >= start + 60 * len(memory):  # one sample a minute
-                memory.append(_memory(engine_pid, ingress_pid, start))
-                print(f"{memory[-1]} {dict(sorted(tally.c.items()))}", flush=True)
+        tally = Tally()
+        traffic(url, info, clients, args.seed, 60 * args.minutes, tally, memory, (engine_pid, ingress_pid))
         traffic_s = time.monotonic() - start
-        idle_deadline = time.monotonic() + 60  # let cancelled and queued requests drain
-        while time.monotonic() < idle_deadline:
-            stats1 = requests.get(url + "/v1/stats", timeout=TIMEOUT_S).json()
-            if stats1["active"] == 0 and stats1["queued"] == 0:
-                break
-            time.sleep(0.5)
+        stats1 = _idle(url)  # cancelled and queued requests drained
         memory.append(_memory(engine_pid, ingress_pid, start))
     finally:
         serve.shutdown()
@@ -263,7 +283,9 @@ def main() -> None:
 
     c = tally.c
     by_class = {cls: sum(v for k, v in c.items() if k.endswith("." + cls)) for cls in ("2xx", "4xx", "5xx")}
-    failures = {k: v for k, v in c.items() if k.endswith((".5xx", ".transport", ".stream_error"))}
+    bad = (".5xx", ".transport", ".stream_error")
+    failures = {k: v for k, v in c.items() if k.endswith(bad)}
+    failures.update({f"warmup.{k}": v for k, v in warm.c.items() if k.endswith(bad)})
     summary = {
         "args": vars(args),
         "load_average_at_start": load0,
@@ -273,12 +295,13 @@ def main() -> None:
         "status": by_class,
         "counts": dict(sorted(c.items())),
         "failures": failures,
-        "failure_samples": {k: v for k, v in tally.samples.items() if k in failures},
+        "failure_samples": {**warm.samples, **tally.samples},
         "disconnects": c["disconnect.closed"],
         "engine_cancelled": stats1["cancelled"] - stats0["cancelled"],
         "engine_stats_end": stats1,
         "engine_pid": engine_pid,
         "engine_restarted": stats1["pid"] != engine_pid,
+        "warmup_counts": dict(sorted(warm.c.items())),
         "memory": memory,
         "engine_rss_growth_mb": memory[-1]["engine_rss_mb"] - memory[0]["engine_rss_mb"],
         "ingress_rss_growth_mb": memory[-1]["ingress_rss_mb"] - memory[0]["ingress_rss_mb"],
