@@ -25,11 +25,13 @@ here, so a request is checked, tokenised and queued in one call):
 Closing or cancelling an ``events`` call (the ingress does when its client disconnects) cancels the request: the
 engine drops its rows at the next decode step.
 
-Memory: decoding allocates tensors whose sizes change with the batch every step (rows join and leave, KV caches
-grow), and glibc's malloc, whose mmap threshold rises to the largest block freed so far, then serves them from
-its heaps and keeps what they free: in a 10-minute soak (``bench/soak_serve.py``) an engine replica's RSS grew
-1.46 -> 2.4 GB. :func:`set_mmap_threshold` fixes the threshold at :data:`MMAP_THRESHOLD_BYTES`, so blocks of
-1 MiB or more are mapped and unmapped on their own (docs/benchmarks.md, "Serve survives faults").
+Memory: decoding allocates tensors whose sizes change every step (the KV cache grows by concatenation, rows join
+and leave), and glibc's malloc, whose mmap threshold rises to the largest block freed so far, then serves them
+from its heaps and keeps the holes they leave: in a 10-minute soak (``bench/soak_serve.py``) an engine replica's
+RSS grew 1.46 -> 2.4 GB. :func:`set_mmap_threshold` fixes the threshold at :data:`MMAP_THRESHOLD_BYTES`, so
+blocks of 1 MiB or more are mapped and unmapped on their own; the same soak then ends at 1.37 GB from 1.42 GB
+(docs/benchmarks.md, "Serve survives faults"). Set ``MALLOC_MMAP_THRESHOLD_`` in the replicas' environment to
+choose another value.
 """
 
 # No `from __future__ import annotations`: Serve builds the class's remote methods from real annotations.
@@ -61,9 +63,11 @@ GRACEFUL_SHUTDOWN_S = 60.0
 """How long a stopping replica lets in-flight requests (streams included) finish before it is killed."""
 
 MMAP_THRESHOLD_BYTES = 1 << 20
-"""glibc's M_MMAP_THRESHOLD in engine replicas. Measured on the soak's traffic (plain Generator, 3 minutes): RSS
-once idle again 1.35 -> 1.85 GB with glibc's default, 1.31 -> 1.32 GB with 1 MiB; CPU time of a batch unchanged
-(128 KiB costs +13%: a page fault per page of every logits block)."""
+"""glibc's M_MMAP_THRESHOLD in engine replicas. Measured with the plain Generator on the soak's traffic (3 minutes
+after a 1-minute warm-up): RSS once idle again grew 1.35 -> 1.85 GB with glibc's default, 1.37 -> 1.58 GB with
+4 MiB, 1.31 -> 1.32 GB with 1 MiB. The price is page faults on every freshly mapped KV cache: CPU time of a batch
+of 16 requests x 2 rows x ~110 tokens +11% (4 MiB: +1%), of 8 requests x <= 44 tokens unchanged (128 KiB costs
++13% even there). On a GPU the KV caches are not in host memory, and neither cost nor gain applies."""
 M_MMAP_THRESHOLD = -3
 """mallopt's parameter number for the threshold (malloc.h)."""
 
