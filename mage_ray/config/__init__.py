@@ -8,6 +8,7 @@ Every dataclass validates itself in ``__post_init__`` and raises :class:`ConfigE
 whose message names the field (``backbone.steps``), the bad value and what is allowed.
 """
 
+from mage_ray.config.arm import ArmConfig
 from mage_ray.config.checks import ConfigError
 from mage_ray.config.load import add_config_args, config_from_dict, load_config, save_config
 from mage_ray.config.sections import (
@@ -25,6 +26,7 @@ from mage_ray.config.sections import (
 )
 
 __all__ = [
+    "ArmConfig",
     "BackboneConfig",
     "Config",
     "ConfigError",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mage_ray.config.arm import ArmConfig
 from mage_ray.config.checks import _check_choice, _check_grid_step, _check_range, _fail
 from mage_ray.guidance import method_names
 
@@ -445,6 +446,8 @@ class Config:
     """Stage 1: backbone training."""
     value: ValueConfig = field(default_factory=ValueConfig)
     """Stage 2: rollouts and explicit value models."""
+    arm: ArmConfig = field(default_factory=ArmConfig)
+    """GenARM / PARM autoregressive reward models."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
     """beta / alpha / gamma sweep on validation prompts."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
