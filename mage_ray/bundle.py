@@ -7,11 +7,13 @@ A bundle is what the sweep produces and what evaluation and serving load (never 
     <bundle>/rs_backbones/...             optional beta = 1 backbones (Rewarded Soups experts)
     <bundle>/values/<i>_<name>/           optional explicit value models (adapter/ + value_head.safetensors)
     <bundle>/morlhf/..., modpo/..., ric/..., wrpo_backbones/...   optional baselines
+    <bundle>/arms/<i>_<name>/             optional GenARM reward models (adapter/ + manifest.json), objective order
+    <bundle>/parm/0_parm/                 optional PARM reward model (pblora/ + manifest.json)
 
 ``bundle.json`` fields (shared format, ``/tmp/formats.md``): version (1), base_model, model (ModelConfig
 fields), objectives, beta, alpha, gamma, default_method, backbones, rs_backbones, values,
-morlhf / modpo ([{preference, adapter}]), ric ({adapter, ...} or null), wrpo_backbones, ref_point,
-created_by. :func:`load_bundle` validates all of it and checks every referenced file exists.
+morlhf / modpo ([{preference, adapter}]), ric ({adapter, ...} or null), wrpo_backbones, arms, parm (dir or
+null), method_gammas ({method: gamma}), ref_point, created_by. :func:`load_bundle` validates all of it and checks every referenced file exists.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from mage_ray.config import ConfigError, ModelConfig
 from mage_ray.guidance import method_names
-from mage_ray.manifest import ManifestError, atomic_dir, read_json, write_json_atomic
+from mage_ray.manifest import ManifestError, atomic_dir, read_json, read_manifest, write_json_atomic
 
 __all__ = [
     "BUNDLE_FILE",
@@ -45,6 +47,8 @@ BUNDLE_FILE = "bundle.json"
 BUNDLE_VERSION = 1
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 VALUE_HEAD_FILE = "value_head.safetensors"
+PBLORA_FILES = ("pblora_config.json", "pblora.safetensors")
+"""What a PARM dir's ``pblora/`` holds (:mod:`mage_ray.pblora`)."""
 
 
 class BundleError(ValueError):
@@ -83,6 +87,12 @@ class Bundle:
     """{adapter: dir, ...extra fields for the RiC prompt} or None."""
     wrpo_backbones: list[str] = field(default_factory=list)
     """Backbone dirs trained with WRPO (informational / alternative backbones), or []."""
+    arms: list[str] = field(default_factory=list)
+    """n GenARM reward-model dirs in objective order (their manifests name the objective), or []."""
+    parm: str | None = None
+    """The PARM reward-model dir (``pblora/`` + manifest.json naming the objectives), or None."""
+    method_gammas: dict[str, float] = field(default_factory=dict)
+    """Per-method guidance strength chosen by the sweep (the ARM methods' 1 / beta_r); others use ``gamma``."""
     ref_point: list[float] | None = None
     """Hypervolume reference point (one per objective) used by evaluation, or None."""
     created_by: str = "mage_ray"
@@ -133,6 +143,9 @@ class Bundle:
             "modpo",
             "ric",
             "wrpo_backbones",
+            "arms",
+            "parm",
+            "method_gammas",
             "ref_point",
             "created_by",
         ]
@@ -148,9 +161,11 @@ class Bundle:
         if missing:
             raise BundleError(f"bundle.json is missing required field(s) {missing}")
         kw = {k: data[k] for k in known if k in data}
-        for k in ("rs_backbones", "values", "morlhf", "modpo", "wrpo_backbones"):
+        for k in ("rs_backbones", "values", "morlhf", "modpo", "wrpo_backbones", "arms"):
             if kw.get(k, []) is None:  # null and [] both mean "none"
                 kw[k] = []
+        if kw.get("method_gammas", {}) is None:
+            kw["method_gammas"] = {}
         return cls(**kw, root=Path(root) if root is not None else None)
 
 
@@ -220,7 +235,7 @@ def validate_bundle(b: Bundle, check_files: bool = True) -> Bundle:
         _fail("gamma", b.gamma, "a number >= 0 (Eq. 25)")
     if b.default_method not in method_names():
         _fail("default_method", b.default_method, f"one of {method_names()}")
-    for key, allowed in (("backbones", (n,)), ("rs_backbones", (0, n)), ("values", (0, n))):
+    for key, allowed in (("backbones", (n,)), ("rs_backbones", (0, n)), ("values", (0, n)), ("arms", (0, n))):
         v = getattr(b, key)
         if not isinstance(v, list) or len(v) not in allowed:
             _fail(key, v, f"a list of {' or '.join(map(str, allowed))} directories (one per objective)")
@@ -240,6 +255,15 @@ def validate_bundle(b: Bundle, check_files: bool = True) -> Bundle:
                 _number(f"{key}[{i}].preference[{j}]", x)
     if b.ric is not None and (not isinstance(b.ric, dict) or "adapter" not in b.ric):
         _fail("ric", b.ric, "null or an object with an 'adapter' directory")
+    if b.parm is not None:
+        _check_rel("parm", b.parm)
+    if not isinstance(b.method_gammas, dict):
+        _fail("method_gammas", b.method_gammas, "a mapping of method name -> gamma")
+    for m, g in b.method_gammas.items():
+        if m not in method_names():
+            _fail("method_gammas", m, f"method names among {method_names()}")
+        if _number(f"method_gammas.{m}", g) < 0:
+            _fail(f"method_gammas.{m}", g, "a number >= 0")
     if b.ref_point is not None:
         if not isinstance(b.ref_point, list) or len(b.ref_point) != n:
             _fail("ref_point", b.ref_point, f"null or a list of {n} numbers")
@@ -260,7 +284,31 @@ def validate_bundle(b: Bundle, check_files: bool = True) -> Bundle:
             _check_adapter_dir(f"{key}[{i}].adapter", root, e["adapter"])
     if b.ric is not None:
         _check_adapter_dir("ric.adapter", root, b.ric["adapter"])
+    for i, rel in enumerate(b.arms):
+        _check_adapter_dir(f"arms[{i}]", root, rel)
+        _check_trained_for(f"arms[{i}]", root / rel, [objs[i]], "objective")
+    if b.parm is not None:
+        d = root / b.parm
+        for f in PBLORA_FILES:
+            if not (d / "pblora" / f).is_file():
+                raise BundleError(f"bundle field 'parm': PARM reward model {str(d)!r} is missing pblora/{f}")
+        _check_trained_for("parm", d, objs, "objectives")
     return b
+
+
+def _check_trained_for(name: str, d: Path, objectives: list[str], key: str) -> None:
+    """A reward model's manifest must name the bundle's objective(s) (``objective`` or ``objectives``) in order."""
+    try:
+        m = read_manifest(d) or {}
+    except ManifestError as e:
+        raise BundleError(f"bundle field '{name}': {e}") from e
+    got = [m.get("objective")] if key == "objective" else m.get("objectives")
+    if got != objectives:
+        raise BundleError(
+            f"bundle field '{name}': {str(d)!r} was trained for {key} {got}, but the bundle's objectives say "
+            f"{objectives if key == 'objectives' else objectives[0]!r}: rebuild the bundle with reward models "
+            "trained for these objectives"
+        )
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
@@ -321,6 +369,9 @@ def build_bundle(
     modpo: Sequence[tuple[Sequence[float], str | os.PathLike] | Mapping[str, Any]] = (),
     ric: str | os.PathLike | Mapping[str, Any] | None = None,
     wrpo_backbones: Sequence[str | os.PathLike] = (),
+    arms: Sequence[str | os.PathLike] = (),
+    parm: str | os.PathLike | None = None,
+    method_gammas: Mapping[str, float] | None = None,
     ref_point: Sequence[float] | None = None,
     created_by: str = "mage_ray",
 ) -> Bundle:
@@ -386,6 +437,9 @@ def build_bundle(
             modpo=grid_copy("modpo", modpo_e),
             ric=ric_entry,
             wrpo_backbones=group("wrpo_backbones", wrpo_backbones),
+            arms=group("arms", arms),
+            parm=None if parm is None else _copy_in(parm, tmp, "parm/0_parm", "parm"),
+            method_gammas={str(k): float(v) for k, v in (method_gammas or {}).items()},
             ref_point=None if ref_point is None else [float(x) for x in ref_point],
             created_by=created_by,
             root=tmp,

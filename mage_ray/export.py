@@ -50,6 +50,11 @@ def policy_coefficients(
         spec = method_spec(method)
     except ValueError as e:
         raise ExportError(str(e)) from None
+    if spec.family == "arm":
+        raise ExportError(
+            f"method {method!r} steers the base model with reward models while decoding: it is not one set of "
+            "weights and cannot be exported (serve the bundle instead)"
+        )
     exported = "bs" if spec.family == "mage" else method
     try:
         mu = validate_preference(preference, bundle.n_objectives, name="preference")

@@ -34,7 +34,16 @@ mage-i-m   policy (bs) + ref + merged pi*: c = soup(mu, 0) on backbones   V = lo
 morlhf     the MORLHF adapter trained at preference mu (one-hot)          log pi = logp
 modpo      the MODPO adapter trained at preference mu (one-hot)           log pi = logp
 ric        the RiC adapter, prompt rewritten by :func:`ric_prompt`        log pi = logp
+genarm     base (c = 0) + n ARMs one-hot (GenARM, Xu et al. 2025)         V = sum_i mu_i logp_arm_i
+genarm-m   base + 1 row: the ARMs mixed by mu (c = mu; ours, not GenARM's)  V = logp_row
+parm       base + 1 row: PARM's PBLoRA at mu = its n + 1 components       V = logp_row
+           mixed by c = (1, mu) (Lin et al. 2025; :mod:`mage_ray.pblora`)
 ========== ============================================================== =================================
+
+ARM methods (family ``arm``) guide the frozen base policy, not a soup: GenARM's multi-objective decoding,
+pi(y|x) proportional to pi_base(y|x) * prod_i pi_r,i(y|x)^(mu_i / beta_r), is the same score in log space with
+gamma = 1 / beta_r and V = sum_i mu_i log pi_r,i (per token; summed over a beam like an implicit value). Their
+gamma is swept per method (``arm.gammas``) and kept in the bundle's ``method_gammas``.
 
 Experts (mod, mage-i): the bundle's rs_backbones (beta = 1, expert i trained on objective i alone) with
 weights w = mu when it has them; otherwise the Bone Soup backbones with w = lambda = B^-1 mu, because backbone i
@@ -111,6 +120,10 @@ class AdapterLayout:
     """Column of the RiC adapter, or None."""
     ric_info: Mapping[str, Any] | None = None
     """RiC manifest + bundle entry, handed to :func:`ric_prompt`."""
+    arms: tuple[int, ...] = ()
+    """Columns of the GenARM autoregressive reward models, objective order, length n or 0."""
+    parm: tuple[int, ...] = ()
+    """Columns of PARM's PBLoRA components (shared part, then objective order), length n + 1 or 0."""
 
     def coeffs(self, cols: Sequence[int] = (), weights: Sequence[float] | np.ndarray = ()) -> np.ndarray:
         """A coefficient vector c [K]: ``weights`` on ``cols``, zero elsewhere."""
@@ -166,14 +179,15 @@ class PlanArgs:
     """The request's prompt (RiC rewrites it)."""
 
 
-ADAPTER_GROUPS = ("rs_backbones", "wrpo_backbones", "values", "morlhf", "modpo", "ric")
+ADAPTER_GROUPS = ("rs_backbones", "wrpo_backbones", "values", "morlhf", "modpo", "ric", "arms", "parm")
 """Adapter groups a bundle may carry beside the Bone Soup backbones (one AdapterLayout field each)."""
 
-TRAINING_STAGES = ("rs_backbones", "rollouts", "values", "morlhf", "ric", "modpo", "wrpo")
+TRAINING_STAGES = ("rs_backbones", "rollouts", "values", "morlhf", "ric", "modpo", "wrpo", "arms", "parm")
 """Pipeline stages a method may need beside the Bone Soup backbones (``mage_ray.pipeline`` runs them)."""
 
-FAMILIES = ("base", "soup", "mage", "baseline")
-"""base policy | Bone Soup / Rewarded Soups policies | MAGE (soup + guidance) | the papers' other baselines."""
+FAMILIES = ("base", "soup", "mage", "baseline", "arm")
+"""base policy | Bone Soup / Rewarded Soups policies | MAGE (soup + guidance) | the papers' other baselines |
+decoding-time guidance of the base by autoregressive reward models (GenARM, PARM)."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +386,34 @@ def _ric(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
             "method 'ric' needs a RiC adapter (bundle 'ric'), which this bundle/engine does not have"
         )
     return Plan([Row(L.one_hot(L.ric))], base=[(0, 1.0)], prompt=ric_prompt(a.prompt, mu, L.ric_info))
+
+
+@register_method("genarm", groups=["arms"], stages=["rollouts", "arms"], family="arm", backbones=False)
+def _genarm(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.arms, "genarm", "GenARM reward models (bundle 'arms')")
+    rows = [Row(L.coeffs())] + [Row(L.one_hot(c)) for c in L.arms]
+    # V = sum_i mu_i log pi_r,i(y_t | x, y<t)   (GenARM, log space; gamma = 1/beta_r multiplies it)
+    guide = [(1 + i, "logp", float(mu[i])) for i in range(len(L.arms))]
+    return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="implicit")
+
+
+@register_method("genarm-m", groups=["arms"], stages=["rollouts", "arms"], family="arm", backbones=False)
+def _genarm_m(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.arms, "genarm-m", "GenARM reward models (bundle 'arms')")
+    merged = Row(
+        L.coeffs(L.arms, mu)
+    )  # the ARMs' LoRAs mixed by mu (the MAGE merge of Eq. 24 applied to ARMs)
+    return Plan([Row(L.coeffs()), merged], base=[(0, 1.0)], guide=[(1, "logp", 1.0)], value_kind="implicit")
+
+
+@register_method("parm", groups=["parm"], stages=["rollouts", "parm"], family="arm", backbones=False)
+def _parm(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
+    _need(L.parm, "parm", "a PARM reward model (bundle 'parm')")
+    if len(L.parm) != L.n + 1:
+        raise ValueError(f"method 'parm' needs {L.n + 1} PBLoRA components (shared + one per objective)")
+    # PBLoRA at mu: dW = s (B1 W1 A1 + sum_k mu_k B2 W2_k A2), i.e. components (shared, k) with c = (1, mu)
+    row = Row(L.coeffs(L.parm, np.concatenate([[1.0], np.asarray(mu, dtype=np.float64)])))
+    return Plan([Row(L.coeffs()), row], base=[(0, 1.0)], guide=[(1, "logp", 1.0)], value_kind="implicit")
 
 
 # ----- plan construction -----

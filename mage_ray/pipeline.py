@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from mage_ray.baseline_stages import backbone_dirs, stage_baselines, stage_morlhf
 from mage_ray.config import Config, config_from_dict
 from mage_ray.guidance import TRAINING_STAGES, method_spec, stages_for
-from mage_ray.manifest import join, write_json_atomic
-from mage_ray.stages import StageClock, _hms, skip_done, stage_done, stage_path
+from mage_ray.manifest import join
+from mage_ray.stages import StageClock, _banner, _finish, set_clock, skip_done, stage_done
 from mage_ray.sweep import (
     STAGES,
     _beta_trial,
@@ -56,36 +57,10 @@ def planned_stages(cfg: Config, evaluate: bool = True) -> list[str]:
         needed = stages_for(list(cfg.eval.methods))
         if cfg.backbone.morlhf or "morlhf" in needed:
             stages.append("morlhf")
-        stages += [st for st in ("ric", "modpo", "wrpo") if st in needed]
+        stages += [st for st in ("ric", "modpo", "wrpo", "arms", "parm") if st in needed]
+        stages += [f"gamma_{m}" for m in arm_methods(cfg.eval.methods)]
         stages.append("evaluate")
     return stages
-
-
-_clock: StageClock | None = None
-"""The progress lines of the run in progress (:func:`run_sweep` or :func:`run_pipeline` sets it)."""
-
-
-def _finish(cfg: Config, stage: str, record: dict, t0: float) -> dict:
-    record = {**record, "stage": stage, "seconds": round(time.time() - t0, 1)}
-    write_json_atomic(stage_path(cfg, stage), record)
-    if _clock is None:
-        print(f"[pipeline] stage {stage!r} done in {_hms(record['seconds'])}", flush=True)
-    else:
-        _clock.end(stage, record["seconds"])
-    return record
-
-
-def _banner(stage: str, text: str) -> None:
-    if _clock is None:
-        print(f"\n[pipeline] === {stage}: {text}", flush=True)
-    else:
-        _clock.start(stage, text)
-
-
-def backbone_dirs(cfg: Config, beta: float, names: list[str]) -> list[str]:
-    from mage_ray.train.ray_train import backbone_dir
-
-    return [backbone_dir(cfg, beta, nm) for nm in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +141,12 @@ def stage_backbones(cfg: Config, beta: float) -> dict:
     elif beta == ONE:
         record["rs_backbones"] = record["backbones"]
     return _finish(cfg, "backbones", record, t0)
+
+
+def arm_methods(methods) -> list[str]:
+    """The methods among ``methods`` guided by autoregressive reward models (family ``arm``): each has its own
+    gamma = 1 / beta_r, swept over ``arm.gammas`` by a stage ``gamma_<method>``."""
+    return [m for m in methods if method_spec(m).family == "arm"]
 
 
 def _needs(cfg: Config, stage: str) -> bool:
@@ -272,9 +253,8 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
     """Stages beta -> backbones -> rollouts -> values -> alpha -> gamma -> bundle; returns the summary.
 
     ``progress``: start this run's progress lines (:class:`StageClock`); run_pipeline starts its own instead."""
-    global _clock
     if progress:
-        _clock = StageClock(cfg, planned_stages(cfg, evaluate=False))
+        set_clock(StageClock(cfg, planned_stages(cfg, evaluate=False)))
     t0 = time.time()
     beta = float(stage_beta(cfg)["best"]["backbone.beta"])
     bb = stage_backbones(cfg, beta)
@@ -319,66 +299,18 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
     return summary
 
 
-def stage_morlhf(cfg: Config) -> list[tuple[list[float], str]]:
-    from mage_ray.soup import preference_grid
-    from mage_ray.train.ray_train import morlhf_dir, train_morlhf
-
-    grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
-    rec = stage_done(cfg, "morlhf")
-    if not skip_done(cfg, "morlhf", rec):
-        t0 = time.time()
-        _banner("morlhf", f"{len(grid)} MORLHF models (w = mu) x {cfg.backbone.steps} steps")
-        train_morlhf(cfg, grid)
-        rec = _finish(cfg, "morlhf", {"grid": grid.tolist()}, t0)
-    return [(list(map(float, mu)), morlhf_dir(cfg, mu)) for mu in grid]
-
-
-def stage_baselines(cfg: Config, methods: list[str], beta: float, bb: dict) -> dict[str, Any]:
-    """Train what the baselines in ``methods`` need (stages ``ric``, ``modpo``, ``wrpo``); return bundle extras.
-
-    RiC and MODPO train on the base policy's scored rollouts (the ``rollouts`` stage); MODPO one adapter per
-    evaluation-grid preference. WRPO backbones (``wrpo_b<i>`` of the chosen B(beta)) take the GRPO backbones
-    of this run (the chosen beta's and the beta = 1 ones) plus ``backbone.wrpo_sources`` as source models.
-    """
-    from mage_ray.soup import preference_grid
-
-    extra: dict[str, Any] = {}
-    stages = stages_for(methods)
-    if "ric" in stages:
-        from mage_ray.train.ric import ric_dir, train_ric_ray
-
-        rec = stage_done(cfg, "ric")
-        if not skip_done(cfg, "ric", rec):
-            t0 = time.time()
-            _banner("ric", f"RiC: SFT on score-conditioned rollouts x {cfg.backbone.steps} steps")
-            train_ric_ray(cfg)
-            rec = _finish(cfg, "ric", {"dir": ric_dir(cfg)}, t0)
-        extra["ric"] = rec["dir"]
-    if "modpo" in stages:
-        from mage_ray.train.modpo import modpo_dir, train_modpo_grid
-
-        grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
-        rec = stage_done(cfg, "modpo")
-        # a new grid trains only its missing points
-        if not skip_done(cfg, "modpo", rec if rec and rec.get("grid") == grid.tolist() else None):
-            t0 = time.time()
-            _banner("modpo", f"{len(grid)} MODPO policies (one per preference) x {cfg.backbone.steps} steps")
-            train_modpo_grid(cfg, grid)
-            rec = _finish(cfg, "modpo", {"grid": grid.tolist()}, t0)
-        extra["modpo"] = [(list(map(float, mu)), modpo_dir(cfg, mu)) for mu in grid]
-    if "wrpo" in stages:
-        from mage_ray.train.wrpo import train_wrpo_backbones
-
-        names = [f"wrpo_b{i}" for i in range(cfg.n_objectives)]
-        rec = stage_done(cfg, "wrpo")
-        if not skip_done(cfg, "wrpo", rec if rec and rec.get("beta") == beta else None):
-            t0 = time.time()
-            sources = [*bb["backbones"], *bb.get("rs_backbones", []), *cfg.backbone.wrpo_sources]
-            _banner("wrpo", f"{len(names)} WRPO backbones of B({beta}) from {len(sources)} source models")
-            train_wrpo_backbones(cfg, beta=beta, names=names, sources=sources)
-            rec = _finish(cfg, "wrpo", {"beta": beta, "backbones": backbone_dirs(cfg, beta, names)}, t0)
-        extra["wrpo_backbones"] = rec["backbones"]
-    return extra
+def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: float) -> dict[str, float]:
+    """Tune each ARM method's gamma = 1 / beta_r over ``arm.gammas`` on validation prompts (decode only, like
+    the gamma stage); a candidate replaces the default 1.0 only when it beats it beyond prompt noise."""
+    chosen = {}
+    for m in arm_methods(methods):
+        default = 1.0 if 1.0 in cfg.arm.gammas else float(cfg.arm.gammas[0])
+        values = [float(g) for g in cfg.arm.gammas]
+        rec = stage_decode_param(
+            cfg, f"gamma_{m}", bundle_dir, m, "decode.gamma", values, {"decode.alpha": alpha}, default
+        )
+        chosen[m] = float(rec["best"]["decode.gamma"])
+    return chosen
 
 
 def run_pipeline(cfg: Config) -> dict:
@@ -390,8 +322,7 @@ def run_pipeline(cfg: Config) -> dict:
     from mage_ray.tasks.objectives import load_objectives
     from mage_ray.tasks.prompts import load_prompts
 
-    global _clock
-    _clock = StageClock(cfg, planned_stages(cfg))
+    set_clock(StageClock(cfg, planned_stages(cfg)))
     t0 = time.time()
     summary = run_sweep(cfg, progress=False)
     methods = list(cfg.eval.methods)
@@ -406,6 +337,11 @@ def run_pipeline(cfg: Config) -> dict:
     if extra:  # the bundle gains the baselines' adapters (same beta, alpha, gamma)
         vals = (stage_done(cfg, "values") or {}).get("values", [])
         _bundle(cfg, bundle_dir, summary["beta"], bb, vals, summary["alpha"], summary["gamma"], extra)
+        if arm_methods(methods):  # then each ARM method's own gamma, on that bundle
+            gammas = stage_arm_gammas(cfg, bundle_dir, methods, summary["alpha"])
+            summary["method_gammas"] = gammas
+            extra["method_gammas"] = gammas
+            _bundle(cfg, bundle_dir, summary["beta"], bb, vals, summary["alpha"], summary["gamma"], extra)
     rec = stage_done(cfg, "evaluate")
     if rec and rec.get("methods") != methods:
         print(f"[pipeline] methods changed {rec.get('methods')} -> {methods}: evaluating again", flush=True)
@@ -430,7 +366,12 @@ def run_pipeline(cfg: Config) -> dict:
             min_prompts=cfg.eval.min_test_prompts,
             confidence=cfg.eval.confidence,
             n_resamples=cfg.eval.n_resamples,
-            extra={"beta": summary["beta"], "alpha": summary["alpha"], "gamma": summary["gamma"]},
+            extra={
+                "beta": summary["beta"],
+                "alpha": summary["alpha"],
+                "gamma": summary["gamma"],
+                **({"method_gammas": summary["method_gammas"]} if summary.get("method_gammas") else {}),
+            },
             extra_columns={"train s": _train_seconds(cfg, methods)},
         )
         rec = _finish(

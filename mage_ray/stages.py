@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from mage_ray.config import Config
-from mage_ray.manifest import join, read_json
+from mage_ray.manifest import join, read_json, write_json_atomic
 
 
 def stage_path(cfg: Config, stage: str) -> str:
@@ -82,3 +82,32 @@ class StageClock:
         print(
             f"[pipeline] stage {stage!r} done in {_hms(seconds)} ({self._where(stage)}); {rest}", flush=True
         )
+
+
+_clock: StageClock | None = None
+"""The progress lines of the run in progress (the pipeline's run_sweep / run_pipeline sets it)."""
+
+
+def set_clock(clock: StageClock | None) -> None:
+    """Make ``clock`` print the start and end lines of the stages from now on (None: plain lines)."""
+    global _clock
+    _clock = clock
+
+
+def _finish(cfg: Config, stage: str, record: dict, t0: float) -> dict:
+    """Write a finished stage's record (with its ``seconds``) and print its end line; return the record."""
+    record = {**record, "stage": stage, "seconds": round(time.time() - t0, 1)}
+    write_json_atomic(stage_path(cfg, stage), record)
+    if _clock is None:
+        print(f"[pipeline] stage {stage!r} done in {_hms(record['seconds'])}", flush=True)
+    else:
+        _clock.end(stage, record["seconds"])
+    return record
+
+
+def _banner(stage: str, text: str) -> None:
+    """Print a stage's start line."""
+    if _clock is None:
+        print(f"\n[pipeline] === {stage}: {text}", flush=True)
+    else:
+        _clock.start(stage, text)

@@ -165,3 +165,40 @@ def test_missing_files_name_the_adapter_path(tmp_path, src):
 def test_bundle_from_json_requires_core_fields():
     with pytest.raises(BundleError, match="base_model"):
         Bundle.from_json({"objectives": ["a", "b"], "beta": 0.7, "backbones": []})
+
+
+def _reward_models(s: Path, objectives=("a", "b")) -> dict:
+    """GenARM ARMs (manifest names the objective) and a PARM dir (pblora/ files, manifest names the objectives)."""
+    arms = []
+    for o in objectives:
+        d = _artifact(s / f"arm_{o}")
+        (d / "manifest.json").write_text(json.dumps({"kind": "arm", "objective": o, "complete": True}))
+        arms.append(d)
+    parm = s / "parm"
+    (parm / "pblora").mkdir(parents=True)
+    for f in ("pblora_config.json", "pblora.safetensors"):
+        (parm / "pblora" / f).write_bytes(b"{}")
+    (parm / "manifest.json").write_text(json.dumps({"kind": "parm", "objectives": list(objectives)}))
+    return {"arms": arms, "parm": parm}
+
+
+def test_reward_models_round_trip_and_are_checked_against_the_objectives(tmp_path, src):
+    """arms / parm / method_gammas survive build + load; a missing PBLoRA file, ARMs or a PARM trained for other
+    objectives, and an unknown method in method_gammas are refused naming the field."""
+    root = tmp_path / "bundle"
+    b = _build(root, {**src, **_reward_models(tmp_path / "rm")}, method_gammas={"genarm": 2.0, "parm": 0.5})
+    assert b.arms == ["arms/0_arm_a", "arms/1_arm_b"] and b.parm == "parm/0_parm"
+    assert load_bundle(root).method_gammas == {"genarm": 2.0, "parm": 0.5}
+    (root / "parm" / "0_parm" / "pblora" / "pblora.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"'parm'.*missing pblora/pblora.safetensors"):
+        load_bundle(root)
+    with pytest.raises(BundleError, match=r"'arms\[0\]'.*trained for objective \['b'\].*'a'"):
+        _build(root, {**src, **_reward_models(tmp_path / "rm2", ("b", "a"))})
+    rm = _reward_models(tmp_path / "rm3")
+    (rm["parm"] / "manifest.json").write_text(json.dumps({"objectives": ["a", "c"]}))
+    with pytest.raises(BundleError, match=r"'parm'.*trained for objectives \['a', 'c'\]"):
+        _build(root, {**src, **rm})
+    with pytest.raises(BundleError, match="method_gammas"):
+        _build(root, src, method_gammas={"nosuch": 1.0})
+    with pytest.raises(BundleError, match=r"'arms'"):
+        _build(root, {**src, "arms": rm["arms"][:1]})

@@ -31,9 +31,12 @@ def _layout(groups) -> AdapterLayout:
     for g in ADAPTER_GROUPS:
         if g not in groups:
             continue
-        if g in ("rs_backbones", "wrpo_backbones", "values"):
+        if g in ("rs_backbones", "wrpo_backbones", "values", "arms"):
             kw[g] = tuple(range(col, col + N))
             col += N
+        elif g == "parm":
+            kw[g] = tuple(range(col, col + N + 1))
+            col += N + 1
         elif g in ("morlhf", "modpo"):
             kw[g] = (((0.5, 0.5), col),)
             col += 1
@@ -138,3 +141,23 @@ def test_decoding_never_imports_training():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_arm_methods_guide_the_base_with_their_reward_models():
+    """genarm: base row (c = 0) + one row per ARM, V = sum_i mu_i log pi_r,i; genarm-m: one row with the ARMs
+    mixed by mu; parm: one row with the PBLoRA components mixed by (1, mu); all summed over tokens (implicit)."""
+    mu = np.array([0.25, 0.75])
+    L = _layout({"arms", "parm"})  # arms in columns 2, 3; parm in 4, 5, 6
+    g = make_plan("genarm", L, mu, PlanArgs(), gamma=2.0)
+    assert [r.coeffs.tolist() for r in g.rows] == [[0.0] * 7, [0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0]]
+    assert g.base == [(0, 1.0)] and g.guide == [(1, "logp", 0.25), (2, "logp", 0.75)]
+    assert g.value_kind == "implicit"
+    gm = make_plan("genarm-m", L, mu, PlanArgs(), gamma=2.0)
+    assert gm.rows[1].coeffs.tolist() == [0, 0, 0.25, 0.75, 0, 0, 0] and gm.guide == [(1, "logp", 1.0)]
+    p = make_plan("parm", L, mu, PlanArgs(), gamma=2.0)
+    assert p.rows[1].coeffs.tolist() == [0, 0, 0, 0, 1.0, 0.25, 0.75] and p.guide == [(1, "logp", 1.0)]
+    # a one-hot preference drops the other ARM's row; gamma = 0 is plain base decoding (one row)
+    assert len(make_plan("genarm", L, np.array([1.0, 0.0]), PlanArgs(), gamma=1.0).rows) == 2
+    assert len(make_plan("parm", L, mu, PlanArgs(), gamma=0.0).rows) == 1
+    assert all(REGISTRY[m].family == "arm" and not REGISTRY[m].backbones for m in ("genarm", "genarm-m", "parm"))
+    assert stages_for(["genarm", "parm"]) == {"rollouts", "arms", "parm"}

@@ -285,6 +285,8 @@ class DecodeConfig:
     """Guidance strength in pi_base * exp(gamma * V) (Eq. 25)."""
     alpha: float = 0.0
     """Extrapolation away from the SFT model (Eq. 13)."""
+    method_gammas: dict[str, float] = field(default_factory=dict)
+    """Per-method default gamma, used in place of ``gamma`` by those methods (the ARM methods' 1 / beta_r)."""
     max_new_tokens: int = 48
     """Default number of new tokens per response."""
     max_tokens_limit: int = 512
@@ -312,6 +314,9 @@ class DecodeConfig:
         _check_choice("decode.method", self.method, tuple(method_names()))
         _check_range("decode.gamma", self.gamma, 0, 1000)
         _check_range("decode.alpha", self.alpha, -1, 10)
+        for m, g in self.method_gammas.items():
+            _check_choice("decode.method_gammas key", m, tuple(method_names()))
+            _check_range(f"decode.method_gammas.{m}", g, 0, 1000)
         _check_range("decode.max_tokens_limit", self.max_tokens_limit, 1, 1_000_000)
         _check_range("decode.max_new_tokens", self.max_new_tokens, 1, self.max_tokens_limit)
         _check_range("decode.temperature", self.temperature, 0, 100, lo_open=True)

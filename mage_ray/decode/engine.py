@@ -45,7 +45,10 @@ class Engine:
         self.tokenizer = parts.tokenizer
         self.use_chat_template = parts.use_chat_template
         self.defaults = decode_cfg or DecodeConfig(
-            method=parts.default_method, gamma=parts.gamma, alpha=parts.alpha
+            method=parts.default_method,
+            gamma=parts.gamma,
+            alpha=parts.alpha,
+            method_gammas=dict(parts.method_gammas or {}),
         )
         n = len(parts.backbones)
         if n < 2:
@@ -55,13 +58,15 @@ class Engine:
         )
         if len(self.objectives) != n:
             raise ValueError(f"objectives has {len(self.objectives)} names but there are {n} backbones")
-        for key in ("rs_backbones", "wrpo_backbones", "values"):
+        if len(parts.parm) not in (0, n + 1):
+            raise ValueError(f"parm: need 0 or {n + 1} PBLoRA components (shared + one per objective)")
+        for key in ("rs_backbones", "wrpo_backbones", "values", "arms"):
             if len(getattr(parts, key)) not in (0, n):
                 raise ValueError(
                     f"{key}: need 0 or {n} entries (one per objective), got {len(getattr(parts, key))}"
                 )
 
-        # K adapters, one MixedLoraModel: backbones | rs | wrpo | value adapters | morlhf | modpo | ric.
+        # K adapters, one MixedLoraModel: backbones | rs | wrpo | value adapters | morlhf | modpo | ric | arms | parm.
         adapters: list[LoraAdapter] = []
 
         def add(group: str, items) -> tuple[int, ...]:
@@ -78,6 +83,8 @@ class Engine:
         cols_morlhf = add("morlhf", [a for _, a in parts.morlhf])
         cols_modpo = add("modpo", [a for _, a in parts.modpo])
         cols_ric = add("ric", [parts.ric] if parts.ric is not None else [])
+        cols_arms = add("arms", parts.arms)
+        cols_parm = add("parm", parts.parm)
         self.mixed = MixedLoraModel(self.model, adapters)
         self.layout = AdapterLayout(
             k=len(adapters),
@@ -91,6 +98,8 @@ class Engine:
             modpo=tuple((tuple(float(x) for x in p), c) for (p, _), c in zip(parts.modpo, cols_modpo)),
             ric=cols_ric[0] if cols_ric else None,
             ric_info=parts.ric_info,
+            arms=cols_arms,
+            parm=cols_parm,
         )
 
         self.lm_head = self.model.get_output_embeddings()

@@ -34,6 +34,12 @@ class EngineParts:
     modpo: Sequence[tuple[Sequence[float], LoraAdapter]] = ()
     ric: LoraAdapter | None = None
     ric_info: dict | None = None
+    arms: Sequence[LoraAdapter] = ()
+    """n GenARM autoregressive reward models in objective order (genarm, genarm-m), or none."""
+    parm: Sequence[LoraAdapter] = ()
+    """PARM's n + 1 PBLoRA components (shared, then objective order; :func:`mage_ray.pblora.pblora_components`)."""
+    method_gammas: dict[str, float] | None = None
+    """Per-method default guidance strength chosen by the sweep (ARM methods: 1 / beta_r); others use gamma."""
     objectives: Sequence[str] | None = None
     alpha: float = 0.0
     gamma: float = 1.0
@@ -73,6 +79,14 @@ def parts_from_bundle(
 
         ric = load(bundle.ric["adapter"], bundle.ric["adapter"])
         ric_info = {**(read_manifest(bundle.path(bundle.ric["adapter"])) or {}), **bundle.ric}
+    arms: list[LoraAdapter] = []
+    if "arms" in groups:
+        arms = [load(f"arms[{i}]", rel) for i, rel in enumerate(bundle.arms)]
+    parm: list[LoraAdapter] = []
+    if "parm" in groups and bundle.parm is not None:
+        from mage_ray.pblora import pblora_components
+
+        parm = pblora_components(bundle.path(bundle.parm) / "pblora", name="parm")
     return EngineParts(
         model=model,
         tokenizer=tok,
@@ -89,6 +103,9 @@ def parts_from_bundle(
         else [],
         ric=ric,
         ric_info=ric_info,
+        arms=arms,
+        parm=parm,
+        method_gammas=dict(bundle.method_gammas),
         objectives=bundle.objectives,
         alpha=bundle.alpha,
         gamma=bundle.gamma,

@@ -187,7 +187,8 @@ def normalise(
     method = pick("method")
     if not isinstance(method, str):
         raise RequestError("method", f"method = {method!r} is invalid: expected a method name")
-    gamma = number("gamma", pick("gamma"), 0.0)
+    g = r.gamma if r.gamma is not None else (d.method_gammas or {}).get(method, d.gamma)  # per-method default
+    gamma = number("gamma", g, 0.0)
     alpha = number("alpha", pick("alpha"), -1.0, lo_open=True)
     max_new = number("max_new_tokens", pick("max_new_tokens"), 1, d.max_tokens_limit, integer=True)
     temperature = number("temperature", pick("temperature"), 0.0, lo_open=True)
@@ -279,15 +280,20 @@ def normalise(
 
 
 def decode_defaults(cfg, bundle: Bundle, overrides: Sequence[str] = ()) -> DecodeConfig:
-    """The decode defaults for a bundle: ``cfg.decode`` with the bundle's method, gamma and alpha.
+    """The decode defaults for a bundle: ``cfg.decode`` with the bundle's method, gamma, alpha, method_gammas.
 
-    The sweep chose the bundle's method / gamma / alpha, so they win over the YAML config; a command-line
-    override (``decode.gamma=2``) wins over the bundle. Serving, grids and evaluation all decode with these.
+    The sweep chose the bundle's method / gamma / alpha / per-method gammas, so they win over the YAML config; a
+    command-line override (``decode.gamma=2``, ``decode.method_gammas={genarm: 2}``) wins over the bundle. Serving, grids and evaluation all decode with these.
     """
     given = {o.split("=", 1)[0].strip() for o in overrides}
     d = cfg.decode
     kw = {
         k: getattr(d, k) if f"decode.{k}" in given else v
-        for k, v in (("method", bundle.default_method), ("gamma", bundle.gamma), ("alpha", bundle.alpha))
+        for k, v in (
+            ("method", bundle.default_method),
+            ("gamma", bundle.gamma),
+            ("alpha", bundle.alpha),
+            ("method_gammas", {**d.method_gammas, **bundle.method_gammas}),
+        )
     }
     return DecodeConfig(**{**d.__dict__, **kw})

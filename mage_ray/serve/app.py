@@ -273,10 +273,11 @@ class MageIngress:
     @staticmethod
     def _extra(facts: EngineFacts, req: Request) -> dict[str, Any]:
         d = facts.info["defaults"]
+        method = req.method or d["method"]
         return {
             "preference": req.preference,
-            "method": req.method or d["method"],
-            "gamma": d["gamma"] if req.gamma is None else req.gamma,
+            "method": method,
+            "gamma": d.get("method_gammas", {}).get(method, d["gamma"]) if req.gamma is None else req.gamma,
             "alpha": d["alpha"] if req.alpha is None else req.alpha,
         }
 

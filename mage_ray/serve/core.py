@@ -173,6 +173,7 @@ class Generator:
             "defaults": {
                 "method": d.method,
                 "gamma": d.gamma,
+                "method_gammas": dict(d.method_gammas),
                 "alpha": d.alpha,
                 "beta": self.engine.layout.beta,
                 "max_tokens": d.max_new_tokens,
