@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_decode.py                       # embedded SmolLM2-135M, 48 tokens, batch 1 and 16
     .venv/bin/python bench/bench_decode.py --model tiny-random --new-tokens 8 --repeats 1   # smoke run
 
-Random LoRA adapters (r = 8 on q/k/v/o, n = 2 backbones and 2 value adapters) and random value heads [V, H]:
+Random LoRA adapters (r = 8 on q/k/v/o, n = 2 backbones, 2 value adapters, 2 GenARM ARMs; PARM's PBLoRA as its 3
+rank-4 components) and random value heads [V, H]:
 timing only, the text is meaningless, so EOS is ignored and every request generates exactly --new-tokens tokens.
 Batch 16 uses 16 different preferences mu_i = (i/15, 1 - i/15) and 4 prompts of different lengths; the
 homogeneous control gives all 16 requests mu = (0.5, 0.5). Measurements are paired: every configuration runs
@@ -34,7 +35,7 @@ PROMPTS = [
     "Give me three tips for a job interview, with one sentence of reasoning for each tip.",
     "What is the capital of France?",
 ]
-METHODS = ["base", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m"]
+METHODS = ["base", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "genarm", "genarm-m", "parm"]
 
 
 def random_adapter(model, name: str, seed: int, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -68,6 +69,10 @@ def build_engine(model_name: str) -> Engine:
         beta=0.7,
         backbones=[random_adapter(model, f"b{i}", i) for i in range(2)],
         values=values,
+        arms=[random_adapter(model, f"arm{i}", 20 + i) for i in range(2)],  # GenARM: one LoRA per objective
+        parm=[
+            random_adapter(model, f"parm{i}", 30 + i, r=4) for i in range(3)
+        ],  # PBLoRA: shared + 2 (r1 = r2 = 4)
     )
     return Engine(parts, DecodeConfig(method="bs", gamma=1.0, alpha=0.0, max_tokens_limit=4096))
 

@@ -159,5 +159,7 @@ def test_arm_methods_guide_the_base_with_their_reward_models():
     # a one-hot preference drops the other ARM's row; gamma = 0 is plain base decoding (one row)
     assert len(make_plan("genarm", L, np.array([1.0, 0.0]), PlanArgs(), gamma=1.0).rows) == 2
     assert len(make_plan("parm", L, mu, PlanArgs(), gamma=0.0).rows) == 1
-    assert all(REGISTRY[m].family == "arm" and not REGISTRY[m].backbones for m in ("genarm", "genarm-m", "parm"))
+    assert all(
+        REGISTRY[m].family == "arm" and not REGISTRY[m].backbones for m in ("genarm", "genarm-m", "parm")
+    )
     assert stages_for(["genarm", "parm"]) == {"rollouts", "arms", "parm"}
