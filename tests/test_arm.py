@@ -159,13 +159,16 @@ def test_train_parm_two_steps(parm_run):
 
 
 def test_parm_resumes_with_the_same_preferences(parm_run, tmp_path):
-    """Step 1 (0-based) rerun from the snapshot after step 0 lands on the same PBLoRA weights as the
-    uninterrupted run: the mu of a step and its batches depend on (seed, step) only."""
+    """Step 1 (0-based) rerun from the snapshot after step 0 (saved and loaded like a Ray checkpoint,
+    weights_only) lands on the same PBLoRA weights as the uninterrupted run: the mu of a step and its batches
+    depend on (seed, step) only, and the snapshot holds exactly the PBLoRA tensors and AdamW state."""
     from mage_ray.pblora import load_pblora
 
     cfg, rollouts, _, snaps = parm_run
+    torch.save(snaps[0], tmp_path / "state.pt")  # as a Ray checkpoint holds it
+    resume = torch.load(tmp_path / "state.pt", weights_only=True)
     out = str(tmp_path / "resumed")
-    manifest = train_parm(cfg, out, rollouts_path=rollouts, ctx=TrainContext(resume=snaps[0], quiet=True))
+    manifest = train_parm(cfg, out, rollouts_path=rollouts, ctx=TrainContext(resume=resume, quiet=True))
     assert manifest["steps_done"] == 2 and len(manifest["loss_by_step"]) == 1
     resumed, _ = load_pblora(f"{out}/pblora")
     straight, _ = load_pblora(f"{parm_dir(cfg)}/pblora")
