@@ -8,7 +8,7 @@ objectives) as ``peft/src/peft/tuners/pblora/layer.py`` of PARM's code computes 
     A [r1+r2, d_in], B [d_out, r1+r2], W1 [r1, r1], W2 [n, r2*r2]
 
 The first r1 ranks are shared by every preference; the last r2 carry a bilinear weight that is linear in mu.
-Both parts are scaled by s = alpha / r2 (PARM's code; the paper writes one scale as well). Initialisation as
+Both parts are scaled by s = alpha / r2, as PARM's code does (``scaling = lora_alpha / r2``). Initialisation as
 PARM: A, W1, W2 ``kaiming_uniform_(a=sqrt(5))``, B zeros (so dW = 0 at the start).
 
 Because dW(mu) is linear in (1, mu_1, ..., mu_n), it is the mixture of n + 1 plain LoRAs with coefficients
@@ -97,9 +97,8 @@ class PBLoraLinear(nn.Module):
         self.pblora_B = nn.Parameter(torch.zeros(d_out, r1 + r2))  # [d_out, r1+r2]
         self.pblora_W1 = nn.Parameter(torch.empty(r1, r1))  # [r1, r1]
         self.pblora_W2 = nn.Parameter(torch.empty(n, r2 * r2))  # [n, r2*r2]
-        with (
-            torch.no_grad()
-        ):  # PARM's reset_lora_parameters, on the CPU so the draw does not depend on the device
+        # PARM's reset_lora_parameters, drawn on the CPU so the values do not depend on the device
+        with torch.no_grad():
             for p in (self.pblora_A, self.pblora_W1, self.pblora_W2):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         self.to(dev)
@@ -214,6 +213,7 @@ def save_pblora(
     }
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = {
+        **(extra or {}),  # more fields (the trainer's); the ones below always win
         "r1": first.r1,
         "r2": first.r2,
         "n": first.n,
@@ -223,7 +223,6 @@ def save_pblora(
         "modules": list(layers),
         "objectives": list(objectives),
         "base_model": base_model,
-        **(extra or {}),
     }
     with scratch_dir("mage-pblora") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -249,7 +248,7 @@ def _check(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str)
         )
     for m in config["modules"]:
         A, B, W1, W2 = (tensors[f"{m}.{part}"] for part in _PARTS)
-        checks = [  # (tensor, shape it must have, its spec, the config field a mismatch contradicts)
+        checks = [  # (tensor, its shape, the shape it needs, spec, the config field a mismatch contradicts)
             ("pblora_A", A.shape, (r1 + r2, A.shape[-1]), "[r1+r2, d_in]", "r1/r2"),
             ("pblora_B", B.shape, (B.shape[0], r1 + r2), "[d_out, r1+r2]", "r1/r2"),
             ("pblora_W1", W1.shape, (r1, r1), "[r1, r1]", "r1"),
