@@ -82,6 +82,8 @@ def parm_loss(
             f"{len(chosen_logps)} and {len(rejected_logps)}"
         )
     names = list(objectives) if objectives is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"objectives names {len(names)} objectives, mu has {n} weights")
     total = chosen_logps[0].new_zeros(())
     metrics: dict[str, float] = {}
     for i, name in enumerate(names):
