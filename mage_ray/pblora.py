@@ -1,4 +1,4 @@
-"""PARM's preference-aware bilinear LoRA (PBLoRA, Lin et al. ICML 2025, arXiv 2505.06274, Sec. 4.2), plain torch.
+"""PARM's preference-aware bilinear LoRA (PBLoRA; Lin et al., ICML 2025, arXiv 2505.06274) in plain torch.
 
 One PBLoRA layer adapts a frozen ``nn.Linear`` W0 [d_out, d_in] with a preference mu on the simplex (n
 objectives) as ``peft/src/peft/tuners/pblora/layer.py`` of PARM's code computes it (``_get_lora_matrices``):
@@ -7,9 +7,9 @@ objectives) as ``peft/src/peft/tuners/pblora/layer.py`` of PARM's code computes 
 
     A [r1+r2, d_in], B [d_out, r1+r2], W1 [r1, r1], W2 [n, r2*r2]
 
-The first r1 ranks are shared by every preference; the last r2 carry a bilinear weight that is linear in mu. Both
-parts are scaled by s = alpha / r2 (PARM's code; the paper writes one scale as well). Initialisation as PARM: A,
-W1, W2 ``kaiming_uniform_(a=sqrt(5))``, B zeros (so dW = 0 at the start).
+The first r1 ranks are shared by every preference; the last r2 carry a bilinear weight that is linear in mu.
+Both parts are scaled by s = alpha / r2, as PARM's code does (``scaling = lora_alpha / r2``). Initialisation as
+PARM: A, W1, W2 ``kaiming_uniform_(a=sqrt(5))``, B zeros (so dW = 0 at the start).
 
 Because dW(mu) is linear in (1, mu_1, ..., mu_n), it is the mixture of n + 1 plain LoRAs with coefficients
 (1, mu): :func:`pblora_components` returns them (A[:r1], B[:, :r1] W1) and (A[r1:], B[:, r1:] W2[k]), all with
@@ -71,7 +71,8 @@ _CONFIG_FIELDS = (
 class PBLoraLinear(nn.Module):
     """A frozen ``nn.Linear`` plus a PBLoRA delta at the preference in the ``pref`` buffer mu [n]:
 
-        y = base(x) + x dW(mu)^T = base(x) + s * [ (x A1^T) W1^T , (x A2^T) M^T ] B^T,   M = (mu W2).view(r2, r2)
+        y = base(x) + x dW(mu)^T = base(x) + s * [ (x A1^T) W1^T , (x A2^T) M^T ] B^T
+        M = (mu W2).view(r2, r2)
 
     so dW [d_out, d_in] is never materialised: the cost per token is (r1 + r2)(d_in + d_out) + r1^2 + r2^2.
     The adapter tensors are float32 parameters (PEFT's choice for low-precision bases); ``pref`` is a
@@ -96,9 +97,8 @@ class PBLoraLinear(nn.Module):
         self.pblora_B = nn.Parameter(torch.zeros(d_out, r1 + r2))  # [d_out, r1+r2]
         self.pblora_W1 = nn.Parameter(torch.empty(r1, r1))  # [r1, r1]
         self.pblora_W2 = nn.Parameter(torch.empty(n, r2 * r2))  # [n, r2*r2]
-        with (
-            torch.no_grad()
-        ):  # PARM's reset_lora_parameters, on the CPU so the draw does not depend on the device
+        # PARM's reset_lora_parameters, drawn on the CPU so the values do not depend on the device
+        with torch.no_grad():
             for p in (self.pblora_A, self.pblora_W1, self.pblora_W2):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         self.to(dev)
@@ -144,8 +144,9 @@ def _targeted(name: str, targets: str | Sequence[str]) -> bool:
 def apply_pblora(
     model: nn.Module, target_modules: str | Sequence[str], r1: int, r2: int, n: int, alpha: float
 ) -> list[str]:
-    """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`PBLoraLinear` (in place) and freeze every
-    other parameter; return the replaced module names. AdapterError when nothing matches or it is already applied.
+    """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`PBLoraLinear` (in place) and freeze
+    every other parameter; return the replaced module names. AdapterError when nothing matches or it is
+    already applied.
     """
     if any(isinstance(m, PBLoraLinear) for m in model.modules()):
         raise AdapterError("model already holds PBLoRA layers; apply_pblora to a fresh model")
@@ -212,6 +213,7 @@ def save_pblora(
     }
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = {
+        **(extra or {}),  # more fields (the trainer's); the ones below always win
         "r1": first.r1,
         "r2": first.r2,
         "n": first.n,
@@ -221,7 +223,6 @@ def save_pblora(
         "modules": list(layers),
         "objectives": list(objectives),
         "base_model": base_model,
-        **(extra or {}),
     }
     with scratch_dir("mage-pblora") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
@@ -247,7 +248,7 @@ def _check(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str)
         )
     for m in config["modules"]:
         A, B, W1, W2 = (tensors[f"{m}.{part}"] for part in _PARTS)
-        checks = [  # (tensor, shape it must have, its spec, the config field a mismatch contradicts)
+        checks = [  # (tensor, its shape, the shape it needs, spec, the config field a mismatch contradicts)
             ("pblora_A", A.shape, (r1 + r2, A.shape[-1]), "[r1+r2, d_in]", "r1/r2"),
             ("pblora_B", B.shape, (B.shape[0], r1 + r2), "[d_out, r1+r2]", "r1/r2"),
             ("pblora_W1", W1.shape, (r1, r1), "[r1, r1]", "r1"),
@@ -263,8 +264,8 @@ def _check(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str)
 
 
 def load_pblora(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, config) of a :func:`save_pblora` directory; safetensors only. FileNotFoundError naming a missing
-    file, AdapterError naming the field when the config and the tensors disagree."""
+    """(tensors, config) of a :func:`save_pblora` directory; safetensors only. FileNotFoundError naming a
+    missing file, AdapterError naming the field when the config and the tensors disagree."""
     from safetensors.torch import load_file
 
     path = Path(directory).expanduser()

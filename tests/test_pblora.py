@@ -1,9 +1,10 @@
-"""PBLoRA (PARM's preference-aware bilinear LoRA): the layer against PARM's formula, files, and the identity that
-lets the per-row LoRA mixing engine serve PARM.
+"""PBLoRA (PARM's preference-aware bilinear LoRA): the layer against PARM's formula, files, and the identity
+that lets the per-row LoRA mixing engine serve PARM.
 
-Tolerance: as in test_lora_mix.py, both sides are float32 computations of the same function with sums in another
-order (s B (W A x) against the mixture of (A_k, B W_k) per row); measured differences are ~1e-5 on logits of size
-~10, so ATOL = 1e-4, and every identity test also checks that the PBLoRA changes the logits by far more.
+Tolerance: as in test_lora_mix.py, both sides are float32 computations of the same function with sums in
+another order (s B (W A x) against the mixture of (A_k, B W_k) per row); measured differences are ~1e-5 on
+logits of size ~10, so ATOL = 1e-4, and every identity test also checks that the PBLoRA changes the logits by
+far more.
 """
 
 from __future__ import annotations

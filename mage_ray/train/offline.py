@@ -340,11 +340,18 @@ def save_policy_artifact(
     *,
     summary: str = "",
     quiet: bool = False,
+    save_model: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``adapter/`` + ``manifest.json`` + ``metrics.jsonl`` to a temp dir, then publish it to
-    ``out_dir``; print ``<summary> -> <out_dir>`` unless ``quiet``; return the manifest."""
+    ``out_dir``; print ``<summary> -> <out_dir>`` unless ``quiet``; return the manifest.
+
+    ``save_model(tmp_dir)`` writes the model instead of ``peft_model.save_pretrained(<tmp_dir>/adapter)``
+    (PARM's PBLoRA, which is no PEFT model, writes ``pblora/``)."""
     with scratch_dir("mage-policy") as tmp:
-        peft_model.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
+        if save_model is None:
+            peft_model.save_pretrained(os.path.join(tmp, "adapter"), safe_serialization=True)
+        else:
+            save_model(str(tmp))
         Path(tmp, "metrics.jsonl").write_text(
             "".join(json.dumps({k: _jsonable(v) for k, v in h.items()}) + "\n" for h in history)
         )
