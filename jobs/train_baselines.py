@@ -1,6 +1,6 @@
-"""Train the paper's trained baselines: RiC, MODPO (one policy per grid preference) and WRPO backbones.
+"""Train the baselines (RiC, MODPO, WRPO backbones) and the decoding-time reward models of GenARM and PARM.
 
-All three learn from the base policy's scored rollouts and run as Ray Train runs; complete outputs are skipped,
+All of them learn from the base policy's scored rollouts and run as Ray Train runs; complete outputs are skipped,
 interrupted ones resume. The body, and what it writes, is in mage_ray/commands/train_baselines.py (also
 ``mage-ray train-baselines``).
 

@@ -138,6 +138,11 @@ def test_planned_stages_follow_the_methods(repo_root):
         smoke, ["eval.methods=[bs,mage-i]", "sweep.gamma_method=mage-i-m", "backbone.morlhf=true"]
     )
     assert planned_stages(cfg) == ["beta", "backbones", "alpha", "gamma", "morlhf", "evaluate"]
+    cfg = load_config(smoke, ["eval.methods=[bs,genarm,genarm-m,parm]", "sweep.gamma_method=mage-i-m"])
+    assert planned_stages(cfg) == [
+        *("beta", "backbones", "alpha", "gamma", "arms", "parm"),
+        *("gamma_genarm", "gamma_genarm-m", "gamma_parm", "evaluate"),
+    ]  # each ARM method tunes its own gamma = 1 / beta_r after its reward models are trained
 
 
 def test_stage_lines_say_where_the_run_is_and_what_is_left(tmp_path, repo_root, capsys):

@@ -1,13 +1,15 @@
-"""Train the paper's trained baselines: RiC, MODPO (one policy per grid preference) and WRPO backbones.
+"""Train the baselines (RiC, MODPO, WRPO backbones) and the decoding-time reward models of GenARM and PARM.
 
-All three learn from the base policy's scored rollouts (``<run_dir>/rollouts``, generated first when missing)
+All of them learn from the base policy's scored rollouts (``<run_dir>/rollouts``, generated first when missing)
 and run as Ray Train runs (``backbone.num_workers`` workers each; several runs at once as Tune trials):
 
     ric    Rewards-in-Context SFT (+ ``--rounds`` - 1 online rounds) -> <run_dir>/ric/
     modpo  one MODPO policy per eval.grid_step preference          -> <run_dir>/modpo/mu_<...>/
     wrpo   the n WRPO backbones of B(beta) from source models    -> <run_dir>/backbones/beta_<b>/b<i>/
+    arms   GenARM: one autoregressive reward model per objective -> <run_dir>/arms/<objective>/
+    parm   PARM: one preference-aware reward model (PBLoRA)      -> <run_dir>/parm/ (pblora/, not adapter/)
 
-Every output is ``adapter/`` + ``manifest.json`` + ``metrics.jsonl``; complete ones are skipped, interrupted
+Every output is ``adapter/`` (PARM: ``pblora/``) + ``manifest.json`` + ``metrics.jsonl``; complete ones are skipped, interrupted
 ones resume from their last Ray Train checkpoint. WRPO sources: ``--sources`` or ``backbone.wrpo_sources``
 (HF ids, model dirs, adapter dirs) plus complete non-WRPO backbones already under ``<run_dir>/backbones``.
 Steps (``backbone.steps``), beta (``backbone.beta``) and the MODPO grid (``eval.grid_step``) are config fields,
@@ -23,7 +25,7 @@ import time
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--which", choices=["ric", "modpo", "wrpo", "all"], default="all")
+    parser.add_argument("--which", choices=["ric", "modpo", "wrpo", "arms", "parm", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=1, help="RiC rounds (1 = offline only)")
     parser.add_argument(
         "--sources",
@@ -52,7 +54,7 @@ def run(args, cfg) -> None:
     from mage_ray.soup import preference_grid
     from mage_ray.train.preference_data import ensure_rollouts
 
-    which = ["ric", "modpo", "wrpo"] if args.which == "all" else [args.which]
+    which = ["ric", "modpo", "wrpo", "arms", "parm"] if args.which == "all" else [args.which]
     t0 = time.time()
     rollouts = ensure_rollouts(cfg)
     print(f"rollouts ready: {rollouts} ({time.time() - t0:.0f} s)")
@@ -68,6 +70,14 @@ def run(args, cfg) -> None:
             grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
             print(f"training {len(grid)} MODPO policies (grid step {cfg.eval.grid_step})")
             manifests = train_modpo_grid(cfg, grid, max_concurrent=args.max_concurrent)
+        elif method == "arms":
+            from mage_ray.train.arm import train_arms
+
+            manifests = train_arms(cfg, max_concurrent=args.max_concurrent)
+        elif method == "parm":
+            from mage_ray.train.parm import train_parm_ray
+
+            manifests = [train_parm_ray(cfg)]
         else:
             from mage_ray.train.wrpo import train_wrpo_backbones
 
