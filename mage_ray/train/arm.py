@@ -225,7 +225,6 @@ def train_arm(
         "objective": objective,
         "objective_index": i,
         "beta_r": beta_r,
-        "gamma_default": 1.0 / beta_r,
         "lora_r": cfg.arm.lora_r,
         "lora_alpha": cfg.arm.lora_alpha,
         "min_margin_std": cfg.arm.min_margin,

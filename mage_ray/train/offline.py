@@ -1,4 +1,4 @@
-"""The one offline training loop: every LoRA trainer on a fixed data set (value models, RiC, MODPO, WRPO).
+"""The one offline training loop: every LoRA trainer on a fixed data set (values, RiC, MODPO, WRPO, ARMs, PARM).
 
 A trainer is a plain function ``train_x(cfg, out_dir, *, ctx, ...) -> manifest`` driven by a
 :class:`~mage_ray.train.ray_shell.TrainContext` (rank, world size, device, DDP wrapper, step hook, resume

@@ -190,7 +190,6 @@ def train_parm(
         ),
         "adapter": "pblora",
         "beta_r": a.beta_r,
-        "gamma_default": 1.0 / a.beta_r,
         "r1": a.r1,
         "r2": a.r2,
         "pblora_alpha": a.pblora_alpha,
