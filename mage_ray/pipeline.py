@@ -37,6 +37,7 @@ from mage_ray.sweep import (
     STAGES,
     _beta_trial,
     _decode_trial,
+    arm_gamma_default,
     decide,
     run_tune_stage,
     short_steps,
@@ -304,10 +305,16 @@ def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: fl
     the gamma stage); a candidate replaces the default 1.0 only when it beats it beyond prompt noise."""
     chosen = {}
     for m in arm_methods(methods):
-        default = 1.0 if 1.0 in cfg.arm.gammas else float(cfg.arm.gammas[0])
         values = [float(g) for g in cfg.arm.gammas]
         rec = stage_decode_param(
-            cfg, f"gamma_{m}", bundle_dir, m, "decode.gamma", values, {"decode.alpha": alpha}, default
+            cfg,
+            f"gamma_{m}",
+            bundle_dir,
+            m,
+            "decode.gamma",
+            values,
+            {"decode.alpha": alpha},
+            arm_gamma_default(cfg),
         )
         chosen[m] = float(rec["best"]["decode.gamma"])
     return chosen
@@ -342,6 +349,9 @@ def run_pipeline(cfg: Config) -> dict:
             summary["method_gammas"] = gammas
             extra["method_gammas"] = gammas
             _bundle(cfg, bundle_dir, summary["beta"], bb, vals, summary["alpha"], summary["gamma"], extra)
+            records = {stage: stage_done(cfg, stage) for stage, _ in STAGES}
+            arm_records = {m: stage_done(cfg, f"gamma_{m}") for m in gammas}
+            write_sweep_report(cfg, summary, records, stage_done(cfg, "values"), arm_records)
     rec = stage_done(cfg, "evaluate")
     if rec and rec.get("methods") != methods:
         print(f"[pipeline] methods changed {rec.get('methods')} -> {methods}: evaluating again", flush=True)

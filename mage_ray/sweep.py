@@ -360,21 +360,39 @@ STAGES = (("beta", "backbone.beta"), ("alpha", "decode.alpha"), ("gamma", "decod
 """The sweep's stages and the config field each one decides."""
 
 
+def arm_gamma_default(cfg: Config) -> float:
+    """The gamma an ARM method keeps unless a candidate of ``arm.gammas`` beats it: 1.0 (the weight PARM's
+    evaluation code gives its reward model) when it is a candidate, else the first candidate."""
+    return 1.0 if 1.0 in cfg.arm.gammas else float(cfg.arm.gammas[0])
+
+
 def write_sweep_report(
-    cfg: Config, summary: dict, records: dict[str, dict | None], values: dict | None
+    cfg: Config,
+    summary: dict,
+    records: dict[str, dict | None],
+    values: dict | None,
+    method_records: dict[str, dict | None] | None = None,
 ) -> str:
     """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``.
 
-    ``records``: the stage records of ``beta``, ``alpha``, ``gamma``; ``values``: the value-model stage's record.
+    ``records``: the stage records of ``beta``, ``alpha``, ``gamma``; ``values``: the value-model stage's record;
+    ``method_records``: method -> the record of its own gamma stage (the ARM methods' ``gamma_<method>``).
     """
     out = Path(join(cfg.storage.run_dir, "report"))
     out.mkdir(parents=True, exist_ok=True)
     parts = [
         f"# Sweep report: {cfg.storage.run_name}\n",
-        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}.\n",
+        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}"
+        + "".join(f", gamma of {m} = {g}" for m, g in (summary.get("method_gammas") or {}).items())
+        + ".\n",
     ]
     defaults = {"beta": cfg.backbone.beta, "alpha": cfg.decode.alpha, "gamma": cfg.decode.gamma}
-    for stage, param in STAGES:
+    stages = [(stage, param, defaults[stage]) for stage, param in STAGES]
+    for m, rec in (method_records or {}).items():
+        if rec:
+            records = {**records, f"gamma_{m}": rec}
+            stages.append((f"gamma_{m}", "decode.gamma", arm_gamma_default(cfg)))
+    for stage, param, default in stages:
         rec = records.get(stage) or {}
         rows = rec.get("rows") or []
         parts.append(f"\n## {stage}" + (f" ({rec.get('method')})" if rec.get("method") else "") + "\n\n")
@@ -382,9 +400,7 @@ def write_sweep_report(
             parts.append(rows_markdown(rows, [param]))
             if rec.get("decision"):
                 parts.append("\n" + decision_text(param, rec["decision"]) + "\n")
-            plot_sweep(
-                rows, param, out / f"sweep_{stage}.png", default=defaults[stage], chosen=rec["best"][param]
-            )
+            plot_sweep(rows, param, out / f"sweep_{stage}.png", default=default, chosen=rec["best"][param])
             parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
         else:
             parts.append(f"single candidate: {rec.get('best')}\n")

@@ -58,8 +58,10 @@ def make_tiny_bundle(
     lora_std: float = 0.3,
     head_std: float = 0.1,
     seed: int = 0,
+    with_reward_models: bool = True,
 ) -> Path:
-    """Write ``n`` random backbones (+ ``n`` random value models) and a bundle; return the bundle dir.
+    """Write ``n`` random backbones (+ ``n`` random value models, + GenARM ARMs and a PARM PBLoRA with
+    ``with_reward_models``) and a bundle; return the bundle dir.
 
     ``model`` is a ModelConfig or a ``name_or_path`` (default the tiny random Llama; the embedded SmolLM2 works
     for benchmarks). The bundle lands in ``<tmp_dir>/bundle``; its default method is mage-e-m with values and
@@ -113,6 +115,25 @@ def make_tiny_bundle(
                 torch.randn(V, generator=g) * head_std,
             )
             values.append(d)
+    arms, parm = [], None
+    if (
+        with_reward_models
+    ):  # GenARM: one random LoRA per objective; PARM: a PBLoRA with random B (PARM inits 0)
+        from mage_ray.pblora import apply_pblora, pblora_modules, save_pblora
+
+        for i, o in enumerate(objectives):
+            d = tmp / "artifacts" / f"arm{i}"
+            _save_lora(policy, d, seed + 50 + i, r, targets, lora_std, {"kind": "arm", "objective": o})
+            arms.append(d)
+        pb = copy.deepcopy(policy)
+        torch.manual_seed(seed + 60)
+        apply_pblora(pb, list(targets), r1=r, r2=r, n=n, alpha=2.0 * r)
+        with torch.no_grad():
+            for layer in pblora_modules(pb).values():
+                layer.pblora_B.normal_(0.0, lora_std)
+        parm = tmp / "artifacts" / "parm"
+        save_pblora(pb, str(parm / "pblora"), objectives=objectives, base_model=mcfg.name_or_path)
+        write_manifest(parm, {"kind": "parm", "objectives": list(objectives), "complete": True})
     bundle = build_bundle(
         tmp / "bundle",
         model=mcfg,
@@ -120,6 +141,8 @@ def make_tiny_bundle(
         beta=beta,
         backbones=backbones,
         values=values,
+        arms=arms,
+        parm=parm,
         gamma=gamma,
         default_method=default_method or ("mage-e-m" if with_values else "bs"),
         created_by="tests/bundle_factory.py",

@@ -490,6 +490,41 @@ def test_openai_models_usage_and_model_names(server):
     assert e.value.code == "unsupported_parameter" and e.value.param == "n"
 
 
+def test_reward_model_methods_through_every_api(server, bundle):
+    """genarm / genarm-m / parm (the tiny bundle carries two ARMs and a PBLoRA) are listed, decode through
+    /v1/generate exactly as the in-process engine does, answer the OpenAI API (method in ``mage``) and grids;
+    a PARM request whose preference has the wrong length is a 400 naming ``preference``."""
+    import openai
+
+    from mage_ray.bundle import load_bundle
+    from mage_ray.decode import Engine, Request
+
+    info = requests.get(server.url + "/v1/objectives", headers=server.auth, timeout=30).json()
+    assert {"genarm", "genarm-m", "parm"} <= set(info["methods"])
+    engine = Engine(load_bundle(bundle))
+    for method in ("genarm", "genarm-m", "parm"):
+        body = {"prompt": "Tell me about the sea", "preference": [0.3, 0.7], "max_tokens": 6, "gamma": 1.5}
+        got = _post(server, "/v1/generate", {**body, "method": method})
+        assert got.status_code == 200, got.text
+        want = engine.generate(
+            [Request(body["prompt"], [0.3, 0.7], method=method, gamma=1.5, max_new_tokens=6)]
+        )
+        assert got.json()["text"] == want[0].text and got.json()["method"] == method
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0)
+    out = client.chat.completions.create(
+        model="mage",
+        messages=[{"role": "user", "content": "Say hello"}],
+        max_tokens=5,
+        extra_body={"preference": [0.8, 0.2], "mage": {"method": "parm", "gamma": 0.5}},
+    )
+    assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens <= 5
+    grid = {"prompts": ["Hi"], "preferences": {"n_objectives": 2, "step": 0.5}, "max_tokens": 3}
+    r = _post(server, "/v1/grid", {**grid, "method": "genarm"})
+    assert r.status_code == 200 and len(r.json()["points"]) == 3
+    r = _post(server, "/v1/generate", {"prompt": "Hi", "preference": [0.2, 0.3, 0.5], "method": "parm"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "preference"
+
+
 def test_client_hanging_up_mid_body_leaves_no_traceback(server):
     """A client that sends half its body and closes: the replica logs no traceback ("Future exception was never
     retrieved") and keeps serving."""
