@@ -189,6 +189,10 @@ def test_reward_models_round_trip_and_are_checked_against_the_objectives(tmp_pat
     b = _build(root, {**src, **_reward_models(tmp_path / "rm")}, method_gammas={"genarm": 2.0, "parm": 0.5})
     assert b.arms == ["arms/0_arm_a", "arms/1_arm_b"] and b.parm == "parm/0_parm"
     assert load_bundle(root).method_gammas == {"genarm": 2.0, "parm": 0.5}
+    (root / "arms" / "1_arm_b" / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"'arms\[1\]'.*1_arm_b/adapter.*adapter_model.safetensors"):
+        load_bundle(root)
+    b = _build(root, {**src, **_reward_models(tmp_path / "rm1")})
     (root / "parm" / "0_parm" / "pblora" / "pblora.safetensors").unlink()
     with pytest.raises(BundleError, match=r"'parm'.*missing pblora/pblora.safetensors"):
         load_bundle(root)
