@@ -24,6 +24,12 @@ def _load(rel: str) -> Any:
     return yaml.safe_load((REPO / rel).read_text())
 
 
+def _deployments(app: dict) -> dict[str, dict]:
+    """A Serve config application's deployment overrides by name (Serve matches them to the app's deployments by
+    name, not by position)."""
+    return {d["name"]: d for d in app["deployments"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Cluster launcher (ray up)
 
@@ -98,7 +104,7 @@ def test_gpu_cluster_fits_the_paper_config():
         )
         == n
     )
-    dep = _load("cluster/serve.yaml")["applications"][0]["deployments"][0]
+    dep = _deployments(_load("cluster/serve.yaml")["applications"][0])["MageEngine"]
     opts = dep["ray_actor_options"]
     serve_nodes = [types["gpu_serve"]["resources"]] * types["gpu_serve"]["max_workers"]
     replicas = dep["autoscaling_config"]["max_replicas"]
@@ -269,7 +275,7 @@ def test_kuberay_rayservice():
     _validate_serve_config(yaml.safe_load(spec["serveConfigV2"]))
     # Its GPU group holds the Serve replicas at max_replicas.
     serve = yaml.safe_load(spec["serveConfigV2"])
-    dep = serve["applications"][0]["deployments"][0]
+    dep = _deployments(serve["applications"][0])["MageEngine"]
     groups = {g["groupName"]: g for g in spec["rayClusterConfig"]["workerGroupSpecs"]}
     nodes = [_pod_resources(groups["gpu-serve"])] * groups["gpu-serve"]["maxReplicas"]
     replica = {"CPU": dep["ray_actor_options"]["num_cpus"], "GPU": dep["ray_actor_options"]["num_gpus"]}
@@ -325,11 +331,19 @@ def _validate_serve_config(doc: dict) -> Any:
     assert {"bundle", "config"} <= set(app["args"]) <= {"bundle", "config", "overrides"}
     assert (REPO / app["args"]["config"]).is_file()
     hh = load_config(REPO / app["args"]["config"])
-    dep, ingress = app["deployments"]
-    assert (dep["name"], ingress["name"]) == ("MageEngine", "MageIngress")
+    deps = _deployments(app)
+    assert len(deps) == len(app["deployments"]) and set(deps) == {"MageEngine", "MageIngress"}
+    dep, ingress = deps["MageEngine"], deps["MageIngress"]
     # Serve's default max_ongoing_requests (5) would starve batching: it must exceed the batch size.
     assert dep["max_ongoing_requests"] > hh.serve.max_batch_size
     assert dep["ray_actor_options"]["num_gpus"] >= 1
+    # The engine's overrides say what the config's serve section gives the code (engine_options), so a run
+    # without this file (jobs/serve.py --config ...) gets the same replicas.
+    from mage_ray.serve.engine import engine_options
+
+    code = engine_options(hh)
+    assert dep["ray_actor_options"] == code["ray_actor_options"]
+    assert dep["max_ongoing_requests"] == code["max_ongoing_requests"]
     # The ingress holds one request per engine request: it must let as many through, and scale as far.
     assert ingress["max_ongoing_requests"] >= dep["max_ongoing_requests"]
     assert ingress["autoscaling_config"] == dep["autoscaling_config"]
@@ -357,24 +371,36 @@ def test_serve_schema_check_catches_typos():
     ]
 
 
-def test_serve_import_path_and_deployment_name_resolve():
-    """The import path in serve.yaml names the app builder, and its deployment overrides name the app's
-    deployments, the engine first (Serve rejects overrides of deployments that do not exist)."""
+def test_serve_import_path_and_deployment_names_resolve(tmp_path_factory, repo_root):
+    """The import path in serve.yaml names the app builder, and its deployment overrides name exactly the
+    deployments of the app that builder returns (Serve rejects overrides of deployments that do not exist): the
+    ingress MageIngress (no CPU reserved), bound to the engine MageEngine (the config's serve resources)."""
+    from bundle_factory import cached_tiny_bundle
     from ray.serve._private.utils import import_attr
 
     from mage_ray.serve import app as serve_app
 
     app = _load("cluster/serve.yaml")["applications"][0]
     assert import_attr(app["import_path"]) is serve_app.build_app
-    assert [d["name"] for d in app["deployments"]] == [serve_app.MageEngine.name, serve_app.MageIngress.name]
+    built = serve_app.build_app(
+        {"bundle": str(cached_tiny_bundle(tmp_path_factory)), "config": str(repo_root / "configs/smoke.yaml")}
+    )
+    ingress = built._bound_deployment  # Serve keeps an Application's deployment here (no public accessor)
+    (engine_app,) = [a for a in ingress.init_args if isinstance(a, type(built))]
+    engine = engine_app._bound_deployment
+    assert (ingress.name, engine.name) == ("MageIngress", "MageEngine")
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    smoke = load_config(repo_root / "configs/smoke.yaml")
+    assert engine.ray_actor_options["num_cpus"] == smoke.serve.num_cpus
+    assert set(_deployments(app)) == {ingress.name, engine.name}
 
 
 @pytest.mark.slow
 def test_serve_yaml_deploys_the_app(tmp_path):
     """Deploy cluster/serve.yaml through Serve's config path (as `serve deploy` does) on a local Ray, with
-    only what a laptop lacks swapped: a tiny bundle, configs/smoke.yaml, no GPU, one replica, a free port.
+    only what a laptop lacks swapped: a tiny bundle, configs/smoke.yaml, no GPU, one replica each, a free port.
     The deployment overrides (name, autoscaling_config, max_ongoing_requests, ray_actor_options) must be
-    accepted and the app must answer GET /v1/objectives."""
+    accepted, reach the deployment they name, and the app must answer GET /v1/objectives."""
     import json
     import socket
     import subprocess
@@ -393,10 +419,10 @@ def test_serve_yaml_deploys_the_app(tmp_path):
         "config": "configs/smoke.yaml",
         "overrides": ["task.objectives=conciseness,readability"],
     }
-    dep = app["deployments"][0]
-    dep["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0}
-    dep["autoscaling_config"]["max_replicas"] = 1
-    app["deployments"][1]["autoscaling_config"]["max_replicas"] = 1
+    deps = _deployments(app)
+    deps["MageEngine"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0}
+    for d in deps.values():
+        d["autoscaling_config"]["max_replicas"] = 1
     doc["http_options"]["port"] = port
     cfg_file = tmp_path / "serve.json"
     cfg_file.write_text(json.dumps(doc))
@@ -419,6 +445,14 @@ try:
     if st and st.status == "RUNNING":
         body = urllib.request.urlopen("http://127.0.0.1:{port}/v1/objectives", timeout=60).read()
         print("OBJECTIVES", json.loads(body)["objectives"])
+        print("DEPLOYMENTS", sorted(st.deployments))
+        t = time.time()  # the replicas' reservations reach available_resources() within a resource report
+        while True:
+            used = ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0)
+            if used == 0.5 or time.time() - t > 60:
+                break
+            time.sleep(0.5)
+        print("USED_CPU", used)
 finally:
     serve.shutdown()
     ray.shutdown()
@@ -431,6 +465,11 @@ finally:
     out = proc.stdout
     assert "STATUS ApplicationStatus.RUNNING" in out, out[-2000:] + proc.stderr[-3000:]
     assert "OBJECTIVES ['conciseness', 'readability']" in out
+    # Each override reached its deployment: the engine reserves the 0.5 CPU given here (smoke's code default is
+    # 1), the ingress none (the code's default, which serve.yaml leaves alone); Serve's controller and proxy
+    # reserve none either.
+    assert "DEPLOYMENTS ['MageEngine', 'MageIngress']" in out
+    assert "USED_CPU 0.5" in out, out[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

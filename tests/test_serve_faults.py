@@ -63,6 +63,35 @@ def test_ticket_next_batch_takes_what_is_queued_up_to_the_final_event():
     assert [e.delta for e in batch] == ["a", "b", "c", ""] and batch[-1].finished and left == 1
 
 
+@pytest.mark.parametrize("hang_up", ["ClientDisconnect", "TaskCancelledError"])
+def test_read_body_turns_a_client_hang_up_into_a_400(hang_up):
+    """Half a body, then the client is gone, as Serve's ``receive()`` reports it: an ``http.disconnect`` message
+    (Starlette raises ClientDisconnect) or a raised ``TaskCancelledError`` (Serve cancelled the request and with it
+    the call that fetches the body). Either way read_body raises ApiError 400 on ``body``, so the route returns
+    normally and no exception is left for Serve to drop unread
+    (test_serve.py::test_client_hanging_up_mid_body_leaves_no_traceback)."""
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+    from starlette.requests import Request
+
+    from mage_ray.serve.limits import read_body
+
+    msgs = [{"type": "http.request", "body": b'{"prompt": "Hel', "more_body": True}]
+
+    async def receive():
+        if msgs:
+            return msgs.pop(0)
+        if hang_up == "TaskCancelledError":
+            raise TaskCancelledError()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-length", b"500")]}
+    with pytest.raises(ApiError) as e:
+        asyncio.run(read_body(Request(scope, receive), limit=1000))
+    assert (e.value.status, e.value.field) == (400, "body")
+
+
 # ----- the live app -----
 
 

@@ -83,7 +83,6 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.requests import ClientDisconnect
 
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, config_from_dict, load_config
@@ -91,6 +90,7 @@ from mage_ray.decode import Completion, Request, TokenEvent
 from mage_ray.serve import responses as R
 from mage_ray.serve import schema as S
 from mage_ray.serve.engine import EngineFacts, MageEngine, engine_options
+from mage_ray.serve.limits import read_body
 from mage_ray.serve.playground import front_json
 from mage_ray.serve.playground import router as playground_router
 from mage_ray.serve.ticket import error_event
@@ -110,32 +110,6 @@ api.include_router(playground_router)  # the page at / and /playground (no auth:
 async def _api_error(_request: HttpRequest, err: S.ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(S.error_body(err), status_code=err.status, headers=headers)
-
-
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request body, refused with 413 once the Content-Length header or the received bytes pass ``limit``."""
-    cl = request.headers.get("content-length")
-    if cl is not None:
-        if not cl.strip().isdigit():
-            raise S.ApiError(400, f"Content-Length {cl!r} is not a byte count", "Content-Length")
-        if int(cl) > limit:
-            raise S.ApiError(
-                413,
-                f"request body of {int(cl)} bytes exceeds serve.max_body_bytes = {limit}",
-                "body",
-                "request_too_large",
-            )
-    buf = bytearray()
-    try:
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise S.ApiError(
-                    413, f"request body exceeds serve.max_body_bytes = {limit}", "body", "request_too_large"
-                )
-    except ClientDisconnect:  # the client hung up mid-body: answer no one, log no traceback
-        raise S.ApiError(400, "the client disconnected before sending the whole body", "body") from None
-    return bytes(buf)
 
 
 LOST = "the engine replica is unavailable"
