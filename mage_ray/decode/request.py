@@ -283,7 +283,9 @@ def decode_defaults(cfg, bundle: Bundle, overrides: Sequence[str] = ()) -> Decod
     """The decode defaults for a bundle: ``cfg.decode`` with the bundle's method, gamma, alpha, method_gammas.
 
     The sweep chose the bundle's method / gamma / alpha / per-method gammas, so they win over the YAML config; a
-    command-line override (``decode.gamma=2``, ``decode.method_gammas={genarm: 2}``) wins over the bundle. Serving, grids and evaluation all decode with these.
+    command-line override (``decode.gamma=2``, ``decode.method_gammas={genarm: 2}``) wins over the bundle; a
+    method in ``method_gammas`` keeps its own gamma whatever ``decode.gamma`` says. Serving, grids and evaluation
+    all decode with these.
     """
     given = {o.split("=", 1)[0].strip() for o in overrides}
     d = cfg.decode
