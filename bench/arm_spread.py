@@ -49,7 +49,8 @@ def main() -> None:
         from mage_ray.train.parm import train_parm
 
         cfg = load_config(args.config, [f"arm.learning_rate={args.retrain_parm}"])
-        out = tempfile.mkdtemp(prefix="arm_spread-")
+        tmp = tempfile.TemporaryDirectory(prefix="arm_spread-")  # removed when the script ends
+        out = tmp.name + "/parm"
         t0 = time.time()
         m = train_parm(cfg, out, rollouts_path=args.rollouts)
         losses = m["loss_by_step"]
