@@ -21,6 +21,7 @@ Stages (MAGE Sec 5.2):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -322,7 +323,7 @@ def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: fl
 
 def run_pipeline(cfg: Config) -> dict:
     """The whole chain + the evaluation report on the test prompts (``<run_dir>/report``)."""
-    from mage_ray.bundle import load_bundle
+    from mage_ray.bundle import load_bundle, save_bundle
     from mage_ray.decode import Engine, decode_defaults
     from mage_ray.evaluate import evaluate, reference_point
     from mage_ray.soup import preference_grid
@@ -347,8 +348,8 @@ def run_pipeline(cfg: Config) -> dict:
         if arm_methods(methods):  # then each ARM method's own gamma, on that bundle
             gammas = stage_arm_gammas(cfg, bundle_dir, methods, summary["alpha"])
             summary["method_gammas"] = gammas
-            extra["method_gammas"] = gammas
-            _bundle(cfg, bundle_dir, summary["beta"], bb, vals, summary["alpha"], summary["gamma"], extra)
+            # only bundle.json changes: rewrite it (validated, atomically) instead of copying every adapter again
+            save_bundle(dataclasses.replace(load_bundle(bundle_dir), method_gammas=gammas))
             records = {stage: stage_done(cfg, stage) for stage, _ in STAGES}
             arm_records = {m: stage_done(cfg, f"gamma_{m}") for m in gammas}
             write_sweep_report(cfg, summary, records, stage_done(cfg, "values"), arm_records)
