@@ -15,7 +15,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle directory (from the sweep)")
     parser.add_argument("--out", default=None, help="report directory (default <run_dir>/eval)")
     parser.add_argument("--split", default="test", choices=["test", "validation"])
-    parser.set_defaults(checks=("bundle", "bundle_objectives", "storage", "data", "model", "objectives"))
+    parser.set_defaults(
+        checks=("bundle", "bundle_objectives", "storage", "data", "model", "objectives", "memory"),
+        plan_stages=("evaluate",),
+    )
 
 
 def run(args, cfg) -> None:

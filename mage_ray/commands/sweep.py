@@ -12,6 +12,9 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     """No flags of its own: config fields are ``key=value`` overrides."""
+    parser.set_defaults(
+        plan_stages=("beta", "backbones", "rollouts", "values", "alpha", "gamma")
+    )  # memory check
 
 
 def run(args, cfg) -> None:
