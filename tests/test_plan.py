@@ -337,3 +337,11 @@ def test_fit_steps_micro_batches_give_the_one_batch_gradient():
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], rel=1e-5)
     assert h2[0]["n"] == pytest.approx(2 * 2 / 5 + 2 * 2 / 5 + 1 * 1 / 5)  # sum of share x chunk size
     assert math.isclose(h1[0]["n"], 5.0)
+
+
+def test_vllm_is_the_gpu_extra_and_in_the_image():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("vllm") for req in extras["gpu"])
+    assert "pip install --no-cache-dir -e '.[gpu]'" in (REPO / "cluster" / "Dockerfile").read_text()

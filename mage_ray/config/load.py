@@ -8,18 +8,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import yaml
+
 from mage_ray.config.checks import ConfigError, _fail
 from mage_ray.config.sections import Config
 
 __all__ = ["add_config_args", "config_from_dict", "load_config", "save_config"]
-
-
-def _yaml():
-    """PyYAML, imported on first use: the decode engine imports this package (for its config sections) on machines
-    that may lack PyYAML (bench/gpu_check.py)."""
-    import yaml
-
-    return yaml
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -35,16 +29,14 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     if origin in (list,):
         if isinstance(value, str):
             value = (
-                _yaml().safe_load(value)
-                if value.strip().startswith("[")
-                else [v for v in value.split(",") if v]
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
             )
         if not isinstance(value, list):
             _fail(name, value, "a list")
         return [_coerce(f"{name}[]", v, args[0]) for v in value] if args else value
     if origin is dict:
         if isinstance(value, str):
-            value = _yaml().safe_load(value)
+            value = yaml.safe_load(value)
         if not isinstance(value, dict):
             _fail(name, value, "a mapping")
         return value
@@ -101,7 +93,7 @@ def _set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-    node[parts[-1]] = _yaml().safe_load(raw) if raw != "" else ""
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None) -> Config:
@@ -122,7 +114,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Load YAML (or defaults when ``path`` is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        yaml = _yaml()
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found (shipped configs: configs/*.yaml)")
@@ -159,7 +150,7 @@ def _cross_validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML (the exact config a run used, for its manifest)."""
-    Path(path).write_text(_yaml().safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def add_config_args(parser) -> None:
