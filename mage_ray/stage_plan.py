@@ -67,6 +67,7 @@ ASSUMED = {
     "hbm_util": 0.6,  # share of the bandwidth a decode step reaches
     "hf_generate_step_s": 0.030,  # floor of one transformers generate step (kernel launches, 7B, batch <= 64)
     "engine_step_s": 0.040,  # floor of one mage_ray decode-engine step (per-row LoRA mixing, Python per token)
+    "vllm_sync_s": 1.0,  # TRL pushing the merged policy into vLLM once per step
 }
 """The time model when no measured step time is given: training steps at ``mfu`` of ``peak_flops`` (2 FLOP per
 parameter and token forward, 2 backward for the inputs, 2 more to recompute with checkpointing, 2 for GRPO's
@@ -325,8 +326,22 @@ def _grpo_row(c: _Ctx, stage: str, runs: int, steps: float) -> StageRow:
         notes.append("vLLM sleeps (level 2: weights and cache released) outside generation")
         if not total:
             notes.append("vLLM's share unknown without plan.gpu_memory_gib")
+        else:  # vLLM holds its own copy of the weights in its share; the rest is its KV cache (paged)
+            room, need = (
+                b.vllm_gpu_memory_utilization * total - c.weights,
+                kv_cache_bytes(c.shape, per_step, tokens, c.act),
+            )
+            notes.append(
+                f"vLLM's KV cache room {gib(max(room, 0)):.1f} GiB for the step's {gib(need):.1f} GiB"
+                + (
+                    ""
+                    if room >= need
+                    else ": fewer sequences at once (slower), raise backbone.vllm_gpu_memory_utilization"
+                )
+            )
     elif b.generation == "vllm":
-        gen, _ = [], notes.append(f"vLLM server at {b.vllm_server_url} on its own GPUs (not counted here)")
+        gen = []
+        notes.append(f"vLLM server at {b.vllm_server_url} on its own GPUs (not counted here)")
     else:
         gen = [
             Term(
@@ -374,6 +389,7 @@ def _grpo_row(c: _Ctx, stage: str, runs: int, steps: float) -> StageRow:
     vllm = b.generation == "vllm"
     floor = 0.0 if vllm else ASSUMED["hf_generate_step_s"]
     gen_s = comp * _decode_step_s(c.weights, kv_cache_bytes(c.shape, per_step, tokens, c.act) / 2, floor)
+    gen_s += ASSUMED["vllm_sync_s"] if vllm else 0.0
     k = (
         6 + (2 if ckpt else 0) + (2 if vllm else 0)
     )  # fwd, bwd, reference fwd, recompute, old log-probs (vLLM IS)

@@ -70,7 +70,7 @@ def table(plan, cfg, suggestions: dict[str, int | None]) -> str:
         if fits is False:
             best = suggestions.get(row.stage)
             lower = row.knob + (f" (<= {best})" if best else "")
-        time = f"{row.steps:g} x {row.step_s:.2f} s ({row.time_source})" if row.steps else ""
+        time = f"{row.steps:g} x {row.step_s:.2f} s ({row.time_source})" if row.steps and row.gpu else ""
         lines.append(
             f"| {row.stage} | {row.worker} | {row.gpus:g} | {gib(row.per_gpu):.1f} | {_terms(row)} | {mark} | "
             f"{lower} | {time} | {row.gpu_hours:.1f} |"
