@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mage_ray.config import load_config
-from mage_ray.memory_plan import GIB, KNOWN_SHAPES, kv_bytes_per_token, prefill_bytes
+from mage_ray.memory_plan import KNOWN_SHAPES, kv_bytes_per_token, prefill_bytes
 from mage_ray.preflight import PreflightError, check
 from mage_ray.stage_plan import (
     largest_fitting,
@@ -301,12 +301,22 @@ def test_rollout_chunk_is_what_fits_the_budget():
     assert rollout_prompts_per_call(cfg, s, weights + 100 * 3 * per_seq) == 16  # never above the batch
 
 
-def test_value_micro_batch_shrinks_with_the_budget():
+def test_value_micro_batch_is_what_fits_beside_the_weights_and_state():
+    """Budget = weights + LoRA and head state (AdamW) + k sequences' activations and head gather -> k sequences;
+    no budget (CPU) -> the worker's share of value.batch_size."""
+    from mage_ray.memory_plan import activation_bytes, adamw_bytes, lora_params
+
     cfg = load_config(SMOKE, ["value.batch_size=8", "value.num_workers=2"])
     s = KNOWN_SHAPES["tiny-random"]
+    tokens = cfg.task.max_prompt_tokens + cfg.value.rollout_max_tokens
+    one = activation_bytes(s, tokens, checkpointing=True, act_bytes=4, lora_r=4, targets=["q_proj", "v_proj"],
+                           lora_in_bytes=4)["peak"] + tokens * s.hidden * 12  # fmt: skip
+    fixed = s.params * 4 + adamw_bytes(lora_params(s, 4, ["q_proj", "v_proj"]), 0)
+    fixed += adamw_bytes(s.vocab * s.hidden + s.vocab, 2)
     assert value_micro_batch(cfg, s, None) == 4  # a worker's share of the batch, no budget
-    sizes = [value_micro_batch(cfg, s, b * GIB) for b in (0.001, 0.05, 0.1, 10)]
-    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 4
+    for k in (1, 2, 3):
+        assert value_micro_batch(cfg, s, fixed + k * one + 1) == k
+    assert value_micro_batch(cfg, s, fixed + 10 * one) == 4
 
 
 def test_fit_steps_micro_batches_give_the_one_batch_gradient():
