@@ -399,10 +399,20 @@ def _grpo_row(c: _Ctx, stage: str, runs: int, steps: float) -> StageRow:
 
 
 def _offline_row(
-    c: _Ctx, stage: str, worker: str, *, runs: int, steps: float, seqs: int, trainable: Term, knob: str
+    c: _Ctx,
+    stage: str,
+    worker: str,
+    *,
+    runs: int,
+    steps: float,
+    seqs: int,
+    trainable: Term,
+    knob: str,
+    r: int,
 ) -> StageRow:
     """An offline LoRA trainer's worker (:mod:`mage_ray.train.offline`: no autocast, float32 LoRA inputs):
-    ``seqs`` sequences of prompt + rollout tokens per step and rank, log-probs over the response positions."""
+    ``seqs`` sequences of prompt + rollout tokens per step and rank, log-probs over the response positions; ``r``:
+    the adapter's rank (PBLoRA: r1 + r2)."""
     b = c.cfg.backbone
     gpu = b.use_gpu
     resp = c.cfg.value.rollout_max_tokens
@@ -413,7 +423,7 @@ def _offline_row(
         seqs * tokens,
         checkpointing=ckpt,
         act_bytes=c.act,
-        lora_r=c.cfg.arm.lora_r,
+        lora_r=r,
         targets=c.targets,
         lora_in_bytes=4,
         dropout=c.cfg.lora.dropout > 0,
@@ -694,76 +704,30 @@ def plan_config(cfg: Config, measured: dict[str, float] | None = None, also: Ite
     arm_steps = cfg.arm.steps or cfg.value.steps
     pairs = math.ceil((cfg.arm.batch_size or cfg.value.batch_size) / b.num_workers)
     per_step = math.ceil(b.prompts_per_step * b.num_generations / b.num_workers)
-    lora = c.lora_state(cfg.lora.r)
-    if "ric" in needed:
-        rows.append(
-            _offline_row(
-                c,
-                "ric",
-                "RiC worker",
-                runs=1,
-                steps=b.steps,
-                seqs=per_step,
-                trainable=lora,
-                knob="backbone.prompts_per_step",
+    p = pblora_params(shape, cfg.arm.r1, cfg.arm.r2, n, c.targets)
+    pb = Term(
+        "PBLoRA + AdamW", adamw_bytes(p, 4 * len(set(c.targets)) * shape.layers), f"{p / 1e6:.2f}M params"
+    )
+    lora, arm, r, per = (
+        c.lora_state(cfg.lora.r),
+        c.lora_state(cfg.arm.lora_r),
+        cfg.lora.r,
+        "backbone.prompts_per_step",
+    )
+    offline = [  # stage, worker, concurrent runs, steps, sequences per rank and step, trainable state, rank, knob
+        ("ric", "RiC worker", 1, b.steps, per_step, lora, r, per),
+        ("modpo", "MODPO worker", eval_grid, b.steps, 2 * per_step, lora, r, per),  # chosen, rejected
+        ("wrpo", "WRPO worker", n, b.steps, 3 * per_step, lora, r, per),  # source, chosen, rejected
+        ("arms", "GenARM ARM worker", n, arm_steps, 2 * pairs, arm, cfg.arm.lora_r, "arm.batch_size"),
+        ("parm", "PARM worker", 1, arm_steps, 2 * n * pairs, pb, cfg.arm.r1 + cfg.arm.r2, "arm.batch_size"),
+    ]
+    for stage, worker, runs, steps, seqs, state, rank, knob in offline:
+        if stage in needed:
+            rows.append(
+                _offline_row(
+                    c, stage, worker, runs=runs, steps=steps, seqs=seqs, trainable=state, knob=knob, r=rank
+                )
             )
-        )
-    if "modpo" in needed:
-        rows.append(
-            _offline_row(
-                c,
-                "modpo",
-                "MODPO worker",
-                runs=eval_grid,
-                steps=b.steps,
-                seqs=2 * per_step,
-                trainable=lora,
-                knob="backbone.prompts_per_step",
-            )
-        )
-    if "wrpo" in needed:
-        rows.append(
-            _offline_row(
-                c,
-                "wrpo",
-                "WRPO worker",
-                runs=n,
-                steps=b.steps,
-                seqs=3 * per_step,
-                trainable=lora,
-                knob="backbone.prompts_per_step",
-            )
-        )
-    if "arms" in needed:
-        rows.append(
-            _offline_row(
-                c,
-                "arms",
-                "GenARM ARM worker",
-                runs=n,
-                steps=arm_steps,
-                seqs=2 * pairs,
-                trainable=c.lora_state(cfg.arm.lora_r),
-                knob="arm.batch_size",
-            )
-        )
-    if "parm" in needed:
-        p = pblora_params(shape, cfg.arm.r1, cfg.arm.r2, n, c.targets)
-        pb = Term(
-            "PBLoRA + AdamW", adamw_bytes(p, 4 * len(set(c.targets)) * shape.layers), f"{p / 1e6:.2f}M params"
-        )
-        rows.append(
-            _offline_row(
-                c,
-                "parm",
-                "PARM worker",
-                runs=1,
-                steps=arm_steps,
-                seqs=2 * n * pairs,
-                trainable=pb,
-                knob="arm.batch_size",
-            )
-        )
     for m in methods:
         if REGISTRY[m].family == "arm":
             rows.append(
