@@ -44,6 +44,7 @@ sys.path.insert(
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 METHODS = ("base", "bs", "mage-e-m", "mage-i-m", "genarm", "parm")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -281,7 +282,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "dry_run": args.dry_run,
         "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        "transformers": transformers.__version__,
         "model": {**shape, "dtype": dtype_name},
         "prompt_tokens": size["prompt"],
         "new_tokens": size["new"],

@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mage_ray.config import Config
 from mage_ray.guidance import REGISTRY, AdapterLayout, PlanArgs, groups_for, method_spec, stages_for
 from mage_ray.memory_plan import (
@@ -537,6 +539,7 @@ def _rollout_rows(c: _Ctx) -> list[StageRow]:
             0.5 if on_gpu else 0.0,
             1,
             rewards,
+            # float32 activations of a scoring batch: 64 texts x 1024 tokens x 12 h (an allowance)
             [Term("activations", 64 * 1024 * max(_rm_hidden(c.cfg)) * 4 * 12, "64 x 1024 tokens")],
             "scoring",
             "task.reward_device",
@@ -547,6 +550,7 @@ def _rollout_rows(c: _Ctx) -> list[StageRow]:
 
 
 def _rm_hidden(cfg: Config) -> list[int]:
+    """Hidden sizes of the table's reward models among the objectives (0 when none)."""
     out = [0]
     for o in cfg.task.objectives:
         rm = reward_model_params(o)
@@ -556,11 +560,15 @@ def _rm_hidden(cfg: Config) -> list[int]:
 
 
 def method_rows(method: str, n: int) -> int:
-    """Batch rows one request of ``method`` takes (its plan before rows are merged): a synthetic bundle layout
-    with every adapter group, built by the method's own registry entry."""
-    mu = tuple([1.0 / n] * n)
+    """Batch rows one request of ``method`` takes (its plan before identical rows are merged): the method's own
+    registry entry built on a synthetic layout holding every adapter group, at the uniform preference."""
+    mu = np.full(n, 1.0 / n)
     cols = iter(range(10_000))
-    group = lambda k: tuple(next(cols) for _ in range(k))  # noqa: E731
+
+    def group(k: int) -> tuple[int, ...]:
+        return tuple(next(cols) for _ in range(k))
+
+    point = ((tuple(mu), 0),)  # the grid adapters (morlhf, modpo) at this preference
     layout = AdapterLayout(
         k=10_000,
         n=n,
@@ -569,14 +577,14 @@ def method_rows(method: str, n: int) -> int:
         rs_backbones=group(n),
         wrpo_backbones=group(n),
         values=group(n),
-        morlhf=((mu, next(cols)),),
-        modpo=((mu, next(cols)),),
+        morlhf=point,
+        modpo=point,
         ric=next(cols),
         ric_info={"objectives": [f"o{i}" for i in range(n)], "score_low": [0.0] * n, "score_high": [1.0] * n},
         arms=group(n),
         parm=group(n + 1),
     )
-    return len(method_spec(method).build(layout, __import__("numpy").asarray(mu), PlanArgs(prompt="x")).rows)
+    return len(method_spec(method).build(layout, mu, PlanArgs(prompt="x")).rows)
 
 
 def _engine_adapters(c: _Ctx, methods: list[str]) -> tuple[int, list[Term]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import types
@@ -177,7 +178,7 @@ def test_vllm_without_the_package_is_one_error_line_before_ray():
         [sys.executable, "-m", "mage_ray.cli", "train-backbones", "--config", SMOKE, "backbone.use_gpu=true",
          "backbone.generation=vllm"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
-        env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
