@@ -27,6 +27,7 @@ from mage_ray.commands import (
     export,
     grid,
     pipeline,
+    rehearse,
     rollouts,
     run_command,
     serve,
@@ -51,6 +52,7 @@ COMMANDS = {
     "grid": grid,
     "serve": serve,
     "export": export,
+    "rehearse": rehearse,
     "doctor": doctor,
 }
 """Subcommand -> its module in mage_ray.commands (docstring, ``add_arguments(parser)``, ``run(args, cfg)``)."""

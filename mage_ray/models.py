@@ -170,7 +170,9 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path == TINY_PREFIX or name_or_path.startswith(TINY_PREFIX + ":"):
         seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
         return str(tiny_checkpoint(seed, cache_dir))
-    path = Path(name_or_path).expanduser()
+    from mage_ray.devices import hub_source
+
+    path = Path(hub_source(name_or_path)).expanduser()
     if path.exists():
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
@@ -215,7 +217,9 @@ def load_policy(cfg: ModelConfig, cache_dir: str | Path | None = None, device: s
         raise _hub_error(cfg.name_or_path, e) from e
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device).eval(), tok
+    from mage_ray.devices import place
+
+    return model.to(place(device, f"policy {cfg.name_or_path!r}")).eval(), tok
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], use_chat_template: bool = True) -> list[int]:

@@ -135,7 +135,9 @@ def _load(model: str, device: str, cache_dir: str | Path | None):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    local = Path(model).expanduser()
+    from mage_ray.devices import hub_source, place
+
+    local = Path(hub_source(model)).expanduser()
     path = str(local) if local.exists() else model
     if not local.exists() and model.startswith((".", "/", "~")):
         raise RewardModelError(f"reward model path {model!r} does not exist")
@@ -168,7 +170,7 @@ def _load(model: str, device: str, cache_dir: str | Path | None):
         value = getattr(net.config, attr, None)
         if isinstance(value, int) and value > 0:
             limits.append(value)
-    return net.to(device).eval(), tok, int(min(limits))
+    return net.to(place(device, f"reward model {model!r}")).eval(), tok, int(min(limits))
 
 
 def check_logit_index(spec: RewardModelSpec, net) -> None:
@@ -200,6 +202,6 @@ def score_reward_model(
             enc = build_inputs(
                 spec, tok, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
             )
-            logits = net(**enc.to(device)).logits  # (B, num_labels)
+            logits = net(**enc.to(net.device)).logits  # (B, num_labels)
             out[i : i + batch_size] = logits[:, spec.logit_index].float().cpu().numpy()
     return out
