@@ -178,7 +178,8 @@ def cached_dir(target: str | os.PathLike, build: Callable[[Path], None]) -> Path
     * ``build`` fills a fresh empty directory ``.<name>.tmp.<host>.<random>`` (a sibling of ``target``);
       :data:`READY` is written in it last, and it is renamed to ``target`` in one step. A reader never sees a
       partial entry, and a READY entry is never deleted or replaced (a rename cannot replace a non-empty
-      directory), so even where file locks do not work the worst case is a build run twice, not a broken one.
+      directory), so where file locks do not reach across hosts the worst case is one build per host, not a
+      broken entry: the first rename wins and the others discard their copy.
     * A writer that is killed drops its lock with it (the OS releases it), and the next writer removes the
       build directory it left (:func:`_remove_abandoned`). If ``build`` raises, its directory is removed, the
       error propagates, and the next caller tries again.

@@ -75,6 +75,44 @@ def test_concurrent_processes_build_once_and_all_read_it(tmp_path):
     assert _siblings(target) == [".entry.lock"]
 
 
+def _build_together(tmp: Path, log: Path, barrier, delay_s: float) -> None:
+    barrier.wait(timeout=JOIN_S)  # every process is inside build at once: no lock excluded them
+    _build(tmp, log, delay_s)
+
+
+def _fill_as_host(host: str, target: Path, log: Path, barriers, delay_s: float, out: Path) -> None:
+    """Child on a pretend host whose file locks exclude nobody (a filesystem without cross-host locks)."""
+    import contextlib
+    import socket
+
+    from mage_ray import models
+
+    socket.gethostname = lambda: host  # this throwaway process plays another host
+    models._entry_lock = lambda target: contextlib.nullcontext()
+    barriers[0].wait(timeout=JOIN_S)
+    entry = cached_dir(
+        target, functools.partial(_build_together, log=log, barrier=barriers[1], delay_s=delay_s)
+    )
+    out.write_text((entry / "part1").read_text() + " " + (entry / "part2").read_text())
+
+
+def test_without_working_locks_a_ready_entry_is_still_never_replaced(tmp_path):
+    """Where file locks do not reach across hosts (some Lustre / GPFS mounts), 3 hosts all build; they finish one
+    after another. The first rename wins, the others discard their copy: every process reads the same whole
+    entry, and no build directory is left."""
+    n, target, log = 3, tmp_path / "cache" / "entry", tmp_path / "builds.log"
+    ctx = mp.get_context("spawn")
+    barriers = (ctx.Barrier(n), ctx.Barrier(n))
+    outs = [tmp_path / f"out{i}" for i in range(n)]
+    _join_ok([_start(_fill_as_host, (f"host{i}", target, log, barriers, 0.3 * i, outs[i])) for i in range(n)])
+
+    assert len(log.read_text().splitlines()) == n  # the scenario: every host built
+    winner = (target / "part1").read_text()
+    assert (target / "part2").read_text() == winner
+    assert [o.read_text() for o in outs] == [f"{winner} {winner}"] * n
+    assert _siblings(target) == []
+
+
 def _build_forever(tmp: Path, started: Path) -> None:
     (tmp / "part1").write_text("x")
     started.write_text(str(os.getpid()))
@@ -185,7 +223,11 @@ def test_debris_is_cleaned_but_another_hosts_live_build_is_kept(tmp_path):
 def test_ready_entry_is_never_rebuilt(tmp_path):
     target = tmp_path / "entry"
     cached_dir(target, lambda tmp: (tmp / "w").write_text("first"))
-    cached_dir(target, lambda tmp: (tmp / "w").write_text("second"))
+
+    def rebuild(tmp: Path) -> None:
+        raise AssertionError("a READY entry was built again")
+
+    assert cached_dir(target, rebuild) == target
     assert (target / "w").read_text() == "first"
 
 
