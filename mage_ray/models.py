@@ -19,13 +19,13 @@ Hub ids (the policy and the reward models) are cached by ``huggingface_hub`` in 
 the filesystem has none), downloads to a process-unique ``<etag>.<random>.incomplete`` and renames it into
 ``blobs/``; refs are written to a temporary file and renamed too. Since huggingface_hub 1.31 (the floor in
 pyproject.toml) the cache stays correct even where that lock does nothing; the lock only saves a second
-download. It excludes processes of one host; across hosts it holds only where ``flock`` reaches the file
+download. It excludes the processes of one host; across hosts it holds only where ``flock`` reaches the file
 server: NFSv4 / EFS mounted without ``local_lock`` (Linux sends ``flock`` as a whole-file NFS lock), Lustre
 mounted with ``flock``; not Lustre ``localflock`` or GPFS, where each node may download a file once. The Xet
-client's own cache (``HF_XET_CACHE``, default ``$HF_HOME/xet``) is outside those locks: keep it on local disk. So a
-cluster sets ``HF_HUB_CACHE`` to a directory on the shared volume (or ``HF_HOME`` there plus a local
-``HF_XET_CACHE``) on every node, downloads each model once before a sweep (``hf download <id>``), and may then
-set ``HF_HUB_OFFLINE=1`` so that hundreds of trials do not each ask the hub for the file list.
+client's own cache (``HF_XET_CACHE``, default ``$HF_HOME/xet``) is outside those locks: keep it on local
+disk. So a cluster sets ``HF_HUB_CACHE`` to a directory on the shared volume (or ``HF_HOME`` there plus a
+local ``HF_XET_CACHE``) on every node, downloads each model once before a sweep (``hf download <id>``), and
+may then set ``HF_HUB_OFFLINE=1`` so that hundreds of trials do not each ask the hub for the file list.
 ``HF_HUB_DISABLE_XET=1`` is not needed for locking; set it only if the Xet client itself fails on a host.
 """
 
