@@ -29,6 +29,7 @@ from mage_ray.commands import (
     grid,
     pipeline,
     plan,
+    rehearse,
     rollouts,
     run_command,
     serve,
@@ -53,6 +54,7 @@ COMMANDS = {
     "grid": grid,
     "serve": serve,
     "export": export,
+    "rehearse": rehearse,
     "doctor": doctor,
     "plan": plan,
 }

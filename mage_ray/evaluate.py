@@ -235,10 +235,11 @@ def evaluate(
     flags = flag_generations(rows, prompts)
     names = [o.name for o in objectives]
     results = summarise(rows, scores, grid, methods, ref_point, flags)
+    cut = below_reference(results, ref_point)
     boot = None
     if n_resamples > 0:
         boot = attach_intervals(results, ref_point, confidence=confidence, n_resamples=n_resamples)
-    summary = {"decode_seconds": decode_s, **(extra or {})}
+    summary = {"decode_seconds": decode_s, **(extra or {}), **({"below_ref_point": cut} if cut else {})}
     if out_dir is not None:
         return write_report(
             out_dir,
@@ -261,3 +262,65 @@ def evaluate(
         **_boot_summary(results, boot),
         **summary,
     }
+
+
+def below_reference(results, ref_point: Sequence[float]) -> dict[str, int]:
+    """Per method, how many preference points have a mean reward below the reference point in some objective: they
+    add nothing to the hypervolume (the reference cuts them off). Printed as a warning, kept in the summary: a
+    reference point set too high (``eval.ref_point``) hides part of a front. (A bounded objective's default
+    reference is its floor, which no reward is below.)"""
+    ref = np.asarray(ref_point, dtype=float)
+    cut = {}
+    for r in results:
+        k = int(np.sum(np.any(np.asarray(r.rewards, dtype=float) < ref, axis=1)))
+        if k:
+            cut[r.method] = k
+            print(
+                f"[evaluate] warning: {k} of {len(r.rewards)} preference points of {r.method} lie below the "
+                f"reference point {ref.tolist()} in some objective and add nothing to its hypervolume; lower "
+                "eval.ref_point if they should count",
+                flush=True,
+            )
+    return cut
+
+
+# ---------------------------------------------------------------------------------------------
+# Where batch decoding runs
+
+
+def on_decode_worker(decode, fn: Callable, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run where a batch decode worker of ``decode`` (a DecodeConfig) runs, and its result.
+
+    A config that decodes on CPU (``decode.num_gpus`` = 0) runs it in this process, as before. One that decodes on
+    GPUs runs it as a Ray task holding ``decode.ray_resources()``, so the engine and the reward models are on a
+    GPU Ray assigned (:func:`mage_ray.devices.place`) and a job's driver, often on a GPU-less head node, loads no
+    GPU model. An error inside the task is raised here as itself (not wrapped in Ray's RayTaskError).
+    """
+    if decode.num_gpus == 0:
+        return fn(*args, **kwargs)
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from mage_ray.devices import note_request
+
+    note_request("decode worker (task)", decode.ray_resources())
+    task = ray.remote(_decode_task).options(
+        num_cpus=decode.num_cpus,
+        num_gpus=decode.num_gpus,
+        max_retries=0,
+        # not inside the caller's placement group: a Tune trial that only drives Train runs reserved no GPU there
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    try:
+        return ray.get(task.remote(fn, args, kwargs))
+    except ray.exceptions.RayTaskError as e:
+        if e.cause is not None:
+            raise e.cause from None
+        raise
+
+
+def _decode_task(fn: Callable, args: tuple, kwargs: dict):
+    from mage_ray.devices import note_process
+
+    note_process("decode worker (task)")
+    return fn(*args, **kwargs)

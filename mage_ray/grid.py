@@ -123,6 +123,9 @@ class BatchDecoder:
         objectives: Sequence[str] | None = None,
         reward_device: str = "cpu",
     ):
+        from mage_ray.devices import note_process
+
+        note_process("grid decode actor")
         bundle = load_bundle(bundle_path)
         dcfg = DecodeConfig(**decode) if isinstance(decode, dict) else decode
         self.engine = Engine(parts_from_bundle(bundle, device=device, methods=methods), dcfg, device)
@@ -205,8 +208,11 @@ def run_grid(
     return the (materialised) dataset."""
     import ray.data
 
+    from mage_ray.devices import note_request
+
     bundle = load_bundle(bundle_path)
     decode = decode_defaults(cfg, bundle, overrides).__dict__
+    note_request("grid decode actor (Ray Data)", cfg.decode.ray_resources(), count=concurrency)
     ds = ds.flat_map(expand, fn_kwargs={"points": points, "methods": methods})
     ds = ds.map_batches(
         BatchDecoder,
@@ -214,14 +220,14 @@ def run_grid(
             "bundle_path": str(bundle.root),
             "decode": decode,
             "methods": methods,
-            "device": "cuda" if cfg.serve.num_gpus > 0 else "cpu",
+            "device": cfg.decode.device,
             "objectives": bundle.objectives if score else None,
             "reward_device": cfg.task.reward_device,
         },
         batch_size=cfg.decode.batch_size,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=cfg.serve.num_cpus,
-        num_gpus=cfg.serve.num_gpus,
+        num_cpus=cfg.decode.num_cpus,  # one batch decode worker each (decode.num_cpus / num_gpus)
+        num_gpus=cfg.decode.num_gpus,
         batch_format="numpy",
     )
     ds = ds.materialize()

@@ -40,6 +40,7 @@ from mage_ray.sweep import (
     _decode_trial,
     arm_gamma_default,
     decide,
+    decode_trial_resources,
     run_tune_stage,
     short_steps,
     write_sweep_report,
@@ -211,7 +212,7 @@ def stage_decode_param(
     trial = tune.with_parameters(
         _decode_trial, base=cfg.to_dict(), bundle_dir=bundle_dir, method=method, stage=stage, param=param
     )
-    _, rows = run_tune_stage(cfg, stage, trial, space, resources={"CPU": 1})
+    _, rows = run_tune_stage(cfg, stage, trial, space, resources=decode_trial_resources(cfg))
     chosen, decision = decide(cfg, stage, param, rows, default)
     record = {"best": {param: chosen}, "rows": rows, "method": method, "decision": decision}
     return _finish(cfg, stage, record, t0)
@@ -231,8 +232,8 @@ def _bundle(
     from mage_ray.evaluate import reference_point
     from mage_ray.tasks.objectives import load_objectives
 
-    try:
-        ref = reference_point(load_objectives(cfg.task), cfg.eval.ref_point)
+    try:  # names and bounds only: the driver loads no reward model
+        ref = reference_point(load_objectives(cfg.task, load=False), cfg.eval.ref_point)
     except ValueError:
         ref = None
     return build_bundle(
@@ -324,10 +325,8 @@ def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: fl
 def run_pipeline(cfg: Config) -> dict:
     """The whole chain + the evaluation report on the test prompts (``<run_dir>/report``)."""
     from mage_ray.bundle import load_bundle, save_bundle
-    from mage_ray.decode import Engine, decode_defaults
-    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.evaluate import on_decode_worker
     from mage_ray.soup import preference_grid
-    from mage_ray.tasks.objectives import load_objectives
     from mage_ray.tasks.prompts import load_prompts
 
     set_clock(StageClock(cfg, planned_stages(cfg)))
@@ -359,31 +358,23 @@ def run_pipeline(cfg: Config) -> dict:
         rec = None
     if not skip_done(cfg, "evaluate", rec):
         t1 = time.time()
-        objectives = load_objectives(cfg.task)
-        prompts = load_prompts(cfg.task, "test")
+        n_prompts = len(load_prompts(cfg.task, "test"))
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
-        _banner("evaluate", f"{len(methods)} methods x {len(grid)} preferences x {len(prompts)} test prompts")
-        bundle = load_bundle(bundle_dir)
-        engine = Engine(bundle, decode_defaults(cfg, bundle))  # the sweep's alpha and gamma, not the YAML's
-        report = evaluate(
-            engine,
-            objectives,
-            prompts,
+        _banner("evaluate", f"{len(methods)} methods x {len(grid)} preferences x {n_prompts} test prompts")
+        extra = {
+            "beta": summary["beta"],
+            "alpha": summary["alpha"],
+            "gamma": summary["gamma"],
+            **({"method_gammas": summary["method_gammas"]} if summary.get("method_gammas") else {}),
+        }
+        report = on_decode_worker(
+            cfg.decode,
+            evaluate_bundle,
+            cfg,
+            bundle_dir,
             methods,
-            grid,
-            ref_point=reference_point(objectives, cfg.eval.ref_point),
-            out_dir=join(cfg.storage.run_dir, "report"),
-            batch_size=cfg.decode.batch_size,
-            min_prompts=cfg.eval.min_test_prompts,
-            confidence=cfg.eval.confidence,
-            n_resamples=cfg.eval.n_resamples,
-            extra={
-                "beta": summary["beta"],
-                "alpha": summary["alpha"],
-                "gamma": summary["gamma"],
-                **({"method_gammas": summary["method_gammas"]} if summary.get("method_gammas") else {}),
-            },
-            extra_columns={"train s": _train_seconds(cfg, methods)},
+            extra,
+            {"train s": _train_seconds(cfg, methods)},
         )
         rec = _finish(
             cfg,
@@ -401,6 +392,39 @@ def run_pipeline(cfg: Config) -> dict:
         flush=True,
     )
     return {**summary, "report": rec["report"], "seconds": total}
+
+
+def evaluate_bundle(
+    cfg: Config, bundle_dir: str, methods: list[str], extra: dict, extra_columns: dict[str, dict[str, str]]
+) -> dict:
+    """The evaluation stage's work: every method of ``methods`` over the eval grid on the test prompts, decoded
+    with the sweep's alpha and gamma (the bundle's), the report written to ``<run_dir>/report``; returns its
+    summary. Runs on a batch decode worker (:func:`mage_ray.evaluate.on_decode_worker`)."""
+    from mage_ray.bundle import load_bundle
+    from mage_ray.decode import Engine, decode_defaults
+    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.soup import preference_grid
+    from mage_ray.tasks.objectives import load_objectives
+    from mage_ray.tasks.prompts import load_prompts
+
+    objectives = load_objectives(cfg.task)
+    bundle = load_bundle(bundle_dir)
+    engine = Engine(bundle, decode_defaults(cfg, bundle), device=cfg.decode.device)
+    return evaluate(
+        engine,
+        objectives,
+        load_prompts(cfg.task, "test"),
+        methods,
+        preference_grid(cfg.n_objectives, cfg.eval.grid_step),
+        ref_point=reference_point(objectives, cfg.eval.ref_point),
+        out_dir=join(cfg.storage.run_dir, "report"),
+        batch_size=cfg.decode.batch_size,
+        min_prompts=cfg.eval.min_test_prompts,
+        confidence=cfg.eval.confidence,
+        n_resamples=cfg.eval.n_resamples,
+        extra=extra,
+        extra_columns=extra_columns,
+    )
 
 
 def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:

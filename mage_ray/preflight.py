@@ -19,6 +19,7 @@ parser default; :func:`mage_ray.runtime.parse_job_args` defaults it to :data:`TR
   must exist and hold ``config.json``; a hub id must be in the local Hugging Face cache, or else (unless
   HF_HUB_OFFLINE=1, which refuses at once) the hub must answer one metadata request within
   :data:`HUB_TIMEOUT_S` (no retries, nothing downloaded).
+* ``ref_point``: objectives without a floor (reward-model logits) need ``eval.ref_point`` for hypervolume.
 * ``objectives``: the model behind every reward-model objective (``hf:<id or path>`` and the paper's
   ``helpful``, ``harmless``, ...), as for ``model``. The objective names are checked for every command.
 * ``vllm``: ``backbone.generation = vllm`` needs the vllm package in this Python (the ``gpu`` extra).
@@ -86,6 +87,8 @@ def check(cfg: Config, args: Namespace | None = None) -> None:
         _wrap("task.data_path", check_data_path, cfg.task)
     if "grid" in checks:
         _grid_flags(args, cfg, bundle)
+    if "ref_point" in checks:
+        check_ref_point(cfg, bundle)
     if "model" in checks:
         if bundle is not None:
             base = bundle.model_config().name_or_path
@@ -99,6 +102,23 @@ def check(cfg: Config, args: Namespace | None = None) -> None:
         check_vllm(cfg)
     if "memory" in checks:
         check_memory(cfg, getattr(args, "plan_stages", None), getattr(args, "config", None))
+
+
+def check_ref_point(cfg: Config, bundle: Bundle | None = None) -> None:
+    """Hypervolume needs a reference point below every reward: an objective without a floor (a reward model's
+    logit) needs ``eval.ref_point`` (or a bundle that records one), else every sweep trial and report would fail."""
+    if cfg.eval.ref_point is not None or (bundle is not None and bundle.ref_point):
+        return
+    from mage_ray.tasks.objectives import get_objective
+
+    unbounded = [n for n in cfg.task.objectives if get_objective(n, load=False).bounds is None]
+    if unbounded:
+        floor = ",".join(["-10"] * cfg.n_objectives)
+        raise PreflightError(
+            f"eval.ref_point: objectives {unbounded} are unbounded (reward-model logits), so the hypervolume of "
+            f"sweeps and reports needs a reference point below every reward you expect: set eval.ref_point, one "
+            f"value per objective (e.g. eval.ref_point=[{floor}])"
+        )
 
 
 def output_dir(args: Namespace, cfg: Config) -> str | None:
@@ -135,7 +155,11 @@ def check_model(what: str, name_or_path: str) -> None:
     """
     if name_or_path.startswith("embedded:") or name_or_path.partition(":")[0] == "tiny-random":
         return
-    path = Path(name_or_path).expanduser()
+    from mage_ray.devices import hub_source
+
+    path = Path(
+        hub_source(name_or_path)
+    ).expanduser()  # MAGE_RAY_HUB_MAP may put a local copy behind a hub id
     if path.exists():
         if not path.is_dir():
             raise PreflightError(f"{what} is a file: expected a model directory (with config.json)")

@@ -135,7 +135,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a private local Ray.
 
     A plain ``ray.init()`` would attach to any ``ray start`` instance on the machine; a job run as
@@ -148,7 +148,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     API client in a worker looks for "the" Ray on the machine by listing running GCS processes, and fails (a
     traceback from every cleaner) when other Ray instances run beside this one. A cluster (RAY_ADDRESS set) keeps
     the addresses and dashboard it was started with. Either way every process of the job gets
-    :data:`LIBRARY_ENV` (:func:`quiet_libraries`, through the job's ``runtime_env``).
+    :data:`LIBRARY_ENV` (:func:`quiet_libraries`, through the job's ``runtime_env``), and the rehearsal's variables
+    (:mod:`mage_ray.devices`) when this process has them. ``num_cpus`` / ``num_gpus`` declare the private Ray's
+    logical resources (a rehearsal declares GPUs the machine does not have).
     """
     import ray
 
@@ -156,6 +158,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     _keep_repeated_log_lines()
     env = quiet_libraries()
+    from mage_ray.devices import HUB_MAP_ENV, REHEARSAL_ENV
+
+    env.update({k: os.environ[k] for k in (REHEARSAL_ENV, HUB_MAP_ENV) if os.environ.get(k)})
     if os.environ.get("RAY_ADDRESS"):
         ray.init(
             address=os.environ["RAY_ADDRESS"],
@@ -169,6 +174,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(
             address="local",
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             include_dashboard=True,
             dashboard_host=LOOPBACK,
             dashboard_port=port,

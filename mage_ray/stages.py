@@ -106,7 +106,10 @@ def _finish(cfg: Config, stage: str, record: dict, t0: float) -> dict:
 
 
 def _banner(stage: str, text: str) -> None:
-    """Print a stage's start line."""
+    """Print a stage's start line (and, in a rehearsal, stamp later ledger entries with the stage)."""
+    from mage_ray.devices import set_stage
+
+    set_stage(stage)
     if _clock is None:
         print(f"\n[pipeline] === {stage}: {text}", flush=True)
     else:

@@ -73,6 +73,9 @@ def run_tune_stage(
     storage = f"{storage_uri(cfg).rstrip('/')}/{cfg.storage.run_name}/tune"
     name = stage
     path = f"{storage}/{name}"
+    from mage_ray.devices import note_request
+
+    note_request("Tune trial", resources or {"CPU": 1}, count=len(_grid_values(param_space)), detail=stage)
     fn = tune.with_resources(trainable, resources or {"cpu": 1})
     if tune.Tuner.can_restore(path):
         log.warning("resuming Tune stage %r from %s (finished trials are not re-run)", stage, path)
@@ -123,6 +126,14 @@ def run_tune_stage(
     return {k: best[k] for k in param_space}, rows
 
 
+def _grid_values(param_space: dict) -> list:
+    """The values of the (one) grid-searched parameter of a Tune param_space (for the rehearsal's request count)."""
+    for v in param_space.values():
+        if isinstance(v, dict) and "grid_search" in v:
+            return list(v["grid_search"])
+    return [None]
+
+
 def trial_rewards_path(cfg: Config, stage: str, value: float) -> str:
     """Where a trial of ``stage`` with parameter ``value`` keeps its per-prompt validation rewards."""
     return join(cfg.storage.run_dir, "sweep", stage, f"{float(value):g}.json")
@@ -156,7 +167,7 @@ def decide(cfg: Config, stage: str, param: str, rows: list[dict], default: float
     from mage_ray.tasks.objectives import load_objectives
 
     grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
-    ref = reference_point(load_objectives(cfg.task), cfg.eval.ref_point)
+    ref = reference_point(load_objectives(cfg.task, load=False), cfg.eval.ref_point)  # no model in the driver
     res = bootstrap_trials(
         per_prompt,
         grid,
@@ -242,6 +253,12 @@ def rows_markdown(rows: list[dict], params: list[str], metric: str = "hv") -> st
 # renaming them would stop runs of earlier versions from resuming their sweep.
 
 
+def decode_trial_resources(cfg: Config) -> dict[str, float]:
+    """What a decode-only Tune trial (alpha, gamma, an ARM method's gamma) reserves: one batch decode worker
+    (``decode.num_cpus`` / ``decode.num_gpus``), since it loads the engine and the reward models itself."""
+    return cfg.decode.ray_resources()
+
+
 def short_steps(cfg: Config) -> int:
     """Steps of a beta trial's backbones: ``sweep.beta_step_fraction`` of ``backbone.steps`` (paper: 20%)."""
     return max(1, int(round(cfg.backbone.steps * cfg.sweep.beta_step_fraction)))
@@ -252,7 +269,9 @@ def validation_hv(
 ) -> dict:
     """Decode the validation prompts over the sweep grid with ``method``: HV and friends, and ``per_prompt``
     ((P, N, n) nested list: the rewards behind them, for the paired bootstrap of :func:`decide`).
-    ``alpha`` / ``gamma`` default to ``cfg.decode``'s."""
+    ``alpha`` / ``gamma`` default to ``cfg.decode``'s. Runs in a process that holds a decode worker's resources
+    (a decode trial reserves them; the beta trial calls it through :func:`mage_ray.evaluate.on_decode_worker`):
+    the engine goes on ``cfg.decode.device``, the reward models on ``task.reward_device``."""
     from mage_ray.bundle import load_bundle
     from mage_ray.decode import Engine
     from mage_ray.evaluate import evaluate, reference_point
@@ -262,7 +281,7 @@ def validation_hv(
 
     objectives = load_objectives(cfg.task)
     prompts = load_prompts(cfg.task, "validation")
-    engine = Engine(load_bundle(bundle_dir), cfg.decode)
+    engine = Engine(load_bundle(bundle_dir), cfg.decode, device=cfg.decode.device)
     grid = preference_grid(cfg.n_objectives, cfg.sweep.grid_step)
     kw = {
         "alpha": float(cfg.decode.alpha if alpha is None else alpha),
@@ -305,9 +324,12 @@ def _beta_trial(params: dict, *, base: dict) -> None:
     import ray
 
     from mage_ray.bundle import build_bundle
+    from mage_ray.devices import note_process, note_request
+    from mage_ray.evaluate import on_decode_worker
     from mage_ray.soup import backbone_weights
     from mage_ray.train.ray_train import backbone_dir, train_backbone_ray
 
+    note_process("beta trial")
     cfg = trial_config(base, params)
     beta = cfg.backbone.beta
     steps = short_steps(cfg)
@@ -317,6 +339,7 @@ def _beta_trial(params: dict, *, base: dict) -> None:
     # Train-inside-Tune: this trial drives one TorchTrainer per backbone, all at once (each driver is a
     # zero-CPU task; the trainers' workers wait for resources when the cluster is full).
     drive = ray.remote(num_cpus=0, max_retries=0)(train_backbone_ray)
+    note_request("beta trial's backbone run drivers (tasks)", {}, count=cfg.n_objectives)
     refs = [
         drive.remote(
             cfg,
@@ -341,12 +364,17 @@ def _beta_trial(params: dict, *, base: dict) -> None:
         gamma=0.0,
         default_method="bs",
     )
-    res = validation_hv(cfg, bdir, "bs", alpha=0.0)  # the backbones alone: no extrapolation
+    # the backbones alone (no extrapolation), decoded where a decode worker may hold a GPU (this trial holds none)
+    res = on_decode_worker(cfg.decode, validation_hv, cfg, bdir, "bs", alpha=0.0)
     _report_trial(cfg, "beta", beta, res, train_seconds=train_s)
 
 
 def _decode_trial(params: dict, *, base: dict, bundle_dir: str, method: str, stage: str, param: str) -> None:
-    """Tune trial of a decode-only parameter (``decode.alpha``, ``decode.gamma``): validation HV of ``method``."""
+    """Tune trial of a decode-only parameter (``decode.alpha``, ``decode.gamma``): validation HV of ``method``. The
+    trial holds a decode worker's resources (:func:`decode_trial_resources`) and decodes in its own process."""
+    from mage_ray.devices import note_process
+
+    note_process("decode trial")
     cfg = trial_config(base, params)
     res = validation_hv(cfg, bundle_dir, method)
     _report_trial(cfg, stage, float(params[param]), res)

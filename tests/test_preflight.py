@@ -80,7 +80,8 @@ CASES = [
      "task.objectives: unknown objective 'nosuchobj'"),
     ("hf-objective-missing", ["train-backbones", "--config", "{smoke}", "task.objectives=[relevance,hf:/no/rm@1]"],
      {}, "task.objectives: 'hf:/no/rm@1': no such directory"),
-    ("hf-objective-not-a-model", ["pipeline", "--config", "{smoke}", "task.objectives=[relevance,hf:{empty}]"], {},
+    ("hf-objective-not-a-model", ["pipeline", "--config", "{smoke}", "task.objectives=[relevance,hf:{empty}]",
+                                  "eval.ref_point=[0,-10]"], {},
      "has no config.json"),
     ("model-path", ["{repo}/jobs/train_backbones.py", "--config", "{smoke}", "model.name_or_path=/no/such/model"],
      {}, "model.name_or_path = '/no/such/model': no such directory"),
@@ -110,6 +111,10 @@ CASES = [
      "'backbone.steps' = -1"),
     ("data-path", ["train-backbones", "--config", "{smoke}", "task.name=parquet", "task.data_path=/no/p.jsonl"], {},
      "task.data_path = '/no/p.jsonl' does not exist"),
+    ("ref-point", ["sweep", "--config", "{repo}/configs/hh_rlhf.yaml", "eval.ref_point=null", RUNS], {},
+     "eval.ref_point: objectives ['helpful', 'harmless', 'humor'] are unbounded"),
+    ("reward-device", ["pipeline", "--config", "{repo}/configs/hh_rlhf.yaml", "decode.num_gpus=0", RUNS], {},
+     "'task.reward_device' = 'cuda' needs GPU decode workers, but decode.num_gpus = 0"),
 ]  # fmt: skip
 
 

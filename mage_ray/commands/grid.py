@@ -9,7 +9,7 @@ Prompts come from ``--prompts`` (a .parquet or .jsonl file/dir with a ``prompt``
 task's ``--split``; preferences from ``--preferences`` or else the ``eval.grid_step`` grid (config fields are
 set by ``key=value`` overrides only). The library code is ``mage_ray.grid``. Decoding runs in an actor pool
 (``map_batches`` with a callable class holding one Engine: ``--concurrency`` actors, each with
-``serve.num_cpus`` / ``serve.num_gpus``) in batches of ``decode.batch_size`` rows, so different preferences
+``decode.num_cpus`` / ``decode.num_gpus``) in batches of ``decode.batch_size`` rows, so different preferences
 share a batch over one copy of the base weights.
 
     mage-ray grid --config configs/embedded.yaml --bundle runs/embedded/bundle --score

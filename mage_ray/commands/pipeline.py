@@ -11,6 +11,9 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     """No flags of its own: config fields are ``key=value`` overrides."""
+    from mage_ray.preflight import TRAINING
+
+    parser.set_defaults(checks=(*TRAINING, "ref_point"))  # mage_ray.preflight: its sweeps need hypervolume
 
 
 def run(args, cfg) -> None:

@@ -146,6 +146,14 @@ def _cross_validate(cfg: Config) -> None:
     for b in cfg.sweep.betas:
         if not (1.0 / n < b <= 1.0):
             _fail("sweep.betas[]", b, f"numbers in (1/n, 1] = ({1.0 / n:.3f}, 1]")
+    if cfg.task.reward_device.startswith("cuda") and cfg.decode.num_gpus == 0:
+        # Sweep trials and evaluation score their texts where they decode: on a decode worker without a GPU the
+        # reward models could not go on cuda (Ray hides the GPUs from processes that did not request one).
+        raise ConfigError(
+            f"config field 'task.reward_device' = {cfg.task.reward_device!r} needs GPU decode workers, but "
+            "decode.num_gpus = 0 (sweep trials and evaluation score on their decode workers): set decode.num_gpus "
+            "(e.g. 1) or task.reward_device=cpu"
+        )
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

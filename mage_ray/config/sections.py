@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ class TaskConfig:
         for f in ("n_train", "n_val", "n_test"):
             _check_range(f"task.{f}", getattr(self, f), 1, 10_000_000)
         _check_range("task.max_prompt_tokens", self.max_prompt_tokens, 8, 1_000_000)
+        if not isinstance(self.reward_device, str) or not re.fullmatch(
+            r"cpu|cuda(:\d+)?", self.reward_device
+        ):
+            _fail("task.reward_device", self.reward_device, "'cpu' or 'cuda'")
 
 
 @dataclass
@@ -371,6 +376,10 @@ class DecodeConfig:
     """Rows decoded together by batch jobs (evaluation, grids)."""
     seed: int = 0
     """Seed of sampling (per request; requests may set their own)."""
+    num_cpus: float = 1.0
+    """CPUs of each batch decode worker (sweep trials, the beta trials' validation, evaluation, grid actors)."""
+    num_gpus: float = 0.0
+    """GPUs of each batch decode worker; > 0 puts its engine on cuda (and needs a GPU node). 0: decode on CPU."""
 
     def __post_init__(self) -> None:
         _check_choice("decode.method", self.method, tuple(method_names()))
@@ -386,6 +395,17 @@ class DecodeConfig:
         _check_range("decode.top_p", self.top_p, 0, 1, lo_open=True)
         for f in ("beam_width", "beam_expansion", "lookahead", "batch_size"):
             _check_range(f"decode.{f}", getattr(self, f), 1, 100_000)
+        _check_range("decode.num_cpus", self.num_cpus, 0, 1024)
+        _check_range("decode.num_gpus", self.num_gpus, 0, 64)
+
+    @property
+    def device(self) -> str:
+        """Where a batch decode worker's engine runs: ``cuda`` when it holds a GPU (``num_gpus`` > 0), else ``cpu``."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def ray_resources(self) -> dict[str, float]:
+        """The Ray resources of one batch decode worker (zero entries left out)."""
+        return {k: float(v) for k, v in (("CPU", self.num_cpus), ("GPU", self.num_gpus)) if v}
 
 
 @dataclass

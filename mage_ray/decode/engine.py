@@ -17,6 +17,7 @@ from mage_ray.config import DecodeConfig
 from mage_ray.decode.batch import _error, _Hyp, _Layout, _merge_caches, _stop_hold, build_layout, choose
 from mage_ray.decode.parts import EngineParts, parts_from_bundle
 from mage_ray.decode.request import Completion, Request, TokenEvent, Usage, _Job, normalise
+from mage_ray.devices import place
 from mage_ray.guidance import AdapterLayout
 from mage_ray.lora_mix import LoraAdapter, MixedLinear, MixedLoraModel
 from mage_ray.models import eos_token_ids
@@ -40,7 +41,9 @@ class Engine:
     ):
         if isinstance(parts, Bundle):
             parts = parts_from_bundle(parts, device=device)
-        self.device = torch.device(device)
+        self.device = torch.device(
+            place(device, "decode engine")
+        )  # mage_ray.devices: a GPU this process holds
         self.model = parts.model.to(self.device).eval()
         self.tokenizer = parts.tokenizer
         self.use_chat_template = parts.use_chat_template

@@ -470,5 +470,12 @@ def build_app(args: dict[str, Any]) -> Application:
     b = load_bundle(bundle)
     if len(b.objectives) < 2:  # pragma: no cover  (load_bundle already enforces it)
         raise ValueError(f"bundle {bundle}: needs >= 2 objectives")
-    engine = MageEngine.options(**engine_options(cfg)).bind(str(b.root), cfg.to_dict(), overrides)
+    opts = engine_options(cfg)
+    from mage_ray.devices import note_request
+
+    replicas = (
+        cfg.serve.autoscaling.get("min_replicas", 1) if cfg.serve.autoscaling else cfg.serve.num_replicas
+    )
+    note_request("Serve engine replica", opts["ray_actor_options"], count=max(1, int(replicas)))
+    engine = MageEngine.options(**opts).bind(str(b.root), cfg.to_dict(), overrides)
     return MageIngress.options(**ingress_options(cfg)).bind(engine, str(b.root), cfg.to_dict())

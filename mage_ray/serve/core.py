@@ -129,12 +129,11 @@ class Generator:
     def from_bundle(
         cls, bundle_path: str | Path, cfg: Config, overrides: Sequence[str] = (), device: str | None = None
     ) -> Generator:
-        """Load the bundle into an :class:`~mage_ray.decode.Engine` on ``device`` (default: cuda when
-        serve.num_gpus > 0 and a GPU is visible, else cpu)."""
-        import torch
-
+        """Load the bundle into an :class:`~mage_ray.decode.Engine` on ``device`` (default: cuda when the replica
+        holds GPUs, ``serve.num_gpus`` > 0, else cpu; a cuda engine in a process without a GPU is refused by
+        :func:`mage_ray.devices.place`)."""
         if device is None:
-            device = "cuda" if cfg.serve.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            device = "cuda" if cfg.serve.num_gpus > 0 else "cpu"
         bundle = load_bundle(bundle_path)
         engine = Engine(
             parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device

@@ -103,6 +103,9 @@ class MageEngine:
     """One replica: one :class:`Generator` over the bundle; the thin Ray shell the ingress calls."""
 
     def __init__(self, bundle: str, config: dict[str, Any], overrides: list[str] | None = None):
+        from mage_ray.devices import note_process
+
+        note_process("Serve engine replica")
         set_mmap_threshold()  # before the model loads (module docstring, "Memory")
         cfg = config_from_dict(config)
         if cfg.serve.num_gpus == 0 and cfg.serve.num_cpus >= 1:

@@ -123,23 +123,29 @@ _LOCK = threading.RLock()
 
 
 def load_reward_model(model: str, device: str = "cpu", cache_dir: str | Path | None = None):
-    """(model, tokenizer, max_length) for a sequence-classification checkpoint; cached per process."""
+    """(model, tokenizer, max_length) for a sequence-classification checkpoint; cached per process.
+
+    A hub id is read from (or downloaded to) the Hugging Face hub cache, ``HF_HUB_CACHE``, like the policy's
+    (:mod:`mage_ray.models`) and where preflight looks for it; ``cache_dir`` (mage_ray's own cache of converted
+    models) only keys the per-process cache."""
     key = (model, str(device), None if cache_dir is None else str(cache_dir))
     with _LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(model, device, cache_dir)
+            _CACHE[key] = _load(model, device)
         return _CACHE[key]
 
 
-def _load(model: str, device: str, cache_dir: str | Path | None):
+def _load(model: str, device: str):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    local = Path(model).expanduser()
+    from mage_ray.devices import hub_source, place
+
+    local = Path(hub_source(model)).expanduser()
     path = str(local) if local.exists() else model
     if not local.exists() and model.startswith((".", "/", "~")):
         raise RewardModelError(f"reward model path {model!r} does not exist")
-    kw = dict(trust_remote_code=False, cache_dir=None if cache_dir is None else str(cache_dir))
+    kw = dict(trust_remote_code=False)  # hub ids: HF_HUB_CACHE (see load_reward_model)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
         net = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kw)
@@ -168,7 +174,7 @@ def _load(model: str, device: str, cache_dir: str | Path | None):
         value = getattr(net.config, attr, None)
         if isinstance(value, int) and value > 0:
             limits.append(value)
-    return net.to(device).eval(), tok, int(min(limits))
+    return net.to(place(device, f"reward model {model!r}")).eval(), tok, int(min(limits))
 
 
 def check_logit_index(spec: RewardModelSpec, net) -> None:
@@ -200,6 +206,6 @@ def score_reward_model(
             enc = build_inputs(
                 spec, tok, prompts[i : i + batch_size], responses[i : i + batch_size], max_length
             )
-            logits = net(**enc.to(device)).logits  # (B, num_labels)
+            logits = net(**enc.to(net.device)).logits  # (B, num_labels)
             out[i : i + batch_size] = logits[:, spec.logit_index].float().cpu().numpy()
     return out

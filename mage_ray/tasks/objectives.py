@@ -192,7 +192,10 @@ def _sentence_encoder(device: str):
     def build():
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(str(minilm_dir()), device=device, local_files_only=True)
+        from mage_ray.devices import place
+
+        where = place(device, "sentence encoder all-MiniLM-L6-v2")
+        return SentenceTransformer(str(minilm_dir()), device=where, local_files_only=True)
 
     return _cached("minilm", device, build)
 
@@ -409,14 +412,20 @@ def check_objective_names(names: Sequence[str]) -> None:
             )
 
 
-def get_objective(name: str, *, device: str = "cpu", cache_dir: str | Path | None = None) -> Objective:
-    """Build the objective ``name`` (registry name or ``hf:<hub id or local path>[@<logit index>]``)."""
+def get_objective(
+    name: str, *, device: str = "cpu", cache_dir: str | Path | None = None, load: bool = True
+) -> Objective:
+    """Build the objective ``name`` (registry name or ``hf:<hub id or local path>[@<logit index>]``).
+
+    ``load=False`` leaves a reward model unloaded until it first scores (its name, description and bounds are
+    known without it: what a job's driver needs for the reference point)."""
     if isinstance(name, str) and name.startswith("hf:"):
         try:
             spec = parse_hf_name(name)
         except RewardModelError as e:
             raise ObjectiveError(str(e)) from None
-        return HFRewardObjective(name, spec, device, cache_dir).load()
+        obj = HFRewardObjective(name, spec, device, cache_dir)
+        return obj.load() if load else obj
     if name not in _REGISTRY:
         raise ObjectiveError(
             f"unknown objective {name!r}; available: {available_objectives()}, or "
@@ -429,14 +438,18 @@ def get_objective(name: str, *, device: str = "cpu", cache_dir: str | Path | Non
                 f"objective {name!r}: its factory returned {type(obj).__name__}, not an Objective"
             )
         obj = FunctionObjective(name, obj)  # a factory may return a plain fn(prompts, responses)
-    if isinstance(obj, HFRewardObjective):
+    if isinstance(obj, HFRewardObjective) and load:
         obj.load()
     return obj
 
 
-def load_objectives(task: TaskConfig, cache_dir: str | Path | None = None) -> list[Objective]:
-    """The objectives ``task.objectives`` on ``task.reward_device``, in order."""
-    return [get_objective(n, device=task.reward_device, cache_dir=cache_dir) for n in task.objectives]
+def load_objectives(
+    task: TaskConfig, cache_dir: str | Path | None = None, load: bool = True
+) -> list[Objective]:
+    """The objectives ``task.objectives`` on ``task.reward_device``, in order (``load``: see :func:`get_objective`)."""
+    return [
+        get_objective(n, device=task.reward_device, cache_dir=cache_dir, load=load) for n in task.objectives
+    ]
 
 
 def _simple(cls: type[Objective], device: str = "cpu", cache_dir=None) -> Objective:

@@ -271,7 +271,7 @@ def _sources(task: TaskConfig) -> dict[str, Callable[[], Iterator[dict[str, Any]
             raise TaskDataError(
                 "task.data_path is required for task 'parquet': a .parquet/.jsonl/.json file or dir"
             )
-        return _hub_sources(task, DEFAULT_DATA[task.name])
+        return _hub_or_mapped(task, DEFAULT_DATA[task.name])
     raw = str(task.data_path)
     path = Path(raw).expanduser()
     if path.exists():
@@ -281,7 +281,17 @@ def _sources(task: TaskConfig) -> dict[str, Callable[[], Iterator[dict[str, Any]
             f"task.data_path = {raw!r} does not exist (expected a {'/'.join(FILE_TYPES)} file, a directory "
             "of them, or a hub dataset id owner/name[:config])"
         )
-    return _hub_sources(task, raw)
+    return _hub_or_mapped(task, raw)
+
+
+def _hub_or_mapped(task: TaskConfig, dataset_id: str) -> dict[str, Callable[[], Iterator[dict[str, Any]]]]:
+    """A hub dataset, or the local directory ``MAGE_RAY_HUB_MAP`` maps its id to (:func:`mage_ray.devices.hub_source`)."""
+    from mage_ray.devices import hub_source
+
+    local = hub_source(dataset_id)
+    if local != dataset_id:
+        return _local_sources(task, Path(local))
+    return _hub_sources(task, dataset_id)
 
 
 def _local_name(raw: str) -> bool:

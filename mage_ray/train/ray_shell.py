@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,28 @@ def _quiet_worker(fn: Callable[[dict], Any], config: dict[str, Any]) -> Any:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except ImportError:  # another Ray layout: keep its logs
         pass
+    from mage_ray.devices import note_process, ray_gpu_ids, rehearsal_dir
+
+    note_process("Ray Train worker")
+    if rehearsal_dir() is not None and ray_gpu_ids():
+        # Ray Train told accelerate (and so transformers' Trainer) to use this worker's logical GPU; a rehearsal
+        # has no CUDA: the CPU stands in for it (mage_ray.devices)
+        os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
     return fn(config)
+
+
+def worker_device(what: str) -> Any:
+    """The torch device of a Ray Train worker's model (``what``, for messages): Ray Train's own choice (the
+    worker's GPU when it got one, else cpu), through :func:`mage_ray.devices.place`. In a rehearsal (no CUDA) a
+    worker that Ray gave a GPU asks for ``cuda`` and gets the CPU that stands in for it."""
+    import ray.train.torch
+
+    from mage_ray.devices import place, ray_gpu_ids, rehearsal_dir
+
+    device = ray.train.torch.get_device()
+    if rehearsal_dir() is not None and ray_gpu_ids():
+        device = "cuda"
+    return place(device, what)
 
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -123,10 +145,19 @@ def run_torch_trainer(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         cbs.append(TuneReportCallback())
+    from mage_ray.devices import note_request, rehearsal_dir
+
+    note_request("Ray Train run", scaling.worker_resources(), count=scaling.num_workers, detail=name)
+    extra = {}
+    if rehearsal_dir() is not None:  # logical GPUs, no CUDA: NCCL cannot start; gloo stands in for it
+        from ray.train.torch import TorchConfig
+
+        extra["torch_config"] = TorchConfig(backend="gloo")
     trainer = TorchTrainer(
         functools.partial(_quiet_worker, train_loop_per_worker),
         train_loop_config=config,
         scaling_config=scaling.scaling_config(),
+        **extra,
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_abs(storage_path),
@@ -244,8 +275,8 @@ def step_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         ctx = TrainContext(
             rank=tc.get_world_rank(),
             world_size=world,
-            device=ray.train.torch.get_device(),
-            wrap=ray.train.torch.prepare_model if world > 1 else None,
+            device=worker_device(f"model of {config['train_fn'].__name__}"),
+            wrap=_wrap_ddp if world > 1 else None,
             on_step=on_step,
             resume=torch.load(state, weights_only=True) if state is not None else None,
             quiet=True,
@@ -254,6 +285,20 @@ def step_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         manifest = config["train_fn"](config["cfg"], out_dir=str(out), ctx=ctx, **config["kwargs"])
         report_final(out, finished)
         return manifest
+
+
+def _wrap_ddp(model):
+    """Data-parallel wrapper of a step trainer's model: Ray Train's ``prepare_model`` (DDP on the worker's device);
+    in a rehearsal, where the worker's logical GPU is the CPU, plain CPU DDP over the gloo group."""
+    from mage_ray.devices import rehearsal_dir
+
+    if rehearsal_dir() is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
 
 
 def train_run_name(cfg: Config, out_dir: str) -> str:

@@ -36,6 +36,7 @@ from mage_ray.train.ray_shell import (
     run_pending,
     storage_abs,
     train_run_name,
+    worker_device,
 )
 from mage_ray.train.stage1 import (
     _fmt,
@@ -168,6 +169,8 @@ def backbone_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     from mage_ray.train.backbone import ObjectiveFailure, train_backbone
 
+    # TRL moves the policy to the device accelerate picks (this worker's GPU); recorded and checked here
+    worker_device(f"policy (TRL {config['cfg'].backbone.trainer} trainer)")
     with scratch_dir("mage-backbone") as work:
         resume, final = restore_checkpoint(work / "restored")
         if final is not None:  # the run had finished: report the artifact again

@@ -305,7 +305,9 @@ def generate_rollouts(
 
 
 def _device(cfg: Config) -> str:
-    return "cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu"
+    """The samplers' device: cuda when value workers hold GPUs (``value.use_gpu``; :func:`mage_ray.devices.place`
+    refuses it in a process without one), else cpu."""
+    return "cuda" if cfg.value.use_gpu else "cpu"
 
 
 def sample_batches(
@@ -389,8 +391,10 @@ class _SampleActor:
     """Ray Data callable class: loads the policy once, samples each batch of prompts."""
 
     def __init__(self, cfg: Config):
+        from mage_ray.devices import note_process
         from mage_ray.models import load_policy
 
+        note_process("rollout sampler actor")
         self.cfg = cfg
         self.model, self.tok = load_policy(cfg.model, cfg.storage.cache_dir, device=_device(cfg))
 
@@ -410,6 +414,9 @@ class _ScoreActor:
     """Ray Data callable class: loads the objectives once, appends one float column per objective."""
 
     def __init__(self, task_cfg: TaskConfig, objectives: Sequence[Any] | None):
+        from mage_ray.devices import note_process
+
+        note_process("rollout scorer actor")
         self.objectives = list(objectives) if objectives is not None else _default_objectives(task_cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -433,6 +440,11 @@ def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
     gpus = res.pop("GPU", 1) if cfg.value.use_gpu else 0
     res.pop("GPU", None)
     items = [{"prompt_index": i, "prompt": prompts[i], "shard": s} for s, idx in shards.items() for i in idx]
+    from mage_ray.devices import note_request
+
+    scorer_gpus = 0.5 if cfg.task.reward_device.startswith("cuda") else 0
+    note_request("rollout sampler actor (Ray Data)", {"CPU": cpus, "GPU": gpus, **res}, cfg.value.num_workers)
+    note_request("rollout scorer actor (Ray Data)", {"CPU": 1, "GPU": scorer_gpus})
     ds = ray.data.from_items(items)
     ds = ds.map_batches(
         _SampleActor,
@@ -452,7 +464,7 @@ def _run_ray(cfg, out_dir, prompts, shards, n_shards, objectives) -> None:
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
         # A GPU reward model shares the device with the sampler; give the sampler <= 0.5 GPU to co-locate.
-        num_gpus=0.5 if cfg.task.reward_device == "cuda" else 0,
+        num_gpus=scorer_gpus,
     )
     expected = {s: len(idx) * cfg.value.rollouts_per_prompt for s, idx in shards.items()}
     pending: dict[int, list[pa.Table]] = {s: [] for s in shards}

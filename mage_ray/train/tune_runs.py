@@ -50,6 +50,12 @@ class Scaling:
     def from_value(cls, v: ValueConfig) -> Scaling:
         return cls(v.num_workers, v.use_gpu, dict(v.resources_per_worker), "PACK")
 
+    def worker_resources(self) -> dict[str, float]:
+        """What each worker reserves, by Ray Train's rule (``use_gpu`` adds GPU: 1 when no GPU count is given)."""
+        from mage_ray.train.placement import worker_bundle
+
+        return worker_bundle(self.resources_per_worker or None, self.use_gpu)
+
     def scaling_config(self):
         import ray.train
 
@@ -120,6 +126,9 @@ def run_concurrent(
     jobs = list(jobs)
     labels = list(labels) if labels is not None else [str(i) for i in range(len(jobs))]
     k = max_concurrent or max_concurrent_runs(scaling, len(jobs), field_prefix)
+    from mage_ray.devices import note_request
+
+    note_request("Tune trial driving a Train run", {"memory": DRIVER_MEMORY}, count=len(jobs), detail=name)
     trainable = tune.with_resources(
         tune.with_parameters(_tune_driver, fn=fn, jobs=jobs), {"CPU": 0, "memory": DRIVER_MEMORY}
     )

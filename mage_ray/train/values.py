@@ -206,8 +206,10 @@ class ValueNet(nn.Module):
 
 def build_value_net(cfg: Config, device: str | torch.device = "cpu") -> tuple[ValueNet, Any]:
     """Load the base policy and wrap it: (ValueNet in train mode on ``device``, tokenizer)."""
+    from mage_ray.devices import place
     from mage_ray.models import load_policy
 
+    device = place(device, "value model")
     policy, tok = load_policy(cfg.model, cfg.storage.cache_dir, device=device)
     net = ValueNet(policy, lora_config(cfg.lora, r=cfg.value.lora_r, alpha=cfg.value.lora_alpha))
     return net.to(device).train(), tok
@@ -369,7 +371,7 @@ def train_value_model(
         return read_manifest(out_dir)
     s = OfflineSettings.from_value(cfg, steps)
     t0 = time.time()
-    ctx = ctx or TrainContext(device="cuda" if cfg.value.use_gpu and torch.cuda.is_available() else "cpu")
+    ctx = ctx or TrainContext(device="cuda" if cfg.value.use_gpu else "cpu")
     train, val, mean, std = load_value_data(
         rollouts_path, objective_name, val_fraction=cfg.value.val_fraction, seed=cfg.value.seed
     )

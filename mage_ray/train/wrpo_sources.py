@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import torch
 
 from mage_ray.config import Config
 from mage_ray.manifest import ManifestError, is_complete, join, read_json, read_manifest, write_json_atomic
@@ -153,7 +152,7 @@ def _sample_remote(
     """Sample + score + write one source's cache file (runs as a Ray task when Ray is up)."""
     from mage_ray.train.rollouts import write_shard
 
-    device = "cuda" if cfg.backbone.use_gpu and torch.cuda.is_available() else "cpu"
+    device = "cuda" if cfg.backbone.use_gpu else "cpu"  # placed (or refused) by mage_ray.devices.place
     table = sample_source_table(
         cfg, spec, prompts, objectives=objectives, samples_per_source=samples_per_source, device=device
     )
