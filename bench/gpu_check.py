@@ -173,9 +173,8 @@ def plan_estimate(model, method: str, batch: int, size: dict, dtype_name: str, m
                 "value": {"lora_r": size["r"]},
                 "arm": {"lora_r": size["r"], "r1": size["r12"], "r2": size["r12"]},
                 "decode": {"method": method, "batch_size": batch, "max_new_tokens": size["new"],
-                           "max_tokens_limit": max_context},
+                           "max_tokens_limit": max_context, "num_gpus": 1},
                 "eval": {"methods": [method]},
-                "serve": {"num_gpus": 1},
             }
         )  # fmt: skip
         plan = plan_config(cfg)

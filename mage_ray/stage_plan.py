@@ -9,8 +9,8 @@ largest of its phases (GRPO: generation or the training micro-batch), the config
 fit, and the time: steps x seconds per step. A second is measured only when given (``--step-seconds
 stage=S``); otherwise it is :data:`ASSUMED`'s roofline on an H100 and the row says "assumed".
 
-Decode stages (sweep trials, evaluation, grids) run on the GPU of ``decode.num_gpus`` when the config has that
-field; without it they are counted as 1 GPU each when ``serve.num_gpus > 0`` (a GPU deployment), else on CPU.
+Batch decode stages (sweep trials, the beta trials' validation, evaluation) run on ``decode.num_gpus`` GPUs each and
+hold the reward models when ``task.reward_device`` is cuda (they score what they decode); so does a Serve replica.
 """
 
 from __future__ import annotations
@@ -239,12 +239,13 @@ def _gpus_per_worker(use_gpu: bool, resources: dict) -> float:
 
 
 def decode_gpus(cfg: Config) -> float:
-    """GPUs of one batch decode worker: ``decode.num_gpus`` when the config has it, else 1 when Serve runs on
-    GPUs (``serve.num_gpus > 0``), else 0 (CPU)."""
-    declared = getattr(cfg.decode, "num_gpus", None)  # the decode workers' resource field, where it exists
-    if declared is not None:
-        return float(declared)
-    return 1.0 if cfg.serve.num_gpus > 0 else 0.0
+    """GPUs of one batch decode worker (sweep trials, the beta trials' validation, evaluation): ``decode.num_gpus``."""
+    return float(cfg.decode.num_gpus)
+
+
+def _scoring_terms(cfg: Config, on_gpu: bool) -> list[Term]:
+    """The reward models a decode worker or Serve replica loads to score (``task.reward_device`` cuda, on a GPU)."""
+    return _reward_terms(cfg)[0] if on_gpu and cfg.task.reward_device.startswith("cuda") else []
 
 
 def _checkpointing(setting: bool | None, gpu: bool) -> bool:
@@ -314,7 +315,7 @@ def _grpo_row(c: _Ctx, stage: str, runs: int, steps: float) -> StageRow:
     gpu = b.use_gpu
     comp, per_step, micro = b.max_completion_length, b.prompts_per_step * b.num_generations, b.micro_batch
     tokens = c.prompt + comp
-    rewards, notes = _reward_terms(c.cfg) if c.cfg.task.reward_device == "cuda" else ([], [])
+    rewards, notes = _reward_terms(c.cfg) if c.cfg.task.reward_device.startswith("cuda") else ([], [])
     resident = [
         Term("weights", c.weights, f"{c.shape.params / 1e9:.2f}B x {c.act} B"),
         c.lora_state(c.cfg.lora.r),
@@ -531,7 +532,7 @@ def _rollout_rows(c: _Ctx) -> list[StageRow]:
     rows = [c.timed(sampler, calls, step, gpw)]
     rewards, notes = _reward_terms(c.cfg)
     if rewards:
-        on_gpu = c.cfg.task.reward_device == "cuda"
+        on_gpu = c.cfg.task.reward_device.startswith("cuda")
         scorer = StageRow(
             "rollouts",
             "scorer actor",
@@ -625,6 +626,7 @@ def _decode_row(c: _Ctx, stage: str, methods: list[str], requests: int, prompts_
         Term("scores", seqs * c.shape.vocab * 4 * 4, "log-softmax, guidance, value outputs in float32"),
     ]
     gpus = decode_gpus(c.cfg)
+    resident = resident + _scoring_terms(c.cfg, gpus > 0)  # the worker scores what it decodes
     row = StageRow(
         stage, "decode engine", gpus > 0, gpus, 1, resident, transient, "decoding", "decode.batch_size"
     )
@@ -641,6 +643,7 @@ def _decode_row(c: _Ctx, stage: str, methods: list[str], requests: int, prompts_
 def _serve_row(c: _Ctx, methods: list[str]) -> StageRow:
     s = c.cfg.serve
     rank_sum, resident = _engine_adapters(c, methods)
+    resident += _scoring_terms(c.cfg, s.num_gpus > 0)  # `score: true` requests load the objectives
     rows_per = max(method_rows(m, c.n) for m in methods)
     tokens = c.cfg.model.max_context
     seqs = s.max_batch_size * rows_per

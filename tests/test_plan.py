@@ -141,6 +141,8 @@ def test_plan_command_prints_every_stage_and_writes_json(tmp_path, capsys):
     for st in ("beta", "backbones", "rollouts", "values", "alpha", "gamma", "morlhf", "evaluate", "serve"):
         assert st in stages and f"| {st} |" in text
     assert status == 0 and all(s["fits"] in (True, None) for s in data["stages"])
+    serve = next(s for s in data["stages"] if s["stage"] == "serve")
+    assert 23028 / 1024 < serve["per_gpu_gib"] <= 80 - 4  # more than an A10G, within an 80 GiB GPU
     bb = next(s for s in data["stages"] if s["stage"] == "backbones")
     assert bb["time_source"] == "measured" and bb["step_s"] == 12.5
     assert bb["gpu_hours"] == pytest.approx(bb["steps"] * 12.5 * bb["gpus"] / 3600, rel=1e-3)

@@ -281,11 +281,12 @@ def _n_pairs(rewards: Sequence[float], groups: Sequence[Any]) -> int:
 # Training (plain function)
 
 
-def value_micro_batch_here(cfg: Config, net: ValueNet, device: Any) -> int | None:
-    """Sequences per forward / backward of this worker: on a CUDA device as many as fit ``plan.gpu_memory_gib``
-    (else the device's memory) by :func:`mage_ray.stage_plan.value_micro_batch`; None (the whole batch) on CPU or
-    for a policy the plan has no shape for."""
-    if torch.device(device).type != "cuda":
+def value_micro_batch_here(cfg: Config, net: ValueNet) -> int | None:
+    """Sequences per forward / backward of this worker: with the model on a CUDA device as many as fit
+    ``plan.gpu_memory_gib`` (else the device's memory) by :func:`mage_ray.stage_plan.value_micro_batch`; None (the
+    whole batch) on CPU (a rehearsal's stand-in included) or for a policy the plan has no shape for."""
+    device = net.head.weight.device
+    if device.type != "cuda":
         return None
     from mage_ray.memory_plan import shape_from_config
     from mage_ray.stage_plan import gpu_budget, value_micro_batch
@@ -294,7 +295,7 @@ def value_micro_batch_here(cfg: Config, net: ValueNet, device: Any) -> int | Non
         shape = shape_from_config(net.peft.get_base_model().config.to_dict())
     except KeyError:  # not a Llama-style config
         return None
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    total = torch.cuda.get_device_properties(device).total_memory
     return value_micro_batch(cfg, shape, gpu_budget(cfg, total))
 
 
@@ -382,7 +383,7 @@ def train_value_model(
         ctx=ctx,
         checkpointing=cfg.value.activation_checkpointing,
     )
-    micro = value_micro_batch_here(cfg, t.model, ctx.device)
+    micro = value_micro_batch_here(cfg, t.model)
     history = fit_value_net(t, train, s, ctx, label=f"value {objective_name}", micro_batch=micro)
     if ctx.rank != 0:
         return None
