@@ -476,6 +476,9 @@ def build_app(args: dict[str, Any]) -> Application:
     replicas = (
         cfg.serve.autoscaling.get("min_replicas", 1) if cfg.serve.autoscaling else cfg.serve.num_replicas
     )
-    note_request("Serve engine replica", opts["ray_actor_options"], count=max(1, int(replicas)))
+    actor = opts["ray_actor_options"]
+    note_request(
+        "Serve engine replica", {"CPU": actor["num_cpus"], "GPU": actor["num_gpus"]}, max(1, int(replicas))
+    )
     engine = MageEngine.options(**opts).bind(str(b.root), cfg.to_dict(), overrides)
     return MageIngress.options(**ingress_options(cfg)).bind(engine, str(b.root), cfg.to_dict())
