@@ -244,9 +244,7 @@ def write_report(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = str(
-        out_dir
-    )  # a local directory or a URI (mage_ray.storage): every file below is written atomically
+    out = str(out_dir)  # a local directory or a URI (mage_ray.storage); each file is written atomically
     cols = {
         "method": [r["method"] for r in rows],
         "preference": [[float(v) for v in grid[r["pref_index"]]] for r in rows],
