@@ -66,6 +66,7 @@ def s3_bucket():
     process's environment while the session runs, so subprocesses and their local Ray workers inherit them.
     """
     import logging
+    import shutil
     import socket
     import uuid
 
@@ -93,6 +94,13 @@ def s3_bucket():
         yield f"s3://{bucket}"
     finally:
         server.stop()
+        from mage_ray.storage import default_download_dir
+
+        for d in default_download_dir().glob(f"{bucket}*"):  # local copies made by the session's jobs
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
