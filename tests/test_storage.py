@@ -5,6 +5,7 @@ exports. The slow test runs the smoke pipeline twice on ``s3://`` and checks the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import torch
 from bundle_factory import cached_tiny_bundle
 
 from mage_ray import storage
-from mage_ray.bundle import build_bundle, load_bundle
+from mage_ray.bundle import build_bundle, load_bundle, save_bundle
 from mage_ray.config import load_config
 from mage_ray.manifest import write_manifest
 from mage_ray.storage import (
@@ -376,6 +377,11 @@ def test_bundle_round_trip_through_a_uri_decodes_the_same_tokens(kind, tiny_bund
     assert remote.root.is_dir() and {k: remote.to_json()[k] for k in same} == {
         k: local.to_json()[k] for k in same
     }
+    save_bundle(
+        dataclasses.replace(remote, method_gammas={"genarm": 2.0})
+    )  # the ARM gammas: bundle.json only
+    assert json.loads(read_text(join(base, "bundle", "bundle.json")))["method_gammas"] == {"genarm": 2.0}
+    assert load_bundle(join(base, "bundle"), cache_dir=tmp_path / "cache").method_gammas == {"genarm": 2.0}
     reqs = [
         Request(p, [0.3, 0.7], method=m, max_new_tokens=5)
         for m in ("bs", "mage-e-m", "genarm", "parm")
