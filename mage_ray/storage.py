@@ -396,7 +396,8 @@ def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
     while the URI is unchanged: the version is a hash of the listing (every file's path, size and modification
     time) and of the content of its top-level :data:`COMPLETION_FILES`, so a rewritten ``bundle.json`` or
     ``manifest.json`` gives a new copy. Other files whose path, size and time are unchanged (rsync's quick check)
-    are taken from the previous copy instead of downloaded again, and the previous copy is then removed.
+    are taken from the previous copy instead of downloaded again. The copy before the new one is kept (a process
+    may still be reading it); older ones are removed.
 
     Safe when several processes ask at once: one downloads under a ``filelock`` lock into a temporary directory
     renamed into place; the others wait and get the same copy. FileNotFoundError when ``path`` holds no file.
@@ -443,10 +444,10 @@ def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        for d in old:  # and leftovers of a killed download: this process holds the lock
+        for d in sorted(old, key=lambda d: d.stat().st_mtime)[:-1]:  # all but the newest of the old copies
             shutil.rmtree(d, ignore_errors=True)
             (home / f".{d.name}.json").unlink(missing_ok=True)
-        for d in home.glob(".tmp-*"):
+        for d in home.glob(".tmp-*"):  # leftovers of a killed download: this process holds the lock
             shutil.rmtree(d, ignore_errors=True)
     return final
 

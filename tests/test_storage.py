@@ -158,10 +158,13 @@ def test_local_copy_downloads_once_and_refreshes_when_the_manifest_changes(s3_bu
     assert local_copy(uri, cache) == first and len(downloads) == 3  # unchanged: the same copy, no download
     write_text_atomic(join(uri, "manifest.json"), '{"v": 2}')
     second = local_copy(uri, cache)
-    assert second != first and not first.exists()  # a new copy replaces the old one
+    assert second != first and first.is_dir()  # a new copy; the one before stays (a process may read it)
     assert (second / "manifest.json").read_text() == '{"v": 2}'
     assert (second / "adapter" / "w.safetensors").read_bytes() == b"weights"
     assert downloads[3:] == [join(uri, "manifest.json")]  # unchanged files came from the previous copy
+    write_text_atomic(join(uri, "manifest.json"), '{"v": 3}')
+    third = local_copy(uri, cache)
+    assert (third / "manifest.json").read_text() == '{"v": 3}' and second.is_dir() and not first.exists()
     with pytest.raises(FileNotFoundError):
         local_copy(f"{s3_bucket}/no-such-dir", cache)
 
