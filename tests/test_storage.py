@@ -430,6 +430,7 @@ PIPELINE = [
     "sweep.betas=[1.0]",
     "sweep.alphas=[0.0]",
     "sweep.gammas=[0.0]",
+    "sweep.gamma_method=bs",  # no value models: no rollouts and values stages (the suite's time budget)
     "eval.n_resamples=50",
 ]
 
