@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mage_ray.storage import local_copy
+
 __all__ = [
     "AdapterError",
     "LoraAdapter",
@@ -149,11 +151,12 @@ def _scaling_from_config(config: dict, module: str, r: int, where: str) -> float
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     """Load a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    Only safetensors is read: a pickled ``adapter_model.bin`` can run code on load and is refused.
+    Only safetensors is read: a pickled ``adapter_model.bin`` can run code on load and is refused. ``path`` may be
+    a URI (:func:`mage_ray.storage.local_copy`: downloaded once).
     """
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
+    path = local_copy(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist (or is not a directory)")
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME

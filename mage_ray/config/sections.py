@@ -437,7 +437,8 @@ class StorageConfig:
     """Where runs, checkpoints, bundles and reports go."""
 
     storage_path: str = "runs"
-    """Local directory or cloud URI (s3://, gs://) for Ray Train/Tune storage and artifacts."""
+    """Local directory, file:// URI (= that local path) or object-store URI (s3://, gs://) for Ray Train/Tune
+    storage and every artifact (mage_ray.storage)."""
     run_name: str = "default"
     """Name of this run: artifacts go to <storage_path>/<run_name>."""
     cache_dir: str = field(

@@ -38,7 +38,6 @@ import collections
 import concurrent.futures
 import copy
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +61,7 @@ from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.report import prompt_text
 from mage_ray.serve.schema import ApiError, Limits
 from mage_ray.serve.ticket import CANCELLED, COUNTERS, Ticket, error_event
+from mage_ray.storage import join, mtime
 
 __all__ = ["Generator", "Ticket", "decode_defaults"]
 
@@ -138,7 +138,7 @@ class Generator:
         engine = Engine(
             parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device
         )
-        created = int(os.stat(Path(bundle.root) / "bundle.json").st_mtime)
+        created = int(mtime(join(bundle.location, "bundle.json")))
         return cls(
             engine,
             cfg.serve,
