@@ -154,6 +154,8 @@ def _trim_cache(cache, mask: torch.Tensor | None, width: int):
     if drop <= 0 or cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return cache, mask
     for layer in cache.layers:  # views: the next step's update concatenates them into fresh tensors
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:  # a layer that holds nothing
+            continue
         layer.keys = layer.keys[:, :, drop:]  # [R, H, S - drop, D]
         layer.values = layer.values[:, :, drop:]
     return cache, mask[:, drop:]
@@ -246,6 +248,11 @@ def choose(job: _Job, base: torch.Tensor, guide: torch.Tensor | None, greedy: in
     # Guidance before truncation: s = log pi / T + gamma V.
     s = base / job.temperature if guide is None else base / job.temperature + guide
     idx, vals = _truncate(s, job.top_k, job.top_p)
+    # Draw over the kept tokens in token-id order, not score order: two nearly tied scores (1e-5 apart, which the
+    # batch's other rows can change through matmul rounding) then swap no random numbers between tokens, so a
+    # request's samples do not depend on what else is in the batch.
+    order = torch.argsort(idx)
+    idx, vals = idx[order], vals[order]
     probs = torch.softmax(vals.float().cpu(), dim=-1)
     draw = torch.multinomial(probs, min(k, probs.shape[0]), replacement=False, generator=job.generator)
     return idx.cpu()[draw].tolist()
