@@ -245,7 +245,14 @@ def compare(args, bundle: Path, source: str) -> None:
             env = {**os.environ, "PYTHONPATH": co}
             load = _loadavg()
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, __file__, *passthrough, "--out", str(out)], env=env, check=True)
+            for attempt in range(3):  # a busy machine can time out Ray's startup: retry the run
+                done = subprocess.run([sys.executable, __file__, *passthrough, "--out", str(out)], env=env)
+                if done.returncode == 0:
+                    break
+                print(f"[{co} pair {pair}] run failed (attempt {attempt + 1}); retrying in 30 s", flush=True)
+                time.sleep(30)
+            else:
+                raise SystemExit(f"{co}: three failed runs")
             res = json.loads(out.read_text())
             runs.append({"checkout": co, "pair": pair, "loadavg_before": load, "loadavg_after": _loadavg(),
                          "wall_s": time.perf_counter() - t0, **res})  # fmt: skip

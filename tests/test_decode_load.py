@@ -45,7 +45,18 @@ def _request(rng: random.Random, k: int) -> Request:
     )
 
 
-def test_kv_cache_stays_bounded_while_the_batch_never_empties(engine, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of hundreds of tiny steps: on a shared 2-core machine two OpenMP threads spend
+    most of such a step spin-waiting (measured at load averages of 10-30: this test took 3.8 s of CPU with one
+    thread, 25-30 s with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_kv_cache_stays_bounded_while_the_batch_never_empties(engine, monkeypatch, one_thread):
     """6 requests of 8-32 new tokens stay live for 300+ decode steps (every finished one is replaced at once
     through ``stream(admit=...)``, so the batch never empties): the KV cache's width at every decode step is at
     most the longest live prompt + generated tokens (+ 1 slack column). Without trimming it grows by one column
