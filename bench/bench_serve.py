@@ -18,8 +18,9 @@ aggregate tokens/s (all completion tokens / wall time of the level), errors.
 
 ``--methods default,bs`` runs every client level for each method (default: the bundle's method at every level, plus
 ``bs`` at the largest). ``--checkouts A,B`` compares revisions: the bundle is built once, then this script runs
-itself once per checkout (``PYTHONPATH=<checkout>``: the driver and the Serve replicas import that checkout's
-mage_ray), alternating A, B, A, B for ``--pairs`` pairs, each run a fresh Ray; the machine's load average is recorded
+itself once per checkout (``PYTHONPATH=<checkout>`` and the checkout as working directory, which Ray puts first on
+its workers' sys.path: the driver and the Serve replicas import that checkout's mage_ray; each run records which
+one the replica ran), alternating A, B, A, B for ``--pairs`` pairs, each run a fresh Ray; the machine's load average is recorded
 before every run, and the table gives per revision the median tokens/s and TTFT p99 per level and the ratio of each
 level's tokens/s to the same method's single client (also run by run).
 
@@ -246,7 +247,9 @@ def compare(args, bundle: Path, source: str) -> None:
             load = _loadavg()
             t0 = time.perf_counter()
             for attempt in range(3):  # a busy machine can time out Ray's startup: retry the run
-                done = subprocess.run([sys.executable, __file__, *passthrough, "--out", str(out)], env=env)
+                # cwd = the checkout: Ray puts the driver's working directory first on its workers' sys.path
+                cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--out", str(out)]
+                done = subprocess.run(cmd, env=env, cwd=co)
                 if done.returncode == 0:
                     break
                 print(f"[{co} pair {pair}] run failed (attempt {attempt + 1}); retrying in 30 s", flush=True)
