@@ -154,7 +154,7 @@ def _reads_per_step(engine, monkeypatch, reqs: list[Request]) -> tuple[list[int]
     )  # per_step[i]: reads between decode forwards i and i + 1
 
 
-def test_one_read_back_per_step_whatever_the_number_of_requests(engine, monkeypatch):
+def test_one_read_back_per_step_whatever_the_number_of_requests(engine, monkeypatch, one_thread):
     """Greedy decoding reads its step's results back once: the reads per decode step are the same for 1 request
     and for 8 (the old loop read log pi and V of every request's chosen token one by one: 2 more per request), and
     ``to_host`` runs once per step (prefill included) also with sampled and beam requests in the batch."""
