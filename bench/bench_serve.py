@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_serve.py                          # embedded SmolLM2-135M, clients 1,8,32
     .venv/bin/python bench/bench_serve.py --batching micro,continuous --lengths mixed   # compare batching modes
     .venv/bin/python bench/bench_serve.py --model tiny-random --clients 1,4 --max-tokens 8   # smoke run
+    .venv/bin/python bench/bench_serve.py --checkouts .,/tmp/main --pairs 2 --clients 1,32 --methods default,bs \
+        --no-naive --out /tmp/compare.json          # two revisions, alternated run by run, same bundle
 
 One replica (``serve.num_cpus`` = --replica-cpus, max_batch_size = the largest client count) on a fresh local
 Ray, over ``runs/embedded/bundle`` if it exists, else a bundle of random r=8 adapters (q/k/v/o) and random value
@@ -13,6 +15,14 @@ client i asks for max_tokens * (1 + (i + k) % 4) / 4 tokens, so short and long r
 finish at different steps. Each ``--batching`` mode (serve.batching) is a fresh deployment of the same bundle
 measured in the same run. Reported per level: TTFT p50 / p99 (request sent -> first token event),
 aggregate tokens/s (all completion tokens / wall time of the level), errors.
+
+``--methods default,bs`` runs every client level for each method (default: the bundle's method at every level, plus
+``bs`` at the largest). ``--checkouts A,B`` compares revisions: the bundle is built once, then this script runs
+itself once per checkout (``PYTHONPATH=<checkout>`` and the checkout as working directory, which Ray puts first on
+its workers' sys.path: the driver and the Serve replicas import that checkout's mage_ray; each run records which
+one the replica ran), alternating A, B, A, B for ``--pairs`` pairs, each run a fresh Ray; the machine's load average is recorded
+before every run, and the table gives per revision the median tokens/s and TTFT p99 per level and the ratio of each
+level's tokens/s to the same method's single client (also run by run).
 
 The naive alternative runs in the same process afterwards, one request at a time: per preference, materialise
 the merged Bone Soup model (``lora_export.merge_weights``, a full copy of the weights) and run plain HF
@@ -29,6 +39,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,6 +199,115 @@ def run_naive(bundle_dir: Path, n_prefs: int, max_tokens: int) -> dict:
     }
 
 
+def _bundle(args) -> tuple[Path, str]:
+    """--bundle, else runs/embedded/bundle if it exists, else a fresh bundle of random adapters on --model."""
+    bundle = Path(args.bundle) if args.bundle else REPO / "runs" / "embedded" / "bundle"
+    if (bundle / "bundle.json").is_file():
+        return bundle, "trained bundle" if not args.bundle else f"bundle {bundle}"
+    from bundle_factory import make_tiny_bundle
+
+    t0 = time.perf_counter()
+    bundle = make_tiny_bundle(
+        tempfile.mkdtemp(prefix="bench_serve_"),
+        model=args.model,
+        r=8,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        lora_std=0.02,
+        head_std=0.01,
+        objectives=["relevance", "positivity"],
+        max_context=1024,
+    )
+    return (
+        bundle,
+        f"random r=8 adapters + random value heads on {args.model} (built in {time.perf_counter() - t0:.0f} s)",
+    )
+
+
+def _loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def compare(args, bundle: Path, source: str) -> None:
+    """Run this script once per checkout, alternated, ``--pairs`` times; tabulate tokens/s and x single."""
+    checkouts = [str(Path(c).resolve()) for c in args.checkouts.split(",")]
+    passthrough = [
+        "--bundle", str(bundle), "--clients", args.clients, "--rounds", str(args.rounds),
+        "--max-tokens", str(args.max_tokens), "--replica-cpus", str(args.replica_cpus),
+        "--batch-wait", str(args.batch_wait), "--batching", args.batching, "--lengths", args.lengths,
+        "--no-naive",
+    ]  # fmt: skip
+    if args.methods:
+        passthrough += ["--methods", args.methods]
+    runs = []
+    print(f"bundle: {bundle} ({source}); checkouts {checkouts}", flush=True)
+    for pair in range(args.pairs):
+        for co in checkouts:
+            out = Path(tempfile.mkdtemp(prefix="bench_serve_run_")) / "run.json"
+            env = {**os.environ, "PYTHONPATH": co}
+            load = _loadavg()
+            t0 = time.perf_counter()
+            for attempt in range(3):  # a busy machine can time out Ray's startup: retry the run
+                # cwd = the checkout: Ray puts the driver's working directory first on its workers' sys.path
+                cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--out", str(out)]
+                done = subprocess.run(cmd, env=env, cwd=co)
+                if done.returncode == 0:
+                    break
+                print(f"[{co} pair {pair}] run failed (attempt {attempt + 1}); retrying in 30 s", flush=True)
+                time.sleep(30)
+            else:
+                raise SystemExit(f"{co}: three failed runs")
+            res = json.loads(out.read_text())
+            runs.append({"checkout": co, "pair": pair, "loadavg_before": load, "loadavg_after": _loadavg(),
+                         "wall_s": time.perf_counter() - t0, **res})  # fmt: skip
+            keys = res["results"][0].get("engine_stats_keys", [])
+            print(
+                f"[{co} pair {pair}] load {load} -> {runs[-1]['loadavg_after']}; driver imported "
+                f"{res.get('driver_mage_ray')}, engine reports kv_rows: {'kv_rows' in keys}",
+                flush=True,
+            )
+    print(
+        f"\nmachine: {os.cpu_count()} cores; max_tokens {args.max_tokens} ({args.lengths}); bundle: {source}"
+    )
+    print(
+        "| checkout | clients | method | tokens/s (runs) | TTFT p99 s (runs) | x single, median (runs) | errors |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    table = []
+    for co in checkouts:
+        mine = [r for r in runs if r["checkout"] == co]
+        keys = [(x["clients"], x["method"]) for x in mine[0]["results"]]
+        for clients, method in keys:
+            got = [
+                next(x for x in r["results"] if (x["clients"], x["method"]) == (clients, method))
+                for r in mine
+            ]
+            single = [
+                next((x for x in r["results"] if x["clients"] == 1 and x["method"] == method), None)
+                for r in mine
+            ]
+            ratios = [g["tokens_per_s"] / s1["tokens_per_s"] for g, s1 in zip(got, single) if s1 is not None]
+            row = {
+                "checkout": co,
+                "clients": clients,
+                "method": method,
+                "tokens_per_s": [g["tokens_per_s"] for g in got],
+                "ttft_p99_s": [g["ttft_p99_s"] for g in got],
+                "x_single": ratios,
+                "errors": sum(g["errors"] for g in got),
+            }
+            table.append(row)
+            fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+            med = f"{statistics.median(ratios):.2f} ({fmt(ratios)})" if ratios else "-"
+            print(
+                f"| {co} | {clients} | {method} | {fmt(row['tokens_per_s'])} | {fmt(row['ttft_p99_s'])} | {med} "
+                f"| {row['errors']} |"
+            )
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps({"args": vars(args), "bundle": source, "runs": runs, "table": table}, indent=1)
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
@@ -203,34 +323,23 @@ def main() -> None:
     )
     ap.add_argument("--lengths", choices=["fixed", "mixed"], default="fixed", help="max_tokens per request")
     ap.add_argument("--no-naive", action="store_true", help="skip the merge-per-preference baseline")
+    ap.add_argument("--methods", default=None, help="run every level for each of these, e.g. default,bs")
+    ap.add_argument("--checkouts", default=None, help="compare these checkouts (comma separated), alternated")
+    ap.add_argument("--pairs", type=int, default=2, help="runs per checkout with --checkouts")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
+    bundle, source = _bundle(args)
+    if args.checkouts:
+        compare(args, bundle, source)
+        return
 
     import ray
     from ray import serve
 
     from mage_ray.serve.app import build_app
 
-    bundle = Path(args.bundle) if args.bundle else REPO / "runs" / "embedded" / "bundle"
-    source = "trained bundle"
-    if not (bundle / "bundle.json").is_file():
-        from bundle_factory import make_tiny_bundle
-
-        t0 = time.perf_counter()
-        bundle = make_tiny_bundle(
-            tempfile.mkdtemp(prefix="bench_serve_"),
-            model=args.model,
-            r=8,
-            targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-            lora_std=0.02,
-            head_std=0.01,
-            objectives=["relevance", "positivity"],
-            max_context=1024,
-        )
-        source = f"random r=8 adapters + random value heads on {args.model} (built in {time.perf_counter() - t0:.0f} s)"
     print(f"bundle: {bundle} ({source})", flush=True)
-
     port = _free_port()
     ray.init(
         address="local",
@@ -267,12 +376,22 @@ def main() -> None:
                 f"[{mode}] replica up in {time.perf_counter() - t0:.0f} s; overrides {overrides}", flush=True
             )
             asyncio.run(run_level(url, 1, 1, 4, None))  # warm-up
-            for n, method in [*((n, None) for n in levels), (bs, "bs")]:
+            if args.methods:
+                plan = [(n, None if m == "default" else m) for m in args.methods.split(",") for n in levels]
+            else:
+                plan = [*((n, None) for n in levels), (bs, "bs")]
+            for n, method in plan:
                 rounds = args.rounds if n > 1 else max(args.rounds, 3)
                 res = asyncio.run(run_level(url, n, rounds, args.max_tokens, method, args.lengths))
                 res["batching"] = mode
                 results.append(res)
                 print(json.dumps(res), flush=True)
+            import urllib.request
+
+            with urllib.request.urlopen(url.replace("/v1/generate", "/v1/stats"), timeout=60) as r:
+                stats = json.loads(r.read())
+            for res in results:  # which code the replica ran (the KV-shape keys are new in /v1/stats)
+                res.setdefault("engine_stats_keys", sorted(stats))
             serve.delete("bench")
     finally:
         serve.shutdown()
@@ -309,7 +428,15 @@ def _table(results: list[dict], args, source: str) -> None:
         )
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"args": vars(args), "bundle": source, "results": results}, indent=1)
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "bundle": source,
+                    "results": results,
+                    "driver_mage_ray": str(Path(sys.modules["mage_ray"].__file__).parent),
+                },
+                indent=1,
+            )
         )
 
 

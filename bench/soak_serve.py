@@ -3,6 +3,7 @@
     .venv/bin/python bench/soak_serve.py                                  # 10 minutes, runs/v4/bundle, embedded.yaml
     .venv/bin/python bench/soak_serve.py --minutes 1 --bundle <dir> --out /tmp/soak.json
     .venv/bin/python bench/soak_serve.py --bundle <dir> --config configs/smoke.yaml serve.max_batch_size=8
+    .venv/bin/python bench/soak_serve.py --sustained --minutes 20 --out /tmp/soak_sustained.json   # no gaps
 
 Starts a local Ray and Serve (``build_app`` on ``--bundle`` with ``--config`` and any ``section.field=value``
 overrides; the application is named ``soak<pid>`` so its replicas can be told from other Serve apps on the
@@ -14,6 +15,13 @@ have passed (bounded: every request has a timeout, and the clients stop by thems
 * ``grid``: small ``POST /v1/grid`` requests (1-2 prompts x 3 preferences, some scored);
 * ``disconnect``: a long ``ignore_eos`` stream that the client closes after a few events (the server must
   cancel it: the engine's ``cancelled`` counter is reported next to the number of disconnects).
+
+``--sustained``: steady traffic with no gaps (default clients ``stream=8``, each sending its next request as soon
+as the previous one ended), so the engine's batch never empties: what a continuously busy replica sees. Each
+minute's sample then also holds the minute's completion tokens/s (the engine's counter), the running batch's
+KV-cache width and rows (``kv_columns`` / ``kv_rows`` of /v1/stats, polled every second: mean and max), and the
+machine's load (/proc/loadavg). Without ``--bundle`` (or when it has no bundle.json) a bundle of random r = 8
+adapters and value heads on the embedded SmolLM2-135M is built first (tests/bundle_factory.py).
 
 Counted per kind: responses by status class (2xx / 4xx / 5xx), transport errors, streams that ended with an
 error event. The engine and ingress replicas' resident memory (psutil RSS; the engine's pid from /v1/stats) is
@@ -131,8 +139,10 @@ def _stream(url: str, body: dict, kind: str, tally: Tally, stop_after: int | Non
             tally.add(f"{kind}.ok")
 
 
-def client(kind: str, seed: int, url: str, info: dict, deadline: float, tally: Tally) -> None:
-    """One client thread: requests of ``kind`` one after another until ``deadline``."""
+def client(
+    kind: str, seed: int, url: str, info: dict, deadline: float, tally: Tally, gap_s: float = 0.5
+) -> None:
+    """One client thread: requests of ``kind`` one after another until ``deadline``, up to ``gap_s`` apart."""
     rng = random.Random(seed)
     n = info["n_objectives"]
     methods = [m for m in ("bs", info["defaults"]["method"]) if m in info["methods"]]
@@ -173,7 +183,7 @@ def client(kind: str, seed: int, url: str, info: dict, deadline: float, tally: T
                     tally.add(f"{kind}.ok")
         except (requests.RequestException, ValueError) as e:
             tally.add(f"{kind}.transport", f"{type(e).__name__}: {e}")
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, gap_s))
 
 
 def _memory(engine_pid: int | None, ingress_pid: int | None, t0: float) -> dict:
@@ -182,6 +192,44 @@ def _memory(engine_pid: int | None, ingress_pid: int | None, t0: float) -> dict:
         "engine_rss_mb": (_rss(engine_pid) or 0) / 2**20,
         "ingress_rss_mb": (_rss(ingress_pid) or 0) / 2**20,
     }
+
+
+class Load:
+    """Per-minute figures of a sustained run: completion tokens/s, KV-cache width and rows, machine load."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.columns: list[int] = []
+        self.rows: list[int] = []
+        self.t, self.tokens = time.monotonic(), self._stats().get("tokens", 0)
+
+    def _stats(self) -> dict:
+        try:
+            return requests.get(self.url + "/v1/stats", timeout=30).json()
+        except (requests.RequestException, ValueError):
+            return {}
+
+    def poll(self) -> None:
+        """Once a second: the running batch's KV shape (absent on servers that do not report it)."""
+        s = self._stats()
+        if "kv_columns" in s and s.get("kv_rows"):
+            self.columns.append(s["kv_columns"])
+            self.rows.append(s["kv_rows"])
+
+    def sample(self) -> dict:
+        """The minute since the last sample; starts the next one."""
+        s, now = self._stats(), time.monotonic()
+        tokens = s.get("tokens", self.tokens)
+        out = {
+            "tokens_per_s": (tokens - self.tokens) / (now - self.t),
+            "kv_columns_mean": sum(self.columns) / len(self.columns) if self.columns else None,
+            "kv_columns_max": max(self.columns, default=None),
+            "kv_rows_mean": sum(self.rows) / len(self.rows) if self.rows else None,
+            "kv_rows_max": max(self.rows, default=None),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+        }
+        self.t, self.tokens, self.columns, self.rows = now, tokens, [], []
+        return out
 
 
 def traffic(
@@ -193,12 +241,17 @@ def traffic(
     tally: Tally,
     memory: list[dict] | None = None,
     pids: tuple[int | None, int | None] = (None, None),
+    gap_s: float = 0.5,
+    load: Load | None = None,
 ) -> None:
-    """Run the client threads for ``seconds`` (they stop by themselves); append a memory sample each minute."""
+    """Run the client threads for ``seconds`` (they stop by themselves); append a memory sample (and with ``load``
+    the minute's tokens/s, KV-cache shape and machine load) each minute."""
     start = time.monotonic()
     deadline = start + seconds
     threads = [
-        threading.Thread(target=client, args=(kind, seed * 1000 + 10 * j + i, url, info, deadline, tally))
+        threading.Thread(
+            target=client, args=(kind, seed * 1000 + 10 * j + i, url, info, deadline, tally, gap_s)
+        )
         for j, kind in enumerate(KINDS)
         for i in range(clients.get(kind, 0))
     ]
@@ -207,8 +260,10 @@ def traffic(
     minute = 1
     while any(t.is_alive() for t in threads):
         time.sleep(1.0)
+        if load is not None:
+            load.poll()
         if memory is not None and time.monotonic() >= start + 60 * minute:
-            memory.append(_memory(*pids, start))
+            memory.append({**_memory(*pids, start), **(load.sample() if load is not None else {})})
             print(f"{memory[-1]} {dict(sorted(tally.c.items()))}", flush=True)
             minute += 1
 
@@ -227,6 +282,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("overrides", nargs="*", help="section.field=value config overrides")
     ap.add_argument("--bundle", default=str(REPO / "runs" / "v4" / "bundle"))
+    ap.add_argument(
+        "--sustained",
+        action="store_true",
+        help="no gaps between a client's requests (default clients stream=8): the batch never empties",
+    )
     ap.add_argument("--config", default=str(REPO / "configs" / "embedded.yaml"))
     ap.add_argument("--minutes", type=float, default=10.0, help="traffic duration (the soak stops by itself)")
     ap.add_argument(
@@ -234,13 +294,34 @@ def main() -> None:
     )
     ap.add_argument(
         "--clients",
-        default="stream=3,chat=1,grid=1,disconnect=1",
-        help="client threads per kind (stream, chat, grid, disconnect)",
+        default=None,
+        help="client threads per kind (stream, chat, grid, disconnect); default stream=3,chat=1,grid=1,"
+        "disconnect=1, with --sustained stream=8",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "soak_serve.json"))
     args = ap.parse_args()
+    if args.clients is None:
+        args.clients = "stream=8" if args.sustained else "stream=3,chat=1,grid=1,disconnect=1"
     clients = {k: int(v) for k, v in (kv.split("=") for kv in args.clients.split(","))}
+    gap_s = 0.0 if args.sustained else 0.5
+    if not (Path(args.bundle) / "bundle.json").is_file():
+        sys.path.insert(0, str(REPO / "tests"))
+        from bundle_factory import make_tiny_bundle
+
+        args.bundle = str(
+            make_tiny_bundle(
+                tempfile.mkdtemp(prefix="soak_serve_"),
+                model="embedded:smollm2-135m-instruct",
+                r=8,
+                targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                lora_std=0.02,
+                head_std=0.01,
+                objectives=["relevance", "positivity"],
+                max_context=1024,
+            )
+        )
+        print(f"no bundle given: built random adapters on the embedded model in {args.bundle}", flush=True)
     if set(clients) - set(KINDS):
         ap.error(f"--clients: kinds are {', '.join(KINDS)}")
 
@@ -265,7 +346,7 @@ def main() -> None:
         print(f"app {app} up in {time.monotonic() - t0:.0f} s on {url}", flush=True)
         info = requests.get(url + "/v1/objectives", timeout=TIMEOUT_S).json()
         warm = Tally()  # the same traffic, so that the first memory sample is of a warm replica
-        traffic(url, info, clients, args.seed + 1, 60 * args.warmup_minutes, warm)
+        traffic(url, info, clients, args.seed + 1, 60 * args.warmup_minutes, warm, gap_s=gap_s)
         stats0 = _idle(url)
         engine_pid, ingress_pid = stats0["pid"], _ingress_pid(app)
         start = time.monotonic()
@@ -273,7 +354,9 @@ def main() -> None:
         print(f"warm-up: {dict(sorted(warm.c.items()))}; memory {memory[0]}", flush=True)
 
         tally = Tally()
-        traffic(url, info, clients, args.seed, 60 * args.minutes, tally, memory, (engine_pid, ingress_pid))
+        load = Load(url) if args.sustained else None
+        pids = (engine_pid, ingress_pid)
+        traffic(url, info, clients, args.seed, 60 * args.minutes, tally, memory, pids, gap_s, load)
         traffic_s = time.monotonic() - start
         stats1 = _idle(url)  # cancelled and queued requests drained
         memory.append(_memory(engine_pid, ingress_pid, start))
@@ -304,6 +387,23 @@ def main() -> None:
         "warmup_counts": dict(sorted(warm.c.items())),
         "memory": memory,
         "engine_rss_growth_mb": memory[-1]["engine_rss_mb"] - memory[0]["engine_rss_mb"],
+        "per_minute": [
+            {
+                k: m.get(k)
+                for k in (
+                    "t_s",
+                    "tokens_per_s",
+                    "kv_columns_mean",
+                    "kv_columns_max",
+                    "kv_rows_mean",
+                    "engine_rss_mb",
+                    "loadavg",
+                )
+            }
+            for m in memory[1:-1]
+        ]
+        if args.sustained
+        else None,
         "ingress_rss_growth_mb": memory[-1]["ingress_rss_mb"] - memory[0]["ingress_rss_mb"],
     }
     Path(args.out).write_text(json.dumps(summary, indent=1))

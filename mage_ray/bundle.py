@@ -14,6 +14,11 @@ A bundle is what the sweep produces and what evaluation and serving load (never 
 fields), objectives, beta, alpha, gamma, default_method, backbones, rs_backbones, values,
 morlhf / modpo ([{preference, adapter}]), ric ({adapter, ...} or null), wrpo_backbones, arms, parm (dir or
 null), method_gammas ({method: gamma}), ref_point, created_by. :func:`load_bundle` validates all of it and checks every referenced file exists.
+
+A bundle may live at a local path, a ``file://`` URI or an object-store URI (``s3://``, ``gs://``;
+:mod:`mage_ray.storage`). :func:`build_bundle` to a URI builds it in a local scratch directory and uploads it with
+bundle.json last; :func:`load_bundle` of a URI loads the node's local copy (:func:`mage_ray.storage.local_copy`,
+downloaded once) and keeps the URI in :attr:`Bundle.source`, so processes on other nodes are handed the URI.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import dataclasses
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,8 @@ from typing import Any
 
 from mage_ray.config import ConfigError, ModelConfig
 from mage_ray.guidance import method_names
-from mage_ray.manifest import ManifestError, atomic_dir, read_json, read_manifest, write_json_atomic
+from mage_ray.manifest import ManifestError, read_json, read_manifest, write_json_atomic
+from mage_ray.storage import atomic_dir, copy_dir, is_dir, is_file, is_uri, join, local_copy, local_path
 
 __all__ = [
     "BUNDLE_FILE",
@@ -100,11 +105,19 @@ class Bundle:
     version: int = BUNDLE_VERSION
     """bundle.json format version."""
     root: Path | None = field(default=None, compare=False)
-    """Directory the bundle was loaded from / saved to (not written to bundle.json)."""
+    """Local directory the bundle was loaded from / saved to: for a URI bundle its local copy (not written to
+    bundle.json)."""
+    source: str | None = field(default=None, compare=False)
+    """The URI the bundle was loaded from (None for a local bundle; not written to bundle.json)."""
 
     @property
     def n_objectives(self) -> int:
         return len(self.objectives)
+
+    @property
+    def location(self) -> str:
+        """Where the bundle lives, to name in messages and to hand to other processes: its URI, else its root."""
+        return self.source or str(self.root)
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig of the base policy (``model`` fields, name_or_path = base_model by default)."""
@@ -127,6 +140,7 @@ class Bundle:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("root")
+        d.pop("source")
         order = [
             "version",
             "base_model",
@@ -152,8 +166,10 @@ class Bundle:
         return {k: d[k] for k in order}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], root: str | os.PathLike | None = None) -> Bundle:
-        known = {f.name for f in dataclasses.fields(cls)} - {"root"}
+    def from_json(
+        cls, data: Mapping[str, Any], root: str | os.PathLike | None = None, source: str | None = None
+    ) -> Bundle:
+        known = {f.name for f in dataclasses.fields(cls)} - {"root", "source"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise BundleError(f"bundle.json has unknown fields {unknown}; allowed: {sorted(known)}")
@@ -166,7 +182,7 @@ class Bundle:
                 kw[k] = []
         if kw.get("method_gammas", {}) is None:
             kw["method_gammas"] = {}
-        return cls(**kw, root=Path(root) if root is not None else None)
+        return cls(**kw, root=Path(root) if root is not None else None, source=source)
 
 
 def adapter_path(directory: str | os.PathLike) -> Path:
@@ -311,9 +327,33 @@ def _check_trained_for(name: str, d: Path, objectives: list[str], key: str) -> N
         )
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read and validate ``<path>/bundle.json`` (``path`` may also be the bundle.json file itself)."""
-    p = Path(path).expanduser()
+def _load_uri(uri: str, cache_dir: str | os.PathLike | None) -> Bundle:
+    """Validate ``<uri>/bundle.json`` against the node's local copy of the bundle (downloaded once)."""
+    uri = uri.rstrip("/")
+    if uri.endswith("/" + BUNDLE_FILE):
+        uri = uri[: -len(BUNDLE_FILE) - 1]
+    try:
+        if not is_file(join(uri, BUNDLE_FILE)):
+            raise BundleError(f"{uri!r} is not a bundle: it has no {BUNDLE_FILE}")
+        root = local_copy(uri, cache_dir)
+    except OSError as e:  # no such bucket, no credentials, endpoint unreachable
+        raise BundleError(f"cannot read bundle {uri!r}: {e}") from e
+    try:
+        data = read_json(root / BUNDLE_FILE)
+        return validate_bundle(Bundle.from_json(data, root=root, source=uri))
+    except (ManifestError, BundleError) as e:
+        raise BundleError(f"bundle {uri!r} (local copy {str(root)!r}): {e}") from e
+
+
+def load_bundle(path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Bundle:
+    """Read and validate ``<path>/bundle.json`` (``path`` may also be the bundle.json file itself).
+
+    ``path`` is a local directory, ``file://`` or an object-store URI; a URI bundle is loaded from its local copy
+    (:func:`mage_ray.storage.local_copy` into ``cache_dir``, default the node's temp dir).
+    """
+    if is_uri(path):
+        return _load_uri(str(path), cache_dir)
+    p = local_path(path)
     if p.is_file() and p.name == BUNDLE_FILE:
         p = p.parent
     if not p.is_dir():
@@ -327,18 +367,20 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return validate_bundle(Bundle.from_json(data, root=p.resolve()))
 
 
-def save_bundle(bundle: Bundle, path: str | os.PathLike | None = None) -> Path:
-    """Validate and atomically write ``<path>/bundle.json`` (default: ``bundle.root``); return the directory.
+def save_bundle(bundle: Bundle, path: str | os.PathLike | None = None) -> str | Path:
+    """Validate and atomically write ``<path>/bundle.json`` (default: where the bundle was loaded from, its
+    :attr:`Bundle.location`); return the directory.
 
-    The adapter directories must already be inside ``path`` (see :func:`build_bundle` to copy them in).
+    The adapter directories must already be inside ``path`` (see :func:`build_bundle` to copy them in); for a URI
+    they are checked in its local copy.
     """
-    root = Path(path).expanduser() if path is not None else bundle.root
-    if root is None:
+    dest = str(path) if path is not None else (bundle.source or bundle.root)
+    if dest is None:
         raise BundleError("save_bundle needs a path (the bundle has no root)")
-    bundle = dataclasses.replace(bundle, root=Path(root).resolve())
-    validate_bundle(bundle)
-    write_json_atomic(Path(root) / BUNDLE_FILE, bundle.to_json())
-    return Path(root)
+    root = local_copy(dest).resolve()
+    validate_bundle(dataclasses.replace(bundle, root=root))
+    write_json_atomic(join(dest, BUNDLE_FILE), bundle.to_json())
+    return str(dest) if is_uri(dest) else root
 
 
 def _slug(s: str) -> str:
@@ -346,10 +388,10 @@ def _slug(s: str) -> str:
 
 
 def _copy_in(src: str | os.PathLike, tmp: Path, rel: str, name: str) -> str:
-    s = Path(src).expanduser()
-    if not s.is_dir():
-        raise BundleError(f"build_bundle: {name} directory {str(s)!r} does not exist")
-    shutil.copytree(s, tmp / rel, symlinks=False)
+    """Copy artifact directory ``src`` (local or URI) to ``<tmp>/<rel>``."""
+    if not is_dir(src):
+        raise BundleError(f"build_bundle: {name} directory {str(src)!r} does not exist")
+    copy_dir(src, tmp / rel)
     return rel
 
 
@@ -375,10 +417,11 @@ def build_bundle(
     ref_point: Sequence[float] | None = None,
     created_by: str = "mage_ray",
 ) -> Bundle:
-    """Copy the given artifact directories into a new bundle at ``out_dir`` and write bundle.json.
+    """Copy the given artifact directories (local or URIs) into a new bundle at ``out_dir`` and write bundle.json.
 
     Built in a temporary sibling and swapped into place, so ``out_dir`` is either the complete new bundle or
-    untouched. ``model`` is a ModelConfig, a dict of its fields or a ``name_or_path`` string. morlhf / modpo
+    untouched; an ``out_dir`` URI is built in a scratch directory and uploaded with bundle.json last
+    (:func:`mage_ray.storage.atomic_dir`). ``model`` is a ModelConfig, a dict of its fields or a ``name_or_path`` string. morlhf / modpo
     entries are ``(preference, dir)`` pairs or ``{preference, adapter}`` dicts; ``ric`` is a dir or a dict
     with an ``adapter`` dir plus extra fields kept in bundle.json. Returns the loaded (validated) bundle.
     """
@@ -389,7 +432,7 @@ def build_bundle(
     if not base_model:
         raise BundleError("build_bundle: model needs a name_or_path")
     objectives = list(objectives)
-    out = Path(out_dir).expanduser()
+    out = str(out_dir) if is_uri(out_dir) else local_path(out_dir)
 
     def grid(entries, key: str) -> list[tuple[list[float], Any]]:
         res = []

@@ -27,8 +27,9 @@ import numpy as np
 
 from mage_ray.bundle import Bundle, adapter_path
 from mage_ray.guidance import AdapterLayout, PlanArgs, make_plan, method_spec
-from mage_ray.manifest import atomic_dir, write_json_atomic
+from mage_ray.manifest import write_json_atomic
 from mage_ray.soup import PreferenceError, validate_preference
+from mage_ray.storage import atomic_dir, exists, is_dir, is_file, is_uri, join, listdir, local_path
 
 __all__ = ["EXPORT_FILE", "ExportError", "export_preference", "policy_coefficients"]
 
@@ -114,8 +115,8 @@ def export_preference(
     from mage_ray.lora_export import export_merged, rank_sum_adapter, save_adapter
     from mage_ray.lora_mix import load_adapter
 
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / EXPORT_FILE).is_file():
+    out = str(out) if is_uri(out) else local_path(out)  # a URI is written locally, then uploaded (atomic_dir)
+    if exists(out) and (not is_dir(out) or listdir(out)) and not is_file(join(out, EXPORT_FILE)):
         raise ExportError(
             f"{str(out)!r} exists and is not an earlier export (no {EXPORT_FILE}): it is not replaced"
         )
@@ -123,7 +124,7 @@ def export_preference(
     adapters = [load_adapter(adapter_path(bundle.path(rel)), name=rel) for rel, _ in terms]
     coeffs = [c for _, c in terms]
     record = {
-        "bundle": str(bundle.root),
+        "bundle": bundle.location,
         "base_model": bundle.base_model,
         "objectives": list(bundle.objectives),
         "preference": [float(x) for x in preference],

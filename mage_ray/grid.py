@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from mage_ray.config import DecodeConfig
 from mage_ray.decode import Engine, Request, decode_defaults, parts_from_bundle
 from mage_ray.manifest import join
 from mage_ray.metrics import pareto_mask
+from mage_ray.storage import is_dir
 from mage_ray.uncertainty import cell_means
 
 __all__ = [
@@ -181,7 +181,7 @@ def read_prompts(path: str | None, cfg, split: str):
 
         return ray.data.from_items([{"prompt": p} for p in load_prompts(cfg.task, split)])
     p = str(path)
-    ds = ray.data.read_parquet(p) if p.endswith(".parquet") or Path(p).is_dir() else ray.data.read_json(p)
+    ds = ray.data.read_parquet(p) if p.endswith(".parquet") or is_dir(p) else ray.data.read_json(p)
     if "prompt" not in ds.columns():
         raise ValueError(f"--prompts: {p} has no 'prompt' column (columns: {ds.columns()})")
     return ds.select_columns(["prompt"])
@@ -217,7 +217,7 @@ def run_grid(
     ds = ds.map_batches(
         BatchDecoder,
         fn_constructor_kwargs={
-            "bundle_path": str(bundle.root),
+            "bundle_path": bundle.location,  # a URI: each actor loads its node's local copy
             "decode": decode,
             "methods": methods,
             "device": cfg.decode.device,

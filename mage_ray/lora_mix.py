@@ -11,7 +11,11 @@ so a batch in which every row b has its own coefficient vector c_b runs in one f
     A_cat [R, d_in] = [A_1; ...; A_K],  B_cat [d_out, R] = [B_1 ... B_K],  R = sum_i r_i
     coef_row [b, R] = c_{b,i} * s_i repeated over adapter i's r_i columns
 
-This is PEFT's ``combination_type="cat"`` applied per row. PEFT's ``"linear"`` (and the original Rewarded
+This is PEFT's ``combination_type="cat"`` applied per row. Columns of an adapter whose coefficient is zero on
+every row of the batch add exactly ``0 * B_i`` to y, so they are left out: each forward multiplies only by the
+A / B columns of the adapters some row of the batch uses (gathered once per set of used adapters,
+:meth:`MixedLoraModel.set_coefficients`), and a module no used adapter targets runs as plain ``W0 x``. A bundle
+of many adapters (one per MORLHF / MODPO preference) then costs a batch what the adapters it mixes cost. PEFT's ``"linear"`` (and the original Rewarded
 Soups code, which averages A and B separately) is *not* this: (sum_i w_i B_i)(sum_j w_j A_j) has cross terms
 B_i A_j. Adapters may differ in rank and in the modules they target: a module an adapter does not target
 gets no columns from it.
@@ -33,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mage_ray.storage import local_copy
 
 __all__ = [
     "AdapterError",
@@ -149,11 +155,12 @@ def _scaling_from_config(config: dict, module: str, r: int, where: str) -> float
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     """Load a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-    Only safetensors is read: a pickled ``adapter_model.bin`` can run code on load and is refused.
+    Only safetensors is read: a pickled ``adapter_model.bin`` can run code on load and is refused. ``path`` may be
+    a URI (:func:`mage_ray.storage.local_copy`: downloaded once).
     """
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
+    path = local_copy(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist (or is not a directory)")
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -235,7 +242,11 @@ class _MixState:
     def __init__(self) -> None:
         # per layout: (column -> adapter index [R], column -> s_i [R], one layer using it: device and dtype)
         self.layouts: list[tuple[torch.Tensor, torch.Tensor, MixedLinear]] = []
-        self.rows: list[torch.Tensor] | None = None  # per layout: coef_row [b, R]; None = base model
+        # per layout: coef_row [b, R_used] over the used columns, or None where no row uses an adapter of the
+        # layout; rows None = base model
+        self.rows: list[torch.Tensor | None] | None = None
+        # per layout: the used columns (None = all R), as a key (tuple of column numbers) and an index tensor
+        self.used: list[tuple[tuple[int, ...], torch.Tensor] | None] = []
 
 
 class MixedLinear(nn.Linear):
@@ -262,24 +273,49 @@ class MixedLinear(nn.Linear):
         )  # [R, d_out]
         self.layout = layout
         self._state = state
+        # (used-column key, the lora_A_cat it was gathered from, A_used [R_used, d_in], B_used^T [R_used, d_out])
+        self._gathered: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _used_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B^T) restricted to the columns of the adapters the batch uses (all of them: the buffers as they are).
+
+        Gathered once per set of used columns and kept until the set changes (or ``.to()`` replaced the buffers).
+        """
+        used = self._state.used[self.layout]
+        if used is None:
+            return self.lora_A_cat, self.lora_B_cat_t
+        key, cols = used
+        g = self._gathered
+        if g is None or g[0] is not key or g[1] is not self.lora_A_cat:
+            if g is not None and g[0] == key and g[1] is self.lora_A_cat:  # same columns as before: keep them
+                g = self._gathered = (key, *g[1:])
+            else:
+                cols = cols.to(self.lora_A_cat.device)
+                A = self.lora_A_cat.index_select(0, cols)  # [R_used, d_in]
+                Bt = self.lora_B_cat_t.index_select(0, cols)  # [R_used, d_out]
+                g = self._gathered = (key, self.lora_A_cat, A, Bt)
+        return g[2], g[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # W0 x + b: [b, t, d_out]
         rows = self._state.rows
         if rows is None:
             return y
-        coef = rows[self.layout]  # [b, R] = c_{b,i} s_i per column
+        coef = rows[self.layout]  # [b, R_used] = c_{b,i} s_i per used column
+        if coef is None:  # no row uses an adapter that targets this module
+            return y
         if coef.shape[0] != x.shape[0] and coef.shape[0] != 1:
             raise ValueError(
                 f"coefficients have {coef.shape[0]} rows but the forward batch has {x.shape[0]}; "
                 "call set_coefficients with one row per batch row"
             )
-        h = F.linear(x, self.lora_A_cat)  # x A_cat^T: [b, t, R]
+        A, Bt = self._used_weights()
+        h = F.linear(x, A)  # x A_used^T: [b, t, R_used]
         h = h * coef.view(coef.shape[0], *([1] * (x.dim() - 2)), coef.shape[1])  # scale adapter i by c_bi s_i
         if not y.is_contiguous():
-            return y + h @ self.lora_B_cat_t
-        # y += h B_cat^T, written into y ([b*t, R] @ [R, d_out]).
-        y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B_cat_t)
+            return y + h @ Bt
+        # y += h B_used^T, written into y ([b*t, R_used] @ [R_used, d_out]).
+        y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), Bt)
         return y
 
     def extra_repr(self) -> str:
@@ -401,10 +437,11 @@ class MixedLoraModel:
     def set_coefficients(self, coeffs: torch.Tensor | Sequence[Sequence[float]] | None) -> None:
         """Per-row coefficients c [b, K] for the next forwards (any finite reals); None = base model.
 
-        A single row (b = 1) is broadcast over the batch.
+        A single row (b = 1) is broadcast over the batch. The forwards multiply only by the columns of the adapters
+        with a non-zero coefficient on some row (module docstring).
         """
         if coeffs is None:
-            self._state.rows, self._coeffs = None, None
+            self._state.rows, self._state.used, self._coeffs = None, [], None
             return
         k = len(self.adapters)
         c = torch.as_tensor(coeffs).detach()
@@ -419,11 +456,24 @@ class MixedLoraModel:
             bad = torch.nonzero(~torch.isfinite(c))[:, 0].unique().tolist()
             raise ValueError(f"coeffs must be finite, got NaN/inf in rows {bad}")
         c64 = c.to(device="cpu", dtype=torch.float64)
-        rows = []
+        in_use = (c64 != 0).any(0)  # [K]: adapters some row uses
+        rows: list[torch.Tensor | None] = []
+        used: list[tuple[tuple[int, ...], torch.Tensor] | None] = []
         for idx, scale, layer in self._state.layouts:  # built in float64 on the CPU, then sent to the layer
-            row = c64[:, idx] * scale  # coef_row [b, R] = c_{b,i} s_i
+            keep = in_use[idx]  # [R]: columns of used adapters
+            if bool(keep.all()):
+                row, u = c64[:, idx] * scale, None  # coef_row [b, R] = c_{b,i} s_i
+            elif not bool(keep.any()):
+                rows.append(None)
+                used.append(None)
+                continue
+            else:
+                cols = keep.nonzero().squeeze(1)  # [R_used]
+                row = c64[:, idx[cols]] * scale[cols]  # coef_row [b, R_used]
+                u = (tuple(cols.tolist()), cols.to(layer.lora_A_cat.device))
             rows.append(row.to(device=layer.lora_A_cat.device, dtype=layer.lora_A_cat.dtype).contiguous())
-        self._state.rows, self._coeffs = rows, c
+            used.append(u)
+        self._state.rows, self._state.used, self._coeffs = rows, used, c
 
     @contextmanager
     def coefficients(self, coeffs) -> Iterator[MixedLoraModel]:

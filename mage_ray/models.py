@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mage_ray.config import ModelConfig
-from mage_ray.manifest import _umask
+from mage_ray.storage import _umask, is_uri, local_copy, local_path
 
 if TYPE_CHECKING:
     import torch  # imported where used: cached_dir users (tests, rehearsal builders) need not pay for it
@@ -302,9 +302,11 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
     if name_or_path == TINY_PREFIX or name_or_path.startswith(TINY_PREFIX + ":"):
         seed = int(name_or_path.split(":", 1)[1]) if ":" in name_or_path else 0
         return str(tiny_checkpoint(seed, cache_dir))
+    if is_uri(name_or_path):  # a model directory on an object store (the SFT stage's): its local copy
+        return str(local_copy(name_or_path))
     from mage_ray.devices import hub_source
 
-    path = Path(hub_source(name_or_path)).expanduser()
+    path = local_path(hub_source(name_or_path))  # MAGE_RAY_HUB_MAP may put a local copy behind a hub id
     if path.exists():
         return str(path)
     if name_or_path.startswith((".", "/", "~")):

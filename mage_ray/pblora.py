@@ -39,6 +39,7 @@ from torch import nn
 
 from mage_ray.lora_mix import AdapterError, LoraAdapter
 from mage_ray.manifest import publish_dir, scratch_dir
+from mage_ray.storage import local_copy
 
 __all__ = [
     "CONFIG_FILE",
@@ -268,7 +269,7 @@ def load_pblora(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     missing file, AdapterError naming the field when the config and the tensors disagree."""
     from safetensors.torch import load_file
 
-    path = Path(directory).expanduser()
+    path = local_copy(directory)  # a URI: its local copy
     if not path.is_dir():
         raise FileNotFoundError(f"PBLoRA directory {str(path)!r} does not exist (or is not a directory)")
     for f in (CONFIG_FILE, WEIGHTS_FILE):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from mage_ray.config import Config, config_from_dict
 from mage_ray.guidance import TRAINING_STAGES, method_spec, stages_for
 from mage_ray.manifest import join
 from mage_ray.stages import StageClock, _banner, _finish, set_clock, skip_done, stage_done
+from mage_ray.storage import exists
 from mage_ray.sweep import (
     STAGES,
     _beta_trial,
@@ -265,7 +265,7 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
     if _needs(cfg, "values"):
         values = stage_values(cfg, stage_rollouts(cfg)["path"])["values"]
     work = join(cfg.storage.run_dir, "sweep", "work_bundle")
-    if not Path(work, "bundle.json").exists():
+    if not exists(join(work, "bundle.json")):
         _bundle(cfg, work, beta, bb, values, cfg.decode.alpha, cfg.decode.gamma)
     a_rec = stage_decode_param(
         cfg, "alpha", work, "bs", "decode.alpha", [float(a) for a in cfg.sweep.alphas], {}, cfg.decode.alpha

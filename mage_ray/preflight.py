@@ -39,8 +39,8 @@ from pathlib import Path
 from mage_ray.bundle import Bundle, BundleError, load_bundle
 from mage_ray.config import Config, ConfigError
 from mage_ray.guidance import method_names
-from mage_ray.manifest import is_uri
 from mage_ray.soup import validate_preference
+from mage_ray.storage import exists, is_file, is_uri, join, local_path, storage_abs
 from mage_ray.tasks.hf_rewards import PAPER_REWARD_MODELS, RewardModelError, parse_hf_name
 from mage_ray.tasks.objectives import ObjectiveError, check_objective_names
 from mage_ray.tasks.prompts import TaskDataError, check_data_path
@@ -130,7 +130,7 @@ def output_dir(args: Namespace, cfg: Config) -> str | None:
     out = getattr(args, "out", None)  # only some commands have --out
     if not out:
         return cfg.storage.run_dir  # storage_path is absolute already (load_config)
-    return out if is_uri(out) else os.path.abspath(os.path.expanduser(out))
+    return storage_abs(out)
 
 
 def _wrap(field: str, fn, *a) -> None:
@@ -155,11 +155,17 @@ def check_model(what: str, name_or_path: str) -> None:
     """
     if name_or_path.startswith("embedded:") or name_or_path.partition(":")[0] == "tiny-random":
         return
+    if is_uri(name_or_path):
+        try:
+            found = is_file(join(name_or_path, "config.json"))
+        except OSError as e:  # no credentials, no such bucket, endpoint unreachable
+            raise PreflightError(f"{what}: cannot read it: {e}") from None
+        if not found:
+            raise PreflightError(f"{what}: no config.json there, so it holds no model")
+        return
     from mage_ray.devices import hub_source
 
-    path = Path(
-        hub_source(name_or_path)
-    ).expanduser()  # MAGE_RAY_HUB_MAP may put a local copy behind a hub id
+    path = local_path(hub_source(name_or_path))  # MAGE_RAY_HUB_MAP may put a local copy behind a hub id
     if path.exists():
         if not path.is_dir():
             raise PreflightError(f"{what} is a file: expected a model directory (with config.json)")
@@ -298,7 +304,7 @@ def check_storage(field: str, path: str) -> None:
     """Refuse a local ``path`` inside Ray's temporary copy of the job's working directory (deleted by Ray)."""
     if is_uri(path):
         return
-    full = os.path.abspath(os.path.expanduser(path))
+    full = storage_abs(path)
     tmp = temporary_working_dir()
     inside = tmp is not None and (full == tmp or full.startswith(tmp.rstrip("/") + "/"))
     if inside or _in_runtime_copy(full):
@@ -328,7 +334,7 @@ def _bundle(path: str, cfg: Config, same_objectives: bool) -> Bundle:
 
 def _grid_flags(args: Namespace, cfg: Config, bundle: Bundle) -> None:
     if args.prompts:
-        if not Path(args.prompts).expanduser().exists():
+        if not exists(args.prompts):
             raise PreflightError(f"--prompts {args.prompts!r}: no such file or directory")
     else:
         _wrap("task.data_path", check_data_path, cfg.task)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mage_ray.guidance import REGISTRY
-from mage_ray.manifest import atomic_file, write_text_atomic
+from mage_ray.manifest import atomic_file, join, write_text_atomic
 
 METRIC_COLUMNS = ("hv", "inner_product", "sparsity", "spacing", "controllability", "front_length")
 _ARROWS = {
@@ -244,8 +244,7 @@ def write_report(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir)  # a local directory or a URI (mage_ray.storage); each file is written atomically
     cols = {
         "method": [r["method"] for r in rows],
         "preference": [[float(v) for v in grid[r["pref_index"]]] for r in rows],
@@ -258,7 +257,7 @@ def write_report(
         cols[name] = [None if math.isnan(v) else float(v) for v in scores[:, j]]
     if flags is not None:
         cols["degenerate"] = [None if math.isnan(v) else bool(v) for v in flags]
-    with atomic_file(out / "generations.parquet") as tmp:
+    with atomic_file(join(out, "generations.parquet")) as tmp:
         pq.write_table(pa.table(cols), tmp)
     summary = {
         "objectives": list(objectives),
@@ -269,13 +268,15 @@ def write_report(
         **_boot_summary(results, boot),
         **(extra or {}),
     }
-    write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2))
-    write_text_atomic(out / "rewards.json", json.dumps(_rewards_json(results), indent=2))
+    write_text_atomic(join(out, "metrics.json"), json.dumps(summary, indent=2))
+    write_text_atomic(join(out, "rewards.json"), json.dumps(_rewards_json(results), indent=2))
     write_text_atomic(
-        out / "metrics.md", metrics_markdown(results, objectives, ref_point, extra_columns, boot)
+        join(out, "metrics.md"), metrics_markdown(results, objectives, ref_point, extra_columns, boot)
     )
-    write_text_atomic(out / "samples.md", samples_markdown(rows, scores, flags, prompts, grid, objectives))
-    plot_fronts(results, objectives, out / "front.png")
+    write_text_atomic(
+        join(out, "samples.md"), samples_markdown(rows, scores, flags, prompts, grid, objectives)
+    )
+    plot_fronts(results, objectives, join(out, "front.png"))
     return summary
 
 

@@ -1,18 +1,18 @@
 """Stage records and the pipeline's progress lines.
 
-A finished stage writes ``<run_dir>/stages/<stage>.json`` (its record, with ``seconds``); a rerun reads it
+A finished stage writes ``<run_dir>/stages/<stage>.json`` (its record, with ``seconds``; the run directory may be
+an object-store URI, :mod:`mage_ray.storage`); a rerun reads it
 (:func:`stage_done`), says it skips it (:func:`skip_done`) and goes on. :class:`StageClock` prints one line when
 a stage starts and one when it ends, with a plain estimate of what is left.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 from mage_ray.config import Config
-from mage_ray.manifest import join, read_json, write_json_atomic
+from mage_ray.manifest import read_json, write_json_atomic
+from mage_ray.storage import exists, join, mtime
 
 
 def stage_path(cfg: Config, stage: str) -> str:
@@ -20,15 +20,16 @@ def stage_path(cfg: Config, stage: str) -> str:
 
 
 def stage_done(cfg: Config, stage: str) -> dict | None:
-    p = Path(stage_path(cfg, stage))
-    return read_json(p) if p.exists() else None
+    """The record of a finished stage (local or object-store run directory), or None."""
+    p = stage_path(cfg, stage)
+    return read_json(p) if exists(p) else None
 
 
 def skip_done(cfg: Config, stage: str, rec: dict | None) -> dict | None:
     """``rec`` (a finished stage's record, or None); when it is a record, print the resumed run's line for it:
     ``[pipeline] stage 'beta': done at <time>, skipping``."""
     if rec:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(stage_path(cfg, stage))))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime(stage_path(cfg, stage))))
         print(f"[pipeline] stage {stage!r}: done at {when}, skipping", flush=True)
     return rec
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from mage_ray.config import Config, config_from_dict
 from mage_ray.manifest import join, read_json, write_json_atomic, write_text_atomic
+from mage_ray.storage import is_file, storage_abs
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def _yaml_scalar(v: Any) -> str:
 
 def storage_uri(cfg: Config) -> str:
     """Tune wants an absolute local path or a URI."""
-    p = cfg.storage.storage_path
-    return p if "://" in p else str(Path(p).resolve())
+    return storage_abs(cfg.storage.storage_path)
 
 
 def run_tune_stage(
@@ -154,8 +154,8 @@ def decide(cfg: Config, stage: str, param: str, rows: list[dict], default: float
     ok = [r for r in rows if r.get("error") is None and r.get("hv") is not None]
     per_prompt = {}
     for r in ok:
-        path = Path(trial_rewards_path(cfg, stage, r[param]))
-        if path.is_file():
+        path = trial_rewards_path(cfg, stage, r[param])
+        if is_file(path):
             per_prompt[f"{float(r[param]):g}"] = np.asarray(read_json(path)["per_prompt"], dtype=float)
     best_row = max(ok, key=lambda r: r["hv"])
     if len(per_prompt) != len(ok) or len(ok) < 2:
@@ -406,8 +406,7 @@ def write_sweep_report(
     ``records``: the stage records of ``beta``, ``alpha``, ``gamma``; ``values``: the value-model stage's record;
     ``method_records``: method -> the record of its own gamma stage (the ARM methods' ``gamma_<method>``).
     """
-    out = Path(join(cfg.storage.run_dir, "report"))
-    out.mkdir(parents=True, exist_ok=True)
+    out = join(cfg.storage.run_dir, "report")  # local or URI: files written locally, then moved/uploaded
     parts = [
         f"# Sweep report: {cfg.storage.run_name}\n",
         f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}"
@@ -428,7 +427,8 @@ def write_sweep_report(
             parts.append(rows_markdown(rows, [param]))
             if rec.get("decision"):
                 parts.append("\n" + decision_text(param, rec["decision"]) + "\n")
-            plot_sweep(rows, param, out / f"sweep_{stage}.png", default=default, chosen=rec["best"][param])
+            png = join(out, f"sweep_{stage}.png")
+            plot_sweep(rows, param, png, default=default, chosen=rec["best"][param])
             parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
         else:
             parts.append(f"single candidate: {rec.get('best')}\n")
@@ -440,9 +440,9 @@ def write_sweep_report(
             parts.append(
                 f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
             )
-    write_text_atomic(out / "sweep.md", "".join(parts))
-    write_json_atomic(out / "sweep.json", summary)
-    return str(out / "sweep.md")
+    write_text_atomic(join(out, "sweep.md"), "".join(parts))
+    write_json_atomic(join(out, "sweep.json"), summary)
+    return join(out, "sweep.md")
 
 
 def _f(x) -> str:

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mage_ray.lora_mix import LoraAdapter, load_adapter
 from mage_ray.manifest import read_manifest
+from mage_ray.storage import local_copy
 
 __all__ = [
     "HEAD_FILE",
@@ -102,7 +102,7 @@ def load_value_model(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    d = Path(directory).expanduser()
+    d = local_copy(directory)  # a URI: its local copy
     if not d.is_dir():
         raise FileNotFoundError(f"value model directory {str(d)!r} does not exist")
     manifest = read_manifest(d)

@@ -47,3 +47,62 @@ def tiny_model_path() -> str:
     from mage_ray.models import resolve_model_path
 
     return resolve_model_path("tiny-random")
+
+
+S3_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """``s3://<bucket>`` on a real S3-compatible server (moto's) that this fixture starts on 127.0.0.1.
+
+    The endpoint (``AWS_ENDPOINT_URL``, which pyarrow's S3 filesystem reads) and dummy credentials are set in this
+    process's environment while the session runs, so subprocesses and their local Ray workers inherit them.
+    """
+    import logging
+    import shutil
+    import socket
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in S3_ENV_KEYS}
+    os.environ.update(env)
+    bucket = f"mage-test-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        from mage_ray.storage import default_download_dir
+
+        for d in default_download_dir().glob(f"{bucket}*"):  # local copies made by the session's jobs
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

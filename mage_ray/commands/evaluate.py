@@ -33,6 +33,7 @@ def add_arguments(parser) -> None:
 def run(args, cfg) -> None:
     from mage_ray.evaluate import on_decode_worker
     from mage_ray.manifest import join
+    from mage_ray.storage import read_text
     from mage_ray.tasks.objectives import load_objectives
 
     bundle = open_bundle(args.bundle)
@@ -49,7 +50,7 @@ def run(args, cfg) -> None:
     summary = on_decode_worker(
         cfg.decode, evaluate_split, cfg, args.bundle, args.split, out, list(args.overrides)
     )
-    print(open(f"{out}/metrics.md").read())
+    print(read_text(join(out, "metrics.md")))
     print(f"report: {out} (decode {summary['decode_seconds']:.0f} s)")
 
 

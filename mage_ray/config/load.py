@@ -12,6 +12,7 @@ import yaml
 
 from mage_ray.config.checks import ConfigError, _fail
 from mage_ray.config.sections import Config
+from mage_ray.storage import storage_abs
 
 __all__ = ["add_config_args", "config_from_dict", "load_config", "save_config"]
 
@@ -127,9 +128,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             )
     cfg = config_from_dict(data, overrides)
     # A relative local storage_path means "relative to where the job was started": fix it now, because Ray
-    # Tune trials and Train workers run with another working directory (their trial/session dirs).
-    if "://" not in cfg.storage.storage_path:
-        cfg.storage.storage_path = os.path.abspath(os.path.expanduser(cfg.storage.storage_path))
+    # Tune trials and Train workers run with another working directory (their trial/session dirs). file:// is a
+    # local path: its scheme goes too (mage_ray.storage).
+    cfg.storage.storage_path = storage_abs(cfg.storage.storage_path)
     return cfg
 
 

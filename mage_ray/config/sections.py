@@ -421,7 +421,13 @@ class ServeConfig:
     autoscaling: dict[str, Any] | None = None
     """Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}."""
     max_batch_size: int = 16
-    """Most requests decoded together by one replica."""
+    """Most requests decoded together by one replica (a cap beside ``max_batch_tokens``); the scheduler also starts a
+    batch as soon as this many requests are queued."""
+    max_batch_tokens: int = 32768
+    """KV-cache budget of one replica, in rows x tokens: a request counts its rows (beam candidates included) x
+    (prompt + max_tokens), and requests join a batch first come, first served while the sum fits (one larger than
+    the whole budget runs alone). Bounds the KV memory at about this x 2 x layers x KV heads x head dim x dtype
+    bytes; 32768 holds 16 two-row requests at a 1024-token context."""
     batch_wait_timeout_s: float = 0.01
     """How long the scheduler waits for more requests before starting a batch."""
     batching: str = "continuous"
@@ -443,6 +449,9 @@ class ServeConfig:
     """Most preferences in one /v1/grid request."""
     model_name: str = "mage"
     """The model id /v1/models lists and responses carry; OpenAI requests naming another model get 404."""
+    methods: list[str] | None = None
+    """Decoding methods this server serves; only their adapters are loaded, /v1/objectives lists them, requests for
+    others get 400 naming ``method``. None: every method the bundle can serve."""
 
     def __post_init__(self) -> None:
         _check_range("serve.port", self.port, 1, 65535)
@@ -450,6 +459,14 @@ class ServeConfig:
             _fail("serve.model_name", self.model_name, "a non-empty model id")
         _check_range("serve.num_replicas", self.num_replicas, 1, 10_000)
         _check_range("serve.max_batch_size", self.max_batch_size, 1, 4096)
+        _check_range("serve.max_batch_tokens", self.max_batch_tokens, 1, 1 << 40)
+        if self.methods is not None:
+            if not isinstance(self.methods, list) or not self.methods:
+                _fail("serve.methods", self.methods, "a non-empty list of method names, or null for all")
+            for m in self.methods:
+                _check_choice("serve.methods[]", m, tuple(method_names()))
+            if len(set(self.methods)) != len(self.methods):
+                _fail("serve.methods", self.methods, "a list without repeated methods")
         _check_range("serve.batch_wait_timeout_s", self.batch_wait_timeout_s, 0, 60)
         if self.batching not in ("continuous", "micro"):
             _fail("serve.batching", self.batching, "'continuous' or 'micro'")
@@ -499,7 +516,8 @@ class StorageConfig:
     """Where runs, checkpoints, bundles and reports go."""
 
     storage_path: str = "runs"
-    """Local directory or cloud URI (s3://, gs://) for Ray Train/Tune storage and artifacts."""
+    """Local directory, file:// URI (= that local path) or object-store URI (s3://, gs://) for Ray Train/Tune
+    storage and every artifact (mage_ray.storage)."""
     run_name: str = "default"
     """Name of this run: artifacts go to <storage_path>/<run_name>."""
     cache_dir: str = field(

@@ -34,7 +34,12 @@ Requests are validated before the batch runs; an invalid request gets ``finish_r
 the batch runs normally. Requests that finish (EOS, stop string, max tokens) leave the batch: their rows are
 pruned from the KV cache, so cost falls as rows finish. ``stream(requests, admit=...)`` also takes new requests
 between steps (continuous batching): they are prefilled on their own and their KV cache is merged into the
-running one (left padded to a common length; positions come from the attention mask).
+running one (left padded to a common length; positions come from the attention mask). Whenever rows leave or join,
+the cache's leading columns that every live row masks are dropped, so a batch that never empties keeps a cache as
+wide as its longest live prompt + generated tokens, not one column per step since it started. Each step reads its
+results back to the host once (the argmax tokens with their log pi_base and gamma V, plus the score rows of sampled
+and beam hypotheses), and each forward multiplies only by the LoRA columns of adapters some row uses
+(:mod:`mage_ray.lora_mix`).
 
 Modules: :mod:`.request` (requests, results, the one normaliser), :mod:`.batch` (hypotheses, layouts,
 sampling, KV-cache helpers), :mod:`.engine` (the loop), :mod:`.parts` (what the engine runs, from a bundle).

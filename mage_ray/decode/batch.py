@@ -47,7 +47,7 @@ class _Layout:
     value-head mixing e_j and gamma folded into the guide matrix.
     """
 
-    C: torch.Tensor  # [R, K] coefficients of every row
+    C: torch.Tensor  # [R, K] coefficients of every row (CPU)
     n_hyps: int
     logit_rows: torch.Tensor  # [RL] rows that need lm_head
     head_rows: list[tuple[int, torch.Tensor]]  # (head j, rows that read head j); outputs stacked as Z [RZ, V]
@@ -133,6 +133,48 @@ def _merge_caches(cache_a, mask_a, cache_b, mask_b):
     return cache_a, torch.cat([pad(mask_a, 1), pad(mask_b, 1)])
 
 
+def _cache_width(live: list[_Hyp]) -> int:
+    """KV-cache columns the live hypotheses need: the longest prompt + tokens fed so far (a hypothesis's last token
+    is chosen but not fed yet)."""
+    return max((len(h.job.prompt_ids) + len(h.tokens) - 1 for h in live), default=0)
+
+
+def _trim_cache(cache, mask: torch.Tensor | None, width: int):
+    """Drop the leading columns of a left-padded KV cache (and its mask [R, S]) down to ``width`` columns.
+
+    Every row holds its tokens right-aligned (left padding, then one column per step), so the columns left of the
+    longest live row are masked on every row: dropping them changes no row's attention, and positions come from
+    the mask's row sums, which keep their values. Without this a batch that never empties (continuous batching)
+    keeps the columns of every request that ever ran in it and grows by one column per step. Caches with other
+    than full-attention layers are left as they are.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    drop = 0 if mask is None else mask.shape[1] - width
+    if drop <= 0 or cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return cache, mask
+    for layer in cache.layers:  # views: the next step's update concatenates them into fresh tensors
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:  # a layer that holds nothing
+            continue
+        layer.keys = layer.keys[:, :, drop:]  # [R, H, S - drop, D]
+        layer.values = layer.values[:, :, drop:]
+    return cache, mask[:, drop:]
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors on the CPU with one synchronisation for all of them (the decode loop's one read-back per step)."""
+    dev = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    if dev is None:
+        return list(tensors)
+    if dev.type != "cuda":
+        return [t.cpu() for t in tensors]
+    out = [
+        t.to("cpu", non_blocking=True) for t in tensors
+    ]  # into pinned memory, queued on the current stream
+    torch.cuda.current_stream(dev).synchronize()
+    return out
+
+
 def build_layout(live: list[_Hyp], device: torch.device) -> _Layout:
     """Assign row ranges to hypotheses and build the per-composition index tensors + coefficients."""
     logit_rows: list[int] = []
@@ -180,7 +222,9 @@ def build_layout(live: list[_Hyp], device: torch.device) -> _Layout:
         return torch.sparse_coo_tensor(i, v, (N, width), check_invariants=False).coalesce().to(dev)
 
     simple = not any(renorm) and [t[0] for t in base_t] == list(range(N))
-    C = torch.cat([hyp.job.coeffs for hyp in live]).to(dev)  # [R, K]
+    C = torch.cat(
+        [hyp.job.coeffs for hyp in live]
+    )  # [R, K], on the CPU (MixedLoraModel builds rows from it there)
     return _Layout(
         C=C,
         n_hyps=N,
@@ -195,7 +239,7 @@ def build_layout(live: list[_Hyp], device: torch.device) -> _Layout:
 
 
 def choose(job: _Job, base: torch.Tensor, guide: torch.Tensor | None, greedy: int, k: int) -> list[int]:
-    """k next tokens for one hypothesis (base/guide: [V] rows); greedy uses the precomputed argmax."""
+    """k next tokens for one hypothesis (base/guide: [V] rows, on the CPU); greedy uses the precomputed argmax."""
     if not job.do_sample:
         if k == 1:
             return [greedy]
@@ -204,6 +248,11 @@ def choose(job: _Job, base: torch.Tensor, guide: torch.Tensor | None, greedy: in
     # Guidance before truncation: s = log pi / T + gamma V.
     s = base / job.temperature if guide is None else base / job.temperature + guide
     idx, vals = _truncate(s, job.top_k, job.top_p)
+    # Draw over the kept tokens in token-id order, not score order: two nearly tied scores (1e-5 apart, which the
+    # batch's other rows can change through matmul rounding) then swap no random numbers between tokens, so a
+    # request's samples do not depend on what else is in the batch.
+    order = torch.argsort(idx)
+    idx, vals = idx[order], vals[order]
     probs = torch.softmax(vals.float().cpu(), dim=-1)
     draw = torch.multinomial(probs, min(k, probs.shape[0]), replacement=False, generator=job.generator)
     return idx.cpu()[draw].tolist()

@@ -14,7 +14,18 @@ import torch.nn.functional as F
 
 from mage_ray.bundle import Bundle, load_bundle
 from mage_ray.config import DecodeConfig
-from mage_ray.decode.batch import _error, _Hyp, _Layout, _merge_caches, _stop_hold, build_layout, choose
+from mage_ray.decode.batch import (
+    _cache_width,
+    _error,
+    _Hyp,
+    _Layout,
+    _merge_caches,
+    _stop_hold,
+    _trim_cache,
+    build_layout,
+    choose,
+    to_host,
+)
 from mage_ray.decode.parts import EngineParts, parts_from_bundle
 from mage_ray.decode.request import Completion, Request, TokenEvent, Usage, _Job, normalise
 from mage_ray.devices import place
@@ -143,6 +154,9 @@ class Engine:
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
         self._lock = threading.Lock()
         self._cancel: Callable[[int], bool] | None = None
+        self.kv_shape: tuple[int, int] = (0, 0)
+        """(rows, columns) of the running batch's KV cache after the last decode step ((0, 0) when idle): columns
+        stay at the longest live prompt + generated tokens (the cache is trimmed as requests leave and join)."""
 
     # ----- construction from a bundle -----
 
@@ -234,6 +248,7 @@ class Engine:
                 yield from self._run(jobs, admit, len(requests))
             finally:
                 self._cancel = None
+                self.kv_shape = (0, 0)
                 self.mixed.set_coefficients(None)
 
     def _prepare_all(self, requests: Sequence[Request], first: int) -> tuple[list[_Job], list[TokenEvent]]:
@@ -265,17 +280,19 @@ class Engine:
             if live:
                 if lay is None:
                     lay = self._layout(live)  # also sets the coefficients of this composition
-                nxt = torch.tensor(
-                    [[hyp.tokens[-1]] for hyp in live for _ in range(hyp.job.n_rows)], device=self.device
+                nxt = self._upload(
+                    torch.tensor([[hyp.tokens[-1]] for hyp in live for _ in range(hyp.job.n_rows)])
                 )
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
                 pos = mask.sum(-1, keepdim=True) - 1  # [R, 1]
                 h = self._forward(nxt, mask, pos, cache, lay)
+                self.kv_shape = tuple(mask.shape)
                 base, guide = self._scores(h, lay)
                 new_live, events = self._advance(live, base, guide)
                 live, cache, mask, changed = self._select(new_live, cache, mask)
-                if changed:
+                if changed:  # rows left: drop the cache columns only they needed
                     lay = None
+                    cache, mask = _trim_cache(cache, mask, _cache_width(live))
             # Before admitting: the consumer sees this step's finishes first, and running streams do not wait
             # for the prefill of new requests.
             if events:
@@ -295,6 +312,7 @@ class Engine:
                 if p_live:
                     cache, mask = _merge_caches(cache, mask, p_cache, p_mask)
                     live = live + p_live
+                    cache, mask = _trim_cache(cache, mask, _cache_width(live))
             if events:
                 yield events
             if not live and not more:  # nothing running and nothing new: done
@@ -325,6 +343,7 @@ class Engine:
         base, guide = self._scores(h, lay)
         new_live, events = self._advance(live, base, guide)
         live, cache, mask, _ = self._select(new_live, cache, mask)
+        cache, mask = _trim_cache(cache, mask, _cache_width(live))  # rows that finished at their first token
         return live, events, cache, mask
 
     def _select(self, new_live: list[tuple[_Hyp, int]], cache, mask):
@@ -337,9 +356,15 @@ class Engine:
             return live, cache, mask, False
         if not select:
             return live, None, None, True
-        sel = torch.tensor(select, device=self.device)
+        sel = self._upload(torch.tensor(select))
         cache.batch_select_indices(sel)
         return live, cache, mask[sel], True
+
+    def _upload(self, t: torch.Tensor) -> torch.Tensor:
+        """A small host tensor on the engine's device without waiting for the device (pinned, non-blocking)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _forward(self, ids, mask, pos, cache, lay: _Layout) -> torch.Tensor:
         """Decoder body over all rows -> last-position hidden state h [R, H] (final norm applied)."""
@@ -410,28 +435,50 @@ class Engine:
         Returns (new live list of (hypothesis, source row start), events).
         """
         step = base if guide is None else base + guide  # [N, V] greedy score, Eq. 25
-        greedy = step.argmax(-1).tolist()
+        greedy = step.argmax(-1)  # [N]
+        # One read-back per step: the argmax and its log pi_base / gamma V for every hypothesis, and the whole score
+        # rows of those that sample or expand beams (their choice needs more than the argmax).
+        picked = [greedy.double(), base.gather(1, greedy[:, None])[:, 0].double()]  # [N] each (ids exact)
+        if guide is not None:
+            picked.append(guide.gather(1, greedy[:, None])[:, 0].double())
+        full = [i for i, h in enumerate(live) if h.job.do_sample or (h.job.beam and h.job.chunk_pos == 0)]
+        wanted = [torch.stack(picked)]  # [2 or 3, N]
+        if full:
+            sel = self._upload(torch.tensor(full))
+            wanted += [base.index_select(0, sel)] + ([] if guide is None else [guide.index_select(0, sel)])
+        got = to_host(*wanted)
+        g_ids = got[0][0].long().tolist()
+        g_base = got[0][1].tolist()
+        g_guide = got[0][2].tolist() if guide is not None else None
+        rows = {i: k for k, i in enumerate(full)}  # hypothesis -> its row in got[1] (base) / got[2] (guide)
         new_live: list[tuple[_Hyp, int]] = []
         touched: dict[int, _Job] = {}
         for i, hyp in enumerate(live):
             job = hyp.job
             touched[id(job)] = job
-            g_row = None if guide is None else guide[i]
+            b_row = g_row = None
+            if i in rows:
+                b_row = got[1][rows[i]]
+                g_row = None if guide is None else got[2][rows[i]]
             if job.beam and job.chunk_pos == 0:
                 k = job.c * (job.b if not job.expanded else 1)  # the prompt expands into b*c candidates
-                toks = choose(job, base[i], g_row, greedy[i], k)
+                toks = choose(job, b_row, g_row, g_ids[i], k)
                 children = [hyp.child() for _ in toks]
                 job.hyps = [x for x in job.hyps if x is not hyp] + children
             else:
-                toks = choose(job, base[i], g_row, greedy[i], 1)
+                toks = choose(job, b_row, g_row, g_ids[i], 1)
                 children = [hyp]
             for ch, t in zip(children, toks):
                 ch.tokens.append(t)
-                ch.logp_sum += float(base[i, t])
-                if g_row is not None and job.plan.value_kind == "implicit":
-                    ch.guide_sum += float(g_row[t])  # sum_t gamma * log pi*/pi_ref (Eq. 21-23)
-                elif g_row is not None and job.plan.value_kind == "explicit":
-                    ch.guide_sum = float(g_row[t])  # gamma * V(x, y<=t): latest estimate of the final reward
+                if b_row is None:  # the argmax: its values came with the read-back
+                    lp, gv = g_base[i], None if g_guide is None else g_guide[i]
+                else:
+                    lp, gv = float(b_row[t]), None if g_row is None else float(g_row[t])
+                ch.logp_sum += lp
+                if gv is not None and job.plan.value_kind == "implicit":
+                    ch.guide_sum += gv  # sum_t gamma * log pi*/pi_ref (Eq. 21-23)
+                elif gv is not None and job.plan.value_kind == "explicit":
+                    ch.guide_sum = gv  # gamma * V(x, y<=t): latest estimate of the final reward
                 self._finish_check(ch)
                 if ch.finish_reason is None:
                     new_live.append((ch, hyp.row_start))

@@ -148,6 +148,12 @@ class _Job:
     def beam(self) -> bool:
         return self.b * self.c > 1
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV-cache rows x tokens this request may hold at its peak: its rows (x b*c beam candidates) x (prompt +
+        max new tokens). What Serve's token budget (``serve.max_batch_tokens``) counts."""
+        return self.n_rows * (self.b * self.c if self.beam else 1) * (len(self.prompt_ids) + self.max_new)
+
 
 def normalise(
     r: Request,

@@ -72,7 +72,6 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -466,7 +465,7 @@ def build_app(args: dict[str, Any]) -> Application:
         raise ValueError("build_app: args.bundle (the bundle directory) is required")
     overrides = [str(o) for o in (args.get("overrides") or [])]
     cfg = load_config(args.get("config"), overrides)
-    bundle = Path(str(args["bundle"])).expanduser()
+    bundle = str(args["bundle"])  # a local path or a URI (each replica then loads its node's local copy)
     b = load_bundle(bundle)
     if len(b.objectives) < 2:  # pragma: no cover  (load_bundle already enforces it)
         raise ValueError(f"bundle {bundle}: needs >= 2 objectives")
@@ -476,6 +475,9 @@ def build_app(args: dict[str, Any]) -> Application:
     replicas = (
         cfg.serve.autoscaling.get("min_replicas", 1) if cfg.serve.autoscaling else cfg.serve.num_replicas
     )
-    note_request("Serve engine replica", opts["ray_actor_options"], count=max(1, int(replicas)))
-    engine = MageEngine.options(**opts).bind(str(b.root), cfg.to_dict(), overrides)
-    return MageIngress.options(**ingress_options(cfg)).bind(engine, str(b.root), cfg.to_dict())
+    actor = opts["ray_actor_options"]
+    note_request(
+        "Serve engine replica", {"CPU": actor["num_cpus"], "GPU": actor["num_gpus"]}, max(1, int(replicas))
+    )
+    engine = MageEngine.options(**opts).bind(b.location, cfg.to_dict(), overrides)
+    return MageIngress.options(**ingress_options(cfg)).bind(engine, b.location, cfg.to_dict())

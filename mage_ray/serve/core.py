@@ -8,10 +8,16 @@ thin shell around it; tests drive it directly with asyncio.
 Batching (the semantics of Serve's ``@serve.batch``, kept in this class so it can also cancel requests)::
 
     submit(request) -> Ticket                 queued (interactive requests ahead of grid rows)
-    scheduler: wait for a request, then up to batch_wait_timeout_s for more, take <= max_batch_size,
-               run engine.stream(batch) in a worker thread, hand each step's TokenEvents to the tickets'
-               asyncio queues (the event loop never blocks on the model)
+    scheduler: wait for a request, then up to batch_wait_timeout_s for more, take <= max_batch_size
+               requests within the token budget, run engine.stream(batch) in a worker thread, hand each
+               step's TokenEvents to the tickets' asyncio queues (the event loop never blocks on the model)
     the next batch forms from whatever queued meanwhile, and starts as soon as the engine is free
+
+Admission by a token budget (``serve.max_batch_tokens``): a request costs its KV-cache rows x (prompt + max
+tokens) (``_Job.kv_tokens``; mage-i's 5 rows cost 5x what one bs row costs), and requests join in queue order
+while the batch's sum fits, so the replica's KV memory is bounded by configuration whatever the mix of methods.
+The queue head is never skipped for a smaller request behind it (no starvation); one larger than the whole
+budget runs alone. ``max_batch_size`` caps the number of requests besides.
 
 Why not ``@serve.batch`` itself: a Serve batch handler cannot tell which of its requests' clients went
 away, and the engine would keep decoding a disconnected stream to max_tokens. Here ``Ticket.cancel()`` (called
@@ -22,9 +28,9 @@ runs. :attr:`Generator.stats` counts cancellations, admissions and decoded token
 Two batching modes (``serve.batching``):
 
 - ``continuous`` (default): while a batch runs, the engine asks between decode steps for queued requests
-  (``Engine.stream(requests, admit=...)``); the scheduler hands over up to ``max_batch_size`` minus the live
-  requests, interactive first. A request that arrives mid-batch starts at the next step instead of waiting
-  for the whole batch to finish.
+  (``Engine.stream(requests, admit=...)``); the scheduler hands over what fits beside the live requests
+  (``max_batch_size`` requests, ``max_batch_tokens`` rows x tokens), interactive first. A request that arrives
+  mid-batch starts at the next step instead of waiting for the whole batch to finish.
 - ``micro``: the batch is fixed when it starts; later arrivals wait for it to finish (``@serve.batch``
   semantics).
 
@@ -38,7 +44,6 @@ import collections
 import concurrent.futures
 import copy
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +54,7 @@ import numpy as np
 
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, ServeConfig
+from mage_ray.config.checks import ConfigError
 from mage_ray.decode import (
     Completion,
     Engine,
@@ -58,10 +64,12 @@ from mage_ray.decode import (
     decode_defaults,
     parts_from_bundle,
 )
+from mage_ray.decode.request import _Job
 from mage_ray.guidance import PlanArgs, make_plan, method_names
 from mage_ray.report import prompt_text
 from mage_ray.serve.schema import ApiError, Limits
 from mage_ray.serve.ticket import CANCELLED, COUNTERS, Ticket, error_event
+from mage_ray.storage import join, mtime
 
 __all__ = ["Generator", "Ticket", "decode_defaults"]
 
@@ -85,6 +93,7 @@ class Generator:
         sc = serve_cfg or ServeConfig()
         self.serve_cfg = sc
         self.max_batch_size = sc.max_batch_size
+        self.max_batch_tokens = sc.max_batch_tokens
         self.batch_wait_timeout_s = sc.batch_wait_timeout_s
         self.continuous = sc.batching == "continuous"
         if self.continuous and not engine.can_admit:
@@ -100,7 +109,7 @@ class Generator:
         """The model id of /v1/models and OpenAI responses (``serve.model_name``)."""
         self.created = created
         """Unix time the bundle was written (``created`` of /v1/models)."""
-        self.methods = tuple(self._available_methods())
+        self.methods = tuple(self._served_methods(sc.methods))
         self.limits = Limits(
             n_objectives=engine.layout.n,
             methods=self.methods,
@@ -120,6 +129,7 @@ class Generator:
         self._arrival: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._running: list[Ticket] | None = None
+        self._budget_used = 0  # rows x tokens reserved by the running batch's unfinished requests
         self._last_step = time.monotonic()
         self._closed = False
         self._objectives = None
@@ -135,10 +145,9 @@ class Generator:
         if device is None:
             device = "cuda" if cfg.serve.num_gpus > 0 else "cpu"
         bundle = load_bundle(bundle_path)
-        engine = Engine(
-            parts_from_bundle(bundle, device=device), decode_defaults(cfg, bundle, overrides), device
-        )
-        created = int(os.stat(Path(bundle.root) / "bundle.json").st_mtime)
+        parts = parts_from_bundle(bundle, device=device, methods=cfg.serve.methods)  # only what is served
+        engine = Engine(parts, decode_defaults(cfg, bundle, overrides), device)
+        created = int(mtime(join(bundle.location, "bundle.json")))
         return cls(
             engine,
             cfg.serve,
@@ -148,6 +157,25 @@ class Generator:
         )
 
     # ----- introspection -----
+
+    def _served_methods(self, wanted: Sequence[str] | None) -> list[str]:
+        """``wanted`` (``serve.methods``; None: all this engine can run); ConfigError naming serve.methods when the
+        bundle cannot serve one of them or the default method is not among them."""
+        available = self._available_methods()
+        if wanted is None:
+            return available
+        missing = [m for m in wanted if m not in available]
+        if missing:
+            raise ConfigError(
+                f"config field 'serve.methods' = {list(wanted)!r} is invalid: this bundle cannot serve {missing} "
+                f"(it can serve {available})"
+            )
+        if self.engine.defaults.method not in wanted:
+            raise ConfigError(
+                f"config field 'serve.methods' = {list(wanted)!r} is invalid: it leaves out the default method "
+                f"{self.engine.defaults.method!r} (add it, or set decode.method to one of them)"
+            )
+        return [m for m in available if m in wanted]
 
     def _available_methods(self) -> list[str]:
         """Registered methods this engine's adapters can run (probed with the uniform preference)."""
@@ -189,12 +217,18 @@ class Generator:
 
     def stats(self) -> dict[str, Any]:
         """Counters (requests, completed, cancelled, errors, tokens, batches, steps, admitted: requests that
-        joined a running batch) and queue state."""
+        joined a running batch), queue state, and the running batch's KV cache: ``kv_rows`` x ``kv_columns``
+        after the last decode step (0 x 0 when idle) and ``kv_budget_used``, the rows x tokens its requests
+        reserved (``serve.max_batch_tokens`` bounds it)."""
         running = self._running or []
+        rows, columns = self.engine.kv_shape
         return {
             **self.counters,
             "queued": len(self._interactive) + len(self._bulk),
             "active": sum(not t.finished for t in running),
+            "kv_rows": rows,
+            "kv_columns": columns,
+            "kv_budget_used": self._budget_used,
         }
 
     def health(self) -> tuple[bool, str]:
@@ -213,7 +247,13 @@ class Generator:
     def _check_sync(self, req: Request, field_name: str) -> None:
         """Normalise ``req`` with the engine's one normaliser (:meth:`Engine.prepare`) and keep the job in
         ``req.prepared``, so the engine runs it without validating or tokenising again; its errors become 400s
-        that name the API field (``field_name`` for the prompt, ``method`` for what the method cannot serve)."""
+        that name the API field (``field_name`` for the prompt, ``method`` for what the method cannot serve, or
+        for a method this server does not serve)."""
+        method = req.method if req.method is not None else self.engine.defaults.method
+        if isinstance(method, str) and method not in self.methods:
+            raise ApiError(
+                400, f"method = {method!r} is not available: this server runs {list(self.methods)}", "method"
+            )
         try:
             req.prepared = self.engine.prepare(req, tokenizer=self._tok)
         except RequestError as e:
@@ -256,18 +296,38 @@ class Generator:
     def _pending(self) -> int:
         return len(self._interactive) + len(self._bulk)
 
-    def _take(self, room: int | None = None) -> list[Ticket]:
-        """Loop thread: pop up to ``room`` (default max_batch_size) queued tickets, interactive first."""
+    def _cost(self, req: Request) -> int:
+        """Rows x tokens a queued request reserves (``_Job.kv_tokens``). A request that was not checked
+        (:meth:`check`; every Serve route checks) counts as one row of the whole context."""
+        job = req.prepared
+        return job.kv_tokens if isinstance(job, _Job) else self.engine.max_context
+
+    def _take(
+        self, room: int | None = None, budget: int | None = None, empty: bool = True
+    ) -> tuple[list[Ticket], list[int]]:
+        """Loop thread: pop queued tickets, interactive first and in order, while there is ``room`` (requests,
+        default max_batch_size) and their costs fit ``budget`` (rows x tokens, default max_batch_tokens). The
+        queue head is not skipped for a smaller request behind it; with ``empty`` (nothing else running) the
+        first ticket is taken whatever its cost. Returns (tickets, their costs)."""
         room = self.max_batch_size if room is None else room
+        budget = self.max_batch_tokens if budget is None else budget
         batch: list[Ticket] = []
+        costs: list[int] = []
         for q in (self._interactive, self._bulk):
             while q and len(batch) < room:
-                t = q.popleft()
+                t = q[0]
                 if t.cancelled:  # never started: finish it here
+                    q.popleft()
                     self._finish(t, TokenEvent(0, "", True, CANCELLED, Completion("", [], CANCELLED)))
-                else:
-                    batch.append(t)
-        return batch
+                    continue
+                cost = self._cost(t.request)
+                if cost > budget and not (empty and not batch):
+                    return batch, costs  # the head waits for room (nothing behind it overtakes it)
+                q.popleft()
+                batch.append(t)
+                costs.append(cost)
+                budget -= cost
+        return batch, costs
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -283,7 +343,7 @@ class Generator:
                     await asyncio.wait_for(self._arrival.wait(), left)
                 except TimeoutError:
                     break
-            batch = self._take()
+            batch, costs = self._take()
             if not self._pending():
                 self._arrival.clear()
             if not batch:
@@ -291,11 +351,12 @@ class Generator:
             self._running = batch
             self._last_step = time.monotonic()
             try:
-                await loop.run_in_executor(self._engine_thread, self._run_batch, batch, loop)
+                await loop.run_in_executor(self._engine_thread, self._run_batch, batch, costs, loop)
             except Exception:  # noqa: BLE001  (never let one batch kill the scheduler)
                 log.exception("decode batch failed")
             finally:
                 self._running = None
+                self._budget_used = 0
 
     def _finish(self, t: Ticket, ev: TokenEvent) -> None:
         """Runs on the loop thread: deliver the final event of a ticket and count it."""
@@ -320,41 +381,52 @@ class Generator:
         elif not t.finished:
             t.queue.put_nowait(ev)
 
-    def _admit(self, batch: list[Ticket], done: list[bool], loop: asyncio.AbstractEventLoop) -> list[Request]:
-        """Engine thread, between decode steps (continuous batching): move queued tickets into the running batch.
+    def _admit(
+        self, batch: list[Ticket], done: list[bool], costs: list[int], loop: asyncio.AbstractEventLoop
+    ) -> list[Request]:
+        """Engine thread, between decode steps (continuous batching): move queued tickets into the running batch,
+        as many as fit beside the live ones (``max_batch_size`` requests, ``max_batch_tokens`` rows x tokens).
 
         The deques belong to the loop thread, so the hand-over runs there (``_take`` also finishes tickets
         cancelled while queued); the engine thread waits for it only when something is queued and the batch has
         room. New tickets get the next event indices, which is the order the engine numbers admitted requests.
         """
-        room = self.max_batch_size - (len(batch) - sum(done))
+        live = len(batch) - sum(done)
+        room = self.max_batch_size - live
+        used = sum(c for c, d in zip(costs, done) if not d)
+        self._budget_used = used
         if room <= 0 or self._closed or not self._pending() or not loop.is_running():
             return []
-        fut: concurrent.futures.Future[list[Ticket]] = concurrent.futures.Future()
+        if live and used >= self.max_batch_tokens:
+            return []
+        fut: concurrent.futures.Future[tuple[list[Ticket], list[int]]] = concurrent.futures.Future()
 
         def take() -> None:
             try:
-                fut.set_result(self._take(room))
+                fut.set_result(self._take(room, self.max_batch_tokens - used, empty=live == 0))
             except BaseException as e:  # noqa: BLE001  (hand any failure to the waiting engine thread)
                 fut.set_exception(e)
 
         try:
             loop.call_soon_threadsafe(take)
-            new = fut.result(timeout=10)
+            new, new_costs = fut.result(timeout=10)
         except Exception:  # noqa: BLE001  (loop closed or stopped: admit nothing, the batch goes on)
             return []
         if not new:
             return []
         batch.extend(new)
         done.extend([False] * len(new))
+        costs.extend(new_costs)
+        self._budget_used = used + sum(new_costs)
         self.counters["admitted"] += len(new)
         return [t.request for t in new]
 
-    def _run_batch(self, batch: list[Ticket], loop: asyncio.AbstractEventLoop) -> None:
+    def _run_batch(self, batch: list[Ticket], costs: list[int], loop: asyncio.AbstractEventLoop) -> None:
         """Engine thread: decode one batch (growing by admission in continuous mode), forwarding every step's
-        events to the loop."""
+        events to the loop. ``costs``: the rows x tokens each ticket reserved (:meth:`_take`)."""
         done = [False] * len(batch)
-        admit = (lambda: self._admit(batch, done, loop)) if self.continuous else None
+        self._budget_used = sum(costs)
+        admit = (lambda: self._admit(batch, done, costs, loop)) if self.continuous else None
         try:
             self.counters["batches"] += 1
             for events in self.engine.stream(
@@ -365,6 +437,7 @@ class Generator:
                 for ev in events:
                     done[ev.index] = done[ev.index] or ev.finished
                     loop.call_soon_threadsafe(self._deliver, batch[ev.index], ev)
+                self._budget_used = sum(c for c, d in zip(costs, done) if not d)
         except Exception as e:  # noqa: BLE001  (e.g. out of memory: fail this batch, keep serving)
             log.exception("decode batch of %d failed", len(batch))
             for i, t in enumerate(batch):
@@ -382,8 +455,19 @@ class Generator:
         async for ev in self.submit(req).events():
             yield ev
 
+    def _prepare_quietly(self, reqs: Sequence[Request]) -> None:
+        """Aux thread: normalise the requests that were not checked, so that the scheduler knows what they cost
+        and the engine thread does not tokenise them; a refused one stays unprepared (the engine reports it)."""
+        for r in reqs:
+            if r.prepared is None:
+                try:
+                    r.prepared = self.engine.prepare(r, tokenizer=self._tok)
+                except (RequestError, ValueError, NotImplementedError):
+                    pass
+
     async def generate_many(self, reqs: Sequence[Request], interactive: bool = False) -> list[Completion]:
         """Decode many requests (queued behind interactive ones unless ``interactive``); results in order."""
+        await asyncio.get_running_loop().run_in_executor(self._aux_thread, self._prepare_quietly, reqs)
         tickets = [self.submit(r, interactive) for r in reqs]
         try:
             return list(await asyncio.gather(*(t.result() for t in tickets)))

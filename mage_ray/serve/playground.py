@@ -28,6 +28,7 @@ from fastapi.responses import Response
 
 from mage_ray.grid import point_summary
 from mage_ray.serve.schema import ApiError
+from mage_ray.storage import is_file, is_uri, join, read_text
 
 __all__ = ["REPORT_PLACES", "front_json", "router"]
 
@@ -85,6 +86,13 @@ def _unavailable(objectives: Sequence[str], reason: str) -> dict[str, Any]:
     return {"available": False, "objectives": list(objectives), "reason": reason}
 
 
+def _beside(bundle_dir: str, rel: str) -> str:
+    """``<bundle_dir>/<rel>``; on a URI (no ``..`` there) with the leading ``../`` resolved."""
+    while is_uri(bundle_dir) and rel.startswith("../"):
+        bundle_dir, rel = bundle_dir.rstrip("/").rsplit("/", 1)[0], rel[3:]
+    return join(bundle_dir, rel)
+
+
 def front_json(bundle_dir: str | Path, objectives: Sequence[str]) -> dict[str, Any]:
     """The Pareto front of the bundle at ``bundle_dir`` (serving ``objectives``) from its evaluation report.
 
@@ -95,14 +103,13 @@ def front_json(bundle_dir: str | Path, objectives: Sequence[str]) -> dict[str, A
     None}}}``, or ``{"available": false, "objectives", "reason"}`` when there is no report, it cannot be read, or
     it scores other objectives than the bundle serves.
     """
-    root = Path(bundle_dir)
-    place = next((p for p in REPORT_PLACES if (root / p).is_file()), None)
+    place = next((p for p in REPORT_PLACES if is_file(_beside(str(bundle_dir), p))), None)
     if place is None:
         return _unavailable(
             objectives, f"no evaluation report beside the bundle (looked for {', '.join(REPORT_PLACES)})"
         )
     try:
-        report = json.loads((root / place).read_text())
+        report = json.loads(read_text(_beside(str(bundle_dir), place)))
         names = list(report["objectives"])
         grid = np.asarray(report["grid"], dtype=np.float64)  # (P, n)
         methods = {}

@@ -37,6 +37,7 @@ import numpy as np
 
 from mage_ray.config import Config
 from mage_ray.manifest import atomic_dir, write_manifest, write_text_atomic
+from mage_ray.storage import local_copy
 from mage_ray.tasks.objectives import ObjectiveError
 from mage_ray.train.fail_fast import RunFailed
 from mage_ray.train.offline import lora_config
@@ -466,7 +467,7 @@ def _load_adapter_weights(model, adapter_dir: str | Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    path = Path(adapter_dir) / "adapter_model.safetensors"
+    path = local_copy(adapter_dir) / "adapter_model.safetensors"  # a URI (the sweep's trial): its local copy
     if not path.is_file():
         raise ValueError(f"init_adapter = {str(adapter_dir)!r} has no adapter_model.safetensors")
     try:

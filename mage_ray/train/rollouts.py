@@ -25,7 +25,6 @@ engine without touching the rest.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +36,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mage_ray.config import Config, TaskConfig
-from mage_ray.manifest import atomic_file, is_uri, join, read_manifest, write_manifest
+from mage_ray.manifest import read_manifest, write_manifest
+from mage_ray.storage import atomic_file, is_dir, is_file, is_uri, join, listdir, local_path
 from mage_ray.train.offline import pad_id
 
 BASE_COLUMNS = ("prompt_index", "prompt", "response", "prompt_ids", "response_ids")
@@ -165,36 +165,19 @@ def shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}.parquet"
 
 
-def _exists(path: str) -> bool:
-    if is_uri(path):
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
-    return os.path.isfile(path)
-
-
 def write_shard(table: pa.Table, path: str) -> None:
-    """Write one shard atomically (local: temp file + ``os.replace``; object stores: single put)."""
-    if is_uri(path):
-        pq.write_table(table, path)
-        return
+    """Write one shard atomically (local: temp file + ``os.replace``; object stores: one upload)."""
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
 
 
 def rollout_files(path: str) -> list[str]:
-    """The shard files of a rollouts directory (sorted), or ``[path]`` for a single Parquet file."""
-    if is_uri(path):
-        import pyarrow.fs
-
-        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner))
-        scheme = path.split("://", 1)[0]
-        files = sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(".parquet"))
-    elif os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
-    elif os.path.isfile(path):
+    """The shard files of a rollouts directory (sorted), or ``[path]`` for a single Parquet file: URIs or local
+    paths (``file://`` stripped), what ``pyarrow.parquet`` opens."""
+    path = path if is_uri(path) else str(local_path(path))
+    if is_dir(path):
+        files = [join(path, f) for f in listdir(path) if f.endswith(".parquet")]
+    elif is_file(path):
         files = [path]
     else:
         raise FileNotFoundError(f"rollouts {path!r} do not exist (run jobs/rollouts.py)")
@@ -287,12 +270,12 @@ def generate_rollouts(
         s: list(range(s * prompts_per_shard, min(len(prompts), (s + 1) * prompts_per_shard)))
         for s in range(n_shards)
     }
-    todo = [s for s in range(n_shards) if not _exists(join(out_dir, shard_name(s, n_shards)))]
+    todo = [s for s in range(n_shards) if not is_file(join(out_dir, shard_name(s, n_shards)))]
     print(f"[rollouts] {n_shards - len(todo)}/{n_shards} shards present in {out_dir}; {len(todo)} to do")
     if todo:
         run = _run_ray if use_ray else _run_local
         run(cfg, out_dir, prompts, {s: shards[s] for s in todo}, n_shards, objectives)
-    missing = [s for s in range(n_shards) if not _exists(join(out_dir, shard_name(s, n_shards)))]
+    missing = [s for s in range(n_shards) if not is_file(join(out_dir, shard_name(s, n_shards)))]
     if missing:
         raise RuntimeError(f"rollouts: shards {missing} of {out_dir!r} were not written")
     old = read_manifest(out_dir) or {}

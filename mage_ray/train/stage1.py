@@ -241,12 +241,7 @@ def prepare_sft_base(cfg: Config, pairs: Sequence[tuple[str, str]] | None = None
     """
     if cfg.backbone.sft_steps <= 0:
         return cfg
-    out = join(storage_abs(cfg.storage.run_dir), "sft")
-    if is_uri(out):
-        raise ValueError(
-            f"storage.storage_path = {cfg.storage.storage_path!r}: the SFT stage needs a local or shared "
-            "filesystem path (the merged model becomes model.name_or_path)"
-        )
+    out = join(storage_abs(cfg.storage.run_dir), "sft")  # a URI too: workers load their node's local copy
     if not is_complete(out):
         pairs = list(pairs) if pairs is not None else task_sft_pairs(cfg.task)
         if not pairs:

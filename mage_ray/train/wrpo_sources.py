@@ -14,13 +14,13 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from mage_ray.config import Config
-from mage_ray.manifest import ManifestError, is_complete, join, read_json, read_manifest, write_json_atomic
+from mage_ray.manifest import ManifestError, is_complete, read_json, read_manifest, write_json_atomic
+from mage_ray.storage import is_dir, is_file, is_uri, join, listdir, local_copy, local_path
 from mage_ray.train.ray_shell import storage_abs
 
 __all__ = ["NO_SOURCES", "discover_sources", "sample_source_table", "source_tables"]
@@ -32,11 +32,12 @@ NO_SOURCES = (
 )
 
 
-def _is_adapter_dir(p: Path) -> Path | None:
-    """The PEFT directory of an artifact dir (``<p>/adapter``) or of a bare adapter dir, else None."""
-    if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
+def _is_adapter_dir(p: str) -> str | None:
+    """The PEFT directory of an artifact dir (``<p>/adapter``) or of a bare adapter dir (local or URI), else
+    None."""
+    if is_file(join(p, "adapter", "adapter_config.json")):
+        return join(p, "adapter")
+    if is_file(join(p, "adapter_config.json")):
         return p
     return None
 
@@ -46,25 +47,25 @@ def discover_sources(cfg: Config, exclude: Sequence[str] = ()) -> list[str]:
     beta-sweep trials), then ``backbone.wrpo_sources``."""
 
     found: list[str] = []
-    root = Path(storage_abs(cfg.storage.run_dir)) / "backbones"
-    skip = {str(Path(storage_abs(e))) for e in exclude}
-    if root.is_dir():
-        for beta_dir in sorted(root.glob("beta_*")):
-            for d in sorted(p for p in beta_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if str(d) in skip or not is_complete(d):
+    root = join(storage_abs(cfg.storage.run_dir), "backbones")
+    skip = {storage_abs(e).rstrip("/") for e in exclude}
+    if is_dir(root):
+        for beta_dir in [join(root, b) for b in listdir(root) if b.startswith("beta_")]:
+            for d in [join(beta_dir, n) for n in listdir(beta_dir) if not n.startswith(".")]:
+                if d in skip or not is_dir(d) or not is_complete(d):
                     continue
                 try:
                     m = read_manifest(d) or {}
                 except ManifestError:
                     continue
                 if m.get("trainer") != "wrpo" and not m.get("sweep_trial") and _is_adapter_dir(d) is not None:
-                    found.append(str(d))
+                    found.append(d)
     return found + [s for s in cfg.backbone.wrpo_sources if s not in found]
 
 
 def _source_label(cfg: Config, spec: str) -> str:
 
-    root = str(Path(storage_abs(cfg.storage.run_dir)) / "backbones") + "/"
+    root = join(storage_abs(cfg.storage.run_dir), "backbones") + "/"
     return spec[len(root) :] if spec.startswith(root) else spec
 
 
@@ -80,19 +81,19 @@ def _load_source(cfg: Config, spec: str, device: str = "cpu"):
     full model (HF id, path, ``embedded:`` / ``tiny-random`` name) with its own tokenizer."""
     from mage_ray.models import load_policy
 
-    adapter = _is_adapter_dir(Path(spec).expanduser())
+    adapter = _is_adapter_dir(spec if is_uri(spec) else str(local_path(spec)))
     if adapter is None:
         return load_policy(
             dataclasses.replace(cfg.model, name_or_path=spec), cfg.storage.cache_dir, device=device
         )
     from peft import PeftModel
 
-    manifest = read_manifest(adapter.parent) if adapter.name == "adapter" else None
+    manifest = read_manifest(adapter[: -len("/adapter")]) if adapter.endswith("/adapter") else None
     base = (manifest or {}).get("base_model") or cfg.model.name_or_path
     model, tok = load_policy(
         dataclasses.replace(cfg.model, name_or_path=base), cfg.storage.cache_dir, device=device
     )
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tok
+    return PeftModel.from_pretrained(model, str(local_copy(adapter))).merge_and_unload().eval(), tok
 
 
 def sample_source_table(
