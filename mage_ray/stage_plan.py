@@ -641,21 +641,27 @@ def _decode_row(c: _Ctx, stage: str, methods: list[str], requests: int, prompts_
 
 
 def _serve_row(c: _Ctx, methods: list[str]) -> StageRow:
+    """A Serve engine replica: the adapters of ``serve.methods`` (None: the bundle's, i.e. the evaluated methods'),
+    and a KV cache bounded by its token-budget admission: requests of up to ``serve.max_batch_size`` join while their
+    rows x (prompt + max_tokens) fit ``serve.max_batch_tokens``, and one larger than that runs alone, so at most
+    max(max_batch_tokens, rows x model.max_context) row-tokens, and never more than max_batch_size full requests."""
     s = c.cfg.serve
-    rank_sum, resident = _engine_adapters(c, methods)
+    served = list(s.methods or methods)
+    rank_sum, resident = _engine_adapters(c, served)
     resident += _scoring_terms(c.cfg, s.num_gpus > 0)  # `score: true` requests load the objectives
-    rows_per = max(method_rows(m, c.n) for m in methods)
-    tokens = c.cfg.model.max_context
-    seqs = s.max_batch_size * rows_per
+    rows_per = max(method_rows(m, c.n) for m in served)
+    ctx = c.cfg.model.max_context
+    row_tokens = min(s.max_batch_size * rows_per * ctx, max(s.max_batch_tokens, rows_per * ctx))
     transient = [
-        Term(
-            "KV cache",
-            kv_cache_bytes(c.shape, seqs, tokens, c.act),
-            f"{s.max_batch_size} requests x {rows_per} rows x model.max_context",
-        ),
-        Term("prefill", prefill_bytes(c.shape, s.max_batch_size * rows_per, c.prompt, c.act, rank_sum)),
+        Term("KV cache", row_tokens * kv_bytes_per_token(c.shape, c.act), f"{row_tokens} row-tokens"),
+        Term("prefill", prefill_bytes(c.shape, math.ceil(row_tokens / ctx), ctx, c.act, rank_sum)),
     ]
     replicas = (s.autoscaling or {}).get("max_replicas", s.num_replicas)
+    knob = (
+        "serve.max_batch_tokens"
+        if s.max_batch_tokens < s.max_batch_size * rows_per * ctx
+        else "serve.max_batch_size"
+    )
     row = StageRow(
         "serve",
         "Serve engine replica",
@@ -665,9 +671,12 @@ def _serve_row(c: _Ctx, methods: list[str]) -> StageRow:
         resident,
         transient,
         "serving",
-        "serve.max_batch_size",
+        knob,
     )
-    row.notes.append("a request may fill model.max_context: the KV cache is sized for that")
+    row.notes.append(
+        f"KV cache: min({s.max_batch_size} requests x {rows_per} rows x model.max_context, "
+        f"max(serve.max_batch_tokens, one request)) = {row_tokens} row-tokens"
+    )
     return row
 
 
@@ -811,7 +820,8 @@ def value_micro_batch(cfg: Config, shape: ModelShape, budget: float | None) -> i
 def largest_fitting(cfg: Config, row: StageRow) -> int | None:
     """The largest value below the current one of ``row.knob`` (an integer field) at which the stage fits, or None
     (not an integer field, or nothing fits). Values the config refuses (a micro-batch that does not divide the
-    step's completions) are skipped."""
+    step's completions) do not fit. Up to 256 the values are tried downwards; above, by bisection (a stage's
+    memory grows with each of its knobs)."""
     from mage_ray.config import ConfigError, config_from_dict
 
     section, _, name = row.knob.partition(".")
@@ -821,13 +831,20 @@ def largest_fitting(cfg: Config, row: StageRow) -> int | None:
     if row.knob == "backbone.per_device_train_batch_size":
         current = cfg.backbone.micro_batch
     base = cfg.to_dict()
-    for value in range(current - 1, 0, -1):
+
+    def fits(value: int) -> bool:
         try:
             trial = config_from_dict(base, [f"{row.knob}={value}"])
         except ConfigError:
-            continue
+            return False
         plan = plan_config(trial)
         same = [r for r in plan.rows if r.stage == row.stage and r.worker == row.worker]
-        if same and plan.fits(same[0]):
-            return value
-    return None
+        return bool(same and plan.fits(same[0]))
+
+    if current <= 256:
+        return next((v for v in range(current - 1, 0, -1) if fits(v)), None)
+    lo, hi = 0, current - 1  # fits(lo) or lo == 0; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo or None
