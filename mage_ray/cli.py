@@ -5,6 +5,7 @@
     mage-ray config show --config configs/smoke.yaml backbone.steps=3     # the merged, validated config
     mage-ray pipeline --config configs/embedded.yaml                      # = python jobs/pipeline.py ...
     mage-ray serve --config configs/embedded.yaml --bundle runs/embedded/bundle serve.port=8001
+    mage-ray plan --config configs/hh_rlhf.yaml --gpu-memory 80            # GPU memory per stage, GPU-hours
 
 Every subcommand takes --config FILE and section.field=value overrides, in any position, and the flags of its
 job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
@@ -27,6 +28,7 @@ from mage_ray.commands import (
     export,
     grid,
     pipeline,
+    plan,
     rehearse,
     rollouts,
     run_command,
@@ -54,6 +56,7 @@ COMMANDS = {
     "export": export,
     "rehearse": rehearse,
     "doctor": doctor,
+    "plan": plan,
 }
 """Subcommand -> its module in mage_ray.commands (docstring, ``add_arguments(parser)``, ``run(args, cfg)``)."""
 

@@ -22,6 +22,11 @@ parser default; :func:`mage_ray.runtime.parse_job_args` defaults it to :data:`TR
 * ``ref_point``: objectives without a floor (reward-model logits) need ``eval.ref_point`` for hypervolume.
 * ``objectives``: the model behind every reward-model objective (``hf:<id or path>`` and the paper's
   ``helpful``, ``harmless``, ...), as for ``model``. The objective names are checked for every command.
+* ``vllm``: ``backbone.generation = vllm`` needs the vllm package in this Python (the ``gpu`` extra).
+* ``memory``: with ``plan.gpu_memory_gib`` declared, every GPU stage the command runs (``args.plan_stages``, a
+  command's choice; default: every pipeline stage) fits it by :mod:`mage_ray.stage_plan`'s plan, minus
+  ``plan.reserve_gib``; the error names the field to lower and the largest value that fits. Stages on CPU and
+  configs without a declared GPU memory are never refused.
 """
 
 from __future__ import annotations
@@ -45,13 +50,15 @@ __all__ = [
     "TRAINING",
     "PreflightError",
     "check",
+    "check_memory",
     "check_model",
     "check_storage",
+    "check_vllm",
     "output_dir",
     "temporary_working_dir",
 ]
 
-TRAINING = ("objectives", "model", "data", "storage")
+TRAINING = ("objectives", "model", "data", "storage", "vllm", "memory")
 """The checks of the commands that train or sample (pipeline, sweep, train-*, rollouts)."""
 HUB_TIMEOUT_S = 3.0
 """Seconds the one hub request of a model check may take (a hub id that is not in the local cache)."""
@@ -91,6 +98,10 @@ def check(cfg: Config, args: Namespace | None = None) -> None:
     if "objectives" in checks:
         for name in cfg.task.objectives:
             _reward_model(name)
+    if "vllm" in checks:
+        check_vllm(cfg)
+    if "memory" in checks:
+        check_memory(cfg, getattr(args, "plan_stages", None), getattr(args, "config", None))
 
 
 def check_ref_point(cfg: Config, bundle: Bundle | None = None) -> None:
@@ -219,6 +230,45 @@ def _hub_problem(repo_id: str) -> str | None:
             "directory"
         )
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU memory and vLLM
+
+
+def check_vllm(cfg: Config) -> None:
+    """``backbone.generation = vllm`` needs vLLM importable here (TRL would fail only inside a Ray worker)."""
+    import importlib.util
+
+    if cfg.backbone.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PreflightError(
+            "backbone.generation = 'vllm' needs the vllm package, which this Python does not have: "
+            "pip install 'mage-ray[gpu]' (or set backbone.generation=hf)"
+        )
+
+
+def check_memory(cfg: Config, stages=None, config_path: str | None = None) -> None:
+    """Refuse a config whose memory plan does not fit ``plan.gpu_memory_gib`` (module docstring)."""
+    if not cfg.plan.gpu_memory_gib:
+        return
+    from mage_ray.memory_plan import gib
+    from mage_ray.stage_plan import first_misfit, largest_fitting, plan_config
+
+    plan = plan_config(cfg, also=stages or ())
+    wanted = set(stages) if stages else {r.stage.split(" ")[0] for r in plan.rows} - {"serve"}
+    row = first_misfit(plan, wanted)
+    if row is None:
+        return
+    big = max(row.resident + row.transient, key=lambda t: t.bytes)
+    best = largest_fitting(cfg, row)
+    hint = f" (<= {best} fits)" if best else ""
+    cmd = f"mage-ray plan --config {config_path}" if config_path else "mage-ray plan --config <file>"
+    raise PreflightError(
+        f"plan.gpu_memory_gib = {cfg.plan.gpu_memory_gib:g}: stage '{row.stage}' ({row.worker}) needs "
+        f"{gib(row.per_gpu):.3g} GiB per GPU ({big.name} {gib(big.bytes):.3g} GiB"
+        f"{': ' + big.note if big.note else ''}), more than {cfg.plan.gpu_memory_gib:g} - {cfg.plan.reserve_gib:g} "
+        f"GiB reserve: lower {row.knob}{hint}; `{cmd}` shows every stage"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="report directory (default <run_dir>/eval)")
     parser.add_argument("--split", default="test", choices=["test", "validation"])
     parser.set_defaults(
-        checks=("bundle", "bundle_objectives", "storage", "data", "model", "objectives", "ref_point")
+        checks=(
+            "bundle",
+            "bundle_objectives",
+            "storage",
+            "data",
+            "model",
+            "objectives",
+            "ref_point",
+            "memory",
+        ),
+        plan_stages=("evaluate",),
     )
 
 

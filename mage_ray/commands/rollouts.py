@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
         default=None,
         help="resume granularity (default mage_ray.train.rollouts.DEFAULT_PROMPTS_PER_SHARD, 32)",
     )
+    parser.set_defaults(plan_stages=("rollouts",))  # mage_ray.preflight's memory check
 
 
 def run(args, cfg) -> None:

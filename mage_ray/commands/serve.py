@@ -24,7 +24,7 @@ from mage_ray.commands import open_bundle
 def add_arguments(parser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle directory (from the sweep)")
     parser.add_argument("--name", default="mage", help="Serve application name")
-    parser.set_defaults(checks=("bundle", "model"))  # mage_ray.preflight: it writes nothing
+    parser.set_defaults(checks=("bundle", "model", "memory"), plan_stages=("serve",))  # mage_ray.preflight
 
 
 def urls(host: str, port: int) -> tuple[str, str]:

@@ -14,7 +14,10 @@ def add_arguments(parser) -> None:
     """No flags of its own: config fields are ``key=value`` overrides."""
     from mage_ray.preflight import TRAINING
 
-    parser.set_defaults(checks=(*TRAINING, "ref_point"))  # mage_ray.preflight: its sweeps need hypervolume
+    parser.set_defaults(
+        checks=(*TRAINING, "ref_point"),  # mage_ray.preflight: its sweeps need hypervolume
+        plan_stages=("beta", "backbones", "rollouts", "values", "alpha", "gamma"),  # its memory check
+    )
 
 
 def run(args, cfg) -> None:

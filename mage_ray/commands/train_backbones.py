@@ -23,6 +23,7 @@ import time
 
 def add_arguments(parser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
+    parser.set_defaults(plan_stages=("backbones", "morlhf"))  # mage_ray.preflight's memory check
 
 
 def _summary(manifests: list[dict], root: str) -> None:

@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
         "backbone.wrpo_sources",
     )
     parser.add_argument("--max-concurrent", type=int, default=None, help="runs at once (default: what fits)")
+    parser.set_defaults(
+        plan_stages=("ric", "modpo", "wrpo", "arms", "parm")
+    )  # mage_ray.preflight's memory check
 
 
 def _line(m: dict) -> str:

@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-concurrent", type=int, default=None, help="value models trained at once")
     parser.add_argument("--no-ray", action="store_true", help="train in this process, one after another")
     parser.set_defaults(
-        checks=("storage", "model", "objectives")
+        checks=("storage", "model", "objectives", "memory"), plan_stages=("values",)
     )  # mage_ray.preflight: reads rollouts, not prompts
 
 

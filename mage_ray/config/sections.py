@@ -127,6 +127,25 @@ class BackboneConfig:
     """Token limit of each sampled training completion."""
     temperature: float = 1.0
     """Sampling temperature during training rollouts."""
+    per_device_train_batch_size: int = 0
+    """Completions in one forward / backward micro-batch of a worker (TRL per_device_train_batch_size); 0 = all
+    prompts_per_step x num_generations completions of a step at once. A smaller value must divide that product:
+    the step then accumulates gradients over product / this micro-batches (TRL gradient_accumulation_steps), and
+    its completions are still sampled in one generate call per step (TRL steps_per_generation = the accumulation
+    steps), so the effective batch and the samples stay the same."""
+    activation_checkpointing: bool | None = None
+    """Recompute each decoder layer's activations in the backward instead of keeping them, for GRPO / RLOO, SFT and
+    the offline trainers (RiC, MODPO, WRPO, ARMs, PARM); None = on when the worker trains on a GPU, off on CPU."""
+    generation: str = "hf"
+    """How GRPO / RLOO sample completions: hf (transformers generate) | vllm (TRL's vLLM path: needs the vllm
+    package, `pip install 'mage-ray[gpu]'`, and backbone.use_gpu)."""
+    vllm_mode: str = "colocate"
+    """generation vllm: colocate (a vLLM engine inside every training worker, on its GPU, asleep with weights and
+    cache released outside generation) | server (workers send prompts to one `trl vllm-serve` on other GPUs)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """generation vllm, colocate: share of the GPU's memory vLLM takes while it generates (weights + KV cache)."""
+    vllm_server_url: str = "http://127.0.0.1:8000"
+    """generation vllm, server: base URL of the `trl vllm-serve` process."""
     reward_aggregation: str = "sum_then_normalize"
     """How GRPO turns the objectives into advantages: sum_then_normalize (h = w^T r, then the group z-score,
     Eq. 11 as written) or normalize_then_sum (z-score each objective in its group, then weight by w), which
@@ -173,6 +192,28 @@ class BackboneConfig:
             _fail(
                 "backbone.reward_aggregation", self.reward_aggregation, "sum_then_normalize with trainer rloo"
             )
+        _check_range("backbone.per_device_train_batch_size", self.per_device_train_batch_size, 0, 1_000_000)
+        per_step = self.prompts_per_step * self.num_generations
+        if self.per_device_train_batch_size and per_step % self.per_device_train_batch_size:
+            _fail(
+                "backbone.per_device_train_batch_size",
+                self.per_device_train_batch_size,
+                f"0 or a divisor of prompts_per_step x num_generations = {per_step}",
+            )
+        _check_optional_bool("backbone.activation_checkpointing", self.activation_checkpointing)
+        _check_choice("backbone.generation", self.generation, ("hf", "vllm"))
+        _check_choice("backbone.vllm_mode", self.vllm_mode, ("colocate", "server"))
+        _check_range(
+            "backbone.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, lo_open=True
+        )
+        if self.generation == "vllm" and not self.use_gpu:
+            _fail(
+                "backbone.generation",
+                self.generation,
+                "hf unless backbone.use_gpu is true (vLLM needs a GPU)",
+            )
+        if self.generation == "vllm" and self.trainer not in ("grpo", "rloo"):
+            _fail("backbone.generation", self.generation, "hf with trainer wrpo (it samples nothing)")
         _check_range("backbone.sft_steps", self.sft_steps, 0, 10_000_000)
         _check_range("backbone.num_workers", self.num_workers, 1, 10_000)
         _check_choice(
@@ -184,6 +225,21 @@ class BackboneConfig:
         _check_range("backbone.checkpoint_every", self.checkpoint_every, 1, 10_000_000)
         _check_range("backbone.wrpo_alpha_max", self.wrpo_alpha_max, 0, 1)
         _check_resources("backbone.resources_per_worker", self.resources_per_worker)
+
+    @property
+    def micro_batch(self) -> int:
+        """Completions per forward / backward of a worker (``per_device_train_batch_size``, 0 resolved)."""
+        return self.per_device_train_batch_size or self.prompts_per_step * self.num_generations
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (TRL gradient_accumulation_steps and steps_per_generation)."""
+        return self.prompts_per_step * self.num_generations // self.micro_batch
+
+
+def _check_optional_bool(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        _fail(name, value, "true, false or null (null: on for GPU workers, off on CPU)")
 
 
 def _check_resources(name: str, res: Any) -> None:
@@ -221,6 +277,11 @@ class ValueConfig:
     """Give each value-model worker a GPU."""
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
     """Ray resources of each value-model worker."""
+    activation_checkpointing: bool | None = None
+    """Recompute the value models' decoder activations in the backward; None = on for GPU workers, off on CPU. On a
+    GPU a worker also splits its share of batch_size into micro-batches that fit plan.gpu_memory_gib (gradients
+    accumulate, the loss is unchanged), and rollout sampling splits each rollout_batch_size prompts into generate
+    calls whose KV cache fits it."""
     seed: int = 0
     """Seed of rollout sampling, initialisation and data order."""
 
@@ -238,6 +299,7 @@ class ValueConfig:
         _check_range("value.learning_rate", self.learning_rate, 0, 1, lo_open=True)
         _check_range("value.lora_alpha", self.lora_alpha, 0, None, lo_open=True)
         _check_range("value.val_fraction", self.val_fraction, 0, 1, hi_open=True)
+        _check_optional_bool("value.activation_checkpointing", self.activation_checkpointing)
         _check_resources("value.resources_per_worker", self.resources_per_worker)
 
 
@@ -476,6 +538,26 @@ class StorageConfig:
 
 
 @dataclass
+class PlanConfig:
+    """GPU memory the workers may use: ``mage-ray plan``, the preflight check that refuses a config whose plan does
+    not fit, and the memory-bounded rollout chunks and value-model micro-batches (mage_ray.stage_plan)."""
+
+    gpu_memory_gib: float = 0.0
+    """Memory of one GPU in GiB (80 for an 80 GB A100 / H100, 141 for an H200); 0 = not declared: nothing is
+    refused before Ray starts, and a GPU worker sizes its chunks from its device's memory."""
+    reserve_gib: float = 4.0
+    """GiB of every GPU the plan leaves free: CUDA context, cuBLAS / NCCL workspaces, allocator fragmentation."""
+
+    def __post_init__(self) -> None:
+        _check_range("plan.gpu_memory_gib", self.gpu_memory_gib, 0, 100_000)
+        _check_range("plan.reserve_gib", self.reserve_gib, 0, 100_000)
+        if self.gpu_memory_gib and self.reserve_gib >= self.gpu_memory_gib:
+            _fail(
+                "plan.reserve_gib", self.reserve_gib, f"less than plan.gpu_memory_gib = {self.gpu_memory_gib}"
+            )
+
+
+@dataclass
 class Config:
     """The whole job configuration."""
 
@@ -501,6 +583,8 @@ class Config:
     """Evaluation report on the test prompts."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Where artifacts go."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """GPU memory of the workers (mage-ray plan, the preflight memory check)."""
 
     @property
     def n_objectives(self) -> int:

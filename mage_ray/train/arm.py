@@ -199,7 +199,13 @@ def train_arm(
             "scores (value.rollouts_per_prompt >= 2), or lower arm.min_margin"
         )
 
-    t = offline.prepare(partial(build_arm_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
+    t = offline.prepare(
+        partial(build_arm_policy, cfg),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.backbone.activation_checkpointing,
+    )
 
     def step_loss(idx: list[int], step: int):
         logps = offline.sequence_logps(

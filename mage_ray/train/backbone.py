@@ -43,7 +43,7 @@ from mage_ray.train.fail_fast import RunFailed
 from mage_ray.train.offline import lora_config
 from mage_ray.train.stage1 import (
     check_writable,
-    no_checkpointing_args,
+    checkpointing_args,
     precision_args,
     validate_reward_weights,
 )
@@ -191,8 +191,25 @@ def _step_clock():
 # Training
 
 
+def _vllm_args(b) -> dict[str, Any]:
+    """TRL's vLLM fields for ``backbone.generation = vllm``: colocate (sleep mode on, so vLLM's weights and cache
+    leave the GPU outside generation) or server (``trl vllm-serve`` at ``backbone.vllm_server_url``)."""
+    if b.generation != "vllm":
+        return {"use_vllm": False}
+    if b.vllm_mode == "server":
+        return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": b.vllm_server_url}
+    return {
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_gpu_memory_utilization": b.vllm_gpu_memory_utilization,
+        "vllm_enable_sleep_mode": True,
+    }
+
+
 def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_dir: Path, quiet: bool):
-    """GRPOConfig / RLOOConfig for one backbone. Batch per worker = prompts_per_step * num_generations."""
+    """GRPOConfig / RLOOConfig for one backbone. Completions per worker and optimizer step = prompts_per_step *
+    num_generations, sampled in one generate call (TRL steps_per_generation = gradient_accumulation_steps) and
+    trained in ``backbone.micro_batch``-sized micro-batches (``backbone.accumulation_steps`` of them)."""
     from trl import GRPOConfig, RLOOConfig
 
     b = cfg.backbone
@@ -202,8 +219,9 @@ def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_d
         max_steps=steps,
         learning_rate=b.learning_rate,
         lr_scheduler_type="constant",
-        per_device_train_batch_size=b.prompts_per_step * b.num_generations,  # completions per worker per step
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=b.micro_batch,  # completions per forward / backward
+        gradient_accumulation_steps=b.accumulation_steps,
+        steps_per_generation=b.accumulation_steps,  # one generate call per optimizer step, as without accumulation
         num_generations=b.num_generations,
         max_completion_length=b.max_completion_length,
         temperature=b.temperature,
@@ -215,8 +233,8 @@ def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_d
         save_steps=b.checkpoint_every,
         save_total_limit=2,
         seed=b.seed,
-        **no_checkpointing_args(),
-        use_vllm=False,
+        **checkpointing_args(b.activation_checkpointing),
+        **_vllm_args(b),
         report_to="none",
         disable_tqdm=quiet,
         dataloader_num_workers=0,

@@ -175,7 +175,11 @@ def train_modpo(
     w_rest = torch.tensor(w[rest], dtype=torch.float32)  # [n-1]
 
     t = offline.prepare(
-        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+        partial(offline.build_lora_policy, cfg),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.backbone.activation_checkpointing,
     )
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:

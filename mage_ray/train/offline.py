@@ -21,6 +21,7 @@ state). It builds its data, calls :func:`prepare` (seed, model, AdamW, resume, D
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -55,7 +56,9 @@ __all__ = [
     "Trainable",
     "batch_indices",
     "build_lora_policy",
+    "checkpointing_on",
     "common_manifest",
+    "enable_checkpointing",
     "fit_steps",
     "lora_config",
     "pad_id",
@@ -170,13 +173,40 @@ class Trainable:
     """The first step to run: 0, or the step of the resumed snapshot."""
 
 
+def checkpointing_on(setting: bool | None) -> bool:
+    """Whether a trainer in this process recomputes activations: the config's setting (``backbone`` /
+    ``value.activation_checkpointing``), or with None, on where CUDA is visible (a GPU worker), off on CPU."""
+    return torch.cuda.is_available() if setting is None else bool(setting)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the HF model inside ``model`` (a PEFT model, a value net, a
+    PBLoRA-adapted model): each decoder layer keeps only its input and is recomputed in the backward."""
+    from transformers import PreTrainedModel
+
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # recent transformers 5; the older name warns there
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare(
-    build: Callable[[Any], tuple[torch.nn.Module, Any]], *, seed: int, learning_rate: float, ctx: TrainContext
+    build: Callable[[Any], tuple[torch.nn.Module, Any]],
+    *,
+    seed: int,
+    learning_rate: float,
+    ctx: TrainContext,
+    checkpointing: bool | None = None,
 ) -> Trainable:
-    """``torch.manual_seed(seed)``, ``build(ctx.device) -> (model, tokenizer)``, AdamW on the trainable
-    tensors (both restored from ``ctx.resume``), then the data-parallel wrapper ``ctx.wrap``."""
+    """``torch.manual_seed(seed)``, ``build(ctx.device) -> (model, tokenizer)``, activation checkpointing
+    (``checkpointing``: the config's ``activation_checkpointing``; None = on where CUDA is visible), AdamW on the
+    trainable tensors (both restored from ``ctx.resume``), then the data-parallel wrapper ``ctx.wrap``."""
     torch.manual_seed(seed)
     model, tok = build(ctx.device)
+    if checkpointing_on(checkpointing):
+        enable_checkpointing(model)
     resume = ctx.resume
     if resume is not None:
         model.load_state_dict(resume["trainable"], strict=False)
@@ -221,10 +251,17 @@ def fit_steps(
     snapshot_extra: Callable[[], dict] | None = None,
     max_grad_norm: float | None = 1.0,
     label: str = "train",
+    micro_batch: int | None = None,
 ) -> list[dict[str, float]]:
     """Optimizer steps ``start_step`` (default ``t.start_step``) .. ``s.steps - 1`` of ``step_loss`` on batches
     of ``s.batch_size`` examples (:func:`batch_indices` with ``s.seed``); return the per-step metrics {step,
     loss, [grad_norm], **step metrics, step_time_s}.
+
+    ``micro_batch``: a rank's examples go through ``step_loss`` in chunks of at most this many, each loss weighted
+    by its share of the rank's examples and back-propagated at once (gradients accumulate; data-parallel
+    gradients sync on the last chunk only). That equals the one-batch gradient for a loss that is a mean over
+    examples (value models, ARMs, MODPO, WRPO); the step's metrics are the chunks' example-weighted means. None
+    (or a chunk as large as the batch): one ``step_loss`` call, as without it.
 
     Gradients are clipped to ``max_grad_norm`` (None: not clipped). After each step ``ctx.on_step`` gets the
     metrics and a snapshot function; without one, rank 0 prints a progress line about ten times a run
@@ -238,9 +275,13 @@ def fit_steps(
     for step in range(t.start_step if start_step is None else start_step, s.steps):
         t0 = time.time()
         idx = batch_indices(step, n_examples, s.batch_size, s.seed, ctx.rank, ctx.world_size)
-        loss, metrics = step_loss(idx, step)
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if micro_batch is None or len(idx) <= micro_batch:
+            loss, metrics = step_loss(idx, step)
+            t.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            t.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = _accumulate(t, idx, step, step_loss, micro_batch)
         m: dict[str, float] = {"step": step + 1, "loss": float(loss.detach())}
         if max_grad_norm is not None:
             m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -262,6 +303,27 @@ def fit_steps(
         elif not ctx.quiet and ctx.rank == 0 and ((step + 1) % every == 0 or step + 1 == s.steps):
             print(format_progress(label, {**m, "max_steps": s.steps}), flush=True)
     return history
+
+
+def _accumulate(
+    t: Trainable, idx: list[int], step: int, step_loss: StepLoss, micro_batch: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Back-propagate ``step_loss`` over ``idx`` in chunks of ``micro_batch``, each weighted by len(chunk) /
+    len(idx); return the weighted loss (detached) and the example-weighted mean of the chunks' metrics."""
+    chunks = [idx[k : k + micro_batch] for k in range(0, len(idx), micro_batch)]
+    total = torch.zeros(())
+    sums: dict[str, float] = {}
+    no_sync = getattr(t.forward, "no_sync", None)  # DDP: all-reduce once, on the last chunk
+    for i, chunk in enumerate(chunks):
+        share = len(chunk) / len(idx)
+        last = i == len(chunks) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss, metrics = step_loss(chunk, step)
+            (loss * share).backward()
+        total = total + loss.detach().cpu() * share
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * share
+    return total, sums
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,11 @@ def train_parm(
         )
 
     t = offline.prepare(
-        partial(build_pblora_policy, cfg, n), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+        partial(build_pblora_policy, cfg, n),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.backbone.activation_checkpointing,
     )
 
     def step_loss(_idx: list[int], step: int):

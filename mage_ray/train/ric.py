@@ -210,7 +210,11 @@ def train_ric(
     offline_examples = [(prompts[i], list(responses[i]), z[i]) for i in np.flatnonzero(keep)]
 
     t = offline.prepare(
-        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+        partial(offline.build_lora_policy, cfg),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.backbone.activation_checkpointing,
     )
     extra = dict((ctx.resume or {}).get("extra") or {})
     online: list[tuple[str, list[int], np.ndarray]] = [

@@ -304,11 +304,12 @@ def sample_batches(
     temperature: float,
     seed: int,
 ) -> list[Rollout]:
-    """Sample ``n`` responses to each of ``texts`` (global prompt indices ``indices``) in batches of
-    ``value.rollout_batch_size``; each batch is seeded from ``seed`` and its first prompt's index
-    (:func:`_batch_seed`), so the samples do not depend on which worker or shard draws them."""
+    """Sample ``n`` responses to each of ``texts`` (global prompt indices ``indices``) in generate calls of
+    :func:`prompts_per_call` prompts (``value.rollout_batch_size``, fewer on a GPU whose memory would not hold their
+    KV cache); each call is seeded from ``seed`` and its first prompt's index (:func:`_batch_seed`), so the
+    samples do not depend on which worker or shard draws them."""
     rows: list[Rollout] = []
-    bs = cfg.value.rollout_batch_size
+    bs = prompts_per_call(model, cfg, n)
     for k in range(0, len(indices), bs):
         rows += sample_responses(
             model,
@@ -322,6 +323,27 @@ def sample_batches(
             max_prompt_tokens=cfg.task.max_prompt_tokens,
         )
     return rows
+
+
+def prompts_per_call(model, cfg: Config, n: int) -> int:
+    """Prompts per ``generate`` call: ``value.rollout_batch_size`` on CPU; on a CUDA device as many as fit
+    ``plan.gpu_memory_gib`` (else the device's memory) beside the weights, by
+    :func:`mage_ray.stage_plan.rollout_prompts_per_call` with ``n`` samples per prompt."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return cfg.value.rollout_batch_size
+    import dataclasses
+
+    from mage_ray.memory_plan import shape_from_config
+    from mage_ray.stage_plan import gpu_budget, rollout_prompts_per_call
+
+    try:
+        shape = shape_from_config(model.config.to_dict())
+    except KeyError:  # not a Llama-style config: no plan, one call per batch
+        return cfg.value.rollout_batch_size
+    total = torch.cuda.get_device_properties(device).total_memory
+    per_n = dataclasses.replace(cfg, value=dataclasses.replace(cfg.value, rollouts_per_prompt=n))
+    return rollout_prompts_per_call(per_n, shape, gpu_budget(cfg, total))
 
 
 def _sample_batches(model, tok, cfg: Config, texts: list[str], indices: list[int]) -> list[Rollout]:

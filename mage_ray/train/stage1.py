@@ -27,6 +27,7 @@ from mage_ray.manifest import (
     scratch_dir,
     write_manifest,
 )
+from mage_ray.train.offline import checkpointing_on
 from mage_ray.train.ray_shell import Scaling, report_final, restore_checkpoint, run_and_publish, storage_abs
 
 
@@ -82,13 +83,18 @@ def precision_args() -> dict[str, Any]:
     return {"bf16": False, "use_cpu": True}
 
 
-def no_checkpointing_args() -> dict[str, bool]:
-    """Activation checkpointing off (TRL's configs default it on). Recent transformers 5 releases call the field
-    ``activation_checkpointing``; ``gradient_checkpointing`` is a deprecated alias there that warns."""
+def checkpointing_args(setting: bool | None) -> dict[str, Any]:
+    """TrainingArguments fields for activation checkpointing (:func:`checkpointing_on`; TRL's configs default it
+    on, so it is always passed). On, it is non-reentrant (no input that requires grad needed with a frozen PEFT
+    base). Recent transformers 5 releases call the fields ``activation_checkpointing`` / ``..._kwargs``;
+    ``gradient_checkpointing`` / ``..._kwargs`` are deprecated aliases there that warn."""
     from transformers import TrainingArguments
 
     renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    if not checkpointing_on(setting):
+        return {name: False}
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def backbone_dir(cfg: Config, beta: float, name: str) -> str:
@@ -181,7 +187,7 @@ def train_sft(
         logging_steps=1,
         save_strategy="no",
         seed=cfg.backbone.seed,
-        **no_checkpointing_args(),
+        **checkpointing_args(cfg.backbone.activation_checkpointing),
         report_to="none",
         max_length=cfg.task.max_prompt_tokens + cfg.backbone.max_completion_length,
         **precision_args(),

@@ -281,12 +281,36 @@ def _n_pairs(rewards: Sequence[float], groups: Sequence[Any]) -> int:
 # Training (plain function)
 
 
+def value_micro_batch_here(cfg: Config, net: ValueNet) -> int | None:
+    """Sequences per forward / backward of this worker: with the model on a CUDA device as many as fit
+    ``plan.gpu_memory_gib`` (else the device's memory) by :func:`mage_ray.stage_plan.value_micro_batch`; None (the
+    whole batch) on CPU (a rehearsal's stand-in included) or for a policy the plan has no shape for."""
+    device = net.head.weight.device
+    if device.type != "cuda":
+        return None
+    from mage_ray.memory_plan import shape_from_config
+    from mage_ray.stage_plan import gpu_budget, value_micro_batch
+
+    try:
+        shape = shape_from_config(net.peft.get_base_model().config.to_dict())
+    except KeyError:  # not a Llama-style config
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    return value_micro_batch(cfg, shape, gpu_budget(cfg, total))
+
+
 def fit_value_net(
-    t: Trainable, train: Sequence[ValueExample], s: OfflineSettings, ctx: TrainContext, label: str = "value"
+    t: Trainable,
+    train: Sequence[ValueExample],
+    s: OfflineSettings,
+    ctx: TrainContext,
+    label: str = "value",
+    micro_batch: int | None = None,
 ) -> list[dict[str, float]]:
     """Optimizer steps ``t.start_step .. s.steps - 1`` of Eq. 16 on the LoRA + head (the one offline loop,
     :func:`~mage_ray.train.offline.fit_steps`, without gradient clipping); return per-step metrics, each with
-    ``train_token_mse`` = the token-averaged (V[y_t] - r~)^2 of the step's batch."""
+    ``train_token_mse`` = the token-averaged (V[y_t] - r~)^2 of the step's batch (of each micro-batch, averaged
+    over them by examples when ``micro_batch`` splits the batch)."""
 
     def step_loss(idx: list[int], _step: int) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {
@@ -298,7 +322,9 @@ def fit_value_net(
             sq = (values - batch["target"][:, None]) ** 2 * batch["mask"]  # [b, L]
             return loss, {"train_token_mse": float(sq.sum() / batch["mask"].sum())}
 
-    return fit_steps(t, len(train), step_loss, s, ctx, max_grad_norm=None, label=label)
+    return fit_steps(
+        t, len(train), step_loss, s, ctx, max_grad_norm=None, label=label, micro_batch=micro_batch
+    )
 
 
 def path_name(objective: str) -> str:
@@ -350,8 +376,15 @@ def train_value_model(
     train, val, mean, std = load_value_data(
         rollouts_path, objective_name, val_fraction=cfg.value.val_fraction, seed=cfg.value.seed
     )
-    t = prepare(partial(build_value_net, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx)
-    history = fit_value_net(t, train, s, ctx, label=f"value {objective_name}")
+    t = prepare(
+        partial(build_value_net, cfg),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.value.activation_checkpointing,
+    )
+    micro = value_micro_batch_here(cfg, t.model)
+    history = fit_value_net(t, train, s, ctx, label=f"value {objective_name}", micro_batch=micro)
     if ctx.rank != 0:
         return None
     net = t.model

@@ -172,7 +172,11 @@ def train_wrpo_backbone(
         )
 
     t = offline.prepare(
-        partial(offline.build_lora_policy, cfg), seed=s.seed, learning_rate=s.learning_rate, ctx=ctx
+        partial(offline.build_lora_policy, cfg),
+        seed=s.seed,
+        learning_rate=s.learning_rate,
+        ctx=ctx,
+        checkpointing=cfg.backbone.activation_checkpointing,
     )
 
     def batch_of(idx: list[int]) -> dict[str, torch.Tensor]:
