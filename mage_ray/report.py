@@ -83,7 +83,8 @@ def setting_text(context: dict | None, label: str) -> str:
     if not st:
         return ""
     family = REGISTRY[st["method"]].family if st.get("method") in REGISTRY else ""
-    parts = [f"alpha {st['alpha']:g}"] if st.get("alpha") is not None and family in ("soup", "mage") else []
+    uses_alpha = family == "mage" or st.get("method") in ("bs", "bs-wrpo")  # the Bone Soup policy (Eq. 13)
+    parts = [f"alpha {st['alpha']:g}"] if st.get("alpha") is not None and uses_alpha else []
     if st.get("gamma") is not None and family in ("mage", "arm"):
         parts.append(f"gamma {st['gamma']:g}")
     return ", ".join(parts)
@@ -379,7 +380,7 @@ def write_report(
     """Write generations, rewards, metrics (JSON + Markdown), samples and the front plot; return the summary.
 
     ``context`` (settings, mage_choice, serving: see :func:`metrics_markdown`) is kept in metrics.json, so a
-    report recomputed from the saved rewards (:func:`mage_ray.evaluate.recompute_report`) has it too."""
+    report recomputed from the saved rewards (:func:`mage_ray.rereport.recompute_report`) has it too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

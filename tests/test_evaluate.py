@@ -285,3 +285,59 @@ def test_a_mage_row_at_gamma_zero_is_bone_soup_not_mage():
     assert "mage-i-m was decoded at gamma = 0: Bone Soup with guidance off, not MAGE" in md
     assert "serves mage-i-m at gamma = 0 (alpha 0): bs (guidance off)" in md
     assert "| mage-i-m | alpha 0, gamma 0 |" in md
+
+
+def test_recompute_report_rebuilds_every_table_without_decoding(tmp_path):
+    """A report recomputed from its own generations.parquet and metrics.json is the same report (metrics.json,
+    metrics.md, rewards.json, samples.md): recompute_report takes no engine and decodes nothing. A report of an older layout (no settings, no
+    controllability_literal, a 'train s' column only in metrics.md) gets every new column, keeps 'train s', and
+    takes settings from the caller: mage-i-m at gamma 0 then carries no MAGE claim. A second report's rows join
+    (replacing the row of the same label; the replaced one kept under a new name)."""
+    from mage_ray.rereport import _merge, read_generations, recompute_report
+
+    grid = preference_grid(2, 0.25)
+    prompts = [f"question number {i}" for i in range(6)]
+    settings = {m: {"method": m, "alpha": 0.0, "gamma": 0.0} for m in ("rs", "bs", "mage-i-m")}
+    kw = dict(ref_point=[0, 0], batch_size=128, progress=False, n_resamples=20)
+    a, b = tmp_path / "a", tmp_path / "b"
+    evaluate(
+        NoisyEngine(), WORDS, prompts, ["rs", "bs", "mage-i-m"], grid, out_dir=a, settings=settings, **kw
+    )
+
+    recompute_report(a, b)
+    for f in ("metrics.json", "metrics.md", "rewards.json", "samples.md"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+    assert "decoded at gamma = 0: Bone Soup with guidance off" in (b / "metrics.md").read_text()
+
+    # an older report: no context, no literal column, a 'train s' column in metrics.md only
+    meta = json.loads((a / "metrics.json").read_text())
+    del meta["context"]
+    for m in meta["methods"].values():
+        del m["metrics"]["controllability_literal"]
+    (a / "metrics.json").write_text(json.dumps(meta))
+    md = (a / "metrics.md").read_text().splitlines()
+    md[0] += " train s |"
+    md[1] += "---|"
+    md[2:5] = [line + f" {k} |" for k, line in zip((11, 22, 33), md[2:5])]
+    (a / "metrics.md").write_text("\n".join(md))
+    out = recompute_report(a, b, context={"settings": {"mage-i-m": settings["mage-i-m"]}})
+    text = (b / "metrics.md").read_text()
+    assert "controllability_literal" in text and "| train s |" in text and "| 33 |" in text
+    assert not any(c["claim"].startswith("MAGE") for c in out["claims"])
+    assert out["context"]["settings"]["mage-i-m"]["gamma"] == 0.0
+
+    # rows of another report join: mage-i-m again at gamma 3 replaces the gamma-0 row, bs kept renamed
+    c = tmp_path / "c"
+    again = {
+        "bs": {"method": "bs", "alpha": 0.2, "gamma": 0.0},
+        "mage-i-m": {"method": "mage-i-m", "gamma": 3.0},
+    }
+    evaluate(NoisyEngine(), WORDS, prompts, ["bs", "mage-i-m"], grid, out_dir=c, settings=again, **kw)
+    rs_only = {"settings": {"rs": settings["rs"]}}
+    out = recompute_report(a, tmp_path / "d", add=[c], rename={"bs": "bs (alpha 0)"}, context=rs_only)
+    assert list(out["methods"]) == ["rs", "bs (alpha 0)", "bs", "mage-i-m"]
+    assert out["context"]["settings"]["mage-i-m"]["gamma"] == 3.0  # the added report's own settings win
+    assert any(c["claim"].startswith("MAGE (mage-i-m") for c in out["claims"])
+    with pytest.raises(EvaluationError, match="prompts differ"):  # the comparison must stay paired
+        rows, scores, flags, ps, meta = read_generations(c)
+        _merge(read_generations(a), (rows, scores, flags, ["another prompt"] * len(ps), meta), "c")
