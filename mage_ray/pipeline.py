@@ -207,7 +207,9 @@ def stage_values(cfg: Config, rollouts: str) -> dict:
 
     dirs = [value_model_dir(cfg, o) for o in cfg.task.objectives]
     metrics = {
-        m.get("objective"): {k: m.get(k) for k in ("val_mse", "val_mse_constant", "ranking_accuracy")}
+        m.get("objective"): {
+            k: m.get(k) for k in ("val_mse", "val_mse_constant", "ranking_accuracy", "val_accuracy", "n_val_pairs")
+        }
         for m in manifests
     }
     return _finish(cfg, "values", {"values": dirs, "metrics": metrics}, t0)

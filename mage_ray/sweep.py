@@ -471,18 +471,11 @@ def write_sweep_report(
             parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
         else:
             parts.append(f"single candidate: {rec.get('best')}\n")
-    if values:
-        parts.append(
-            "\n## value models (validation)\n\n| objective | val MSE | constant-predictor MSE | ranking acc |\n|---|---|---|---|\n"
-        )
-        for o, m in values.get("metrics", {}).items():
-            parts.append(
-                f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
-            )
+    from mage_ray.train.guides import guide_accuracy, guides_markdown
+
+    guides = guide_accuracy(cfg)
+    if guides:
+        parts.append(guides_markdown(guides))
     write_text_atomic(out / "sweep.md", "".join(parts))
-    write_json_atomic(out / "sweep.json", summary)
+    write_json_atomic(out / "sweep.json", {**summary, "guides": guides})
     return str(out / "sweep.md")
-
-
-def _f(x) -> str:
-    return "" if x is None else f"{x:.4g}"

@@ -60,6 +60,7 @@ __all__ = [
     "clopper_pearson",
     "degenerate_bounds",
     "front_stderr",
+    "pair_accuracy",
 ]
 
 METHOD = "percentile bootstrap over prompts, paired"
@@ -202,6 +203,47 @@ def clopper_pearson(k: np.ndarray, m: np.ndarray, confidence: float) -> tuple[np
         lo = np.where(k > 0, beta_dist.ppf(a, np.maximum(k, 1), m - k + 1), 0.0)
         hi = np.where(k < m, beta_dist.ppf(1 - a, k + 1, np.maximum(m - k, 1)), 1.0)
     return lo, hi
+
+
+def pair_accuracy(wins: int, ties: int, n: int, *, confidence: float = 0.9) -> dict:
+    """Held-out pair accuracy of a learned guide (value model, ARM, PARM) with its exact interval and a verdict.
+
+    Of ``n`` held-out pairs, ``wins`` are ordered like the reward and ``ties`` get equal scores. value =
+    (wins + ties / 2) / n; the interval runs from the Clopper-Pearson lower bound of wins / n (ties counted
+    wrong) to the upper bound of (wins + ties) / n (ties counted right), at ``confidence``. The pairs are taken
+    as independent (one pair per held-out prompt; with more they share prompts and the interval is too narrow).
+    verdict: "above chance" (lo > 0.5), "below chance" (hi < 0.5), "at chance" (the interval holds 0.5: the
+    guide is not shown to have learned anything), "no held-out pairs" (n = 0).
+
+    Returns {"value", "lo", "hi", "n_pairs", "wins", "ties", "verdict", "confidence"}.
+    """
+    if n <= 0:
+        return {
+            "value": None,
+            "lo": None,
+            "hi": None,
+            "n_pairs": 0,
+            "wins": 0,
+            "ties": 0,
+            "verdict": "no held-out pairs",
+            "confidence": confidence,
+        }
+    if not (0 <= wins and 0 <= ties and wins + ties <= n):
+        raise ValueError(f"need 0 <= wins, ties and wins + ties <= n, got wins {wins}, ties {ties}, n {n}")
+    lo, _ = clopper_pearson(wins, n, confidence)
+    _, hi = clopper_pearson(wins + ties, n, confidence)
+    lo, hi = float(lo), float(hi)
+    verdict = "above chance" if lo > 0.5 else ("below chance" if hi < 0.5 else "at chance")
+    return {
+        "value": (wins + 0.5 * ties) / n,
+        "lo": lo,
+        "hi": hi,
+        "n_pairs": int(n),
+        "wins": int(wins),
+        "ties": int(ties),
+        "verdict": verdict,
+        "confidence": confidence,
+    }
 
 
 def degenerate_bounds(flags: np.ndarray, *, confidence: float = 0.9, target: float = 0.05) -> dict:

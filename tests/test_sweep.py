@@ -125,3 +125,36 @@ def test_each_mage_variant_claims_its_own_gamma_and_the_choice_is_on_validation(
     assert settings["bs (alpha 0)"] == {"method": "bs", "alpha": 0.0, "gamma": 0.0}
     labels, _ = evaluation_rows(None, ["bs", "mage-i-m"], {**summary, "alpha_claims": 0.0})
     assert labels == ["bs", "mage-i-m"]  # serving and claims agree on alpha: no extra row
+
+
+def test_guides_table_flags_a_guide_at_chance(cfg):
+    """Manifests of a run's guides: the value model of conciseness ranks 22 of 24 held-out pairs right (above
+    chance); the one of readability was written before held-out intervals existed (ranking accuracy 0.33 of 12
+    pairs, rebuilt as 4 of 12: [0.12, 0.61], at chance); an ARM at 13 of 24 (at chance), next to the base policy's
+    12 of 24. The sweep report's table lists each with its interval, the at-chance ones in bold."""
+    from mage_ray.manifest import write_manifest
+    from mage_ray.train.arm import arm_dir
+    from mage_ray.train.guides import guide_accuracy, guides_markdown
+    from mage_ray.train.values import value_model_dir
+    from mage_ray.uncertainty import pair_accuracy
+
+    write_manifest(
+        value_model_dir(cfg, "conciseness"), {"val_accuracy": pair_accuracy(22, 0, 24), "val_mse": 0.5}
+    )
+    write_manifest(value_model_dir(cfg, "readability"), {"ranking_accuracy": 4 / 12, "n_val_pairs": 12})
+    arm = {"val_accuracy": pair_accuracy(13, 0, 24), "val_accuracy_base": pair_accuracy(12, 0, 24)}
+    write_manifest(arm_dir(cfg, "conciseness"), arm)
+    rows = guide_accuracy(cfg)
+    assert [(r["guide"], r["objective"]) for r in rows] == [
+        ("value model", "conciseness"),
+        ("value model", "readability"),
+        ("ARM", "conciseness"),
+    ]
+    assert [r["accuracy"]["verdict"] for r in rows] == ["above chance", "at chance", "at chance"]
+    assert rows[1]["accuracy"]["wins"] == 4 and rows[1]["accuracy"]["n_pairs"] == 12
+    md = guides_markdown(rows)
+    assert (
+        md.count("**at chance**") == 2
+        and "| above chance |" in md
+        and "base policy 0.5 on the same pairs" in md
+    )

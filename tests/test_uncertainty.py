@@ -17,6 +17,7 @@ from mage_ray.uncertainty import (
     controllability_bounds,
     degenerate_bounds,
     front_stderr,
+    pair_accuracy,
 )
 
 pytestmark = pytest.mark.filterwarnings("error")  # inf ratios and NaN cells must not warn
@@ -303,3 +304,29 @@ def test_degenerate_verdict_error_rates():
     bad = (rng.uniform(size=(300, 11, 48)) < np.r_[0.25, np.full(10, 0.02)][None, :, None]).astype(float)
     verdicts = [degenerate_bounds(f)["verdict"] for f in bad]
     assert np.mean([v == "fails" for v in verdicts]) >= 0.85 and "holds" not in verdicts
+
+
+def test_pair_accuracy_hand_computed():
+    """(Intervals: scipy's exact binomtest interval.) 17 wins of 24 pairs: 0.708 with the 90% Clopper-Pearson interval [0.5213, 0.8543] (lower bound > 0.5:
+    above chance). 7 wins + 2 ties of 12 (the '0.58' of a value model): value (7 + 1) / 12 = 0.667, lower bound of
+    7/12, upper of 9/12: the interval holds 0.5, at chance. 4 of 12 (the '0.33'): [0.1229, 0.6091], at chance,
+    not below it. 1 of 24: below chance. No pairs: no verdict."""
+    a = pair_accuracy(17, 0, 24)
+    assert a["value"] == pytest.approx(17 / 24) and a["verdict"] == "above chance"
+    assert (a["lo"], a["hi"]) == (pytest.approx(0.5213, abs=1e-4), pytest.approx(0.8543, abs=1e-4))
+    b = pair_accuracy(7, 2, 12)
+    ci7 = binomtest(7, 12).proportion_ci(confidence_level=0.9, method="exact")
+    ci9 = binomtest(9, 12).proportion_ci(confidence_level=0.9, method="exact")
+    assert (
+        b["value"] == pytest.approx(8 / 12)
+        and b["lo"] == pytest.approx(ci7.low)
+        and b["hi"] == pytest.approx(ci9.high)
+    )
+    assert b["verdict"] == "at chance"
+    c = pair_accuracy(4, 0, 12)
+    assert (c["lo"], c["hi"]) == (pytest.approx(0.1229, abs=1e-4), pytest.approx(0.6091, abs=1e-4))
+    assert c["verdict"] == "at chance"
+    assert pair_accuracy(1, 0, 24)["verdict"] == "below chance"
+    assert pair_accuracy(0, 0, 0)["verdict"] == "no held-out pairs"
+    with pytest.raises(ValueError, match="wins"):
+        pair_accuracy(5, 3, 6)
