@@ -154,7 +154,7 @@ def test_guides_table_flags_a_guide_at_chance(cfg):
     assert rows[1]["accuracy"]["wins"] == 4 and rows[1]["accuracy"]["n_pairs"] == 12
     md = guides_markdown(rows)
     assert (
-        md.count("**at chance**") == 2
+        md.count("| **at chance** |") == 2
         and "| above chance |" in md
         and "base policy 0.5 on the same pairs" in md
     )
