@@ -173,7 +173,8 @@ def mage_variants(cfg: Config) -> list[str]:
 
 def arm_methods(methods) -> list[str]:
     """The methods among ``methods`` guided by autoregressive reward models (family ``arm``): each has its own
-    gamma = 1 / beta_r, swept over ``arm.gammas`` by a stage ``gamma_<method>``."""
+    gamma (= beta_r / beta for a decoding KL strength beta), swept over ``arm.gammas`` by a stage
+    ``gamma_<method>``."""
     return [m for m in methods if method_spec(m).family == "arm"]
 
 
@@ -208,7 +209,8 @@ def stage_values(cfg: Config, rollouts: str) -> dict:
     dirs = [value_model_dir(cfg, o) for o in cfg.task.objectives]
     metrics = {
         m.get("objective"): {
-            k: m.get(k) for k in ("val_mse", "val_mse_constant", "ranking_accuracy", "val_accuracy", "n_val_pairs")
+            k: m.get(k)
+            for k in ("val_mse", "val_mse_constant", "ranking_accuracy", "val_accuracy", "n_val_pairs")
         }
         for m in manifests
     }
@@ -365,7 +367,7 @@ def evaluation_rows(cfg: Config, methods: list[str], summary: dict) -> tuple[lis
 
 
 def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: float) -> dict[str, float]:
-    """Tune each ARM method's gamma = 1 / beta_r over ``arm.gammas`` on validation prompts (decode only, like
+    """Tune each ARM method's gamma (beta_r / beta) over ``arm.gammas`` on validation prompts (decode only, like
     the gamma stage); a candidate replaces the default 1.0 only when it beats it beyond prompt noise."""
     chosen = {}
     for m in arm_methods(methods):
