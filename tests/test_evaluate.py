@@ -123,11 +123,11 @@ WORDS = [
 
 
 class NoisyEngine:
-    """'fluent' (and 'rs', 'bs') answer with 4 + round(4 mu_0 + e) words, e uniform on [-1.5, 1.5) from a hash of
-    (prompt, preference): E[round(x + e)] = x exactly for a uniform e of integer width, so the mean length is
-    4 + 4 mu_0, strictly increasing in mu_0 (length) and decreasing (shortness): a perfectly controlled method
-    (true controllability 1) whose neighbouring grid points differ by 0.4 words against a per-prompt spread of
-    ~0.9 words. 'babble' answers a glued token (degenerate)."""
+    """'fluent' (and 'rs', 'bs') answer with max(3, 4 + round(4 mu_0 + e)) words, e uniform on [-2.5, 2.5) from a
+    hash of (prompt, preference): E[round(x + e)] = x exactly for a uniform e of integer width, and the floor of 3
+    words keeps the mean increasing, so length rises strictly with mu_0 and shortness falls: a perfectly
+    controlled method (true controllability 1) whose neighbouring grid points differ by 0.4 words against a
+    per-prompt spread of ~1.4 words. 'babble' answers a glued token (degenerate)."""
 
     WORDS = "keep a regular bedtime and avoid screens before you go to sleep at night".split()
 
@@ -135,7 +135,7 @@ class NoisyEngine:
         out = []
         for r in requests:
             seed = zlib.crc32(f"{r.prompt}|{r.preference[0]:.3f}".encode())
-            e = np.random.default_rng(seed).uniform(-1.5, 1.5)
+            e = np.random.default_rng(seed).uniform(-2.5, 2.5)
             k = 4 + int(np.floor(4 * r.preference[0] + e + 0.5))
             if r.method == "babble":
                 out.append(_Done("zz" * (k + 3)))
@@ -146,9 +146,8 @@ class NoisyEngine:
 
 def test_report_has_degenerate_rates_intervals_claims_and_samples(tmp_path):
     """A perfectly controlled but noisy method (:class:`NoisyEngine`, 11 preferences x 24 prompts): the
-    controllability bounds contain the truth, 1 (hi = 1: no pair is significantly against mu), although the
-    point estimate on noisy means may fall below it (a percentile bootstrap of the point estimate sits below 1
-    here and misses it). rs and bs give the same answers: their HV ratio is exactly 1 in every resample, so its
+    controllability bounds contain the truth, 1 (hi = 1: no pair is significantly against mu; lo = 0.53), while
+    the point estimate on noisy means is 0.98 and a percentile bootstrap of it, [0.89, 0.98], misses 1. rs and bs give the same answers: their HV ratio is exactly 1 in every resample, so its
     interval is [1, 1], not 'above 1'. Every 'babble' response is flagged by the quality gate (rate 1.0 at every
     preference, exact interval [0.88, 1] for 24 of 24), no 'bs' one is (0 of 24: upper bound 11.7%, so the
     claim '<= 5%' is 'no evidence', not 'holds': 24 prompts cannot show it, >= 59 are needed). The markdown shows
@@ -174,7 +173,7 @@ def test_report_has_degenerate_rates_intervals_claims_and_samples(tmp_path):
     for name in ("rs", "bs"):
         c = m[name]["intervals"]["controllability"]
         assert c["lo"] <= 1.0 <= c["hi"], (name, c)  # the truth is inside the bounds
-        assert c["hi"] == 1.0 and c["lo"] > 0.5, c
+        assert c["hi"] == 1.0 and c["lo"] > 0.4, c
         assert m[name]["metrics"]["controllability"] == c["value"]
         assert np.array(m[name]["stderr"]).shape == (11, 2)
     bs_deg = m["bs"]["intervals"]["degenerate"]
