@@ -3,9 +3,9 @@
     .venv/bin/python bench/arm_spread.py --bundle runs/v5arm/bundle
     .venv/bin/python bench/arm_spread.py --bundle runs/v5arm/bundle --retrain-parm 2e-3 \\
         --config configs/embedded.yaml --rollouts runs/v5arm/rollouts        # PARM again at another lr
-    .venv/bin/python bench/arm_spread.py --bundle /abs/runs/embedded_long/bundle \\
-        --config configs/embedded_long.yaml --rollouts /abs/runs/embedded_long/rollouts \\
-        --search-parm 5e-4,1e-3,2e-3,5e-3 --parm-steps 24,48,96,144,192       # the smallest lr / steps that pass
+    .venv/bin/python bench/arm_spread.py --run /abs/runs/embedded_long --config configs/embedded_long.yaml \\
+        --rollouts /abs/runs/embedded_long/rollouts --search-parm 5e-4,1e-3,2e-3,5e-3 \\
+        --parm-steps 24,48,96,144,192         # before the pipeline: the smallest PARM lr / steps that pass
 
 Measure: the mean total variation distance between next-token distributions of two rows of the engine's mixing
 (c = 0 is the base; an ARM is its one-hot column; PARM at mu is (1, mu) on its components), over the positions of
@@ -15,6 +15,10 @@ three fixed prompts (chat template applied) in two ways: ``prompt`` (every promp
 The PARM criterion (docs/results.md): TV(PARM(1, 0), PARM(0, 1)) at response positions is at least half of
 TV(ARM[0], ARM[1]), the distance between GenARM's two reward models of the same run. The script prints the
 ratio and PASS / FAIL.
+
+``--run RUN_DIR`` reads the ARMs (and PARM, when trained) of a run directory instead of a bundle, with the base
+policy of ``--config``: the PARM search can run once the ARMs are trained (``jobs/train_baselines.py --which
+arms``), before the pipeline trains PARM.
 
 ``--retrain-parm LR`` first trains a PARM with ``train_parm`` (plain process, the config's arm section with
 learning rate LR) on the given rollouts into a temporary directory and measures that one instead.
@@ -96,7 +100,7 @@ def measure_bundle(parts, mixed: MixedLoraModel, inputs) -> dict[tuple[str, str,
         return c
 
     rows = {"base": row({}), **{f"arm[{i}]": row({i: 1.0}) for i in range(n)}}
-    for i in range(n):  # PARM at the one-hot preferences
+    for i in range(n if k > n else 0):  # PARM at the one-hot preferences
         rows[f"parm(e{i})"] = row({n: 1.0, n + 1 + i: 1.0})
     logp: dict[str, list[torch.Tensor]] = {name: [] for name in rows}
     with torch.no_grad():
@@ -104,8 +108,9 @@ def measure_bundle(parts, mixed: MixedLoraModel, inputs) -> dict[tuple[str, str,
             for name, c in rows.items():
                 with mixed.coefficients(torch.tensor([c], dtype=torch.float32)):
                     logp[name].append(torch.log_softmax(parts.model(ids).logits[0].float(), -1))  # [L, V]
-    pairs = [("base", f"arm[{i}]") for i in range(n)] + [("arm[0]", "arm[1]"), ("base", "parm(e0)")]
-    pairs.append(("parm(e0)", "parm(e1)"))
+    pairs = [("base", f"arm[{i}]") for i in range(n)] + [("arm[0]", "arm[1]")]
+    if k > n:  # PARM's components are there
+        pairs += [("base", "parm(e0)"), ("parm(e0)", "parm(e1)")]
     out = {}
     for where in ("prompt", "response"):
         for a, b in pairs:
@@ -184,9 +189,38 @@ def search_parm(
     return None
 
 
+def run_parts(run_dir: str, config: str):
+    """What the measurement needs from a run directory without a bundle: the base policy and tokenizer (the
+    config's model), the ARMs of ``<run>/arms/<objective>/adapter`` and PARM's components when ``<run>/parm`` is
+    complete."""
+    from types import SimpleNamespace
+
+    from mage_ray.config import load_config
+    from mage_ray.lora_mix import load_adapter
+    from mage_ray.manifest import is_complete, join
+    from mage_ray.models import load_policy
+    from mage_ray.pblora import pblora_components
+    from mage_ray.train.values import path_name
+
+    cfg = load_config(config)
+    model, tok = load_policy(cfg.model, cfg.storage.cache_dir, device="cpu")
+    names = list(cfg.task.objectives)
+    arms = [
+        load_adapter(join(run_dir, "arms", path_name(o), "adapter"), name=f"arm{i}")
+        for i, o in enumerate(names)
+    ]
+    parm_dir = join(run_dir, "parm")
+    parm = pblora_components(join(parm_dir, "pblora"), n=len(names)) if is_complete(parm_dir) else []
+    return SimpleNamespace(model=model, tokenizer=tok, arms=arms, parm=parm, objectives=names)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bundle", help="a bundle with GenARM's ARMs (and PARM)")
+    where.add_argument(
+        "--run", help="a run directory: its arms/<objective>/ (and parm/), before any bundle exists"
+    )
     ap.add_argument("--retrain-parm", type=float, default=None, metavar="LR")
     ap.add_argument("--search-parm", default=None, metavar="LR,LR,...")
     ap.add_argument("--parm-steps", default="24,48,96,144,192", metavar="STEP,STEP,...")
@@ -194,7 +228,9 @@ def main() -> None:
     ap.add_argument("--rollouts", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    parts = parts_from_bundle(load_bundle(args.bundle), methods=["genarm", "parm"])
+    parts = parts_from_bundle(load_bundle(args.bundle), methods=["genarm", "parm"]) if args.bundle else None
+    if parts is None:
+        parts = run_parts(args.run, args.config)
     parm = list(parts.parm)
     if args.retrain_parm is not None:
         from mage_ray.config import load_config
@@ -218,11 +254,12 @@ def main() -> None:
     for (where, a, b), d in out.items():
         print(f"TV({a}, {b}) at {where} positions = {d:.4f}")
     arm_tv = out[("response", "arm[0]", "arm[1]")]
-    ratio = out[("response", "parm(e0)", "parm(e1)")] / arm_tv
-    print(
-        f"PARM criterion (response positions): TV(parm(e0), parm(e1)) / TV(arm[0], arm[1]) = {ratio:.3f} "
-        f"({'PASS' if ratio >= CRITERION else 'FAIL'}: needs >= {CRITERION})"
-    )
+    if parm:
+        ratio = out[("response", "parm(e0)", "parm(e1)")] / arm_tv
+        print(
+            f"PARM criterion (response positions): TV(parm(e0), parm(e1)) / TV(arm[0], arm[1]) = {ratio:.3f} "
+            f"({'PASS' if ratio >= CRITERION else 'FAIL'}: needs >= {CRITERION})"
+        )
     if args.search_parm:
         from mage_ray.config import load_config
 
