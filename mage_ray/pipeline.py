@@ -330,12 +330,13 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
 
 def mage_claims(records: dict[str, dict], methods, default: float) -> dict:
     """From each MAGE variant's gamma stage record: ``claims_gammas`` (variant -> its best gamma > 0 on validation
-    HV, ``default`` when no candidate is > 0) and ``mage_choice`` (the variant of ``methods`` with the largest
-    validation HV at its claims gamma, and those HVs), for the variants ``methods`` evaluates."""
+    HV; a stage's single candidate when it is > 0; else ``default``) and ``mage_choice`` (the variant of
+    ``methods`` with the largest validation HV at its claims gamma, and those HVs)."""
     gammas, hv = {}, {}
     for m, rec in records.items():
         g, v = best_positive((rec or {}).get("rows") or [], "decode.gamma")
-        gammas[m] = default if g is None else g
+        single = float(((rec or {}).get("best") or {}).get("decode.gamma", 0.0))  # a stage of one candidate
+        gammas[m] = g if g is not None else (single if single > 0 else default)
         if v is not None and m in methods:
             hv[m] = v
     out: dict[str, Any] = {"claims_gammas": gammas}
