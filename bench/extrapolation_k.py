@@ -11,8 +11,9 @@ code path. ``a = 0,0`` is plain Bone Soup (alpha = 0, the sweep's usual choice);
 
 Decodes ``method`` (default bs) on the validation prompts (never the test prompts: this is a tuning question)
 over the evaluation grid ``eval.grid_step``, scores every response, and prints per variant HV, controllability,
-inner product and the worst preference's degenerate share, each metric with its paired 90% bootstrap interval
-and the interval of its difference to the first variant (``mage_ray.uncertainty.bootstrap_trials``), then a
+inner product and the worst preference's degenerate share, HV and inner product with their paired 90% bootstrap
+interval, HV with the interval of its difference to the first variant (``mage_ray.uncertainty.bootstrap_trials``),
+controllability with its 90% bounds (``mage_ray.uncertainty.controllability_bounds``), then a
 sample response per variant at the two ends.
 """
 
@@ -29,7 +30,7 @@ from mage_ray.evaluate import decode_grid, flag_generations, reference_point, sc
 from mage_ray.soup import extrapolation_scale, k_from_alpha, preference_grid
 from mage_ray.tasks.objectives import load_objectives
 from mage_ray.tasks.prompts import load_prompts
-from mage_ray.uncertainty import bootstrap_trials
+from mage_ray.uncertainty import bootstrap_trials, controllability_bounds
 
 
 def decode_variant(engine, prompts, grid, method, a, batch_size):
@@ -79,27 +80,27 @@ def main(argv=None) -> None:
         print(f"a = ({key}): {len(rows)} generations in {time.time() - t0:.0f} s", flush=True)
     keys = list(per_prompt)
     print(
-        f"\n{args.method} on {len(prompts)} {args.split} prompts x {len(grid)} preferences; "
-        f"90% paired bootstrap over prompts; 'vs first' = metric(variant) - metric(a = {keys[0]})\n"
+        f"\n{args.method} on {len(prompts)} {args.split} prompts x {len(grid)} preferences; HV and inner product: "
+        f"90% paired bootstrap over prompts, 'vs first' = HV(variant) - HV(a = {keys[0]}); controllability: "
+        "90% bounds from paired tests per pair of preferences (mage_ray.uncertainty.controllability_bounds)\n"
     )
     print(
-        "| a (per objective) | k | HV | vs first | controllability | vs first | inner product | degenerate worst |"
+        "| a (per objective) | k | HV | vs first | controllability [bounds] | inner product | degenerate worst |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     boots = {
-        m: bootstrap_trials(per_prompt, grid, ref, default=keys[0], metric=m)
-        for m in ("hv", "controllability", "inner_product")
+        m: bootstrap_trials(per_prompt, grid, ref, default=keys[0], metric=m) for m in ("hv", "inner_product")
     }
     for key in keys:
         k = np.asarray(k_from_alpha([float(x) for x in key.split(",")])).reshape(-1)
-        cells = []
-        for m in ("hv", "controllability"):
-            t = boots[m]["trials"][key]
-            v = t.get("vs_default") or {}
-            cells += [
-                f"{t['value']:.4f} [{t['lo']:.4f}, {t['hi']:.4f}]",
-                f"[{v.get('lo', 0):+.4f}, {v.get('hi', 0):+.4f}]" if key != keys[0] else "-",
-            ]
+        t = boots["hv"]["trials"][key]
+        v = t.get("vs_default") or {}
+        c = controllability_bounds(per_prompt[key], grid)
+        cells = [
+            f"{t['value']:.4f} [{t['lo']:.4f}, {t['hi']:.4f}]",
+            f"[{v.get('lo', 0):+.4f}, {v.get('hi', 0):+.4f}]" if key != keys[0] else "-",
+            f"{c['value']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]",
+        ]
         ip = boots["inner_product"]["trials"][key]
         deg = results[key].degenerate
         print(

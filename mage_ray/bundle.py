@@ -97,7 +97,7 @@ class Bundle:
     parm: str | None = None
     """The PARM reward-model dir (``pblora/`` + manifest.json naming the objectives), or None."""
     method_gammas: dict[str, float] = field(default_factory=dict)
-    """Per-method guidance strength chosen by the sweep (the ARM methods' 1 / beta_r); others use ``gamma``."""
+    """Per-method guidance strength chosen by the sweep (ARM methods: beta_r / beta); others use ``gamma``."""
     ref_point: list[float] | None = None
     """Hypervolume reference point (one per objective) used by evaluation, or None."""
     created_by: str = "mage_ray"

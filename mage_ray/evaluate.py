@@ -6,10 +6,16 @@ mean reward vector R_p (MAGE Sec 3.1.3, the "testing reward" per objective) is t
 preference on the method's front. Metrics (Sec 5.4, Definition 1) come from :mod:`mage_ray.metrics`
 with one reference point shared by every method of the report.
 
-Every number that claims something carries its uncertainty: per-prompt rewards are kept, and HV, inner product,
-controllability and the HV ratios between methods get paired percentile-bootstrap intervals over the test
-prompts (:mod:`mage_ray.uncertainty`); every response is checked by the quality gate
-(:mod:`mage_ray.tasks.quality`) and the fraction flagged degenerate is reported per method and preference.
+Every number that claims something carries its uncertainty: per-prompt rewards are kept, HV, inner product and
+the HV ratios between methods get paired percentile-bootstrap intervals over the test prompts, controllability
+bounds from paired tests per pair of preferences (:mod:`mage_ray.uncertainty`); every response is checked by the
+quality gate (:mod:`mage_ray.tasks.quality`) and the share flagged degenerate is reported per method and
+preference with its exact binomial interval.
+
+A row of the report is a *label*: a registry method name, or a label of ``settings`` that decodes a method with
+its own alpha / gamma (``{"bs (alpha 0)": {"method": "bs", "alpha": 0.0}}``), so one report can hold a method
+at the sweep's serving choice and at the choice its claims use. :func:`mage_ray.rereport.recompute_report`
+rebuilds every table of a finished report from its generations.parquet without decoding again.
 
 Artifacts written to ``out_dir`` (each atomically):
   generations.parquet  one row per (method, preference, prompt): text, per-objective scores, degenerate flag
@@ -35,6 +41,23 @@ class EvaluationError(ValueError):
     """The evaluation cannot run as asked (too few prompts, bad grid, ...)."""
 
 
+def _request_overrides(settings: dict | None, label: str) -> tuple[str, dict]:
+    """(registry method, request fields alpha / gamma) of a row label; a label without settings is its method."""
+    st = (settings or {}).get(label) or {}
+    return st.get("method", label), {k: float(st[k]) for k in ("alpha", "gamma") if st.get(k) is not None}
+
+
+def decode_settings(decode, methods: Sequence[str]) -> dict[str, dict]:
+    """What each method decodes with under the decode defaults ``decode`` (a DecodeConfig, e.g. a bundle's
+    :func:`mage_ray.decode.decode_defaults`): label -> {"method", "alpha", "gamma"} (a method's own
+    ``method_gammas`` entry, else ``gamma``)."""
+    gammas = decode.method_gammas or {}
+    return {
+        m: {"method": m, "alpha": float(decode.alpha), "gamma": float(gammas.get(m, decode.gamma))}
+        for m in methods
+    }
+
+
 def decode_grid(
     engine,
     prompts: Sequence,
@@ -44,10 +67,13 @@ def decode_grid(
     batch_size: int = 16,
     request_kwargs: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    settings: dict[str, dict] | None = None,
 ):
-    """Decode every (method, preference, prompt) through the engine, in heterogeneous batches.
+    """Decode every (label, preference, prompt) through the engine, in heterogeneous batches.
 
-    Returns a list of dicts (method, pref_index, prompt_index, text, error), in request order.
+    ``methods`` are row labels; ``settings[label]`` = {"method", "alpha", "gamma"} decodes a label as that method
+    with those request fields (over ``request_kwargs``). Returns a list of dicts (method = the label,
+    pref_index, prompt_index, text, error), in request order.
     """
     from mage_ray.decode import Request
 
@@ -56,10 +82,11 @@ def decode_grid(
     out: list[dict] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        reqs = [
-            Request(prompt=prompts[i], preference=[float(x) for x in grid[p]], method=m, **kw)
-            for m, p, i in chunk
-        ]
+        reqs = []
+        for m, p, i in chunk:
+            method, own = _request_overrides(settings, m)
+            pref = [float(x) for x in grid[p]]
+            reqs.append(Request(prompt=prompts[i], preference=pref, method=method, **{**kw, **own}))
         for (m, p, i), c in zip(chunk, engine.generate(reqs)):
             out.append({"method": m, "pref_index": p, "prompt_index": i, "text": c.text, "error": c.error})
         if progress is not None:
@@ -99,8 +126,9 @@ def summarise(
     methods: Sequence[str],
     ref_point: Sequence[float],
     flags: np.ndarray | None = None,
+    settings: dict[str, dict] | None = None,
 ) -> list[MethodResult]:
-    """Per-prompt rewards (P, N, n), mean reward per (method, preference), degenerate rate, metric row."""
+    """Per-prompt rewards (P, N, n), mean reward per (label, preference), degenerate flags and rate, metric row."""
     from mage_ray.grid import point_summary
 
     n_prompts = 1 + max(r["prompt_index"] for r in rows)
@@ -126,12 +154,26 @@ def summarise(
         X[np.isnan(X).any(axis=2)] = np.nan  # a generation counts for all objectives or none
         s = point_summary(X, None if flags is None else D)
         R, deg = s["means"], s["degenerate"]  # (P, n), (P,)
-        results.append(MethodResult(m, grid.copy(), R, M.all_metrics(R, grid, ref_point), errors, X, deg))
+        base = _request_overrides(settings, m)[0]
+        results.append(
+            MethodResult(
+                m,
+                grid.copy(),
+                R,
+                M.all_metrics(R, grid, ref_point),
+                errors,
+                X,
+                deg,
+                None if flags is None else D,
+                None if base == m else base,
+            )
+        )
     return results
 
 
 def claim_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
-    """HV ratios reported with intervals: bs/rs, and every MAGE variant (and any other method) over bs."""
+    """HV ratios reported with intervals: bs/rs, and every other row (MAGE variants, the ARM methods, other
+    labels) over bs."""
     pairs = [("bs", "rs")] if {"bs", "rs"} <= set(methods) else []
     if "bs" in methods:
         pairs += [(m, "bs") for m in methods if m not in ("bs", "rs")]
@@ -146,10 +188,12 @@ def attach_intervals(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """Paired bootstrap over prompts (:func:`mage_ray.uncertainty.bootstrap_fronts`) for every method."""
-    from mage_ray.uncertainty import bootstrap_fronts
+    """Paired bootstrap over prompts and controllability bounds (:func:`mage_ray.uncertainty.bootstrap_fronts`)
+    for every row, plus the exact degenerate-rate intervals of the rows whose flags were kept."""
+    from mage_ray.report import DEGENERATE_TARGET
+    from mage_ray.uncertainty import bootstrap_fronts, degenerate_bounds
 
-    return bootstrap_fronts(
+    boot = bootstrap_fronts(
         {r.method: r.per_prompt for r in results},
         results[0].preferences,
         ref_point,
@@ -158,6 +202,12 @@ def attach_intervals(
         n_resamples=n_resamples,
         seed=seed,
     )
+    for r in results:
+        if r.flags is not None:
+            boot["methods"][r.method]["degenerate"] = degenerate_bounds(
+                r.flags, confidence=confidence, target=DEGENERATE_TARGET
+            )
+    return boot
 
 
 def reference_point(objectives, override: Sequence[float] | None = None) -> list[float]:
@@ -198,12 +248,16 @@ def evaluate(
     extra_columns: dict[str, dict[str, str]] | None = None,
     confidence: float = 0.9,
     n_resamples: int = 1000,
+    settings: dict[str, dict] | None = None,
+    context: dict | None = None,
 ) -> dict:
-    """Decode + score + metrics for ``methods`` over ``grid``; writes the report when ``out_dir`` is set.
+    """Decode + score + metrics for ``methods`` (row labels) over ``grid``; writes the report when ``out_dir`` is set.
 
-    The summary has, per method, the mean rewards, the metric row and the degenerate rate per preference;
+    ``settings``: label -> {"method", "alpha", "gamma"} decode overrides (:func:`decode_grid`); ``context``: what
+    the claims need to know (``mage_choice``, ``serving``; :func:`mage_ray.report.claims`), with ``settings``
+    added. The summary has, per row, the mean rewards, the metric row and the degenerate rate per preference;
     with ``n_resamples > 0`` also the paired bootstrap intervals and the claims. Without ``out_dir`` it also
-    carries ``per_prompt`` (method -> (P, N, n) nested list) for sweep decisions.
+    carries ``per_prompt`` (label -> (P, N, n) nested list) for sweep decisions.
     """
     if len(prompts) < min_prompts:
         raise EvaluationError(
@@ -226,7 +280,14 @@ def evaluate(
 
     t0 = time.time()
     rows = decode_grid(
-        engine, prompts, grid, methods, batch_size=batch_size, request_kwargs=request_kwargs, progress=cb
+        engine,
+        prompts,
+        grid,
+        methods,
+        batch_size=batch_size,
+        request_kwargs=request_kwargs,
+        progress=cb,
+        settings=settings,
     )
     if bar is not None:
         bar.close()
@@ -234,7 +295,8 @@ def evaluate(
     scores = score_generations(rows, prompts, objectives)
     flags = flag_generations(rows, prompts)
     names = [o.name for o in objectives]
-    results = summarise(rows, scores, grid, methods, ref_point, flags)
+    results = summarise(rows, scores, grid, methods, ref_point, flags, settings)
+    context = {**(context or {}), **({"settings": settings} if settings else {})} or None
     cut = below_reference(results, ref_point)
     boot = None
     if n_resamples > 0:
@@ -254,12 +316,13 @@ def evaluate(
             extra_columns,
             flags,
             boot,
+            context,
         )
     return {
         "methods": {r.method: _method_summary(r, boot) for r in results},
         "per_prompt": {r.method: r.per_prompt.tolist() for r in results},
         "ref_point": list(ref_point),
-        **_boot_summary(results, boot),
+        **_boot_summary(results, boot, context),
         **summary,
     }
 

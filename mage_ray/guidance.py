@@ -41,8 +41,10 @@ parm       base + 1 row: PARM's PBLoRA at mu = its n + 1 components       V = lo
 ========== ============================================================== =================================
 
 ARM methods (family ``arm``) guide the frozen base policy, not a soup: GenARM's multi-objective decoding,
-pi(y|x) proportional to pi_base(y|x) * prod_i pi_r,i(y|x)^(mu_i / beta_r), is the same score in log space with
-gamma = 1 / beta_r and V = sum_i mu_i log pi_r,i (per token; summed over a beam like an implicit value). Their
+pi(y|x) proportional to pi_base(y|x) * prod_i pi_r,i(y|x)^(gamma mu_i), is the same score in log space with
+V = sum_i mu_i log pi_r,i (per token; summed over a beam like an implicit value). The ARM is trained with reward
+r = beta_r * log pi_r (``mage_ray.train.arm``), so KL-regularised decoding at strength beta gives
+pi_base * exp(sum_i mu_i r_i / beta): gamma = beta_r / beta, not 1 / beta_r. beta is free at decoding time, so
 gamma is swept per method (``arm.gammas``) and kept in the bundle's ``method_gammas``.
 
 Experts (mod, mage-i): the bundle's rs_backbones (beta = 1, expert i trained on objective i alone) with
@@ -392,7 +394,7 @@ def _ric(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
 def _genarm(L: AdapterLayout, mu, a: PlanArgs) -> Plan:
     _need(L.arms, "genarm", "GenARM reward models (bundle 'arms')")
     rows = [Row(L.coeffs())] + [Row(L.one_hot(c)) for c in L.arms]
-    # V = sum_i mu_i log pi_r,i(y_t | x, y<t)   (GenARM, log space; gamma = 1/beta_r multiplies it)
+    # V = sum_i mu_i log pi_r,i(y_t | x, y<t)   (GenARM, log space; gamma = beta_r / beta multiplies it)
     guide = [(1 + i, "logp", float(mu[i])) for i in range(len(L.arms))]
     return Plan(rows, base=[(0, 1.0)], guide=guide, value_kind="implicit")
 

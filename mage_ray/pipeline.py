@@ -13,7 +13,15 @@ Stages (MAGE Sec 5.2):
   rollouts   Ray Data: base-policy samples on training prompts, scored by every objective (Parquet).
   values     one explicit value model per objective (Ray Train).
   alpha      Tune: Bone Soup extrapolation alpha (Eq. 13) by validation HV (decode only).
-  gamma      Tune: guidance strength gamma (Eq. 25) of sweep.gamma_method by validation HV (decode only).
+  gamma      Tune: guidance strength gamma (Eq. 25) of sweep.gamma_method by validation HV (decode only), at the
+             claims' alpha; gamma_<variant>: the same for every other MAGE variant of eval.methods.
+
+Two choices come out of the alpha and gamma stages. *Serving* keeps the config's default unless a trial beats it
+beyond prompt noise (:func:`mage_ray.sweep.decide`; it may be 0: no extrapolation, guidance off). The *claims*
+use the best value > 0 on validation HV (:func:`mage_ray.sweep.best_positive`; the paper's candidate sets have no
+0), each MAGE variant at its own gamma, and the MAGE variant with the largest validation HV carries the MAGE
+claim: the evaluation decodes bs and the MAGE variants at those values, and bs at the serving alpha as its own
+row when it differs (:func:`evaluation_rows`).
   bundle     the servable bundle with the chosen beta, alpha, gamma, + the sweep report.
   morlhf     (pipeline, when backbone.morlhf) one model per evaluation-grid preference.
   evaluate   (pipeline) every method of eval.methods on the test prompts over the eval grid.
@@ -39,6 +47,8 @@ from mage_ray.sweep import (
     _beta_trial,
     _decode_trial,
     arm_gamma_default,
+    best_positive,
+    claims_value,
     decide,
     decode_trial_resources,
     run_tune_stage,
@@ -55,7 +65,7 @@ def planned_stages(cfg: Config, evaluate: bool = True) -> list[str]:
     stages = ["beta", "backbones"]
     if _needs(cfg, "values"):
         stages += ["rollouts", "values"]
-    stages += ["alpha", "gamma"]
+    stages += ["alpha", "gamma"] + [f"gamma_{m}" for m in mage_variants(cfg)]
     if evaluate:
         needed = stages_for(list(cfg.eval.methods))
         if cfg.backbone.morlhf or "morlhf" in needed:
@@ -146,9 +156,25 @@ def stage_backbones(cfg: Config, beta: float) -> dict:
     return _finish(cfg, "backbones", record, t0)
 
 
+def gamma_method(cfg: Config, has_values: bool | None = None) -> str:
+    """The method of the gamma stage: ``sweep.gamma_method``, or mage-i-m when that needs value models the run
+    does not train."""
+    has_values = _needs(cfg, "values") if has_values is None else has_values
+    explicit = cfg.sweep.gamma_method in ("mage-e", "mage-e-m")
+    return cfg.sweep.gamma_method if (has_values or not explicit) else "mage-i-m"
+
+
+def mage_variants(cfg: Config) -> list[str]:
+    """The MAGE variants of ``eval.methods`` other than the gamma stage's method: each gets its own gamma stage
+    ``gamma_<variant>`` (a gamma tuned on one variant's guidance is not another's)."""
+    g = gamma_method(cfg)
+    return [m for m in cfg.eval.methods if method_spec(m).family == "mage" and m != g]
+
+
 def arm_methods(methods) -> list[str]:
     """The methods among ``methods`` guided by autoregressive reward models (family ``arm``): each has its own
-    gamma = 1 / beta_r, swept over ``arm.gammas`` by a stage ``gamma_<method>``."""
+    gamma (= beta_r / beta for a decoding KL strength beta), swept over ``arm.gammas`` by a stage
+    ``gamma_<method>``."""
     return [m for m in methods if method_spec(m).family == "arm"]
 
 
@@ -182,7 +208,10 @@ def stage_values(cfg: Config, rollouts: str) -> dict:
 
     dirs = [value_model_dir(cfg, o) for o in cfg.task.objectives]
     metrics = {
-        m.get("objective"): {k: m.get(k) for k in ("val_mse", "val_mse_constant", "ranking_accuracy")}
+        m.get("objective"): {
+            k: m.get(k)
+            for k in ("val_mse", "val_mse_constant", "ranking_accuracy", "val_accuracy", "n_val_pairs")
+        }
         for m in manifests
     }
     return _finish(cfg, "values", {"values": dirs, "metrics": metrics}, t0)
@@ -271,39 +300,75 @@ def run_sweep(cfg: Config, *, progress: bool = True) -> dict:
         cfg, "alpha", work, "bs", "decode.alpha", [float(a) for a in cfg.sweep.alphas], {}, cfg.decode.alpha
     )
     alpha = float(a_rec["best"]["decode.alpha"])
-    gmethod = (
-        cfg.sweep.gamma_method
-        if (values or cfg.sweep.gamma_method not in ("mage-e", "mage-e-m"))
-        else "mage-i-m"
-    )
-    g_rec = stage_decode_param(
-        cfg,
-        "gamma",
-        work,
-        gmethod,
-        "decode.gamma",
-        [float(g) for g in cfg.sweep.gammas],
-        {"decode.alpha": alpha},
-        cfg.decode.gamma,
-    )
+    alpha_claims = claims_value(a_rec, "decode.alpha", alpha)
+    gammas = [float(g) for g in cfg.sweep.gammas]
+    gmethod = gamma_method(cfg, bool(values))
+    fixed = {"decode.alpha": alpha_claims}  # the claims' alpha: MAGE is compared with bs at it
+    g_rec = stage_decode_param(cfg, "gamma", work, gmethod, "decode.gamma", gammas, fixed, cfg.decode.gamma)
     gamma = float(g_rec["best"]["decode.gamma"])
+    mage_records = {
+        m: stage_decode_param(cfg, f"gamma_{m}", work, m, "decode.gamma", gammas, fixed, cfg.decode.gamma)
+        for m in mage_variants(cfg)
+    }
+    claims = mage_claims({gmethod: g_rec, **mage_records}, cfg.eval.methods, cfg.decode.gamma)
     bundle_dir = join(cfg.storage.run_dir, "bundle")
     _bundle(cfg, bundle_dir, beta, bb, values, alpha, gamma)
     summary = {
         "beta": beta,
         "alpha": alpha,
         "gamma": gamma,
+        "alpha_claims": alpha_claims,
+        **claims,
         "bundle": bundle_dir,
         "seconds": round(time.time() - t0, 1),
     }
     records = {stage: stage_done(cfg, stage) for stage, _ in STAGES}
-    write_sweep_report(cfg, summary, records, stage_done(cfg, "values"))
+    write_sweep_report(cfg, summary, records, stage_done(cfg, "values"), mage_records)
     print(f"[pipeline] bundle ready: {bundle_dir} (beta={beta}, alpha={alpha}, gamma={gamma})", flush=True)
     return summary
 
 
+def mage_claims(records: dict[str, dict], methods, default: float) -> dict:
+    """From each MAGE variant's gamma stage record: ``claims_gammas`` (variant -> its best gamma > 0 on validation
+    HV; a stage's single candidate when it is > 0; else ``default``) and ``mage_choice`` (the variant of
+    ``methods`` with the largest validation HV at its claims gamma, and those HVs)."""
+    gammas, hv = {}, {}
+    for m, rec in records.items():
+        g, v = best_positive((rec or {}).get("rows") or [], "decode.gamma")
+        single = float(((rec or {}).get("best") or {}).get("decode.gamma", 0.0))  # a stage of one candidate
+        gammas[m] = g if g is not None else (single if single > 0 else default)
+        if v is not None and m in methods:
+            hv[m] = v
+    out: dict[str, Any] = {"claims_gammas": gammas}
+    if hv:
+        out["mage_choice"] = {"method": max(hv, key=hv.get), "validation_hv": hv}
+    return out
+
+
+def evaluation_rows(cfg: Config, methods: list[str], summary: dict) -> tuple[list[str], dict[str, dict]]:
+    """The evaluation's rows and their decode settings (:func:`mage_ray.evaluate.evaluate`'s ``settings``): every
+    method at the claims' alpha; a MAGE variant at its claims gamma, an ARM method at its own gamma, the others at
+    the serving gamma; plus ``bs (alpha <a>)`` at the serving alpha when it differs from the claims' one."""
+    alpha, alpha_c = summary["alpha"], summary.get("alpha_claims", summary["alpha"])
+    claims_g, own = summary.get("claims_gammas") or {}, summary.get("method_gammas") or {}
+    settings = {}
+    for m in methods:
+        g = (
+            claims_g.get(m)
+            if method_spec(m).family == "mage" and m in claims_g
+            else own.get(m, summary["gamma"])
+        )
+        settings[m] = {"method": m, "alpha": float(alpha_c), "gamma": float(g)}
+    labels = list(methods)
+    if "bs" in methods and float(alpha) != float(alpha_c):
+        label = f"bs (alpha {alpha:g})"
+        settings[label] = {"method": "bs", "alpha": float(alpha), "gamma": float(summary["gamma"])}
+        labels.append(label)
+    return labels, settings
+
+
 def stage_arm_gammas(cfg: Config, bundle_dir: str, methods: list[str], alpha: float) -> dict[str, float]:
-    """Tune each ARM method's gamma = 1 / beta_r over ``arm.gammas`` on validation prompts (decode only, like
+    """Tune each ARM method's gamma (beta_r / beta) over ``arm.gammas`` on validation prompts (decode only, like
     the gamma stage); a candidate replaces the default 1.0 only when it beats it beyond prompt noise."""
     chosen = {}
     for m in arm_methods(methods):
@@ -350,38 +415,42 @@ def run_pipeline(cfg: Config) -> dict:
             # only bundle.json changes: rewrite it (validated, atomically) instead of copying every adapter again
             save_bundle(dataclasses.replace(load_bundle(bundle_dir), method_gammas=gammas))
             records = {stage: stage_done(cfg, stage) for stage, _ in STAGES}
-            arm_records = {m: stage_done(cfg, f"gamma_{m}") for m in gammas}
-            write_sweep_report(cfg, summary, records, stage_done(cfg, "values"), arm_records)
+            own = {m: stage_done(cfg, f"gamma_{m}") for m in [*mage_variants(cfg), *gammas]}
+            write_sweep_report(cfg, summary, records, stage_done(cfg, "values"), own)
+    labels, settings = evaluation_rows(cfg, methods, summary)
     rec = stage_done(cfg, "evaluate")
-    if rec and rec.get("methods") != methods:
-        print(f"[pipeline] methods changed {rec.get('methods')} -> {methods}: evaluating again", flush=True)
+    if rec and (rec.get("methods") != labels or rec.get("settings") != settings):
+        print(f"[pipeline] rows changed {rec.get('methods')} -> {labels}: evaluating again", flush=True)
         rec = None
     if not skip_done(cfg, "evaluate", rec):
         t1 = time.time()
         n_prompts = len(load_prompts(cfg.task, "test"))
         grid = preference_grid(cfg.n_objectives, cfg.eval.grid_step)
-        _banner("evaluate", f"{len(methods)} methods x {len(grid)} preferences x {n_prompts} test prompts")
-        extra = {
-            "beta": summary["beta"],
-            "alpha": summary["alpha"],
-            "gamma": summary["gamma"],
-            **({"method_gammas": summary["method_gammas"]} if summary.get("method_gammas") else {}),
+        _banner("evaluate", f"{len(labels)} rows x {len(grid)} preferences x {n_prompts} test prompts")
+        keys = ("beta", "alpha", "gamma", "alpha_claims", "claims_gammas", "method_gammas")
+        extra = {k: summary[k] for k in keys if summary.get(k) is not None}
+        context = {
+            "serving": {"method": cfg.decode.method, "alpha": summary["alpha"], "gamma": summary["gamma"]},
+            **({"mage_choice": summary["mage_choice"]} if summary.get("mage_choice") else {}),
         }
         report = on_decode_worker(
             cfg.decode,
             evaluate_bundle,
             cfg,
             bundle_dir,
-            methods,
+            labels,
             extra,
-            {"train s": _train_seconds(cfg, methods)},
+            {"train s": _train_seconds(cfg, labels, settings)},
+            settings,
+            context,
         )
         rec = _finish(
             cfg,
             "evaluate",
             {
                 "report": join(cfg.storage.run_dir, "report"),
-                "methods": methods,
+                "methods": labels,
+                "settings": settings,
                 "decode_seconds": report.get("decode_seconds"),
             },
             t1,
@@ -395,11 +464,18 @@ def run_pipeline(cfg: Config) -> dict:
 
 
 def evaluate_bundle(
-    cfg: Config, bundle_dir: str, methods: list[str], extra: dict, extra_columns: dict[str, dict[str, str]]
+    cfg: Config,
+    bundle_dir: str,
+    methods: list[str],
+    extra: dict,
+    extra_columns: dict[str, dict[str, str]],
+    settings: dict[str, dict] | None = None,
+    context: dict | None = None,
 ) -> dict:
-    """The evaluation stage's work: every method of ``methods`` over the eval grid on the test prompts, decoded
-    with the sweep's alpha and gamma (the bundle's), the report written to ``<run_dir>/report``; returns its
-    summary. Runs on a batch decode worker (:func:`mage_ray.evaluate.on_decode_worker`)."""
+    """The evaluation stage's work: every row of ``methods`` over the eval grid on the test prompts, decoded with
+    its ``settings`` (:func:`evaluation_rows`; without them the bundle's alpha and gamma), the report written to
+    ``<run_dir>/report``; returns its summary. Runs on a batch decode worker
+    (:func:`mage_ray.evaluate.on_decode_worker`)."""
     from mage_ray.bundle import load_bundle
     from mage_ray.decode import Engine, decode_defaults
     from mage_ray.evaluate import evaluate, reference_point
@@ -424,11 +500,15 @@ def evaluate_bundle(
         n_resamples=cfg.eval.n_resamples,
         extra=extra,
         extra_columns=extra_columns,
+        settings=settings,
+        context=context,
     )
 
 
-def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
-    """Training wall time attributable to each method (from stage records), for the report table."""
+def _train_seconds(
+    cfg: Config, methods: list[str], settings: dict[str, dict] | None = None
+) -> dict[str, str]:
+    """Training wall time attributable to each row (from stage records), for the report table."""
     bb = stage_done(cfg, "backbones") or {}
     bs = bb.get("train_seconds_bs")
     rs = bb.get("train_seconds_rs", bs if bb.get("beta") == ONE else None)
@@ -436,7 +516,7 @@ def _train_seconds(cfg: Config, methods: list[str]) -> dict[str, str]:
     seconds["rs_backbones"] = rs  # trained inside the backbones stage
     out = {}
     for m in methods:
-        spec = method_spec(m)
+        spec = method_spec(((settings or {}).get(m) or {}).get("method", m))
         # a method without the Bone Soup backbones has no time unless its own stage (its last) ran
         if not spec.backbones and spec.stages and seconds[spec.stages[-1]] is None:
             out[m] = ""

@@ -17,31 +17,49 @@ import numpy as np
 from mage_ray.guidance import REGISTRY
 from mage_ray.manifest import atomic_file, join, write_text_atomic
 
-METRIC_COLUMNS = ("hv", "inner_product", "sparsity", "spacing", "controllability", "front_length")
+METRIC_COLUMNS = (
+    "hv",
+    "inner_product",
+    "sparsity",
+    "spacing",
+    "controllability",
+    "controllability_literal",
+    "front_length",
+)
 _ARROWS = {
     "hv": "↑",
     "inner_product": "↑",
     "sparsity": "↓",
     "spacing": "↓",
     "controllability": "↑",
+    "controllability_literal": "↑",
     "front_length": "↑",
 }
 
 
 DEGENERATE_TARGET = 0.05
-"""Fraction of flagged responses above which a front point is drawn hollow and a claim about it fails."""
+"""Share of flagged responses above which a front point is drawn hollow, and the bound of the degenerate claim."""
 MAGE_METHODS = tuple(m for m, spec in REGISTRY.items() if spec.family == "mage")
 
 
 @dataclass
 class MethodResult:
     method: str
+    """The row's label: a registry method name, or a label of :func:`mage_ray.evaluate.evaluate`'s ``settings``."""
     preferences: np.ndarray  # (P, n)
     rewards: np.ndarray  # (P, n) mean reward per preference
     metrics: dict
     n_errors: int = 0
     per_prompt: np.ndarray | None = None  # (P, N, n) rewards per preference and prompt, NaN where it errored
     degenerate: np.ndarray | None = None  # (P,) fraction of the preference's responses flagged degenerate
+    flags: np.ndarray | None = None  # (P, N) 1.0 / 0.0 degenerate flag per response, NaN where it errored
+    base: str | None = None
+    """The registry method the row decodes (None: ``method`` itself)."""
+
+    @property
+    def decodes(self) -> str:
+        """The registry method behind the row."""
+        return self.base or self.method
 
 
 def prompt_text(prompt) -> str:
@@ -54,15 +72,67 @@ def _band(b: dict, digits: int = 4) -> str:
     return f"{b['value']:.{digits}g} [{b['lo']:.{digits}g}, {b['hi']:.{digits}g}]"
 
 
-def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9) -> list[dict]:
+def _setting(context: dict | None, label: str) -> dict:
+    """The decode settings of a row (method, alpha, gamma) recorded by the evaluation, or {}."""
+    return ((context or {}).get("settings") or {}).get(label) or {}
+
+
+def setting_text(context: dict | None, label: str) -> str:
+    """'alpha 0.4, gamma 3' for a row whose settings were recorded ('' otherwise); gamma only for guided methods."""
+    st = _setting(context, label)
+    if not st:
+        return ""
+    family = REGISTRY[st["method"]].family if st.get("method") in REGISTRY else ""
+    uses_alpha = family == "mage" or st.get("method") in ("bs", "bs-wrpo")  # the Bone Soup policy (Eq. 13)
+    parts = [f"alpha {st['alpha']:g}"] if st.get("alpha") is not None and uses_alpha else []
+    if st.get("gamma") is not None and family in ("mage", "arm"):
+        parts.append(f"gamma {st['gamma']:g}")
+    return ", ".join(parts)
+
+
+def mage_rows(results: list[MethodResult], context: dict | None = None) -> tuple[list[str], list[str]]:
+    """(rows that are MAGE: a MAGE method decoded with guidance on, rows of a MAGE method at gamma 0). A row
+    whose gamma was not recorded counts as MAGE."""
+    on, off = [], []
+    for r in results:
+        if r.decodes in MAGE_METHODS:
+            gamma = _setting(context, r.method).get("gamma")
+            (off if gamma is not None and float(gamma) == 0.0 else on).append(r.method)
+    return on, off
+
+
+def degenerate_claim(r: MethodResult, boot: dict | None, confidence: float) -> dict | None:
+    """The degenerate-rate bounds of a row (:func:`mage_ray.uncertainty.degenerate_bounds`): from the bootstrap
+    summary when it carries them, else from the row's flags; None without flags."""
+    from mage_ray.uncertainty import degenerate_bounds
+
+    b = ((boot or {}).get("methods") or {}).get(r.method, {}).get("degenerate")
+    if b is None and r.flags is not None:
+        b = degenerate_bounds(r.flags, confidence=confidence, target=DEGENERATE_TARGET)
+    return b
+
+
+def claims(
+    results: list[MethodResult], boot: dict, target_control: float = 0.9, context: dict | None = None
+) -> list[dict]:
     """The paper's claims checked on this report, each with its interval and a verdict.
 
-    "holds" only when the whole interval is on the right side (ratio > 1, controllability >= target); "fails"
-    when the whole interval is on the wrong side; otherwise "no evidence". The best MAGE variant is the one with
-    the largest test HV (a choice made on the test prompts, said so in the row).
+    "holds" only when the whole interval is on the claimed side (HV ratio > 1, controllability bounds >= target,
+    every preference's degenerate upper bound <= 5%); "fails" when the whole interval is on the wrong side;
+    otherwise "no evidence". MAGE is a MAGE method decoded with guidance on (gamma > 0 where the evaluation
+    recorded its settings); a MAGE method at gamma 0 is Bone Soup with guidance off and carries no MAGE claim.
+    When ``context["mage_choice"]`` names the variant chosen on validation, that variant carries the claim;
+    otherwise every MAGE row carries its own (no variant is picked on the test prompts).
+    Controllability claims use the bounds over the objectives whose weight changes
+    (:func:`mage_ray.uncertainty.controllability_bounds`).
     """
     by = {r.method: r for r in results}
+    confidence = float(boot.get("confidence", 0.9))
     out = []
+
+    def named(label: str) -> str:
+        st = setting_text(context, label)
+        return f"{label} ({st})" if st else label
 
     def ratio_claim(a: str, b: str, what: str) -> None:
         x = boot["ratios"].get(f"{a}/{b}")
@@ -76,33 +146,68 @@ def claims(results: list[MethodResult], boot: dict, target_control: float = 0.9)
             numbers += f"; {a} scored as {b} on every prompt and preference (e.g. guidance strength 0)"
         out.append({"claim": what, "verdict": verdict, "numbers": numbers})
 
-    mage = [m for m in MAGE_METHODS if m in by]
-    best = max(mage, key=lambda m: by[m].metrics["hv"]) if mage else None
-    ratio_claim("bs", "rs", "Bone Soup HV above Rewarded Soups")
-    if best is not None:
-        ratio_claim(best, "bs", f"MAGE (best variant on test HV: {best}) HV above Bone Soup")
-    for m in [x for x in ("bs", best) if x in by]:
+    on, _ = mage_rows(results, context)
+    choice = ((context or {}).get("mage_choice") or {}).get("method")
+    if "bs" in by and "rs" in by:
+        ratio_claim("bs", "rs", f"Bone Soup ({named('bs')}) HV above Rewarded Soups")
+    if choice in on:
+        carriers = [choice]
+        ratio_claim(
+            choice, "bs", f"MAGE ({named(choice)}, the variant chosen on validation HV) HV above Bone Soup"
+        )
+    else:
+        carriers = on
+        for m in on:
+            what = f"MAGE ({named(m)}) HV above Bone Soup"
+            if len(on) > 1:
+                what += " (one claim per variant: none was chosen on validation)"
+            ratio_claim(m, "bs", what)
+    for m in [x for x in ("bs", *carriers) if x in by]:
         c = boot["methods"][m]["controllability"]
         verdict = (
             "holds" if c["lo"] >= target_control else ("fails" if c["hi"] < target_control else "no evidence")
         )
+        literal = f"; Definition 1 literal {c['literal']:.3g}" if c.get("literal") is not None else ""
         out.append(
             {
                 "claim": f"controllability of {m} >= {target_control}",
                 "verdict": verdict,
-                "numbers": f"controllability = {_band(c, 3)}",
+                "numbers": f"controllability = {_band(c, 3)}{literal}",
             }
         )
-        if by[m].degenerate is not None:
-            worst = float(np.max(by[m].degenerate))
+        d = degenerate_claim(by[m], boot, confidence)
+        if d is not None:
+            rates = [x for x in d["rate"] if x is not None]
+            his = [x for x in d["hi"] if x is not None]
+            k_worst = int(np.nanargmax([np.nan if x is None else x for x in d["rate"]]))
             out.append(
                 {
                     "claim": f"degenerate responses of {m} <= {DEGENERATE_TARGET:.0%} at every preference",
-                    "verdict": "holds" if worst <= DEGENERATE_TARGET else "fails",
-                    "numbers": f"worst preference {worst:.1%} (mean {float(np.mean(by[m].degenerate)):.1%})",
+                    "verdict": d["verdict"],
+                    "numbers": (
+                        f"worst preference {rates[k_worst] if rates else float('nan'):.1%} "
+                        f"({d['k'][k_worst]}/{d['m'][k_worst]}, exact interval [{d['lo'][k_worst]:.1%}, "
+                        f"{d['hi'][k_worst]:.1%}]); largest upper bound {max(his):.1%}; mean "
+                        f"{float(np.mean(rates)):.1%}"
+                        + (
+                            f"; {d['m'][k_worst]} prompts per preference cannot show <= {DEGENERATE_TARGET:.0%} "
+                            f"(needs >= {d['min_prompts']})"
+                            if d["min_prompts"] and min(d["m"]) < d["min_prompts"]
+                            else ""
+                        )
+                    ),
                 }
             )
     return out
+
+
+def _degenerate_cell(r: MethodResult, boot: dict | None) -> str:
+    """Mean share of flagged responses (worst preference, and its exact upper bound when the flags are kept)."""
+    cell = f"{np.mean(r.degenerate):.1%} (max {np.max(r.degenerate):.1%}"
+    d = degenerate_claim(r, boot, float((boot or {}).get("confidence", 0.9)))
+    if d is not None:
+        cell += f", upper bound {max(h for h in d['hi'] if h is not None):.1%}"
+    return cell + ")"
 
 
 def metrics_markdown(
@@ -111,23 +216,32 @@ def metrics_markdown(
     ref_point: Sequence[float],
     extra_columns: dict[str, dict[str, str]] | None = None,
     boot: dict | None = None,
+    context: dict | None = None,
 ) -> str:
-    """The metric table (with the bootstrap intervals and degenerate rates when given) and the claims."""
+    """The metric table (with the intervals, the controllability bounds and degenerate rates when given) and the
+    claims. ``context``: the evaluation's ``settings`` (label -> method, alpha, gamma), ``mage_choice`` and
+    ``serving`` (the sweep's serving choice), when known."""
     banded = {"hv", "inner_product", "controllability"} if boot else set()
     cols = list(METRIC_COLUMNS) + (["degenerate"] if results[0].degenerate is not None else [])
     cols += list(extra_columns or {})
-    head = "| method | " + " | ".join(f"{c} {_ARROWS.get(c, '')}".strip() for c in cols) + " |"
-    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    with_settings = any(setting_text(context, r.method) for r in results)
+    head = (
+        "| method | "
+        + ("settings | " if with_settings else "")
+        + " | ".join(f"{c} {_ARROWS.get(c, '')}".strip() for c in cols)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (len(cols) + 1 + with_settings)]
     for r in results:
-        vals = []
+        vals = [setting_text(context, r.method)] if with_settings else []
         for c in cols:
             if c in banded:
                 vals.append(_band(boot["methods"][r.method][c]))
             elif c in METRIC_COLUMNS:
-                v = r.metrics[c]
-                vals.append(str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}")
+                v = r.metrics.get(c)
+                vals.append("" if v is None else str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}")
             elif c == "degenerate":
-                vals.append(f"{np.mean(r.degenerate):.1%} (max {np.max(r.degenerate):.1%})")
+                vals.append(_degenerate_cell(r, boot))
             else:
                 vals.append(extra_columns[c].get(r.method, ""))
         lines.append(f"| {r.method} | " + " | ".join(vals) + " |")
@@ -135,27 +249,49 @@ def metrics_markdown(
     lines.append(
         f"Objectives: {', '.join(objectives)}. Hypervolume reference point: {list(map(float, ref_point))}."
     )
+    lines.append(
+        "controllability: Definition 1 of MAGE (arXiv 2510.03782) over the objectives whose weight changes between "
+        "the two preferences (what the claims use); controllability_literal: Definition 1 as written, where an "
+        "objective whose weight is unchanged must have exactly equal rewards (the two agree for 2 objectives)."
+    )
     if results[0].degenerate is not None:
         lines.append(
-            "degenerate: share of responses flagged by the quality gate (mage_ray.tasks.quality), mean over "
-            "the preferences (worst preference)."
+            "degenerate: share of responses flagged by the quality gate (mage_ray.tasks.quality), mean over the "
+            "preferences (worst preference; the largest exact upper bound over the preferences)."
+        )
+    _, off = mage_rows(results, context)
+    for m in off:
+        lines.append(f"{m} was decoded at gamma = 0: Bone Soup with guidance off, not MAGE (no MAGE claim).")
+    serving = (context or {}).get("serving") or {}
+    if (
+        serving.get("method") in MAGE_METHODS
+        and serving.get("gamma") is not None
+        and float(serving["gamma"]) == 0
+    ):
+        lines.append(
+            f"The sweep serves {serving['method']} at gamma = 0 (alpha {serving.get('alpha', 0):g}): bs (guidance "
+            "off). The MAGE rows above are each variant at its best gamma > 0 on validation."
         )
     if boot:
         lines.append(
-            f"Brackets: {boot['confidence']:.0%} interval, {boot['method']} ({boot['n_resamples']} resamples "
-            f"of the {boot['n_prompts']} prompts)."
+            f"Brackets: hv and inner_product: {boot['confidence']:.0%} interval, {boot['method']} "
+            f"({boot['n_resamples']} resamples of the {boot['n_prompts']} prompts). controllability: bounds that "
+            f"hold together with probability >= {boot['confidence']:.0%} ({boot.get('control_method', '')}); "
+            "not centred on the point estimate."
         )
         if boot["ratios"]:
             lines += ["", "| HV ratio | value [interval] | interval above 1 |", "|---|---|---|"]
             for k, x in boot["ratios"].items():
                 lines.append(f"| {k} | {_band(x, 3)} | {'yes' if x['holds'] else 'no'} |")
-        rows = claims(results, boot)
+        rows = claims(results, boot, context=context)
         if rows:
             lines += ["", "| claim | verdict | numbers |", "|---|---|---|"]
             lines += [f"| {c['claim']} | **{c['verdict']}** | {c['numbers']} |" for c in rows]
             lines.append(
                 "\n'holds' only when the whole interval is on the claimed side; 'fails' when it is all on the "
-                "other side; 'no evidence' when it straddles."
+                "other side; 'no evidence' when it straddles. Degenerate: 'holds' when every preference's exact "
+                "upper bound is <= 5%, 'fails' when one preference's lower bound (simultaneous over the "
+                "preferences) is above 5%."
             )
     return "\n".join(lines) + "\n"
 
@@ -239,8 +375,12 @@ def write_report(
     extra_columns: dict[str, dict[str, str]] | None = None,
     flags: np.ndarray | None = None,
     boot: dict | None = None,
+    context: dict | None = None,
 ) -> dict:
-    """Write generations, rewards, metrics (JSON + Markdown), samples and the front plot; return the summary."""
+    """Write generations, rewards, metrics (JSON + Markdown), samples and the front plot; return the summary.
+
+    ``context`` (settings, mage_choice, serving: see :func:`metrics_markdown`) is kept in metrics.json, so a
+    report recomputed from the saved rewards (:func:`mage_ray.rereport.recompute_report`) has it too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,13 +405,14 @@ def write_report(
         "grid": grid.tolist(),
         "n_prompts": len(prompts),
         "methods": {r.method: _method_summary(r, boot) for r in results},
-        **_boot_summary(results, boot),
+        **_boot_summary(results, boot, context),
+        **({"context": context} if context else {}),
         **(extra or {}),
     }
     write_text_atomic(join(out, "metrics.json"), json.dumps(summary, indent=2))
-    write_text_atomic(join(out, "rewards.json"), json.dumps(_rewards_json(results), indent=2))
+    write_text_atomic(join(out, "rewards.json"), json.dumps(_rewards_json(results, boot), indent=2))
     write_text_atomic(
-        join(out, "metrics.md"), metrics_markdown(results, objectives, ref_point, extra_columns, boot)
+        join(out, "metrics.md"), metrics_markdown(results, objectives, ref_point, extra_columns, boot, context)
     )
     write_text_atomic(
         join(out, "samples.md"), samples_markdown(rows, scores, flags, prompts, grid, objectives)
@@ -280,17 +421,20 @@ def write_report(
     return summary
 
 
-def _rewards_json(results: list[MethodResult]) -> dict:
-    """method -> [{preference, rewards, stderr, degenerate}] per preference."""
+def _rewards_json(results: list[MethodResult], boot: dict | None = None) -> dict:
+    """method -> [{preference, rewards, stderr, degenerate, degenerate_interval}] per preference."""
     from mage_ray.uncertainty import front_stderr
 
     out = {}
     for r in results:
-        se = front_stderr(r.per_prompt).tolist() if r.per_prompt is not None else [None] * len(r.rewards)
-        deg = [None] * len(r.rewards) if r.degenerate is None else [float(d) for d in r.degenerate]
+        P = len(r.rewards)
+        se = front_stderr(r.per_prompt).tolist() if r.per_prompt is not None else [None] * P
+        deg = [None] * P if r.degenerate is None else [float(d) for d in r.degenerate]
+        d = degenerate_claim(r, boot, float((boot or {}).get("confidence", 0.9)))
+        ci = [None] * P if d is None else [[lo, hi] for lo, hi in zip(d["lo"], d["hi"])]
         out[r.method] = [
-            {"preference": g, "rewards": v, "stderr": e, "degenerate": d}
-            for g, v, e, d in zip(r.preferences.tolist(), r.rewards.tolist(), se, deg)
+            {"preference": g, "rewards": v, "stderr": e, "degenerate": dg, "degenerate_interval": c}
+            for g, v, e, dg, c in zip(r.preferences.tolist(), r.rewards.tolist(), se, deg, ci)
         ]
     return out
 
@@ -303,15 +447,20 @@ def _method_summary(r: MethodResult, boot: dict | None) -> dict:
         out["degenerate_max"] = float(np.max(r.degenerate))
     if boot:
         b = boot["methods"][r.method]
-        out["intervals"] = {k: b[k] for k in ("hv", "inner_product", "controllability")}
+        out["intervals"] = {k: b[k] for k in ("hv", "inner_product", "controllability") if k in b}
+        if "degenerate" in b:
+            out["intervals"]["degenerate"] = b["degenerate"]
         out["stderr"] = b["stderr"]
     return out
 
 
-def _boot_summary(results: list[MethodResult], boot: dict | None) -> dict:
+def _boot_summary(results: list[MethodResult], boot: dict | None, context: dict | None = None) -> dict:
     if not boot:
         return {}
-    return {"bootstrap": {k: v for k, v in boot.items() if k != "methods"}, "claims": claims(results, boot)}
+    return {
+        "bootstrap": {k: v for k, v in boot.items() if k != "methods"},
+        "claims": claims(results, boot, context=context),
+    }
 
 
 def _jsonable(d: dict) -> dict:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mage_ray.config import Config, config_from_dict
+from mage_ray.guidance import method_spec
 from mage_ray.manifest import join, read_json, write_json_atomic, write_text_atomic
 from mage_ray.storage import is_file, storage_abs
 
@@ -144,6 +145,32 @@ def save_trial_rewards(cfg: Config, stage: str, value: float, per_prompt: list) 
     write_json_atomic(trial_rewards_path(cfg, stage, value), {"value": value, "per_prompt": per_prompt})
 
 
+def best_positive(rows: list[dict], param: str, metric: str = "hv") -> tuple[float | None, float | None]:
+    """(value, metric) of the trial with the largest validation ``metric`` among those whose ``param`` is > 0, or
+    (None, None). The paper's candidate sets have no 0 (MAGE Sec 5.2.1: alpha in {0.1, ..., 0.5}, gamma in
+    {0.1, 0.2, 1, 3, 5}): alpha = 0 is Bone Soup without extrapolation and gamma = 0 is Bone Soup with guidance
+    off, so the claims use the best value > 0 while serving may keep 0 (:func:`decide`)."""
+    ok = [
+        r
+        for r in rows
+        if r.get("error") is None
+        and r.get(metric) is not None
+        and np.isfinite(r[metric])
+        and float(r[param]) > 0
+    ]
+    if not ok:
+        return None, None
+    top = max(ok, key=lambda r: r[metric])  # first of equal values wins
+    return float(top[param]), float(top[metric])
+
+
+def claims_value(rec: dict | None, param: str, fallback: float) -> float:
+    """The value of ``param`` the claims use from a stage record: its best trial > 0 on validation
+    (:func:`best_positive`), else ``fallback`` (a single candidate, or no candidate > 0)."""
+    value, _ = best_positive((rec or {}).get("rows") or [], param)
+    return fallback if value is None else value
+
+
 def decide(cfg: Config, stage: str, param: str, rows: list[dict], default: float) -> tuple[float, dict]:
     """The value a stage keeps: the best trial only when its validation HV beats the default's beyond prompt
     noise (paired bootstrap, ``eval.confidence``), else the default. Annotates ``rows`` in place with
@@ -185,6 +212,7 @@ def decide(cfg: Config, stage: str, param: str, rows: list[dict], default: float
     decision = {k: v for k, v in res.items() if k != "trials"}
     decision["chosen"] = chosen
     decision["default"] = float(default)
+    decision["best_positive"] = best_positive(ok, param)[0]
     return chosen, decision
 
 
@@ -404,21 +432,32 @@ def write_sweep_report(
     """Markdown table of every trial + HV-vs-parameter plots under ``<run_dir>/report/``.
 
     ``records``: the stage records of ``beta``, ``alpha``, ``gamma``; ``values``: the value-model stage's record;
-    ``method_records``: method -> the record of its own gamma stage (the ARM methods' ``gamma_<method>``).
+    ``method_records``: method -> the record of its own gamma stage (``gamma_<method>``: the ARM methods', and
+    the MAGE variants' other than ``sweep.gamma_method``).
     """
     out = join(cfg.storage.run_dir, "report")  # local or URI: files written locally, then moved/uploaded
     parts = [
         f"# Sweep report: {cfg.storage.run_name}\n",
-        f"Chosen: beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}"
+        f"Chosen (serving): beta = {summary['beta']}, alpha = {summary['alpha']}, gamma = {summary['gamma']}"
         + "".join(f", gamma of {m} = {g}" for m, g in (summary.get("method_gammas") or {}).items())
         + ".\n",
     ]
+    if summary.get("claims_gammas") or summary.get("alpha_claims") is not None:
+        choice = (summary.get("mage_choice") or {}).get("method")
+        parts.append(
+            f"\nClaims (the best value > 0 of each candidate set on validation HV): alpha = "
+            f"{summary.get('alpha_claims')}"
+            + "".join(f", gamma of {m} = {g}" for m, g in (summary.get("claims_gammas") or {}).items())
+            + (f"; MAGE variant with the largest validation HV: {choice}" if choice else "")
+            + ".\n"
+        )
     defaults = {"beta": cfg.backbone.beta, "alpha": cfg.decode.alpha, "gamma": cfg.decode.gamma}
     stages = [(stage, param, defaults[stage]) for stage, param in STAGES]
     for m, rec in (method_records or {}).items():
         if rec:
             records = {**records, f"gamma_{m}": rec}
-            stages.append((f"gamma_{m}", "decode.gamma", arm_gamma_default(cfg)))
+            arm = method_spec(m).family == "arm"
+            stages.append((f"gamma_{m}", "decode.gamma", arm_gamma_default(cfg) if arm else cfg.decode.gamma))
     for stage, param, default in stages:
         rec = records.get(stage) or {}
         rows = rec.get("rows") or []
@@ -432,18 +471,11 @@ def write_sweep_report(
             parts.append(f"\n![HV vs {param}](sweep_{stage}.png)\n")
         else:
             parts.append(f"single candidate: {rec.get('best')}\n")
-    if values:
-        parts.append(
-            "\n## value models (validation)\n\n| objective | val MSE | constant-predictor MSE | ranking acc |\n|---|---|---|---|\n"
-        )
-        for o, m in values.get("metrics", {}).items():
-            parts.append(
-                f"| {o} | {_f(m.get('val_mse'))} | {_f(m.get('val_mse_constant'))} | {_f(m.get('ranking_accuracy'))} |\n"
-            )
+    from mage_ray.train.guides import guide_accuracy, guides_markdown
+
+    guides = guide_accuracy(cfg)
+    if guides:
+        parts.append(guides_markdown(guides))
     write_text_atomic(join(out, "sweep.md"), "".join(parts))
-    write_json_atomic(join(out, "sweep.json"), summary)
+    write_json_atomic(join(out, "sweep.json"), {**summary, "guides": guides})
     return join(out, "sweep.md")
-
-
-def _f(x) -> str:
-    return "" if x is None else f"{x:.4g}"

@@ -105,7 +105,11 @@ def test_train_arm_two_steps(tmp_path):
         "readability",
         OBJECTIVES,
     )
-    assert manifest["beta_r"] == cfg.arm.beta_r and manifest["n_pairs"] == 6 and manifest["steps_done"] == 2
+    # 6 prompts, arm.val_fraction 0.1: 1 prompt's pair held out, 5 trained on
+    assert manifest["beta_r"] == cfg.arm.beta_r and manifest["steps_done"] == 2
+    assert (manifest["n_pairs"], manifest["n_val_pairs"]) == (5, 1)
+    for key in ("val_accuracy", "val_accuracy_base"):  # 1 held-out pair: the interval holds 0.5
+        assert manifest[key]["n_pairs"] == 1 and manifest[key]["verdict"] == "at chance", manifest[key]
     lines = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
     assert [x["step"] for x in lines] == [1, 2] and {"loss", "accuracy", "margin"} <= set(lines[0])
 
@@ -137,7 +141,9 @@ def test_train_parm_two_steps(parm_run):
     out = parm_dir(cfg)
     assert out.endswith("/parm") and read_manifest(out)["status"] == "complete"
     assert (manifest["kind"], manifest["adapter"], manifest["objectives"]) == ("parm", "pblora", OBJECTIVES)
-    assert manifest["n_pairs"] == {o: 6 for o in OBJECTIVES} and (manifest["r1"], manifest["r2"]) == (4, 4)
+    assert manifest["n_pairs"] == {o: 5 for o in OBJECTIVES} and (manifest["r1"], manifest["r2"]) == (4, 4)
+    assert manifest["n_val_pairs"] == {o: 1 for o in OBJECTIVES}
+    assert set(manifest["val_accuracy"]) == set(OBJECTIVES) == set(manifest["val_accuracy_other_vertex"])
     lines = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
     mu = [sample_preference(cfg.arm.seed, s, 2, cfg.arm.pref_sample_p) for s in (0, 1)]
     for line, m in zip(lines, mu):  # the logged preference is the seeded Dirichlet draw of that step
@@ -156,6 +162,35 @@ def test_train_parm_two_steps(parm_run):
     for key, t0 in start.items():  # every tensor moved (B from PARM's zero init)
         assert not torch.equal(tensors[key], t0), key
     assert len(pblora_components(f"{out}/pblora", n=2)) == 3
+
+
+def test_parm_output_moves_with_the_preference(parm_run):
+    """The trained PARM's next-token distribution on a fixed prompt differs between mu = (1, 0) and (0, 1): mean
+    total variation over the positions above 1e-5 (float noise is ~1e-8), i.e. its preference-dependent part
+    learned something, which "every tensor moved" does not show (a PARM whose B2 stayed at its zero init moves
+    every other tensor and gives the same output at every mu: TV 0). At mu = (0.5, 0.5) the output lies between
+    the two ends (TV to each smaller than between them)."""
+    from mage_ray.pblora import load_pblora, set_preference
+
+    cfg, _, _, _ = parm_run
+    tensors, _ = load_pblora(f"{parm_dir(cfg)}/pblora")
+    model, tok = build_pblora_policy(cfg, 2)
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    ids = torch.tensor([tok("Question number 3: what is 3 plus 3?")["input_ids"]])
+
+    def probs(mu):
+        set_preference(model, mu)
+        with torch.no_grad():
+            return torch.softmax(model(ids).logits[0].float(), dim=-1)  # [L, V]
+
+    def tv(p, q):
+        return float(0.5 * (p - q).abs().sum(-1).mean())
+
+    p0, p1, mid = probs([1.0, 0.0]), probs([0.0, 1.0]), probs([0.5, 0.5])
+    assert tv(p0, probs([1.0, 0.0])) < 1e-7  # deterministic
+    assert tv(p0, p1) > 1e-5, tv(p0, p1)
+    assert tv(p0, mid) < tv(p0, p1) and tv(p1, mid) < tv(p0, p1)
 
 
 def test_parm_resumes_with_the_same_preferences(parm_run, tmp_path):

@@ -11,7 +11,14 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"embedded.yaml", "embedded3.yaml", "smoke.yaml", "hh_rlhf.yaml", "summary.yaml"} <= names
+    assert {
+        "embedded.yaml",
+        "embedded3.yaml",
+        "embedded_long.yaml",
+        "smoke.yaml",
+        "hh_rlhf.yaml",
+        "summary.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -20,6 +27,37 @@ def test_every_shipped_config_validates(path):
     assert isinstance(cfg, Config)
     assert cfg.n_objectives >= 2
     assert 1 / cfg.n_objectives < cfg.backbone.beta <= 1
+
+
+def test_the_long_study_is_the_demo_at_eight_times_the_budget():
+    """configs/embedded_long.yaml = configs/embedded.yaml with 8x the GRPO steps per backbone (14 -> 112), the value,
+    ARM and PARM budgets scaled the same (24 -> 192 steps), beta fixed at the demo's 0.8 (one candidate: no beta
+    trials), the paper's alpha / gamma candidates (plus 0), and every guided method evaluated; nothing else
+    differs."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    demo, long = (
+        load_config(root / "embedded.yaml").to_dict(),
+        load_config(root / "embedded_long.yaml").to_dict(),
+    )
+    assert long["backbone"]["steps"] == 8 * demo["backbone"]["steps"] == 112
+    assert long["value"]["steps"] == 8 * demo["value"]["steps"] == 192
+    assert long["arm"]["steps"] == 192 and long["arm"]["parm_steps"] in (0, 192)  # 0: the ARMs' steps
+    assert demo["arm"]["steps"] in (0, demo["value"]["steps"])  # the demo's ARMs: the value models' budget
+    assert long["sweep"]["betas"] == [0.8] == [demo["backbone"]["beta"]] and long["backbone"]["beta"] == 0.8
+    assert long["sweep"]["alphas"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert long["sweep"]["gammas"] == [0.0, 0.1, 0.2, 1.0, 3.0, 5.0]
+    assert set(long["eval"]["methods"]) == {
+        "rs", "bs", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "genarm", "genarm-m", "parm"
+    }  # fmt: skip
+    changed = {
+        ("backbone", "steps"), ("value", "steps"), ("arm", "steps"), ("arm", "parm_steps"),
+        ("arm", "parm_learning_rate"), ("sweep", "betas"), ("sweep", "alphas"), ("sweep", "gammas"),
+        ("eval", "methods"), ("storage", "run_name"),
+    }  # fmt: skip
+    for section, fields in demo.items():
+        for field, value in fields.items() if isinstance(fields, dict) else []:
+            if (section, field) not in changed:
+                assert long[section][field] == value, (section, field)
 
 
 def test_paper_settings():

@@ -10,6 +10,7 @@ import pytest
 from mage_ray.metrics import (
     all_metrics,
     controllability,
+    controllability_changed,
     default_reference_point,
     front_length,
     hypervolume,
@@ -189,6 +190,21 @@ def test_controllability_rewarded_soup_grid():
     assert controllability(R, mu) == 0.0
 
 
+@pytest.mark.parametrize(("n", "step", "literal"), [(2, 0.1, 1.0), (3, 0.25, 45 / 105), (4, 0.25, 133 / 595)])
+def test_a_perfectly_controlled_method_scores_one_at_any_n(n, step, literal):
+    """A synthetic perfectly controlled method: R = mu + 1e-6 noise, so every reward rises exactly with its
+    weight and the rewards of an unchanged weight differ by noise. The variant over changed weights gives 1.0
+    at n = 2, 3, 4; Definition 1 as written gives the share of pairs that change every weight: all 55 pairs
+    of the 11-point grid (n = 2), 45 of the 105 pairs of the 15-point grid (n = 3: 0.429) and 133 of the 595
+    pairs of the 35-point grid (n = 4: 0.224), whatever the method."""
+    mu = preference_grid(n, step)
+    R = mu + 1e-6 * np.random.default_rng(n).normal(size=mu.shape)
+    assert controllability_changed(R, mu) == 1.0
+    assert all_metrics(R, mu, np.full(n, -1.0))["controllability"] == 1.0
+    assert controllability(R, mu) == pytest.approx(literal)
+    assert all_metrics(R, mu, np.full(n, -1.0))["controllability_literal"] == pytest.approx(literal)
+
+
 # ----- Pareto front -----
 
 
@@ -225,6 +241,7 @@ def test_all_metrics():
         "sparsity",
         "spacing",
         "controllability",
+        "controllability_literal",
         "front_length",
         "ref_point",
     }
@@ -232,6 +249,6 @@ def test_all_metrics():
     assert out["inner_product"] == pytest.approx(2.0)
     assert out["sparsity"] == pytest.approx(3.5)
     assert out["spacing"] == pytest.approx(spacing(R3))
-    assert out["controllability"] == 1.0
+    assert out["controllability"] == 1.0 and out["controllability_literal"] == 1.0
     assert out["front_length"] == 3
     assert out["ref_point"] == [-1.0, -1.0]

@@ -24,7 +24,7 @@ from mage_ray.tasks.objectives import (
     score,
 )
 from mage_ray.tasks.prompts import SUMMARY_INSTRUCTION, summary_prompt
-from mage_ray.tasks.quality import CHECKS, quality
+from mage_ray.tasks.quality import CHECKS, quality, short_answer_ok, words
 
 EMBEDDED = ["relevance", "positivity", "conciseness", "readability"]
 
@@ -155,17 +155,29 @@ def test_readability_hand_computed():
 
 
 # ---------------------------------------------------------------------------------------------
-# degenerate text cannot win (tests/fixtures/degenerate.jsonl: real answers next to degenerate responses)
+# degenerate text cannot win. Two sets of real answers next to degenerate responses: the gate's thresholds were
+# set on tests/fixtures/degenerate.jsonl; tests/fixtures/quality_hard.jsonl (fluent non-answers, function- and
+# content-word salad, filler; real short answers, numbers, formulas, lists) is the harder second set. Its rows
+# marked "issue" are the failures reported against the first gate (the checks filler and grammar and the
+# closed-question rule were written from them); the rows marked "blind" were written before those changes and run
+# once after them.
 
-DEGENERATE = [json.loads(line) for line in (Path(__file__).parent / "fixtures" / "degenerate.jsonl").open()]
+FIXTURES = Path(__file__).parent / "fixtures"
+DEGENERATE = [json.loads(line) for line in (FIXTURES / "degenerate.jsonl").open()]
+HARD = [json.loads(line) for line in (FIXTURES / "quality_hard.jsonl").open()]
 
 
 @pytest.mark.parametrize("name", EMBEDDED)
 def test_every_embedded_objective_ranks_real_answers_above_degenerate_text(name):
-    """For every prompt of the fixed adversarial set, every real answer scores strictly above every degenerate
-    response (repeated words/characters, a glued token, foreign script, punctuation runs, echoes of the prompt,
-    empty / one-word non-answers, control bytes) on this objective; degenerate responses score the floor 0."""
+    """For every prompt of the first set, every real answer scores strictly above every degenerate response
+    (repeated words/characters, a glued token, foreign script, punctuation runs, echoes of the prompt, empty /
+    one-word non-answers, control bytes) on this objective; degenerate responses score the floor 0. On the hard
+    set the degenerate responses (fluent non-answers, word salad, filler) score 0 too; its real short answers keep
+    their raw score, which can itself be 0 (readability of "Shakespeare.": Flesch below 0; conciseness of
+    "x = 2": no closing punctuation, so counted as cut off), so the strict ranking is not asserted there."""
     obj = get_objective(name)
+    for row in HARD:  # the gate floors every degenerate response; real ones keep their raw score (q = 1)
+        assert not obj([row["prompt"]] * len(row["degenerate"]), list(row["degenerate"].values())).any()
     for row in DEGENERATE:
         kinds, bad = zip(*row["degenerate"].items())
         real = obj([row["prompt"]] * len(row["real"]), row["real"])
@@ -176,16 +188,45 @@ def test_every_embedded_objective_ranks_real_answers_above_degenerate_text(name)
             assert real.min() > v, f"{name}: {k} outranks a real answer to {row['prompt']!r}: {real} vs {v}"
 
 
-def test_quality_gate_flags_exactly_the_degenerate_responses():
-    """Every degenerate response of the set is flagged (q < 0.5), with a reason; no real answer is (q = 1)."""
-    for row in DEGENERATE:
+@pytest.mark.parametrize("rows", [DEGENERATE, HARD], ids=["degenerate.jsonl", "quality_hard.jsonl"])
+def test_quality_gate_flags_exactly_the_degenerate_responses(rows):
+    """Every degenerate response of the set is flagged (q < 0.5), with a reason; no real answer is (q = 1).
+    The hard set's real answers include one-word answers to closed questions ("Paris.", "Yes.", "1945."),
+    formulas ("2x + 3 = 7, so 2x = 4 and x = 2.", "H2O"), units ("5 km = 3.11 mi") and lists ("2, 3, 5, 7, 11",
+    "1. Red 2. Blue 3. Yellow"); its degenerate ones strings of acknowledgements, salad and filler."""
+    for row in rows:
         for text in row["real"]:
             qa = quality(row["prompt"], text)
-            assert qa.q == 1.0 and not qa.degenerate, (text, qa)
+            assert qa.q == 1.0 and not qa.degenerate, (row["prompt"], text, qa)
         for kind, text in row["degenerate"].items():
             qa = quality(row["prompt"], text)
             assert qa.degenerate and qa.reason in CHECKS, (kind, text, qa)
     assert quality("q", "").reason == CHECKS[0]  # all checks 0: the first is named
+
+
+def test_closed_questions_accept_one_word_answers_open_requests_do_not():
+    """A one-word answer is real for a closed question and a non-answer for an open request, on the same word."""
+    for prompt in (
+        "Is it raining?",
+        "Who painted the Mona Lisa?",
+        "How many legs does a spider have?",
+        "What is the capital of Peru?",
+        "What year was it?",
+        "What is 6 times 7?",
+        "Name a colour.",
+    ):
+        assert short_answer_ok(words(prompt)), prompt
+        assert quality(prompt, "Lima.").q == 1.0, prompt
+    for prompt in (
+        "How can I sleep better?",
+        "Can you suggest a name for a cat?",
+        "What is photosynthesis?",
+        "What is a good way to cook rice?",
+        "Explain why the sky is blue.",
+        "Give me a recipe.",
+    ):
+        assert not short_answer_ok(words(prompt)), prompt
+        assert quality(prompt, "Lima.").degenerate, prompt
 
 
 def test_quality_checks_name_the_problem():
@@ -194,10 +235,12 @@ def test_quality_checks_name_the_problem():
     cases = {
         "words": "Sleep.",
         "script": "Спать лучше ночью, это важно.",
-        "symbols": "1. 10000001111111111111111111111",
+        "symbols": "Go to bed ~~~ ### @@@ &&& |||",
         "repetition": "sleep sleep sleep sleep sleep sleep",
         "vocabulary": "Florp gribble zanthic wobblequeen sprock.",
         "echo": "How can I fall asleep faster at night? Yes.",
+        "filler": "Okay, sure, yeah, fine, good, cool.",
+        "grammar": "the of and to in is you that it he was for on are",
     }
     for check, text in cases.items():
         assert quality(p, text).reason == check, (check, quality(p, text))

@@ -74,7 +74,14 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         )
         assert full["init_adapter"] == warm["from"][0] and full["steps_done"] == 1
         assert "vs default" in (run / "report" / "sweep.md").read_text()
-        # the evaluation decoded with the bundle's (the sweep's) alpha and gamma, not the YAML's
+        # the claims' rows: each MAGE variant at its best gamma > 0 on validation (1.0, the only candidate > 0;
+        # mage-i-m swept in its own stage), alpha 0 (no candidate > 0); serving keeps the sweep's decision
+        settings = metrics["context"]["settings"]
+        assert settings["mage-e-m"]["gamma"] == settings["mage-i-m"]["gamma"] == 1.0
+        assert out["claims_gammas"]["mage-i-m"] == 1.0 and out["alpha_claims"] == 0.0
+        assert metrics["context"]["serving"]["gamma"] == bundle["gamma"]
+        assert metrics["context"]["mage_choice"]["method"] in ("mage-e-m", "mage-i-m")
+        # the evaluation decoded with those settings, over the bundle's (the sweep's) defaults, not the YAML's
         import pyarrow.parquet as pq
 
         from mage_ray.bundle import load_bundle
@@ -88,8 +95,17 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
             .iloc[0]
         )
         engine = Engine(b, decode_defaults(cfg, b))
+        st = settings["mage-e-m"]
         again = engine.generate(
-            [Request(prompt=row.prompt, preference=list(row.preference), method="mage-e-m")]
+            [
+                Request(
+                    prompt=row.prompt,
+                    preference=list(row.preference),
+                    method="mage-e-m",
+                    alpha=st["alpha"],
+                    gamma=st["gamma"],
+                )
+            ]
         )
         assert again[0].text == row.response
         for stage in (
@@ -99,6 +115,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
             "values",
             "alpha",
             "gamma",
+            "gamma_mage-i-m",
             "ric",
             "modpo",
             "wrpo",
@@ -119,30 +136,26 @@ def test_planned_stages_follow_the_methods(repo_root):
     from mage_ray.pipeline import planned_stages
 
     smoke = repo_root / "configs" / "smoke.yaml"
-    cfg = load_config(smoke)  # eval.methods: rs bs mod mage-e mage-e-m mage-i mage-i-m
-    assert planned_stages(cfg) == ["beta", "backbones", "rollouts", "values", "alpha", "gamma", "evaluate"]
-    assert planned_stages(cfg, evaluate=False) == [
-        "beta",
-        "backbones",
-        "rollouts",
-        "values",
-        "alpha",
-        "gamma",
-    ]
+    cfg = load_config(smoke)  # eval.methods: rs bs mod mage-e mage-e-m mage-i mage-i-m; gamma on mage-e-m
+    sweep = ["beta", "backbones", "rollouts", "values", "alpha", "gamma"]
+    own = ["gamma_mage-e", "gamma_mage-i", "gamma_mage-i-m"]  # every other MAGE variant tunes its own gamma
+    assert planned_stages(cfg) == [*sweep, *own, "evaluate"]
+    assert planned_stages(cfg, evaluate=False) == [*sweep, *own]
     cfg = load_config(smoke, ["eval.methods=[rs,bs,mod,mage-e-m,mage-i-m,ric,modpo,bs-wrpo]"])
     assert planned_stages(cfg) == [
-        *("beta", "backbones", "rollouts", "values", "alpha", "gamma"),
+        *sweep,
+        "gamma_mage-i-m",
         *("ric", "modpo", "wrpo", "evaluate"),
     ]  # the stages test_smoke_pipeline_end_to_end_and_resume finds recorded
     cfg = load_config(
         smoke, ["eval.methods=[bs,mage-i]", "sweep.gamma_method=mage-i-m", "backbone.morlhf=true"]
     )
-    assert planned_stages(cfg) == ["beta", "backbones", "alpha", "gamma", "morlhf", "evaluate"]
+    assert planned_stages(cfg) == ["beta", "backbones", "alpha", "gamma", "gamma_mage-i", "morlhf", "evaluate"]
     cfg = load_config(smoke, ["eval.methods=[bs,genarm,genarm-m,parm]", "sweep.gamma_method=mage-i-m"])
     assert planned_stages(cfg) == [
         *("beta", "backbones", "alpha", "gamma", "arms", "parm"),
         *("gamma_genarm", "gamma_genarm-m", "gamma_parm", "evaluate"),
-    ]  # each ARM method tunes its own gamma = 1 / beta_r after its reward models are trained
+    ]  # each ARM method tunes its own gamma (= beta_r / beta) after its reward models are trained
 
 
 def test_stage_lines_say_where_the_run_is_and_what_is_left(tmp_path, repo_root, capsys):

@@ -21,6 +21,7 @@ from mage_ray.train.values import (
     fit_value_net,
     load_value_data,
     ranking_accuracy,
+    ranking_counts,
     train_value_model,
     value_loss,
 )
@@ -111,6 +112,7 @@ def test_ranking_accuracy_hand_computed():
     rewards = [1, 2, 3, 5, 5, 0, 1]
     groups = ["a", "a", "a", "b", "b", "c", "c"]
     assert ranking_accuracy(scores, rewards, groups) == pytest.approx(0.625)
+    assert ranking_counts(scores, rewards, groups) == (2, 1, 4)  # wins, ties, pairs
     assert ranking_accuracy([1.0, 2.0], [1.0, 1.0], ["a", "a"]) is None
 
 
@@ -157,6 +159,9 @@ def test_value_model_beats_the_constant_predictor(trained):
     assert m["val_mse_best_constant"] <= m["val_mse_constant"] + 1e-9
     assert m["n_val_pairs"] > 20
     assert m["ranking_accuracy"] > 0.6, m
+    acc = m["val_accuracy"]  # the same pairs with their exact interval: this one has learned
+    assert acc["value"] == pytest.approx(m["ranking_accuracy"]) and acc["n_pairs"] == m["n_val_pairs"]
+    assert acc["lo"] > 0.5 and acc["verdict"] == "above chance", acc
 
 
 def test_saved_directory_roundtrip_and_not_retrained(trained, synthetic_rollouts, capsys):

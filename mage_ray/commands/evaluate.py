@@ -59,15 +59,16 @@ def evaluate_split(cfg, bundle_dir: str, split: str, out: str, overrides: list[s
     the bundle's alpha and gamma unless the command line overrides them."""
     from mage_ray.bundle import load_bundle
     from mage_ray.decode import Engine, decode_defaults
-    from mage_ray.evaluate import evaluate, reference_point
+    from mage_ray.evaluate import decode_settings, evaluate, reference_point
     from mage_ray.soup import preference_grid
     from mage_ray.tasks.objectives import load_objectives
     from mage_ray.tasks.prompts import load_prompts
 
     bundle = load_bundle(bundle_dir)
     objectives = load_objectives(cfg.task)
+    defaults = decode_defaults(cfg, bundle, overrides)
     return evaluate(
-        Engine(bundle, decode_defaults(cfg, bundle, overrides), device=cfg.decode.device),
+        Engine(bundle, defaults, device=cfg.decode.device),
         objectives,
         load_prompts(cfg.task, split),
         cfg.eval.methods,
@@ -78,4 +79,5 @@ def evaluate_split(cfg, bundle_dir: str, split: str, out: str, overrides: list[s
         min_prompts=cfg.eval.min_test_prompts,
         confidence=cfg.eval.confidence,
         n_resamples=cfg.eval.n_resamples,
+        settings=decode_settings(defaults, cfg.eval.methods),  # recorded: a MAGE row at gamma 0 is not MAGE
     )

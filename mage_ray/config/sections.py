@@ -353,7 +353,7 @@ class DecodeConfig:
     alpha: float = 0.0
     """Extrapolation away from the SFT model (Eq. 13)."""
     method_gammas: dict[str, float] = field(default_factory=dict)
-    """Per-method default gamma, used in place of ``gamma`` by those methods (the ARM methods' 1 / beta_r)."""
+    """Per-method default gamma, used in place of ``gamma`` by those methods (ARM methods: beta_r / beta)."""
     max_new_tokens: int = 48
     """Default number of new tokens per response."""
     max_tokens_limit: int = 512

@@ -39,7 +39,7 @@ class EngineParts:
     parm: Sequence[LoraAdapter] = ()
     """PARM's n + 1 PBLoRA components (shared, then objective order; :func:`mage_ray.pblora.pblora_components`)."""
     method_gammas: dict[str, float] | None = None
-    """Per-method default guidance strength chosen by the sweep (ARM methods: 1 / beta_r); others use gamma."""
+    """Per-method default guidance strength chosen by the sweep (ARM methods: beta_r / beta); others use gamma."""
     objectives: Sequence[str] | None = None
     alpha: float = 0.0
     gamma: float = 1.0

@@ -9,13 +9,21 @@ trained with the Bradley-Terry loss on preference pairs (x, y_w, y_l), with no r
 
     L(pi_r) = -E log sigmoid(beta_r * (sum_t log pi_r(y_w,t | x, y_w,<t) - sum_t log pi_r(y_l,t | x, y_l,<t)))
 
-At decoding time GenARM samples from pi_base(y_t | .) * pi_r(y_t | .)^(1 / beta_r) (gamma = 1 / beta_r; the
-``genarm`` / ``genarm-m`` decode methods). Here pi_r is a plain PEFT LoRA (``arm.lora_r``, ``arm.lora_alpha``,
+At decoding time GenARM samples from pi_base(y_t | .) * pi_r(y_t | .)^gamma (the ``genarm`` / ``genarm-m``
+decode methods). With the ARM's reward r = beta_r * log pi_r (what the loss above compares), KL-regularised
+decoding at strength beta targets pi_base * exp(r / beta) = pi_base * pi_r^(beta_r / beta): gamma = beta_r / beta,
+not 1 / beta_r. beta is a free decoding strength, so gamma is swept (``arm.gammas``); GenARM's public inference
+code exposes the same exponent as a free weight alpha (``M_base + alpha * M_arm``). Here pi_r is a plain PEFT LoRA (``arm.lora_r``, ``arm.lora_alpha``,
 on ``lora.target_modules``) on the base policy, as GenARM's ``training_trl`` scripts do (r 8, alpha 16).
 Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of GenARM's
 code (``training_trl/arm_trainer.py``, ``training_openInstruct/open_instruct/arm_utils.py``).
 
 Data and choices (departures from the paper's code, and why):
+
+* ``arm.val_fraction`` of the rollout prompts (:func:`held_out_prompts`, the same for every objective and for
+  PARM) are held out: their pairs are not trained on, and the manifest records the ARM's pair accuracy on them
+  with its exact interval (``val_accuracy``, :func:`mage_ray.uncertainty.pair_accuracy`; "at chance" when the
+  interval holds 0.5) next to the base policy's on the same pairs (``val_accuracy_base``).
 
 * Pairs come from the scored rollouts of the base policy (``value.rollouts_per_prompt`` samples per prompt):
   per prompt, y_w / y_l = the best / worst response under objective i (``preference_data.build_pairs`` with w
@@ -61,15 +69,20 @@ from mage_ray.train.preference_data import (
 )
 from mage_ray.train.ray_shell import TrainContext, storage_abs
 from mage_ray.train.values import path_name
+from mage_ray.uncertainty import pair_accuracy
 
 __all__ = [
+    "accuracy_text",
     "arm_dir",
     "arm_loss",
     "arm_pairs",
     "arm_settings",
     "build_arm_policy",
+    "held_out_prompts",
     "objective_stats",
     "pair_batch",
+    "pair_counts",
+    "split_pairs",
     "train_arm",
     "train_arms",
 ]
@@ -116,6 +129,44 @@ def arm_pairs(
     _, std = objective_stats(table, objectives)
     weights = np.eye(len(objectives))[objective_index]  # one-hot(i)
     return build_pairs(table, objectives, weights, min_margin=float(min_margin_std * std[objective_index]))
+
+
+def held_out_prompts(table: pa.Table, fraction: float, seed: int) -> set[str]:
+    """The rollout prompts whose pairs are held out of ARM / PARM training: ``round(fraction * P)`` of the P
+    distinct prompts (at least 1 and at most P - 1 when fraction > 0 and P >= 2), drawn by
+    ``default_rng(seed)`` from the sorted prompts, so every objective's ARM and PARM hold out the same ones."""
+    prompts = sorted(set(table.column("prompt").to_pylist()))
+    n_val = int(round(fraction * len(prompts)))
+    if fraction > 0 and len(prompts) >= 2:
+        n_val = min(max(n_val, 1), len(prompts) - 1)
+    return {prompts[i] for i in np.random.default_rng(seed).permutation(len(prompts))[:n_val]}
+
+
+def split_pairs(
+    pairs: Sequence[PreferencePair], held: set[str]
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(training pairs, held-out pairs): a pair is held out when its prompt is in ``held``."""
+    return [p for p in pairs if p.prompt not in held], [p for p in pairs if p.prompt in held]
+
+
+@torch.no_grad()
+def pair_counts(
+    model, pairs: Sequence[PreferencePair], pad_id: int, max_len: int | None, device: Any, batch_size: int = 8
+) -> tuple[int, int, int]:
+    """(wins, ties, n): how many pairs ``model`` ranks like the reward, log pi(y_w | x) > log pi(y_l | x)
+    (GenARM's ARM reward r = beta_r * log pi; beta_r > 0 does not change the order), and how many it ties.
+    Runs in eval mode and restores the model's mode."""
+    was = model.training
+    model.eval()
+    wins = ties = 0
+    for k in range(0, len(pairs), batch_size):
+        idx = list(range(k, min(k + batch_size, len(pairs))))
+        logps = offline.sequence_logps(model, pair_batch(pairs, idx, pad_id, max_len, device))  # [2b]
+        chosen, rejected = logps[: len(idx)], logps[len(idx) :]
+        wins += int((chosen > rejected).sum())
+        ties += int((chosen == rejected).sum())
+    model.train(was)
+    return wins, ties, len(pairs)
 
 
 def pair_batch(
@@ -191,7 +242,8 @@ def train_arm(
     beta_r = cfg.arm.beta_r
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     mean, std = objective_stats(table, names)
-    pairs = arm_pairs(table, names, i, cfg.arm.min_margin)
+    held = held_out_prompts(table, cfg.arm.val_fraction, cfg.arm.seed)
+    pairs, val_pairs = split_pairs(arm_pairs(table, names, i, cfg.arm.min_margin), held)
     if not pairs:
         raise ValueError(
             f"rollouts hold no preference pair for objective {objective!r} with a margin above "
@@ -216,6 +268,9 @@ def train_arm(
     history = offline.fit_steps(t, len(pairs), step_loss, s, ctx, label=f"arm {objective}")
     if ctx.rank != 0:
         return None
+    held_out = pair_accuracy(*pair_counts(t.model, val_pairs, t.pad_id, s.max_len, ctx.device, s.batch_size))
+    with t.model.disable_adapter():  # the same pairs ranked by the base policy: what the ARM started from
+        base = pair_accuracy(*pair_counts(t.model, val_pairs, t.pad_id, s.max_len, ctx.device, s.batch_size))
     manifest = {
         **offline.common_manifest(
             cfg,
@@ -238,9 +293,23 @@ def train_arm(
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
         "n_pairs": len(pairs),
+        "n_val_pairs": len(val_pairs),
+        "val_fraction": cfg.arm.val_fraction,
+        "val_accuracy": held_out,
+        "val_accuracy_base": base,
     }
-    summary = f"[arm] {objective}: {len(pairs)} pairs, {s.steps} steps"
+    summary = (
+        f"[arm] {objective}: {len(pairs)} pairs, {s.steps} steps; held-out pair accuracy "
+        f"{accuracy_text(held_out)} ({held_out['verdict']}; base policy {accuracy_text(base)})"
+    )
     return offline.save_policy_artifact(t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet)
+
+
+def accuracy_text(a: dict) -> str:
+    """'0.71 [0.52, 0.85] over 24 pairs' of a :func:`mage_ray.uncertainty.pair_accuracy` result."""
+    if a["value"] is None:
+        return "n/a (no held-out pairs)"
+    return f"{a['value']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] over {a['n_pairs']} pairs"
 
 
 def train_arms(

@@ -10,12 +10,18 @@ model for every preference mu on the simplex. Each optimizer step (``PrefARMTrai
     L(mu)   = sum_i mu_i L_i(mu)                                              (b: objective i's pairs)
 
 with log pi_r(y | x, mu) = sum_t log pi_r(y_t | x, y_<t, mu) (:func:`mage_ray.train.arm.arm_loss` per
-objective). At decoding time ``parm`` samples from pi_base * pi_r(. | mu)^(1 / beta_r);
+objective). At decoding time ``parm`` samples from pi_base * pi_r(. | mu)^gamma (gamma = beta_r / beta for a KL
+strength beta, as for GenARM's ARMs: a free decoding strength, swept; not 1 / beta_r);
 :func:`mage_ray.pblora.pblora_components` turns the PBLoRA into n + 1 LoRAs mixed per row with (1, mu).
 Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of PARM's
 code.
 
 Departures from PARM's code, and why:
+
+* The ARMs' held-out prompts (``arm.val_fraction``, :func:`mage_ray.train.arm.held_out_prompts`) are held out
+  of PARM's pairs too; the manifest records each objective's held-out pair accuracy at its own vertex
+  (``val_accuracy``, with its exact interval) and at the other vertices (``val_accuracy_other_vertex``).
+* ``arm.parm_steps`` / ``arm.parm_learning_rate`` give PARM its own budget (0: the ARMs').
 
 * Data: PARM's pairs (PKU-SafeRLHF) carry a label for every objective, so every objective's loss uses the same
   batch. Ours are built per objective from the scored rollouts (best / worst response per prompt under
@@ -48,14 +54,25 @@ from mage_ray.config import Config
 from mage_ray.manifest import join
 from mage_ray.pblora import apply_pblora, save_pblora, set_preference
 from mage_ray.train import offline
-from mage_ray.train.arm import arm_loss, arm_pairs, arm_settings, objective_stats
+from mage_ray.train.arm import (
+    accuracy_text,
+    arm_loss,
+    arm_pairs,
+    arm_settings,
+    held_out_prompts,
+    objective_stats,
+    pair_counts,
+    split_pairs,
+)
 from mage_ray.train.preference_data import collate_sequences, ensure_rollouts
 from mage_ray.train.ray_shell import TrainContext, storage_abs
+from mage_ray.uncertainty import pair_accuracy
 
 __all__ = [
     "build_pblora_policy",
     "parm_dir",
     "parm_loss",
+    "parm_settings",
     "sample_preference",
     "train_parm",
     "train_parm_ray",
@@ -102,6 +119,34 @@ def sample_preference(seed: int, step: int, n: int, concentration: float) -> np.
     return np.random.default_rng([seed, step]).dirichlet(np.full(n, float(concentration)))
 
 
+def parm_settings(cfg: Config, steps: int | None = None) -> offline.OfflineSettings:
+    """The ARMs' settings (:func:`mage_ray.train.arm.arm_settings`) with PARM's own ``arm.parm_steps`` and
+    ``arm.parm_learning_rate`` where they are set (> 0); ``steps`` overrides both."""
+    a = cfg.arm
+    s = arm_settings(cfg, steps if steps is not None else (a.parm_steps or None))
+    lr = a.parm_learning_rate or s.learning_rate
+    return offline.OfflineSettings(s.steps, s.batch_size, lr, s.seed, s.max_len)
+
+
+def held_out_accuracy(model, pairs, names, pad_id, max_len, device, batch_size) -> tuple[dict, dict]:
+    """PARM's held-out pair accuracy per objective: objective i's held-out pairs ranked by pi_r(. | e_i) (its own
+    vertex; :func:`mage_ray.uncertainty.pair_accuracy`), and by pi_r(. | e_j) at the other vertices (mean over
+    j != i, the value only): a PARM whose preference-dependent part learned nothing ranks them alike."""
+    n = len(names)
+    own, other = {}, {}
+    for i, o in enumerate(names):
+        set_preference(model, np.eye(n)[i])
+        own[o] = pair_accuracy(*pair_counts(model, pairs[i], pad_id, max_len, device, batch_size))
+        vals = []
+        for j in range(n):
+            if j != i and pairs[i]:
+                set_preference(model, np.eye(n)[j])
+                w, t, m = pair_counts(model, pairs[i], pad_id, max_len, device, batch_size)
+                vals.append((w + 0.5 * t) / m)
+        other[o] = float(np.mean(vals)) if vals else None
+    return own, other
+
+
 def build_pblora_policy(cfg: Config, n: int, device: Any = "cpu"):
     """Base policy + a fresh PBLoRA (``arm.r1``, ``arm.r2``, ``arm.pblora_alpha``, on ``lora.target_modules``)
     for n objectives, everything else frozen, in train mode: (model, tokenizer)."""
@@ -144,10 +189,12 @@ def train_parm(
     ctx = ctx or TrainContext()
     names = list(objectives) if objectives is not None else list(cfg.task.objectives)
     n, a = len(names), cfg.arm
-    s = arm_settings(cfg, steps)
+    s = parm_settings(cfg, steps)
     table = read_rollouts(ensure_rollouts(cfg, rollouts_path))
     mean, std = objective_stats(table, names)
-    pairs = [arm_pairs(table, names, i, a.min_margin) for i in range(n)]
+    held = held_out_prompts(table, a.val_fraction, a.seed)  # the ARMs' held-out prompts
+    split = [split_pairs(arm_pairs(table, names, i, a.min_margin), held) for i in range(n)]
+    pairs, val_pairs = [tr for tr, _ in split], [va for _, va in split]
     empty = [names[i] for i in range(n) if not pairs[i]]
     if empty:
         raise ValueError(
@@ -188,6 +235,7 @@ def train_parm(
     history = offline.fit_steps(t, max(len(p) for p in pairs), step_loss, s, ctx, label="parm")
     if ctx.rank != 0:
         return None
+    own, other = held_out_accuracy(t.model, val_pairs, names, t.pad_id, s.max_len, ctx.device, s.batch_size)
     manifest = {
         **offline.common_manifest(
             cfg, s, kind="parm", name="parm", objectives=names, steps=s.steps, history=history, t0=t0, ctx=ctx
@@ -204,6 +252,10 @@ def train_parm(
         "reward_mean": mean.tolist(),
         "reward_std": std.tolist(),
         "n_pairs": {o: len(p) for o, p in zip(names, pairs)},
+        "n_val_pairs": {o: len(p) for o, p in zip(names, val_pairs)},
+        "val_fraction": a.val_fraction,
+        "val_accuracy": own,
+        "val_accuracy_other_vertex": other,
     }
 
     def save_model(tmp: str) -> None:
@@ -212,7 +264,10 @@ def train_parm(
             t.model, join(tmp, "pblora"), objectives=names, base_model=cfg.model.name_or_path, extra=extra
         )
 
-    summary = f"[parm] {n} objectives, pairs {manifest['n_pairs']}, {s.steps} steps"
+    summary = (
+        f"[parm] {n} objectives, pairs {manifest['n_pairs']}, {s.steps} steps, lr {s.learning_rate:g}; "
+        + ("; ".join(f"{o} held-out {accuracy_text(own[o])} ({own[o]['verdict']})" for o in names))
+    )
     return offline.save_policy_artifact(
         t.model, out_dir, manifest, history, summary=summary, quiet=ctx.quiet, save_model=save_model
     )
@@ -222,7 +277,7 @@ def train_parm_ray(cfg: Config, *, rollouts_path: str | None = None, progress: b
     """PARM as one Ray Train run (experiment "parm"), published to :func:`parm_dir`; a complete one is
     returned as is. The rollouts are generated up front."""
     rollouts = storage_abs(ensure_rollouts(cfg, rollouts_path))  # absolute: workers may run elsewhere
-    total = arm_settings(cfg).steps
+    total = parm_settings(cfg).steps
     job = dict(
         cfg=cfg,
         train_fn=train_parm,

@@ -83,6 +83,28 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) 
     return 0.5 * sq.sum(dim=1).mean()
 
 
+def ranking_counts(
+    scores: Sequence[float], rewards: Sequence[float], groups: Sequence[Any]
+) -> tuple[int, int, int]:
+    """(wins, ties, pairs) over the same-group pairs with different rewards: a pair (a, b) wins when
+    (s_a - s_b)(r_a - r_b) > 0 and ties when s_a == s_b."""
+    s, r = np.asarray(scores, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    total, wins, ties = 0, 0, 0
+    for idx in by_group.values():
+        for x in range(len(idx)):
+            for y in range(x + 1, len(idx)):
+                a, b = idx[x], idx[y]
+                if r[a] == r[b]:
+                    continue
+                total += 1
+                wins += int((s[a] - s[b]) * (r[a] - r[b]) > 0)
+                ties += int(s[a] == s[b])
+    return wins, ties, total
+
+
 def ranking_accuracy(
     scores: Sequence[float], rewards: Sequence[float], groups: Sequence[Any]
 ) -> float | None:
@@ -91,21 +113,8 @@ def ranking_accuracy(
     A pair (a, b) counts 1 when (s_a - s_b)(r_a - r_b) > 0, 0.5 when s_a == s_b, else 0. Returns None
     when there is no such pair.
     """
-    s, r = np.asarray(scores, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
-    by_group: dict[Any, list[int]] = {}
-    for i, g in enumerate(groups):
-        by_group.setdefault(g, []).append(i)
-    total, hits = 0, 0.0
-    for idx in by_group.values():
-        for x in range(len(idx)):
-            for y in range(x + 1, len(idx)):
-                a, b = idx[x], idx[y]
-                if r[a] == r[b]:
-                    continue
-                total += 1
-                prod = (s[a] - s[b]) * (r[a] - r[b])
-                hits += 1.0 if prod > 0 else 0.5 if s[a] == s[b] else 0.0
-    return hits / total if total else None
+    wins, ties, total = ranking_counts(scores, rewards, groups)
+    return (wins + 0.5 * ties) / total if total else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,13 +234,17 @@ def evaluate_value_net(
     max_len: int | None = None,
 ) -> dict[str, Any]:
     """Validation metrics (module docstring): val_mse, val_mse_constant, val_mse_best_constant,
-    ranking_accuracy, n_val_rows, n_val_pairs."""
+    ranking_accuracy, val_accuracy (:func:`mage_ray.uncertainty.pair_accuracy`: the same pairs with their exact
+    interval and verdict, chance flagged), n_val_rows, n_val_pairs."""
+    from mage_ray.uncertainty import pair_accuracy
+
     if not examples:
         return {
             "val_mse": None,
             "val_mse_constant": None,
             "val_mse_best_constant": None,
             "ranking_accuracy": None,
+            "val_accuracy": pair_accuracy(0, 0, 0),
             "n_val_rows": 0,
             "n_val_pairs": 0,
         }
@@ -256,25 +269,16 @@ def evaluate_value_net(
     w_arr = np.array([w for _, w in tok_targets])
     best_c = float((t_arr * w_arr).sum() / w_arr.sum())
     groups = [e.prompt for e in examples]
-    acc = ranking_accuracy(final, [e.reward for e in examples], groups)
-    n_pairs = _n_pairs([e.reward for e in examples], groups)
+    wins, ties, n_pairs = ranking_counts(final, [e.reward for e in examples], groups)
     return {
         "val_mse": sq / n_tok,
         "val_mse_constant": zsq / n_tok,
         "val_mse_best_constant": float((w_arr * (t_arr - best_c) ** 2).sum() / w_arr.sum()),
-        "ranking_accuracy": acc,
+        "ranking_accuracy": (wins + 0.5 * ties) / n_pairs if n_pairs else None,
+        "val_accuracy": pair_accuracy(wins, ties, n_pairs),
         "n_val_rows": len(examples),
         "n_val_pairs": n_pairs,
     }
-
-
-def _n_pairs(rewards: Sequence[float], groups: Sequence[Any]) -> int:
-    by: dict[Any, list[float]] = {}
-    for r, g in zip(rewards, groups):
-        by.setdefault(g, []).append(r)
-    return sum(
-        1 for rs in by.values() for i in range(len(rs)) for j in range(i + 1, len(rs)) if rs[i] != rs[j]
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +400,7 @@ def train_value_model(
     print(
         f"[values] {objective_name}: {s.steps} steps, val_mse {_fmt(metrics['val_mse'])} "
         f"(constant {_fmt(metrics['val_mse_constant'])}), ranking accuracy {_fmt(metrics['ranking_accuracy'])} "
-        f"-> {out_dir}"
+        f"over {metrics['n_val_pairs']} held-out pairs ({metrics['val_accuracy']['verdict']}) -> {out_dir}"
     )
     return manifest
 
@@ -522,6 +526,7 @@ __all__ = [
     "fit_value_net",
     "load_value_data",
     "ranking_accuracy",
+    "ranking_counts",
     "save_value_net",
     "train_value_model",
     "train_value_model_ray",
