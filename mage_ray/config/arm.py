@@ -23,7 +23,8 @@ class ArmConfig:
     learning_rate: float = 5e-4
     """AdamW learning rate (PARM's run.sh: 5e-4)."""
     beta_r: float = 0.1
-    """beta_r of the ARM reward r(x, y) = beta_r * sum_t log pi_r(y_t | x, y_<t) in the Bradley-Terry loss."""
+    """GenARM's beta_r (not backbone.beta): the ARM reward r(x, y) = beta_r * sum_t log pi_r(y_t | x, y_<t) in the
+    Bradley-Terry loss."""
     min_margin: float = 0.1
     """A pair (y_w, y_l) of an objective needs r(y_w) - r(y_l) > min_margin, in that objective's rollout std."""
     lora_r: int = 8

@@ -43,8 +43,9 @@ class LoraConfig:
 
     r: int = 8
     """Rank (paper: 64 on Llama-2-7B)."""
-    alpha: float = 16.0
-    """LoRA scaling numerator: the delta is (alpha / r) * B A (paper: 128)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (PEFT's lora_alpha): the delta is (lora_alpha / r) * B A (paper: 128). Was
+    ``lora.alpha`` (still accepted, deprecated): a bare "alpha" is Bone Soup's extrapolation, decode.alpha."""
     dropout: float = 0.0
     """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -52,7 +53,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_range("lora.r", self.r, 1, 4096)
-        _check_range("lora.alpha", self.alpha, 0, None, lo_open=True)
+        _check_range("lora.lora_alpha", self.lora_alpha, 0, None, lo_open=True)
         _check_range("lora.dropout", self.dropout, 0, 1, hi_open=True)
         if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
             _fail("lora.target_modules", self.target_modules, "a non-empty list of module names")
@@ -112,13 +113,14 @@ class BackboneConfig:
     trainer: str = "grpo"
     """grpo | rloo (online, TRL) | wrpo (offline preference optimisation)."""
     beta: float = 0.7
-    """Dominant weight of B(beta) (Eq. 12); 1.0 = Rewarded Soups backbones."""
+    """Bone Soup's beta: the dominant weight of B(beta) (Eq. 12); 1.0 = Rewarded Soups backbones. Not TRL's KL
+    'beta' (that is kl_coef), nor GenARM's beta_r (arm.beta_r)."""
     steps: int = 30
     """Optimizer steps per backbone."""
     learning_rate: float = 1e-4
     """Adam learning rate of the LoRA parameters."""
     kl_coef: float = 0.05
-    """KL penalty coefficient against the base policy (TRL 'beta')."""
+    """KL penalty coefficient against the base policy (passed to TRL as its ``beta``; unrelated to backbone.beta)."""
     num_generations: int = 4
     """Completions sampled per prompt (the GRPO group size)."""
     prompts_per_step: int = 2
