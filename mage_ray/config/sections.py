@@ -383,6 +383,12 @@ class ServeConfig:
     """Most preferences in one /v1/grid request."""
     model_name: str = "mage"
     """The model id /v1/models lists and responses carry; OpenAI requests naming another model get 404."""
+    openai_max_tokens: int = 256
+    """Completion budget of an OpenAI-compatible request that sets no max_tokens (OpenAI's own runs to the context
+    length), capped by decode.max_tokens_limit. /v1/generate uses decode.max_new_tokens instead."""
+    api_docs: bool = False
+    """Serve the OpenAPI schema at /openapi.json and Swagger UI at /docs (its scripts load from a CDN); both need
+    the bearer token when serve.auth_token_env is set. Off: both are 404."""
 
     def __post_init__(self) -> None:
         _check_range("serve.port", self.port, 1, 65535)
@@ -399,6 +405,7 @@ class ServeConfig:
         _check_range("serve.max_body_bytes", self.max_body_bytes, 1024, 1 << 31)
         _check_range("serve.max_prompts_per_grid", self.max_prompts_per_grid, 1, 100_000)
         _check_range("serve.max_grid_points", self.max_grid_points, 1, 100_000)
+        _check_range("serve.openai_max_tokens", self.openai_max_tokens, 1, 1_000_000)
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
             _fail("serve.autoscaling", self.autoscaling, "a mapping (Serve autoscaling_config) or null")
 
