@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "PreferenceError",
+    "parse_preference",
     "backbone_weights",
     "bone_soup_solution",
     "circulant_matrix",
@@ -66,6 +67,15 @@ def backbone_weights(n: int, beta: float) -> list[np.ndarray]:
     """The reward weights w_1..w_n (columns of B(beta), Eq. 12), each shape (n,)."""
     B = circulant_matrix(n, beta)
     return [B[:, i].copy() for i in range(n)]
+
+
+def parse_preference(text: str, name: str = "--preference") -> list[float]:
+    """A preference as the command line spells it: ``0.3,0.7`` or ``[0.3, 0.7]`` -> [0.3, 0.7] (not yet checked
+    against the simplex: :func:`validate_preference`); PreferenceError naming ``name`` when it is not numbers."""
+    try:
+        return [float(x) for x in str(text).strip().strip("[]").split(",")]
+    except ValueError:
+        raise PreferenceError(f"{name} {text!r}: expected comma-separated numbers, e.g. 0.3,0.7") from None
 
 
 def validate_preference(

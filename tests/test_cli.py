@@ -336,3 +336,20 @@ def test_serve_sigterm_stops_cleanly(bundle, smoke, monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().out.rstrip().endswith("stopped") and stopped == [("t", False)]
+
+
+def test_grid_takes_preferences_as_export_spells_them(smoke, bundle, capsys):
+    """``grid --preference 0.2,0.8`` (repeatable) is spelled as ``export --preference``; the old ``--preferences``
+    JSON list still works, after them, with a deprecation line when the command runs; a malformed one is one
+    ``error:`` line and exit 2 before anything starts."""
+    from mage_ray.preflight import grid_preferences
+
+    argv = ["--bundle", str(bundle), "--config", smoke, "--preference", "0.2,0.8", "--preference", "[1, 0]"]
+    args, _ = parse_job_args(grid_cmd.__doc__, grid_cmd.add_arguments, argv=argv)
+    assert grid_preferences(args) == [("--preference[0]", [0.2, 0.8]), ("--preference[1]", [1.0, 0.0])]
+    args, _ = parse_job_args(
+        grid_cmd.__doc__, grid_cmd.add_arguments, argv=[*argv, "--preferences", "[[0.5, 0.5]]"]
+    )
+    assert [p for _, p in grid_preferences(args)] == [[0.2, 0.8], [1.0, 0.0], [0.5, 0.5]]
+    assert _exit_code(["grid", "--bundle", str(bundle), "--config", smoke, "--preference", "0.5,x"]) == 2
+    assert "error: --preference[0] '0.5,x': expected comma-separated numbers" in capsys.readouterr().err

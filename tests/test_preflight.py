@@ -99,6 +99,8 @@ CASES = [
      "--methods: unknown method 'nosuch'"),
     ("grid-preferences", ["grid", "--config", "{smoke}", "--bundle", "{bundle}", "--preferences", "[[0.5, 0.4]]"],
      {}, "--preferences[0]"),
+    ("grid-preference", ["grid", "--config", "{smoke}", "--bundle", "{bundle}", "--preference", "1,0",
+                         "--preference", "0.5,0.4"], {}, "--preference[1]"),
     ("bundle-missing", ["{repo}/jobs/evaluate.py", "--config", "{smoke}", "--bundle", "/no/such/bundle"], {},
      "--bundle '/no/such/bundle': bundle directory '/no/such/bundle' does not exist"),
     ("not-a-bundle", ["serve", "--config", "{smoke}", "--bundle", "{empty}", "serve.port=8123"], {},
