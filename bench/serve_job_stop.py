@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def main() -> int:
     cdir = tempfile.mkdtemp(prefix="mrsj_", dir="/tmp")
     env = {**os.environ, "CLUSTER_DIR": cdir, "NUM_WORKERS": "0", "HEAD_CPUS": "2", "RAY": ray}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # this venv's python for the cluster scripts
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["bash", str(REPO / "cluster/local/start.sh")], env=env, check=True, capture_output=True)
     info = dict(
@@ -109,7 +111,7 @@ def main() -> int:
              "python", "jobs/serve.py", "--config", args.config, "--bundle", bundle, f"serve.port={port}"],
             env=env, check=True, capture_output=True, text=True,
         )  # fmt: skip
-        job_id = next(w for w in job.stdout.split() if w.startswith("raysubmit_")).strip("'\"")
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", job.stdout).group(0)
         t = time.monotonic()
         while time.monotonic() - t < 600:
             try:
@@ -124,15 +126,25 @@ def main() -> int:
         apps = requests.get(f"{dash}/api/serve/applications/", timeout=30).json()["applications"]
         print("applications before ray job stop:", sorted(apps), flush=True)
         t = time.monotonic()
-        subprocess.run([ray, "job", "stop", "--address", dash, job_id], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [ray, "job", "stop", "--address", dash, job_id], env=env, check=True, capture_output=True
+        )
         print(f"ray job stop returned after {time.monotonic() - t:.1f} s", flush=True)
         time.sleep(5)
-        status = subprocess.run(
-            [ray, "job", "status", "--address", dash, job_id], env=env, capture_output=True, text=True
-        ).stdout.strip().splitlines()[-1]
-        logs = subprocess.run(
-            [ray, "job", "logs", "--address", dash, job_id], env=env, capture_output=True, text=True
-        ).stdout.strip().splitlines()
+        status = (
+            subprocess.run(
+                [ray, "job", "status", "--address", dash, job_id], env=env, capture_output=True, text=True
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        logs = (
+            subprocess.run(
+                [ray, "job", "logs", "--address", dash, job_id], env=env, capture_output=True, text=True
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         apps = requests.get(f"{dash}/api/serve/applications/", timeout=30).json()["applications"]
         print(f"job status: {status}\nlast log line: {logs[-1] if logs else ''}", flush=True)
         print("applications 5 s after ray job stop:", sorted(apps), flush=True)

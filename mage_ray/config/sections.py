@@ -298,6 +298,9 @@ class DecodeConfig:
     """Default number of new tokens per response."""
     max_tokens_limit: int = 512
     """Hard upper bound on max_new_tokens a request may ask for."""
+    finish_sentence_tokens: int = 0
+    """Extra tokens a response that reaches max_new_tokens mid-sentence may decode to end its sentence (. ! ?):
+    it then finishes with "stop", or with "length" at max_new_tokens + this. 0: stop at max_new_tokens."""
     do_sample: bool = False
     """Sample (True) or take the argmax of the guided scores (False, Eq. 25)."""
     temperature: float = 1.0
@@ -330,6 +333,7 @@ class DecodeConfig:
             _check_range(f"decode.method_gammas.{m}", g, 0, 1000)
         _check_range("decode.max_tokens_limit", self.max_tokens_limit, 1, 1_000_000)
         _check_range("decode.max_new_tokens", self.max_new_tokens, 1, self.max_tokens_limit)
+        _check_range("decode.finish_sentence_tokens", self.finish_sentence_tokens, 0, 100_000)
         _check_range("decode.temperature", self.temperature, 0, 100, lo_open=True)
         _check_range("decode.top_k", self.top_k, 0, 10_000_000)
         _check_range("decode.top_p", self.top_p, 0, 1, lo_open=True)
@@ -383,7 +387,7 @@ class ServeConfig:
     """Most preferences in one /v1/grid request."""
     model_name: str = "mage"
     """The model id /v1/models lists and responses carry; OpenAI requests naming another model get 404."""
-    openai_max_tokens: int = 256
+    openai_max_tokens: int = 512
     """Completion budget of an OpenAI-compatible request that sets no max_tokens (OpenAI's own runs to the context
     length), capped by decode.max_tokens_limit. /v1/generate uses decode.max_new_tokens instead."""
     api_docs: bool = False

@@ -64,7 +64,7 @@ __all__ = [
 
 OPENAI_TEMPERATURE = 1.0
 """OpenAI's default sampling temperature, used by the OpenAI endpoints when a request sets none."""
-OPENAI_MAX_TOKENS = 256
+OPENAI_MAX_TOKENS = 512
 """Default ``serve.openai_max_tokens``: the completion budget of an OpenAI request that sets no max_tokens."""
 
 PREFERENCE_TOL = 1e-4
