@@ -1,6 +1,6 @@
 """Bone Soup coefficient math (Stage 1 of MAGE): B(beta), lambda = B^-1 mu, extrapolation, grids.
 
-Equation numbers are those of ``mage.txt`` (MAGE); "BS" marks ``bone-soups.txt``.
+Equation numbers are those of MAGE (arXiv 2510.03782); "BS" marks Bone Soups (arXiv 2502.10762).
 
 - Eq. 11: backbone i is trained on h_i = w_i^T r, w_i on the simplex.
 - Eq. 12: B(beta) = [w_1 .. w_n], beta on the diagonal and (1-beta)/(n-1) elsewhere. Column i is w_i.

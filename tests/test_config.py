@@ -146,7 +146,7 @@ def test_jobs_refuse_bad_configs_before_ray_starts(override, expect):
 
 
 def test_every_config_field_has_a_doc_line():
-    """Each dataclass field in mage_ray/config/sections.py is followed by its doc string (STYLE.md: a doc line per
+    """Each dataclass field in mage_ray/config/sections.py is followed by its doc string (a doc line per
     field)."""
     import ast
     import inspect

@@ -1,4 +1,4 @@
-"""Tests for mage_ray.lora_mix: exact per-row LoRA mixing (DESIGN.md section 2), merge, rank-sum adapter, export.
+"""Tests for mage_ray.lora_mix: exact per-row LoRA mixing, merge, rank-sum adapter, export.
 
 Tolerance. Every comparison below is between two float32 computations of the same function that differ only in
 the order of floating point sums: (W0 + sum_i c_i dW_i) x against W0 x + sum_i c_i s_i B_i (A_i x), or a batch of

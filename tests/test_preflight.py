@@ -1,4 +1,4 @@
-"""Failing fast (issue 17): every input a job can check before Ray starts is refused in the driver in seconds with
+"""Failing fast: every input a job can check before Ray starts is refused in the driver in seconds with
 one ``error:`` line naming the field and exit status 2 (mage_ray/preflight.py); storage inside Ray's temporary
 copy of a job's working directory is refused; a Ray Train worker error a retry cannot fix ends the run after one
 attempt (mage_ray/train/fail_fast.py); commands print their output location and report their own errors in one

@@ -12,7 +12,7 @@ trained with the Bradley-Terry loss on preference pairs (x, y_w, y_l), with no r
 At decoding time GenARM samples from pi_base(y_t | .) * pi_r(y_t | .)^(1 / beta_r) (gamma = 1 / beta_r; the
 ``genarm`` / ``genarm-m`` decode methods). Here pi_r is a plain PEFT LoRA (``arm.lora_r``, ``arm.lora_alpha``,
 on ``lora.target_modules``) on the base policy, as GenARM's ``training_trl`` scripts do (r 8, alpha 16).
-Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of GenARM's
+Equation numbers are not cited; the formulas are those of GenARM's
 code (``training_trl/arm_trainer.py``, ``training_openInstruct/open_instruct/arm_utils.py``).
 
 Data and choices (departures from the paper's code, and why):

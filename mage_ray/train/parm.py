@@ -12,7 +12,7 @@ model for every preference mu on the simplex. Each optimizer step (``PrefARMTrai
 with log pi_r(y | x, mu) = sum_t log pi_r(y_t | x, y_<t, mu) (:func:`mage_ray.train.arm.arm_loss` per
 objective). At decoding time ``parm`` samples from pi_base * pi_r(. | mu)^(1 / beta_r);
 :func:`mage_ray.pblora.pblora_components` turns the PBLoRA into n + 1 LoRAs mixed per row with (1, mu).
-Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of PARM's
+Equation numbers are not cited; the formulas are those of PARM's
 code.
 
 Departures from PARM's code, and why:
