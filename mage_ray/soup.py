@@ -217,6 +217,11 @@ def preference_grid(n: int, step: float = 0.1) -> np.ndarray:
     P = C(m + n - 1, n - 1) with m = 1 / step (n=2, step 0.1: 11; n=3: 66). Rows are in lexicographic
     ascending order of (mu_0, mu_1, ...): for n = 2 they run (0, 1), (0.1, 0.9), ..., (1, 0). Values are
     rounded to 12 decimals so 0.1 * 3 reads 0.3. 1 / step must be an integer (within 1e-9).
+
+    These are pymoo's Das-Dennis reference directions (``get_reference_directions("das-dennis", n,
+    n_partitions=m)``), in the same order and equal where 1/step is a decimal fraction (tests/test_soup.py); ours
+    are kept because pymoo's differ by ~3e-13 for steps like 1/3 (we round to 12 decimals, so reports and JSON
+    read 0.333333333333) and pymoo is a test-only dependency.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (number of objectives), got {n!r}")
