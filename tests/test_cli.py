@@ -308,7 +308,8 @@ def test_serve_ctrl_c_stops_cleanly(bundle, smoke, monkeypatch, capsys):
 def test_serve_sigterm_stops_cleanly(bundle, smoke, monkeypatch, capsys):
     """SIGTERM (what ``ray job stop`` sends) while serving takes the same clean path as Ctrl-C, without waiting
     for the deletion (Ray kills the job 3 s later): the app is taken down, "stopped", a normal return (exit 0).
-    Ray and Serve are replaced by stubs; the real ``ray job stop`` was measured (see docs/cluster.md)."""
+    Ray and Serve are replaced by stubs; the real ``ray job stop`` was measured (bench/serve_job_stop.py,
+    docs/benchmarks.md)."""
     import os
     import signal
 
