@@ -2,12 +2,13 @@
 
     mage-ray --help
     mage-ray doctor                                                       # is the install complete?
-    mage-ray config show --config configs/smoke.yaml backbone.steps=3     # the merged, validated config
+    mage-ray config show --config smoke backbone.steps=3                  # the merged, validated config
     mage-ray pipeline --config configs/embedded.yaml                      # = python jobs/pipeline.py ...
-    mage-ray serve --config configs/embedded.yaml --bundle runs/embedded/bundle serve.port=8001
+    mage-ray serve --bundle runs/embedded/bundle serve.port=8001
 
-Every subcommand takes --config FILE and section.field=value overrides, in any position, and the flags of its
-job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
+Every subcommand takes --config (a YAML file, or a config shipped with the package by name: embedded, the
+default, embedded3, smoke, hh_rlhf, summary) and section.field=value overrides, in any position, and the flags of
+its job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
 mage_ray/commands/ each). A bad config, a missing model or bundle, or storage Ray would delete prints one
 "error: ..." line and exits with status 2 before anything starts; a run that fails on one of mage_ray's own
 errors prints one "error: ..." line and exits with status 1. Commands that write print their output
