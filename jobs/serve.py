@@ -1,8 +1,8 @@
 """Serve a bundle over HTTP with Ray Serve (the local launcher; clusters use cluster/serve.yaml).
 
 Prints where the playground page (``http://<host>:<port>/``) and the API (``http://<host>:<port>/v1/...``) are,
-and blocks until Ctrl-C, which stops Serve and exits with status 0. The body is mage_ray/commands/serve.py
-(also ``mage-ray serve``); the routes are in mage_ray/serve/app.py.
+and blocks until Ctrl-C or SIGTERM (``ray job stop``), which take the application down and exit with status 0.
+The body is mage_ray/commands/serve.py (also ``mage-ray serve``); the routes are in mage_ray/serve/app.py.
 
     python jobs/serve.py --config configs/embedded.yaml --bundle runs/embedded/bundle
     python jobs/serve.py --config configs/smoke.yaml --bundle <dir> serve.port=8001 serve.num_replicas=2

@@ -1,8 +1,8 @@
 """Sweep beta, alpha and gamma against hypervolume and write a servable bundle.
 
-Runs backbones (per-beta Tune trials, then the chosen beta in full) -> rollouts -> value models ->
-alpha/gamma Tune trials -> bundle + sweep report under ``<storage.storage_path>/<storage.run_name>/``.
-Rerunning the same command resumes. The body is mage_ray/commands/sweep.py (also ``mage-ray sweep``).
+Runs backbones (per-beta Tune trials, then the chosen beta in full) -> alpha/gamma Tune trials -> bundle + sweep
+report under ``<storage.storage_path>/<storage.run_name>/``; rollouts and value models only when a method of
+``eval.methods`` or ``sweep.gamma_method`` needs them (mage-e, mage-e-m). Rerunning the same command resumes. The body is mage_ray/commands/sweep.py (also ``mage-ray sweep``).
 
     python jobs/sweep.py --config configs/embedded.yaml
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/embedded.yaml storage.storage_path=s3://bucket/runs

@@ -10,7 +10,7 @@ A bundle is what the sweep produces and what evaluation and serving load (never 
     <bundle>/arms/<i>_<name>/             optional GenARM reward models (adapter/ + manifest.json), objective order
     <bundle>/parm/0_parm/                 optional PARM reward model (pblora/ + manifest.json)
 
-``bundle.json`` fields (shared format, ``/tmp/formats.md``): version (1), base_model, model (ModelConfig
+``bundle.json`` fields (the bundle format): version (1), base_model, model (ModelConfig
 fields), objectives, beta, alpha, gamma, default_method, backbones, rs_backbones, values,
 morlhf / modpo ([{preference, adapter}]), ric ({adapter, ...} or null), wrpo_backbones, arms, parm (dir or
 null), method_gammas ({method: gamma}), ref_point, created_by. :func:`load_bundle` validates all of it and checks every referenced file exists.

@@ -2,13 +2,14 @@
 
     mage-ray --help
     mage-ray doctor                                                       # is the install complete?
-    mage-ray config show --config configs/smoke.yaml backbone.steps=3     # the merged, validated config
+    mage-ray config show --config smoke backbone.steps=3                  # the merged, validated config
     mage-ray pipeline --config configs/embedded.yaml                      # = python jobs/pipeline.py ...
-    mage-ray serve --config configs/embedded.yaml --bundle runs/embedded/bundle serve.port=8001
-    mage-ray plan --config configs/hh_rlhf.yaml --gpu-memory 80            # GPU memory per stage, GPU-hours
+    mage-ray serve --bundle runs/embedded/bundle serve.port=8001
+    mage-ray plan --config hh_rlhf --gpu-memory 80                         # GPU memory per stage, GPU-hours
 
-Every subcommand takes --config FILE and section.field=value overrides, in any position, and the flags of its
-job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
+Every subcommand takes --config (a YAML file, or a config shipped with the package by name: embedded, the
+default, embedded3, smoke, hh_rlhf, summary) and section.field=value overrides, in any position, and the flags of
+its job: `mage-ray <verb>` and `jobs/<verb>.py` parse with the same function and run the same body (one module of
 mage_ray/commands/ each). A bad config, a missing model or bundle, or storage Ray would delete prints one
 "error: ..." line and exits with status 2 before anything starts; a run that fails on one of mage_ray's own
 errors prints one "error: ..." line and exits with status 1. Commands that write print their output
@@ -39,6 +40,7 @@ from mage_ray.commands import (
     train_values,
 )
 from mage_ray.config import add_config_args
+from mage_ray.config.load import HelpFormatter
 from mage_ray.runtime import checked_config, parse_job_args
 
 __all__ = ["COMMANDS", "main"]
@@ -92,7 +94,9 @@ def config_show(argv: Sequence[str]) -> int:
     """``mage-ray config show --config FILE [key=value ...]``: the config a job would run with, as YAML."""
     import yaml
 
-    parser = argparse.ArgumentParser(prog="mage-ray config", description=CONFIG_HELP)
+    parser = argparse.ArgumentParser(
+        prog="mage-ray config", description=CONFIG_HELP, formatter_class=HelpFormatter
+    )
     parser.add_argument("action", choices=["show"])
     add_config_args(parser)
     args = parser.parse_intermixed_args(argv)

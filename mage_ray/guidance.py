@@ -1,6 +1,6 @@
 """Decoding methods as data: which rows a request needs and how row outputs combine into next-token scores.
 
-Every method runs over ONE copy of the base weights (DESIGN.md §2). The engine loads K LoRA adapters into one
+Every method runs over ONE copy of the base weights. The engine loads K LoRA adapters into one
 ``MixedLoraModel``; a request becomes a few *rows* that carry the same tokens but their own coefficient
 vector c [K] over those adapters. After the decoder body, a row yields
 
@@ -12,7 +12,7 @@ where h is the row's final normalised hidden state and W_j, b_j is objective j's
 
     log pi_base = log_softmax( sum_{(r, w) in base} w * logp_r )          [V]   (one row, w = 1: logp_r itself)
     V           = sum_{(r, kind, w) in guide} w * out_r                    [V]
-    score       = log pi_base + gamma * V                                   (Eq. 25 of mage.txt, in log space)
+    score       = log pi_base + gamma * V                                   (Eq. 25 of MAGE (arXiv 2510.03782), in log space)
 
 Methods (mu = preference, lambda = B(beta)^-1 mu, soup(mu, a) = (1 + a) lambda, Eq. 13):
 

@@ -82,7 +82,10 @@ def rank_sum_adapter(
 ) -> LoraAdapter:
     """The exact merged delta as one adapter of rank sum_i r_i (PEFT's "cat"): A = [c_i s_i A_i], B = [B_i].
 
-    Scaling is folded into A, so every module has scaling 1 (saved as lora_alpha = r).
+    Scaling is folded into A, so every module has scaling 1 (saved as lora_alpha = r). PEFT's
+    ``add_weighted_adapter(..., combination_type="cat")`` gives the same tensors (tests/test_lora_mix.py checks
+    it); it is not used because it needs the base model loaded with every adapter attached, and this works on the
+    adapter tensors alone (an export of a 7B bundle would otherwise load its base weights).
     """
     adapters = _check_adapters(adapters)
     c = _check_coeffs(coeffs, len(adapters))

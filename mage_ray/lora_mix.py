@@ -1,9 +1,9 @@
-"""Exact per-row LoRA mixing (DESIGN.md section 2); the materialised merge and export are in :mod:`mage_ray.lora_export`.
+"""Exact per-row LoRA mixing; the materialised merge and export are in :mod:`mage_ray.lora_export`.
 
 A linear layer is linear in its weights. For LoRA deltas dW_i = s_i B_i A_i on a shared frozen W0
-(Eq. 6 of ``mage.txt`` on the LoRA deltas, with the Bone Soup coefficients c = scale * B(beta)^-1 mu of Eq. 13):
+(Eq. 6 of MAGE (arXiv 2510.03782) on the LoRA deltas, with the Bone Soup coefficients c = scale * B(beta)^-1 mu of Eq. 13):
 
-    (W0 + sum_i c_i s_i B_i A_i) x  =  W0 x + sum_i c_i s_i B_i (A_i x)                     (DESIGN.md §2)
+    (W0 + sum_i c_i s_i B_i A_i) x  =  W0 x + sum_i c_i s_i B_i (A_i x)
 
 so a batch in which every row b has its own coefficient vector c_b runs in one forward over one copy of W0:
 
@@ -250,7 +250,7 @@ class _MixState:
 
 
 class MixedLinear(nn.Linear):
-    """``nn.Linear`` plus K LoRA adapters mixed with per-row coefficients (DESIGN.md §2).
+    """``nn.Linear`` plus K LoRA adapters mixed with per-row coefficients.
 
     It shares the base layer's ``weight`` / ``bias`` parameters (state_dict keys do not change) and keeps the
     concatenated adapters as non-persistent buffers, so ``.to(device/dtype)`` moves them along.

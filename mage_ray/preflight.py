@@ -13,8 +13,9 @@ parser default; :func:`mage_ray.runtime.parse_job_args` defaults it to :data:`TR
 * ``data``: a local ``task.data_path`` exists and holds data files (a hub dataset id is not looked up).
 * ``bundle``: ``--bundle`` loads (every referenced file exists); ``bundle_objectives``: its objectives are
   ``task.objectives`` (evaluation scores with the config's objectives).
-* ``grid``: ``--methods`` are known methods, ``--preferences`` is a JSON list of points of the bundle's simplex,
-  and the prompts (``--prompts``, else ``task.data_path``) exist.
+* ``grid``: ``--methods`` are known methods, every ``--preference`` (and the deprecated ``--preferences`` JSON
+  list, :func:`grid_preferences`) is a point of the bundle's simplex, and the prompts (``--prompts``, else
+  ``task.data_path``) exist.
 * ``model``: ``model.name_or_path`` (the bundle's base model when ``bundle`` is checked too). A local directory
   must exist and hold ``config.json``; a hub id must be in the local Hugging Face cache, or else (unless
   HF_HUB_OFFLINE=1, which refuses at once) the hub must answer one metadata request within
@@ -332,6 +333,33 @@ def _bundle(path: str, cfg: Config, same_objectives: bool) -> Bundle:
     return bundle
 
 
+def grid_preferences(args: Namespace) -> list[tuple[str, list[float]]]:
+    """The grid job's explicit points as (name for messages, point): each ``--preference 0.2,0.8`` (repeatable,
+    the spelling ``export`` uses), then the points of the deprecated ``--preferences '[[0.2, 0.8], [1, 0]]'``.
+    PreflightError when one is not numbers (not yet checked against the simplex)."""
+    from mage_ray.soup import PreferenceError, parse_preference
+
+    out = []
+    for i, text in enumerate(getattr(args, "preference", None) or []):
+        try:
+            out.append((f"--preference[{i}]", parse_preference(text, f"--preference[{i}]")))
+        except PreferenceError as e:
+            raise PreflightError(str(e)) from None
+    if getattr(args, "preferences", None):
+        try:
+            points = json.loads(args.preferences)
+        except ValueError as e:
+            raise PreflightError(
+                f"--preferences is not JSON ({e}): expected e.g. '[[0.2, 0.8], [1, 0]]'"
+            ) from None
+        if not isinstance(points, list) or not points:
+            raise PreflightError(
+                f"--preferences = {args.preferences!r}: expected a non-empty JSON list of points"
+            )
+        out += [(f"--preferences[{i}]", p) for i, p in enumerate(points)]
+    return out
+
+
 def _grid_flags(args: Namespace, cfg: Config, bundle: Bundle) -> None:
     if args.prompts:
         if not exists(args.prompts):
@@ -343,19 +371,8 @@ def _grid_flags(args: Namespace, cfg: Config, bundle: Bundle) -> None:
         for m in args.methods.split(","):
             if m not in known:
                 raise PreflightError(f"--methods: unknown method {m!r}; known: {known}")
-    if args.preferences:
+    for name, p in grid_preferences(args):
         try:
-            points = json.loads(args.preferences)
-        except ValueError as e:
-            raise PreflightError(
-                f"--preferences is not JSON ({e}): expected e.g. '[[0.2, 0.8], [1, 0]]'"
-            ) from None
-        if not isinstance(points, list) or not points:
-            raise PreflightError(
-                f"--preferences = {args.preferences!r}: expected a non-empty JSON list of points"
-            )
-        for i, p in enumerate(points):
-            try:
-                validate_preference(p, bundle.n_objectives, name=f"--preferences[{i}]")
-            except (ValueError, TypeError) as e:
-                raise PreflightError(str(e)) from None
+            validate_preference(p, bundle.n_objectives, name=name)
+        except (ValueError, TypeError) as e:
+            raise PreflightError(str(e)) from None

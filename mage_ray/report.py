@@ -412,7 +412,8 @@ def write_report(
     write_text_atomic(join(out, "metrics.json"), json.dumps(summary, indent=2))
     write_text_atomic(join(out, "rewards.json"), json.dumps(_rewards_json(results, boot), indent=2))
     write_text_atomic(
-        join(out, "metrics.md"), metrics_markdown(results, objectives, ref_point, extra_columns, boot, context)
+        join(out, "metrics.md"),
+        metrics_markdown(results, objectives, ref_point, extra_columns, boot, context),
     )
     write_text_atomic(
         join(out, "samples.md"), samples_markdown(rows, scores, flags, prompts, grid, objectives)

@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from mage_ray.config import Config, ConfigError, add_config_args, load_config
+from mage_ray.config.load import HelpFormatter
 
 
 def parse_job_args(
@@ -25,9 +26,7 @@ def parse_job_args(
     """
     from mage_ray.preflight import TRAINING
 
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_config_args(parser)
     parser.set_defaults(checks=TRAINING)  # the preflight checks; a command's add_arguments may choose others
     if extra is not None:

@@ -1,6 +1,6 @@
 """Bone Soup coefficient math (Stage 1 of MAGE): B(beta), lambda = B^-1 mu, extrapolation, grids.
 
-Equation numbers are those of ``mage.txt`` (MAGE); "BS" marks ``bone-soups.txt``.
+Equation numbers are those of MAGE (arXiv 2510.03782); "BS" marks Bone Soups (arXiv 2502.10762).
 
 - Eq. 11: backbone i is trained on h_i = w_i^T r, w_i on the simplex.
 - Eq. 12: B(beta) = [w_1 .. w_n], beta on the diagonal and (1-beta)/(n-1) elsewhere. Column i is w_i.
@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "PreferenceError",
+    "parse_preference",
     "backbone_weights",
     "bone_soup_solution",
     "circulant_matrix",
@@ -66,6 +67,15 @@ def backbone_weights(n: int, beta: float) -> list[np.ndarray]:
     """The reward weights w_1..w_n (columns of B(beta), Eq. 12), each shape (n,)."""
     B = circulant_matrix(n, beta)
     return [B[:, i].copy() for i in range(n)]
+
+
+def parse_preference(text: str, name: str = "--preference") -> list[float]:
+    """A preference as the command line spells it: ``0.3,0.7`` or ``[0.3, 0.7]`` -> [0.3, 0.7] (not yet checked
+    against the simplex: :func:`validate_preference`); PreferenceError naming ``name`` when it is not numbers."""
+    try:
+        return [float(x) for x in str(text).strip().strip("[]").split(",")]
+    except ValueError:
+        raise PreferenceError(f"{name} {text!r}: expected comma-separated numbers, e.g. 0.3,0.7") from None
 
 
 def validate_preference(
@@ -207,6 +217,11 @@ def preference_grid(n: int, step: float = 0.1) -> np.ndarray:
     P = C(m + n - 1, n - 1) with m = 1 / step (n=2, step 0.1: 11; n=3: 66). Rows are in lexicographic
     ascending order of (mu_0, mu_1, ...): for n = 2 they run (0, 1), (0.1, 0.9), ..., (1, 0). Values are
     rounded to 12 decimals so 0.1 * 3 reads 0.3. 1 / step must be an integer (within 1e-9).
+
+    These are pymoo's Das-Dennis reference directions (``get_reference_directions("das-dennis", n,
+    n_partitions=m)``), in the same order and equal where 1/step is a decimal fraction (tests/test_soup.py); ours
+    are kept because pymoo's differ by ~3e-13 for steps like 1/3 (we round to 12 decimals, so reports and JSON
+    read 0.333333333333) and pymoo is a test-only dependency.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (number of objectives), got {n!r}")

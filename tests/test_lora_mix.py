@@ -1,4 +1,4 @@
-"""Tests for mage_ray.lora_mix: exact per-row LoRA mixing (DESIGN.md section 2), merge, rank-sum adapter, export.
+"""Tests for mage_ray.lora_mix: exact per-row LoRA mixing, merge, rank-sum adapter, export.
 
 Tolerance. Every comparison below is between two float32 computations of the same function that differ only in
 the order of floating point sums: (W0 + sum_i c_i dW_i) x against W0 x + sum_i c_i s_i B_i (A_i x), or a batch of
@@ -250,6 +250,31 @@ def test_rank_sum_adapter_roundtrip_through_peft(base, adapters, ids, tmp_path):
     reloaded = load_adapter(tmp_path / "merged")
     assert reloaded.scaling == merged.scaling
     assert all(torch.equal(reloaded.modules[m][0], merged.modules[m][0]) for m in merged.modules)
+
+
+@pytest.mark.parametrize("c", [[0.3, 0.7], [1.5, -0.5], [-0.8, 2.0]])
+def test_rank_sum_adapter_is_pefts_cat_combination(base, c):
+    """PEFT's add_weighted_adapter(..., combination_type="cat") builds the very tensors rank_sum_adapter does
+    (A = [c_i s_i A_i], B = [B_i], scaling 1), negative and extrapolated weights included; lora_export keeps its
+    own because PEFT's needs the base model loaded with every adapter attached."""
+    pm = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        adapter_name="a",
+    )
+    pm.add_adapter("b", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    ours = rank_sum_adapter([adapter_from_peft(pm, "a"), adapter_from_peft(pm, "b")], c)
+    pm.add_weighted_adapter(["a", "b"], c, adapter_name="cat", combination_type="cat")
+    theirs = adapter_from_peft(pm, "cat")
+    assert sorted(ours.modules) == sorted(theirs.modules)
+    for m in ours.modules:
+        assert ours.scaling[m] == theirs.scaling[m] == 1.0
+        assert all(torch.equal(x, y) for x, y in zip(ours.modules[m], theirs.modules[m])), m
 
 
 def test_save_adapter_keeps_per_module_scaling(base, adapters, ids, tmp_path):

@@ -150,7 +150,15 @@ def test_planned_stages_follow_the_methods(repo_root):
     cfg = load_config(
         smoke, ["eval.methods=[bs,mage-i]", "sweep.gamma_method=mage-i-m", "backbone.morlhf=true"]
     )
-    assert planned_stages(cfg) == ["beta", "backbones", "alpha", "gamma", "gamma_mage-i", "morlhf", "evaluate"]
+    assert planned_stages(cfg) == [
+        "beta",
+        "backbones",
+        "alpha",
+        "gamma",
+        "gamma_mage-i",
+        "morlhf",
+        "evaluate",
+    ]
     cfg = load_config(smoke, ["eval.methods=[bs,genarm,genarm-m,parm]", "sweep.gamma_method=mage-i-m"])
     assert planned_stages(cfg) == [
         *("beta", "backbones", "alpha", "gamma", "arms", "parm"),

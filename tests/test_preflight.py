@@ -1,4 +1,4 @@
-"""Failing fast (issue 17): every input a job can check before Ray starts is refused in the driver in seconds with
+"""Failing fast: every input a job can check before Ray starts is refused in the driver in seconds with
 one ``error:`` line naming the field and exit status 2 (mage_ray/preflight.py); storage inside Ray's temporary
 copy of a job's working directory is refused; a Ray Train worker error a retry cannot fix ends the run after one
 attempt (mage_ray/train/fail_fast.py); commands print their output location and report their own errors in one
@@ -99,6 +99,8 @@ CASES = [
      "--methods: unknown method 'nosuch'"),
     ("grid-preferences", ["grid", "--config", "{smoke}", "--bundle", "{bundle}", "--preferences", "[[0.5, 0.4]]"],
      {}, "--preferences[0]"),
+    ("grid-preference", ["grid", "--config", "{smoke}", "--bundle", "{bundle}", "--preference", "1,0",
+                         "--preference", "0.5,0.4"], {}, "--preference[1]"),
     ("bundle-missing", ["{repo}/jobs/evaluate.py", "--config", "{smoke}", "--bundle", "/no/such/bundle"], {},
      "--bundle '/no/such/bundle': bundle directory '/no/such/bundle' does not exist"),
     ("not-a-bundle", ["serve", "--config", "{smoke}", "--bundle", "{empty}", "serve.port=8123"], {},

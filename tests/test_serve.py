@@ -351,8 +351,15 @@ def server(bundle, smoke):
     from mage_ray.serve.app import build_app
 
     os.environ[TOKEN_ENV] = TOKEN  # before Ray starts: replicas inherit the environment
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,  # Prometheus text of the node's metrics (ours included)
+        _system_config={"metrics_report_interval_ms": 500},  # workers report every 0.5 s (default 10 s)
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         overrides = [
@@ -362,13 +369,18 @@ def server(bundle, smoke):
             "serve.max_prompts_per_grid=3",
             "decode.max_tokens_limit=1600",
             "serve.batch_wait_timeout_s=0.2",
+            "serve.api_docs=true",
         ]
         serve.run(
             build_app({"bundle": str(bundle), "config": smoke, "overrides": overrides}),
             name="mage",
             route_prefix="/",
         )
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", auth={"Authorization": f"Bearer {TOKEN}"})
+        yield SimpleNamespace(
+            url=f"http://127.0.0.1:{port}",
+            auth={"Authorization": f"Bearer {TOKEN}"},
+            metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+        )
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -703,3 +715,233 @@ def test_disconnect_frees_slot_and_other_streams_are_unaffected(server):
     assert b_tokens < 150, b_tokens  # B stopped while A, its batch mate, was still decoding
     solo = _post(server, "/v1/generate", {**a_body, "stream": False})
     assert solo.json()["text"] == final["text"]
+
+
+# ----- the API as the ecosystem expects it: typed bodies, OpenAI defaults, bearer auth, Prometheus -----
+
+
+BODIES = {  # route -> its body model, as /openapi.json must list them
+    "/v1/generate": "GenerateBody",
+    "/v1/chat/completions": "ChatBody",
+    "/v1/completions": "CompletionBody",
+    "/v1/grid": "GridBody",
+}
+
+
+def test_openapi_lists_the_request_bodies_and_the_bearer_scheme():
+    """The routes take the schema's pydantic models as parameters: the OpenAPI schema has each POST route's body
+    (a $ref to its model, whose fields are listed) and the bearer scheme; /docs and /openapi.json are not routes
+    of the API it describes."""
+    from mage_ray.serve.app import api
+
+    spec = api.openapi()
+    for path, model in BODIES.items():
+        post = spec["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"
+        }
+        assert post["security"] == [{"HTTPBearer": []}]
+    schemas = spec["components"]["schemas"]
+    assert {"prompt", "messages", "preference", "stream", "score"} <= set(
+        schemas["GenerateBody"]["properties"]
+    )
+    assert {"messages", "preference", "mage", "max_tokens"} <= set(schemas["ChatBody"]["properties"])
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert not {"/docs", "/openapi.json"} & set(spec["paths"])
+
+
+def test_api_docs_are_off_by_default():
+    """serve.api_docs is false unless configured, and then /docs and /openapi.json answer 404."""
+    from mage_ray.config import ServeConfig
+    from mage_ray.serve.app import MageIngress
+
+    assert ServeConfig().api_docs is False
+    ingress = object.__new__(MageIngress.func_or_class)
+    ingress.api_docs = False
+    with pytest.raises(ApiError) as e:
+        ingress._docs()
+    assert e.value.status == 404
+
+
+def test_api_docs_need_the_token(server):
+    """With serve.api_docs on (the fixture) and a token configured: /openapi.json and /docs are 401 without the
+    token; with it, the schema lists the request bodies and /docs is Swagger UI."""
+    for path in ("/openapi.json", "/docs"):
+        r = requests.get(server.url + path, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization", path
+    spec = requests.get(server.url + "/openapi.json", headers=server.auth, timeout=30).json()
+    for path, model in BODIES.items():
+        assert spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"
+        }
+    r = requests.get(server.url + "/docs", headers=server.auth, timeout=30)
+    assert r.status_code == 200 and "swagger" in r.text.lower()
+
+
+RAW_BAD = [  # (route, raw body, body model): what parse_body says of it, the live app must say too
+    ("/v1/generate", b'{"prompt": ', GenerateBody),
+    ("/v1/generate", b"", GenerateBody),
+    ("/v1/generate", b"[1, 2]", GenerateBody),
+    ("/v1/generate", b'"text"', GenerateBody),
+    ("/v1/generate", b'{"prompt": "x", "bogus": 1}', GenerateBody),
+    (
+        "/v1/generate",
+        b'{"prompt": "x", "gamma": -1, "top_k": -2, "seed": "a", "stream": 3, "x": 1}',
+        GenerateBody,
+    ),
+    ("/v1/generate", b'{"prompt": "x", "preference": [NaN, 0.5]}', GenerateBody),
+    ("/v1/chat/completions", b'{"messages": 5}', ChatBody),
+    ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "y"}]}', ChatBody),
+    ("/v1/completions", b'{"prompt": ["a", 3]}', CompletionBody),
+    ("/v1/grid", b'{"prompts": ["a"], "preferences": {"n_objectives": 1, "step": 0.5}}', GridBody),
+]
+
+
+@pytest.mark.parametrize(
+    "route, raw, model", RAW_BAD, ids=[f"{r}-{i}" for i, (r, _, _) in enumerate(RAW_BAD)]
+)
+def test_typed_bodies_keep_the_validation_messages(server, route, raw, model):
+    """FastAPI validates the typed body; the 400 carries exactly the message and param parse_body gives."""
+    with pytest.raises(ApiError) as want:
+        parse_body(raw, model)
+    h = {**server.auth, "Content-Type": "application/json"}
+    r = requests.post(server.url + route, data=raw, headers=h, timeout=30)
+    assert r.status_code == 400, r.text
+    got = r.json()["error"]
+    assert (got["message"], got["param"]) == (want.value.message, want.value.field)
+
+
+def test_a_body_is_json_whatever_its_content_type(server):
+    """``curl -d`` sends application/x-www-form-urlencoded: the body is still read as JSON, as before."""
+    body = json.dumps({"prompt": "Hello", "preference": [0.5, 0.5], "max_tokens": 2})
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        h = {**server.auth, **({"Content-Type": ctype} if ctype else {})}
+        r = requests.post(server.url + "/v1/generate", data=body.encode(), headers=h, timeout=60)
+        assert r.status_code == 200, (ctype, r.text)
+
+
+def _former_auth_ok(header: str | None, token: str) -> bool:
+    """The check the API made before it used FastAPI's HTTPBearer (kept here as the reference)."""
+    import hmac
+
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN} ", f"Basic {TOKEN}",
+     f"Bearer{TOKEN}", f"Bearer {TOKEN}x", f"Bearer x{TOKEN}", f"Token {TOKEN}", f" Bearer {TOKEN}"],
+)  # fmt: skip
+def test_httpbearer_accepts_exactly_what_the_former_check_did(header):
+    """fastapi.security.HTTPBearer + the token comparison (mage_ray.serve.app.authorized) let through exactly
+    the Authorization headers the former hand-written check let through."""
+    import asyncio
+
+    from starlette.requests import Request as StarletteRequest
+
+    from mage_ray.serve.app import BEARER, authorized
+
+    app = SimpleNamespace(state=SimpleNamespace(auth_token=TOKEN))
+    headers = [] if header is None else [(b"authorization", header.encode())]
+    req = StarletteRequest({"type": "http", "method": "GET", "headers": headers, "app": app})
+
+    async def check() -> bool:
+        try:
+            await authorized(req, await BEARER(req))
+        except ApiError as e:
+            assert e.status == 401
+            return False
+        return True
+
+    assert asyncio.run(check()) == _former_auth_ok(header, TOKEN)
+
+
+def test_openai_routes_follow_openai_defaults():
+    """Omitted temperature: sampling at 1; temperature 0 or mage.do_sample false: greedy; omitted max_tokens:
+    serve.openai_max_tokens (capped by the server's limit). /v1/generate keeps the config's defaults (greedy)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    r = to_request(parse_body(json.dumps(chat).encode(), ChatBody), LIMITS, openai_max_tokens=40)
+    assert (r.do_sample, r.temperature, r.max_new_tokens) == (True, 1.0, 40)
+    r = to_request(parse_body(json.dumps(chat).encode(), ChatBody), LIMITS, openai_max_tokens=500)
+    assert r.max_new_tokens == LIMITS.max_tokens_limit
+    r = to_request(parse_body(json.dumps({**chat, "temperature": 0}).encode(), ChatBody), LIMITS)
+    assert (r.do_sample, r.temperature) == (False, None)
+    r = to_request(parse_body(json.dumps({**chat, "mage": {"do_sample": False}}).encode(), ChatBody), LIMITS)
+    assert (r.do_sample, r.temperature) == (False, None)
+    r = to_request(
+        parse_body(json.dumps({**chat, "temperature": 0.3, "max_tokens": 9}).encode(), ChatBody), LIMITS
+    )
+    assert (r.do_sample, r.temperature, r.max_new_tokens) == (True, 0.3, 9)
+    r = to_request(parse_body(b'{"prompt": "hi"}', CompletionBody), LIMITS, openai_max_tokens=30)
+    assert (r.do_sample, r.temperature, r.max_new_tokens) == (True, 1.0, 30)
+    r = to_request(parse_body(b'{"prompt": "hi"}', GenerateBody), LIMITS)
+    assert (r.do_sample, r.temperature, r.max_new_tokens) == (None, None, None)  # the config's: greedy, 48
+
+
+def _scrape(url: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url, timeout=30).text
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def _value(samples, name: str, **labels) -> float:
+    return sum(
+        s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+WATCHED = [  # (metric, route, extra labels) the stream and the 401 below must move
+    ("ray_mage_requests_total", "/v1/generate", {"status": "200"}),
+    ("ray_mage_requests_total", "/v1/stats", {"status": "401"}),
+    ("ray_mage_tokens_total", "/v1/generate", {"kind": "completion"}),
+    ("ray_mage_time_to_first_token_seconds_count", "/v1/generate", {}),
+    ("ray_mage_request_seconds_count", "/v1/generate", {}),
+    ("ray_mage_request_batch_rows_count", "/v1/generate", {}),
+]
+
+
+def _watched(url: str) -> list[float]:
+    samples = _scrape(url)
+    return [_value(samples, name, route=route, **labels) for name, route, labels in WATCHED]
+
+
+def test_prometheus_metrics_move_during_a_request(server):
+    """Ray's metrics endpoint (the node's metrics export port) carries the app's metrics: while a long stream
+    decodes, the engine's running-requests gauge is at least 1; once it ends, the request counter of its route and
+    status grew by one, the completion tokens by exactly its tokens, and the time-to-first-token, latency and
+    rows histograms by one observation each. A 401 is counted under its status."""
+    before, previous = None, _watched(server.metrics)  # settled: earlier tests' requests all reported
+    while before != previous:
+        time.sleep(1.0)
+        before, previous = _watched(server.metrics), before
+    done = {}
+
+    def stream():
+        body = {
+            "prompt": "Tell me",
+            "preference": [0.5, 0.5],
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        done["events"] = _sse(_post(server, "/v1/generate", body, stream=True))
+
+    t = threading.Thread(target=stream)
+    t.start()
+    running_seen = False
+    while t.is_alive() and not running_seen:
+        running_seen = _value(_scrape(server.metrics), "ray_mage_engine_running_requests") >= 1
+        time.sleep(0.2)
+    t.join(300)
+    assert running_seen, "the running-requests gauge never showed the stream while it decoded"
+    tokens = done["events"][-2]["usage"]["completion_tokens"]
+    assert requests.get(server.url + "/v1/stats", timeout=30).status_code == 401
+    want = [1, 1, tokens, 1, 1, 1]
+    deadline = time.monotonic() + 60
+    while (got := [a - b for a, b in zip(_watched(server.metrics), before)]) != want:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want

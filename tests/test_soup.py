@@ -326,3 +326,20 @@ def test_theorem1_interval_is_not_vacuous():
     soup, _ = bone_soup_solution(hessians, centers, mu, beta=1.0)
     bone, _ = bone_soup_solution(hessians, centers, mu, beta=0.6)
     assert _g(soup, hessians, centers, mu) > _g(bone, hessians, centers, mu)
+
+
+@pytest.mark.parametrize("n, m", [(2, 10), (3, 10), (3, 4), (4, 5), (2, 3), (3, 6), (2, 7)])
+def test_preference_grid_is_pymoos_das_dennis(n, m):
+    """The simplex lattice equals pymoo's Das-Dennis reference directions, row for row: exactly where 1/m is a
+    decimal fraction, within 1e-12 elsewhere (ours are rounded to 12 decimals; the reason we keep our own)."""
+    from pymoo.util.ref_dirs import get_reference_directions
+
+    from mage_ray.soup import preference_grid
+
+    ours, theirs = preference_grid(n, 1.0 / m), get_reference_directions("das-dennis", n, n_partitions=m)
+    assert ours.shape == theirs.shape
+    if m in (2, 4, 5, 10):
+        assert np.array_equal(ours, theirs)
+    else:
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+        assert not np.array_equal(ours, theirs)

@@ -1,7 +1,8 @@
-"""Check the install on one screen (Python, torch, libraries, Ray, embedded models, browser, directories).
+"""Check the install on one screen (Python, torch, libraries, Ray, configs, embedded models, browser, directories).
 
 Python, torch and its build (CUDA or CPU, GPUs visible), transformers / trl / peft / ray, that Ray imports, the
-embedded models' wheels, a headless browser, and writable run and cache directories.
+configs shipped with the package (each loads and validates, so ``--config embedded`` works from any directory),
+the embedded models' wheels, a headless browser, and writable run and cache directories.
 Each line is ``ok``, ``warn`` or ``missing`` with what was found and, when not ok, what to do. Exit status 0
 when every required check is ok, 1 otherwise (the browser, needed only by the playground's browser test, is
 optional and at most warns). Starts no Ray and loads no weights; takes a few seconds (importing torch and Ray).
@@ -95,6 +96,27 @@ def _ray_import() -> Check:
     return Check("ray import", "ok", "ray, ray.serve import (no cluster started)")
 
 
+def _configs() -> Check:
+    """The shipped configs are where ``--config NAME`` looks, and each one loads and validates."""
+    from mage_ray.config import ConfigError, load_config
+    from mage_ray.config.load import CONFIGS_DIR, DEFAULT_CONFIG, shipped_configs
+
+    found = shipped_configs()
+    if DEFAULT_CONFIG not in found:
+        return Check(
+            "configs",
+            "missing",
+            f"no {DEFAULT_CONFIG}.yaml in {CONFIGS_DIR}",
+            "reinstall mage-ray (package data)",
+        )
+    for name, path in found.items():
+        try:
+            load_config(path)
+        except ConfigError as e:
+            return Check("configs", "missing", f"{name}: {e}", "reinstall mage-ray")
+    return Check("configs", "ok", f"{', '.join(found)} in {CONFIGS_DIR} (--config NAME)")
+
+
 def _embedded_models() -> list[Check]:
     from mage_ray.models import EMBEDDED, ModelLoadError, embedded_gguf
     from mage_ray.tasks.objectives import ObjectiveError, minilm_dir
@@ -149,6 +171,7 @@ def checks(cfg) -> list[Check]:
         _torch(),
         *[_library(d) for d in LIBRARIES],
         _ray_import(),
+        _configs(),
         *_embedded_models(),
         _browser(),
         _writable("run dir", cfg.storage.run_dir),

@@ -27,22 +27,16 @@ def add_arguments(parser) -> None:
     parser.set_defaults(checks=("bundle", "storage"))  # mage_ray.preflight; --out is its output
 
 
-def parse_preference(text: str) -> list[float]:
-    """``0.3,0.7`` or ``[0.3, 0.7]`` -> [0.3, 0.7]; a malformed value exits with one ``error:`` line."""
-    try:
-        return [float(x) for x in text.strip().strip("[]").split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"error: --preference {text!r}: expected comma-separated numbers, e.g. 0.3,0.7"
-        ) from None
-
-
 def run(args, cfg) -> None:
     from mage_ray.decode import decode_defaults
     from mage_ray.export import ExportError, export_preference
+    from mage_ray.soup import PreferenceError, parse_preference
 
     bundle = open_bundle(args.bundle)
-    mu = parse_preference(args.preference)
+    try:
+        mu = parse_preference(args.preference)
+    except PreferenceError as e:
+        raise SystemExit(f"error: {e}") from None
     d = decode_defaults(cfg, bundle, args.overrides)  # the bundle's method and alpha unless overridden
     try:
         record = export_preference(

@@ -6,8 +6,9 @@ Writes Parquet (prompt, preference, method, text, finish_reason, error, completi
 flags degenerate, and whether each point is on its method's non-dominated front.
 
 Prompts come from ``--prompts`` (a .parquet or .jsonl file/dir with a ``prompt`` column) or else from the
-task's ``--split``; preferences from ``--preferences`` or else the ``eval.grid_step`` grid (config fields are
-set by ``key=value`` overrides only). The library code is ``mage_ray.grid``. Decoding runs in an actor pool
+task's ``--split``; preferences from ``--preference`` (repeatable: ``--preference 0.2,0.8 --preference 1,0``,
+spelled as ``export --preference``) or else the ``eval.grid_step`` grid (config fields are set by ``key=value``
+overrides only). ``--preferences '[[0.2, 0.8], [1, 0]]'`` (JSON) still works, with a deprecation line. The library code is ``mage_ray.grid``. Decoding runs in an actor pool
 (``map_batches`` with a callable class holding one Engine: ``--concurrency`` actors, each with
 ``decode.num_cpus`` / ``decode.num_gpus``) in batches of ``decode.batch_size`` rows, so different preferences
 share a batch over one copy of the base weights.
@@ -18,7 +19,7 @@ share a batch over one copy of the base weights.
 
 from __future__ import annotations
 
-import json
+import sys
 
 from mage_ray.commands import open_bundle
 
@@ -28,9 +29,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", default=None, help=".parquet / .jsonl with a 'prompt' column")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument(
-        "--preferences",
-        default=None,
-        help="explicit points as JSON, e.g. '[[0.2,0.8],[1,0]]' (default: the eval.grid_step grid)",
+        "--preference",
+        action="append",
+        metavar="MU",
+        help="a preference point, e.g. 0.2,0.8; repeat for more (default: the eval.grid_step grid)",
+    )
+    parser.add_argument(
+        "--preferences", default=None, help="deprecated: points as JSON, e.g. '[[0.2,0.8],[1,0]]'"
     )
     parser.add_argument("--methods", default=None, help="comma-separated methods (default: the bundle's)")
     parser.add_argument("--concurrency", type=int, default=1, help="decoder actors (one Engine each)")
@@ -41,16 +46,20 @@ def add_arguments(parser) -> None:
 
 def run(args, cfg) -> None:
     from mage_ray.manifest import join, write_json_atomic
+    from mage_ray.preflight import grid_preferences
     from mage_ray.runtime import data_progress, init_ray
     from mage_ray.soup import preference_grid, validate_preference
 
     bundle = open_bundle(args.bundle)
     n = bundle.n_objectives
     if args.preferences:
-        points = [
-            validate_preference(p, n, name=f"--preferences[{i}]").tolist()
-            for i, p in enumerate(json.loads(args.preferences))
-        ]
+        print(
+            "deprecated: --preferences JSON is now --preference MU, repeatable (--preference 0.2,0.8 ...)",
+            file=sys.stderr,
+        )
+    explicit = grid_preferences(args)
+    if explicit:
+        points = [validate_preference(p, n, name=name).tolist() for name, p in explicit]
     else:
         points = preference_grid(n, cfg.eval.grid_step).tolist()
     methods = args.methods.split(",") if args.methods else [bundle.default_method]

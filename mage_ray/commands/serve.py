@@ -1,8 +1,9 @@
 """Serve a bundle over HTTP with Ray Serve: the playground page at ``/`` and the API under ``/v1/``.
 
 Binds ``serve.host``:``serve.port`` (127.0.0.1:8000 unless configured), says where the page and the API are,
-and blocks until Ctrl-C, which takes the application down and exits with status 0. Clusters deploy
-cluster/serve.yaml instead. Try it::
+and blocks until Ctrl-C or SIGTERM (``ray job stop`` of a submitted ``jobs/serve.py``, ``kill``), which take the
+application down and exit with status 0: on a cluster (RAY_ADDRESS) only this application is deleted, in a
+private Ray all of Serve stops. Clusters usually deploy cluster/serve.yaml instead. Try it::
 
     curl -N localhost:8000/v1/generate -d '{"prompt": "Tell me about the sea", "preference": [0.3, 0.7], "stream": true}'
 
@@ -16,6 +17,7 @@ With ``serve.auth_token_env=MAGE_TOKEN`` (and MAGE_TOKEN set before Ray starts) 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from mage_ray.commands import open_bundle
@@ -47,6 +49,7 @@ def run(args, cfg) -> None:
     from mage_ray.serve.app import build_app
 
     page, api = urls(cfg.serve.host, cfg.serve.port)
+    signal.signal(signal.SIGTERM, _terminated)  # the same clean stop as Ctrl-C
     try:
         app = build_app({"bundle": args.bundle, "config": args.config, "overrides": args.overrides})
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
@@ -63,9 +66,18 @@ def run(args, cfg) -> None:
             flush=True,
         )
         _block()
-    except KeyboardInterrupt:
-        _stop(args.name)
+    except (KeyboardInterrupt, Terminated) as e:
+        _stop(args.name, wait=not isinstance(e, Terminated))
         print("stopped", flush=True)
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (``ray job stop`` sends it, then SIGKILL 3 s later unless RAY_JOB_STOP_WAIT_TIME_S says
+    otherwise)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated(signal.Signals(signum).name)
 
 
 def _block() -> None:
@@ -74,13 +86,16 @@ def _block() -> None:
         time.sleep(3600)
 
 
-def _stop(name: str) -> None:
-    """Take the application down: on a shared cluster (RAY_ADDRESS) only ours, in a private Ray all of Serve."""
+def _stop(name: str, wait: bool = True) -> None:
+    """Take the application down: on a shared cluster (RAY_ADDRESS) only ours, in a private Ray all of Serve.
+
+    ``wait=False`` (SIGTERM): on a cluster, hand the deletion to Serve's controller and return at once; the
+    controller, which outlives this driver, finishes it even when the job is killed right after."""
     import ray
     from ray import serve
 
     if os.environ.get("RAY_ADDRESS"):
-        serve.delete(name)
+        serve.delete(name, _blocking=wait)
     else:
         serve.shutdown()
         ray.shutdown()

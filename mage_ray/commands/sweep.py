@@ -1,8 +1,10 @@
 """Sweep beta, alpha and gamma against hypervolume and write a servable bundle.
 
-Runs backbones (per-beta Tune trials, then the chosen beta in full) -> rollouts -> value models ->
-alpha/gamma Tune trials -> bundle + sweep report under ``<storage.storage_path>/<storage.run_name>/``.
-Rerunning the same command resumes: finished stages, trials and artifacts are kept.
+Runs backbones (per-beta Tune trials, then the chosen beta in full) -> alpha/gamma Tune trials -> bundle + sweep
+report under ``<storage.storage_path>/<storage.run_name>/``. Rollouts and explicit value models are trained only
+when a method of ``eval.methods`` or ``sweep.gamma_method`` needs them (mage-e, mage-e-m); the bundle serves the
+methods whose artifacts it holds (``/v1/objectives`` lists them). Rerunning the same command resumes: finished
+stages, trials and artifacts are kept.
 
     mage-ray sweep --config configs/embedded.yaml storage.storage_path=s3://bucket/runs
 """

@@ -1,7 +1,7 @@
 """Stage 1 "Seek": train the n LoRA backbones of B(beta) concurrently (Ray Train runs inside Ray Tune).
 
 Backbone i is trained with GRPO / RLOO (backbone.trainer) on h_i = w_i^T r, w_i = column i of
-B(backbone.beta) (Eq. 11-12 of mage.txt). With backbone.morlhf=true it also trains the MORLHF baseline: one
+B(backbone.beta) (Eq. 11-12 of MAGE (arXiv 2510.03782)). With backbone.morlhf=true it also trains the MORLHF baseline: one
 model per point mu of the eval.grid_step preference grid, on w = mu. Writes
 
     <run_dir>/backbones/beta_<beta>/b<i>/   adapter/, manifest.json, metrics.jsonl

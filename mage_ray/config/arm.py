@@ -33,8 +33,9 @@ class ArmConfig:
     """Share of the rollout prompts whose pairs are held out of ARM and PARM training (the same prompts for every
     objective) to measure each guide's held-out pair accuracy."""
     beta_r: float = 0.1
-    """beta_r of the ARM reward r(x, y) = beta_r * sum_t log pi_r(y_t | x, y_<t) in the Bradley-Terry loss (a
-    training temperature; decoding's exponent on pi_r is gamma = beta_r / beta, swept as ``gammas``)."""
+    """GenARM's beta_r (not backbone.beta): the ARM reward r(x, y) = beta_r * sum_t log pi_r(y_t | x, y_<t) in the
+    Bradley-Terry loss (a training temperature; decoding's exponent on pi_r is gamma = beta_r / beta, swept as
+    ``gammas``)."""
     min_margin: float = 0.1
     """A pair (y_w, y_l) of an objective needs r(y_w) - r(y_l) > min_margin, in that objective's rollout std."""
     lora_r: int = 8

@@ -43,8 +43,9 @@ class LoraConfig:
 
     r: int = 8
     """Rank (paper: 64 on Llama-2-7B)."""
-    alpha: float = 16.0
-    """LoRA scaling numerator: the delta is (alpha / r) * B A (paper: 128)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (PEFT's lora_alpha): the delta is (lora_alpha / r) * B A (paper: 128). Was
+    ``lora.alpha`` (still accepted, deprecated): a bare "alpha" is Bone Soup's extrapolation, decode.alpha."""
     dropout: float = 0.0
     """Dropout on the LoRA input during training."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -52,7 +53,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_range("lora.r", self.r, 1, 4096)
-        _check_range("lora.alpha", self.alpha, 0, None, lo_open=True)
+        _check_range("lora.lora_alpha", self.lora_alpha, 0, None, lo_open=True)
         _check_range("lora.dropout", self.dropout, 0, 1, hi_open=True)
         if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
             _fail("lora.target_modules", self.target_modules, "a non-empty list of module names")
@@ -112,13 +113,14 @@ class BackboneConfig:
     trainer: str = "grpo"
     """grpo | rloo (online, TRL) | wrpo (offline preference optimisation)."""
     beta: float = 0.7
-    """Dominant weight of B(beta) (Eq. 12); 1.0 = Rewarded Soups backbones."""
+    """Bone Soup's beta: the dominant weight of B(beta) (Eq. 12); 1.0 = Rewarded Soups backbones. Not TRL's KL
+    'beta' (that is kl_coef), nor GenARM's beta_r (arm.beta_r)."""
     steps: int = 30
     """Optimizer steps per backbone."""
     learning_rate: float = 1e-4
     """Adam learning rate of the LoRA parameters."""
     kl_coef: float = 0.05
-    """KL penalty coefficient against the base policy (TRL 'beta')."""
+    """KL penalty coefficient against the base policy (passed to TRL as its ``beta``; unrelated to backbone.beta)."""
     num_generations: int = 4
     """Completions sampled per prompt (the GRPO group size)."""
     prompts_per_step: int = 2
@@ -358,6 +360,9 @@ class DecodeConfig:
     """Default number of new tokens per response."""
     max_tokens_limit: int = 512
     """Hard upper bound on max_new_tokens a request may ask for."""
+    finish_sentence_tokens: int = 0
+    """Extra tokens a response that reaches max_new_tokens mid-sentence may decode to end its sentence (. ! ?):
+    it then finishes with "stop", or with "length" at max_new_tokens + this. 0: stop at max_new_tokens."""
     do_sample: bool = False
     """Sample (True) or take the argmax of the guided scores (False, Eq. 25)."""
     temperature: float = 1.0
@@ -390,6 +395,7 @@ class DecodeConfig:
             _check_range(f"decode.method_gammas.{m}", g, 0, 1000)
         _check_range("decode.max_tokens_limit", self.max_tokens_limit, 1, 1_000_000)
         _check_range("decode.max_new_tokens", self.max_new_tokens, 1, self.max_tokens_limit)
+        _check_range("decode.finish_sentence_tokens", self.finish_sentence_tokens, 0, 100_000)
         _check_range("decode.temperature", self.temperature, 0, 100, lo_open=True)
         _check_range("decode.top_k", self.top_k, 0, 10_000_000)
         _check_range("decode.top_p", self.top_p, 0, 1, lo_open=True)
@@ -452,6 +458,12 @@ class ServeConfig:
     methods: list[str] | None = None
     """Decoding methods this server serves; only their adapters are loaded, /v1/objectives lists them, requests for
     others get 400 naming ``method``. None: every method the bundle can serve."""
+    openai_max_tokens: int = 512
+    """Completion budget of an OpenAI-compatible request that sets no max_tokens (OpenAI's own runs to the context
+    length), capped by decode.max_tokens_limit. /v1/generate uses decode.max_new_tokens instead."""
+    api_docs: bool = False
+    """Serve the OpenAPI schema at /openapi.json and Swagger UI at /docs (its scripts load from a CDN); both need
+    the bearer token when serve.auth_token_env is set. Off: both are 404."""
 
     def __post_init__(self) -> None:
         _check_range("serve.port", self.port, 1, 65535)
@@ -476,6 +488,7 @@ class ServeConfig:
         _check_range("serve.max_body_bytes", self.max_body_bytes, 1024, 1 << 31)
         _check_range("serve.max_prompts_per_grid", self.max_prompts_per_grid, 1, 100_000)
         _check_range("serve.max_grid_points", self.max_grid_points, 1, 100_000)
+        _check_range("serve.openai_max_tokens", self.openai_max_tokens, 1, 1_000_000)
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
             _fail("serve.autoscaling", self.autoscaling, "a mapping (Serve autoscaling_config) or null")
 

@@ -1,7 +1,7 @@
 """One batched decode loop for every method (RS, BS, MOD, MAGE-{E,E-M,I,I-M}, baselines) over one base model.
 
 Every request expands into rows (:mod:`mage_ray.guidance`); all rows of all requests run in ONE forward per
-step over one copy of the base weights, each row with its own LoRA coefficient vector (DESIGN.md §2). Per
+step over one copy of the base weights, each row with its own LoRA coefficient vector. Per
 step:
 
     h      = decoder_body(rows)[:, -1]                 [R, H]  final normalised hidden state (KV-cached)
@@ -16,7 +16,7 @@ Decoding modes (per request):
   (the smallest set of highest-s tokens whose softmax(s) mass reaches top_p, renormalised after top-k),
   then one draw from softmax(s) on the kept tokens with the request's own ``torch.Generator`` (seeded by
   ``Request.seed``), so a request's samples do not depend on what else is in the batch.
-* beam lookahead (Table 4 / Sec 5.6.2 of mage.txt: beam width b, expansion c, lookahead interval l): a
+* beam lookahead (Table 4 / Sec 5.6.2 of MAGE (arXiv 2510.03782): beam width b, expansion c, lookahead interval l): a
   chunk-level beam search. At the start of each chunk every live beam expands into c candidates (its top-c
   next tokens by score; c draws without replacement when sampling; the first chunk expands the prompt into
   b*c candidates); each candidate then continues for the rest of the l-token chunk (greedy or sampled); at

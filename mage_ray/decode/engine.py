@@ -32,6 +32,7 @@ from mage_ray.devices import place
 from mage_ray.guidance import AdapterLayout
 from mage_ray.lora_mix import LoraAdapter, MixedLinear, MixedLoraModel
 from mage_ray.models import eos_token_ids
+from mage_ray.tasks.objectives import finished
 
 __all__ = ["Engine"]
 
@@ -416,9 +417,23 @@ class Engine:
                 hyp.text = hyp.text[:cut]
                 hyp.finish_reason = "stop"
         if hyp.finish_reason is None and len(hyp.tokens) >= job.max_new:
-            hyp.finish_reason = "length"
+            hyp.finish_reason = self._at_budget(job, hyp)
         if hyp.finish_reason is None and self._cancel is not None and self._cancel(job.index):
             hyp.finish_reason = "cancelled"
+
+    def _at_budget(self, job: _Job, hyp: _Hyp) -> str | None:
+        """A hypothesis at (or past) max_new_tokens: "length", unless ``decode.finish_sentence_tokens`` lets it end
+        its sentence: then "stop" once its text ends one (:func:`mage_ray.tasks.objectives.finished`, the rule
+        the conciseness objective scores), None (go on) until that many extra tokens or the context are used."""
+        grace = self.defaults.finish_sentence_tokens
+        if grace <= 0:
+            return "length"
+        if finished(hyp.text):
+            return "stop"
+        used = len(hyp.tokens)
+        if used >= job.max_new + grace or len(job.prompt_ids) + used >= self.max_context:
+            return "length"
+        return None
 
     def _complete(self, job: _Job, hyp: _Hyp) -> Completion:
         return Completion(

@@ -42,13 +42,23 @@ Routes (request bodies in :mod:`mage_ray.serve.schema`, responses in :mod:`mage_
 ``GET  /v1/front``                    the bundle's Pareto front from its evaluation report (:mod:`.playground`)
 ``GET  /healthz``                     200 when an engine replica answers, loaded and not stuck, else 503 (no auth)
 ``GET  /``, ``/playground``           the preference playground page (no auth: it holds no data)
+
+``GET  /openapi.json``, ``/docs``      the OpenAPI schema (typed request bodies) and Swagger UI, only with ``serve.api_docs``
 ====================================  ========================================================================
+
+The request bodies are the pydantic models of :mod:`.schema`, taken by the routes as parameters, so
+``/openapi.json`` (``api.openapi()``) lists them; FastAPI's validation errors are rendered as the same
+``ApiError`` that :func:`mage_ray.serve.schema.parse_body` gives. Prometheus metrics: :mod:`.monitoring`.
 
 Security: Serve's HTTP proxy binds ``serve.host`` (127.0.0.1 unless configured; ``jobs/serve.py`` passes it
 to ``serve.start``). With ``serve.auth_token_env`` naming a set environment variable (visible to the
 replicas), every route but ``/healthz`` and the playground page (its files) needs ``Authorization: Bearer
-<token>`` (401 otherwise). Bodies over ``serve.max_body_bytes`` get 413 (the Content-Length header and the bytes
-actually received are both checked). ``max_tokens`` is bounded by ``decode.max_tokens_limit``. Errors are JSON
+<token>`` (401 otherwise; FastAPI's ``HTTPBearer`` reads the header, checked before the body's fields).
+``/docs`` and ``/openapi.json`` are off (404) unless ``serve.api_docs`` is true, and then behind the token too.
+Bodies over ``serve.max_body_bytes`` get 413 (the Content-Length header and the bytes actually received are both
+checked, before the body is parsed or the token checked: :class:`mage_ray.serve.limits.BodyLimit`).
+``max_tokens`` is bounded by ``decode.max_tokens_limit``; the OpenAI routes follow OpenAI's defaults (sampling
+at temperature 1, ``serve.openai_max_tokens`` when max_tokens is omitted), ``/v1/generate`` the config's (greedy). Errors are JSON
 ``{"error": {"message", "type", "param", "code"}}`` where ``param`` names the offending field and ``code`` is a
 string or null (``unsupported_parameter``, ``model_not_found``), as OpenAI's. The OpenAI endpoints declare
 OpenAI's request fields: those that change nothing here are ignored, those this server cannot honour (``n`` > 1,
@@ -71,17 +81,23 @@ import hmac
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mage_ray.bundle import load_bundle
 from mage_ray.config import Config, config_from_dict, load_config
@@ -89,7 +105,8 @@ from mage_ray.decode import Completion, Request, TokenEvent
 from mage_ray.serve import responses as R
 from mage_ray.serve import schema as S
 from mage_ray.serve.engine import EngineFacts, MageEngine, engine_options
-from mage_ray.serve.limits import read_body
+from mage_ray.serve.limits import BodyLimit, RefusedBody
+from mage_ray.serve.monitoring import IngressMetrics, RequestMetrics
 from mage_ray.serve.playground import front_json
 from mage_ray.serve.playground import router as playground_router
 from mage_ray.serve.ticket import error_event
@@ -101,14 +118,68 @@ log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 10.0
 """/healthz answers 503 when no engine replica reports its health within this many seconds."""
 
-api = FastAPI(title="mage_ray", description="Preference-conditioned guided generation (MAGE / Bone Soup)")
+api = FastAPI(
+    title="mage_ray",
+    description="Preference-conditioned guided generation (MAGE / Bone Soup)",
+    docs_url=None,  # /docs and /openapi.json are routes of the ingress: off unless serve.api_docs, token-checked
+    redoc_url=None,
+    openapi_url=None,
+)
 api.include_router(playground_router)  # the page at / and /playground (no auth: it holds no data)
+api.add_middleware(BodyLimit)  # 413 before a body is parsed; every body read as JSON
+api.add_middleware(RequestMetrics)  # added last, so outermost: it also counts BodyLimit's answers
 
 
 @api.exception_handler(S.ApiError)
 async def _api_error(_request: HttpRequest, err: S.ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(S.error_body(err), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(RefusedBody)
+async def _refused_body(request: HttpRequest, err: RefusedBody) -> JSONResponse:
+    return await _api_error(request, err.err)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: HttpRequest, err: RequestValidationError) -> JSONResponse:
+    return await _api_error(request, S.validation_error(err.errors(), err.body))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: HttpRequest, err: StarletteHTTPException):
+    """Errors FastAPI itself raises (no such route, a body it could not read) in OpenAI's shape under /v1/."""
+    if not request.url.path.startswith("/v1/"):
+        return await http_exception_handler(request, err)
+    return await _api_error(request, S.ApiError(err.status_code, str(err.detail), None))
+
+
+BEARER = HTTPBearer(
+    auto_error=False, description="serve.auth_token_env's token, when set (every route but /healthz and /)"
+)
+"""FastAPI's bearer scheme: it reads ``Authorization: Bearer <token>`` (and puts the scheme in /openapi.json);
+:func:`authorized` compares the token."""
+
+
+async def authorized(
+    request: HttpRequest, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> None:
+    """Route dependency: 401 unless the request carries the replica's token (``state.auth_token``; no token
+    configured: every request passes). Runs before the body's fields are validated."""
+    token = getattr(request.app.state, "auth_token", None)
+    if token is None:
+        return
+    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise S.ApiError(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer <token>)",
+            "Authorization",
+            "authentication_error",
+        )
+
+
+AUTH = [Depends(authorized)]
+"""``dependencies=`` of every route behind the token."""
 
 
 LOST = "the engine replica is unavailable"
@@ -209,14 +280,20 @@ class MageIngress:
         cfg = config_from_dict(config)
         self.engine = engine
         self.bundle = bundle
-        self.max_body = cfg.serve.max_body_bytes
+        self.api_docs = cfg.serve.api_docs
+        self.openai_max_tokens = cfg.serve.openai_max_tokens
         self._facts: EngineFacts | None = None
         env = cfg.serve.auth_token_env
-        self.token = os.environ.get(env) if env else None
-        if env and not self.token:
+        token = os.environ.get(env) if env else None
+        if env and not token:
             log.warning(
                 "serve.auth_token_env = %r but that variable is not set on this replica: auth is OFF", env
             )
+        self.metrics = IngressMetrics()
+        # What the middleware and the auth dependency read (one ingress per replica process).
+        api.state.auth_token = token
+        api.state.max_body_bytes = cfg.serve.max_body_bytes
+        api.state.metrics = self.metrics
 
     # ----- plumbing -----
 
@@ -226,22 +303,8 @@ class MageIngress:
             self._facts = await _ask(self.engine.facts.remote())
         return self._facts
 
-    def _auth(self, request: HttpRequest) -> None:
-        if self.token is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, value = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise S.ApiError(
-                401,
-                "missing or wrong bearer token (Authorization: Bearer <token>)",
-                "Authorization",
-                "authentication_error",
-            )
-
-    async def _parse(self, request: HttpRequest, model):
-        self._auth(request)
-        return S.parse_body(await read_body(request, self.max_body), model)
+    def _request(self, body, facts: EngineFacts, prompt: Any = None) -> Request:
+        return S.to_request(body, facts.limits, prompt=prompt, openai_max_tokens=self.openai_max_tokens)
 
     @staticmethod
     def _extra(facts: EngineFacts, req: Request) -> dict[str, Any]:
@@ -258,15 +321,25 @@ class MageIngress:
     def _field(req: Request) -> str:
         return "messages" if isinstance(req.prompt, list) else "prompt"
 
-    async def _one(self, req: Request) -> Completion:
+    async def _one(self, req: Request, route: str) -> Completion:
         c = await _ask(self.engine.generate.remote(req, self._field(req)))
         if c.finish_reason == "error":
             raise _engine_error(c)
+        self.metrics.finished(route, c)
         return c
 
-    async def _open(self, req: Request) -> tuple[DeploymentResponseGenerator, list[TokenEvent]]:
+    async def _open(
+        self, req: Request, request: HttpRequest
+    ) -> tuple[DeploymentResponseGenerator, list[TokenEvent]]:
         gen = self.engine.options(stream=True).events.remote(req, self._field(req))
-        return gen, await _first_events(gen)
+        first = await _first_events(gen)
+        route = request.url.path
+        self.metrics.first_token(route, getattr(request.state, "started", time.monotonic()))
+        return gen, first
+
+    def _streamed(self, route: str, ev: TokenEvent) -> None:
+        """A stream's finishing event: count its tokens and rows."""
+        self.metrics.finished(route, ev.completion)
 
     # ----- routes -----
 
@@ -284,19 +357,30 @@ class MageIngress:
             {"status": "ok" if ok else "unhealthy", "detail": why}, status_code=200 if ok else 503
         )
 
-    @api.get("/v1/objectives")
-    async def objectives(self, request: HttpRequest) -> dict:
-        self._auth(request)
+    @api.get("/openapi.json", dependencies=AUTH, include_in_schema=False)
+    async def openapi(self) -> dict:
+        self._docs()
+        return api.openapi()
+
+    @api.get("/docs", dependencies=AUTH, include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        self._docs()
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="mage_ray API")
+
+    def _docs(self) -> None:
+        if not self.api_docs:
+            raise S.ApiError(404, "the API docs are off (serve.api_docs)", None, "not_found")
+
+    @api.get("/v1/objectives", dependencies=AUTH)
+    async def objectives(self) -> dict:
         return (await self.facts()).info
 
-    @api.get("/v1/stats")
-    async def stats(self, request: HttpRequest) -> dict:
-        self._auth(request)
+    @api.get("/v1/stats", dependencies=AUTH)
+    async def stats(self) -> dict:
         return await _ask(self.engine.stats.remote())
 
-    @api.get("/v1/front")
-    async def front(self, request: HttpRequest) -> dict:
-        self._auth(request)
+    @api.get("/v1/front", dependencies=AUTH)
+    async def front(self) -> dict:
         return front_json(self.bundle, (await self.facts()).info["objectives"])
 
     @staticmethod
@@ -315,39 +399,38 @@ class MageIngress:
             )
         return facts.name
 
-    @api.get("/v1/models")
-    async def models(self, request: HttpRequest) -> dict:
-        self._auth(request)
+    @api.get("/v1/models", dependencies=AUTH)
+    async def models(self) -> dict:
         return {"object": "list", "data": [self._model(await self.facts())]}
 
-    @api.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str, request: HttpRequest) -> dict:
-        self._auth(request)
+    @api.get("/v1/models/{model_id:path}", dependencies=AUTH)
+    async def model(self, model_id: str) -> dict:
         facts = await self.facts()
         self._check_model(facts, model_id)
         return self._model(facts)
 
-    @api.post("/v1/generate")
-    async def generate(self, request: HttpRequest):
-        body = await self._parse(request, S.GenerateBody)
+    @api.post("/v1/generate", dependencies=AUTH)
+    async def generate(self, body: S.GenerateBody, request: HttpRequest):
         facts = await self.facts()
-        req = S.to_request(body, facts.limits)
+        req = self._request(body, facts)
         extra = self._extra(facts, req)
+        route = request.url.path
         if body.score:  # objectives that cannot load here: 400 before anything decodes
             await _ask(self.engine.load_scorers.remote())
         if not body.stream:
-            c = await self._one(req)
+            c = await self._one(req, route)
             out = {"text": c.text, "finish_reason": c.finish_reason, "usage": R.usage(c), **extra}
             if body.score:
                 out["scores"] = await _ask(self.engine.score_completion.remote(req, c.text))
             return out
-        gen, first = await self._open(req)
+        gen, first = await self._open(req, request)
 
         async def sse() -> AsyncIterator[bytes]:
             async for ev in _events(gen, first):
                 if ev.delta:
                     yield R.sse({"text": ev.delta})
                 if ev.finished:
+                    self._streamed(route, ev)
                     c = ev.completion
                     final = {
                         "text": c.text,
@@ -366,19 +449,19 @@ class MageIngress:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: HttpRequest):
-        body = await self._parse(request, S.ChatBody)
+    @api.post("/v1/chat/completions", dependencies=AUTH)
+    async def chat_completions(self, body: S.ChatBody, request: HttpRequest):
         facts = await self.facts()
-        req = S.to_request(body, facts.limits)
+        req = self._request(body, facts)
         model, rid, extra = (
             self._check_model(facts, body.model),
             R.new_id("chatcmpl"),
             self._extra(facts, req),
         )
+        route = request.url.path
         if not body.stream:
-            return R.chat_response(rid, model, await self._one(req), extra)
-        gen, first = await self._open(req)
+            return R.chat_response(rid, model, await self._one(req, route), extra)
+        gen, first = await self._open(req, request)
         chunk = R.Chunks(rid, model, "chat.completion.chunk", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
@@ -387,6 +470,7 @@ class MageIngress:
                 if ev.delta:
                     yield R.sse(chunk.chat({"content": ev.delta}))
                 if ev.finished:
+                    self._streamed(route, ev)
                     if ev.finish_reason == "error":
                         yield _openai_error(ev.completion)
                     else:
@@ -397,14 +481,14 @@ class MageIngress:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @api.post("/v1/completions")
-    async def completions(self, request: HttpRequest):
-        body = await self._parse(request, S.CompletionBody)
+    @api.post("/v1/completions", dependencies=AUTH)
+    async def completions(self, body: S.CompletionBody, request: HttpRequest):
         facts = await self.facts()
+        route = request.url.path
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not prompts or len(prompts) > facts.limits.max_prompts_per_grid:
             raise S.ApiError(400, f"prompt: give 1 to {facts.limits.max_prompts_per_grid} prompts", "prompt")
-        reqs = [S.to_request(body, facts.limits, prompt=p) for p in prompts]
+        reqs = [self._request(body, facts, prompt=p) for p in prompts]
         model, rid, extra = (
             self._check_model(facts, body.model),
             R.new_id("cmpl"),
@@ -416,10 +500,12 @@ class MageIngress:
             for c in comps:
                 if c.finish_reason == "error":
                     raise _engine_error(c)
+            for c in comps:
+                self.metrics.finished(route, c)
             return R.completion_response(rid, model, comps, extra)
         if len(reqs) != 1:
             raise S.ApiError(400, "stream: streaming takes one prompt (send a string, not a list)", "prompt")
-        gen, first = await self._open(reqs[0])
+        gen, first = await self._open(reqs[0], request)
         chunk = R.Chunks(rid, model, "text_completion", _include_usage(body))
 
         async def sse() -> AsyncIterator[bytes]:
@@ -427,6 +513,7 @@ class MageIngress:
                 if ev.delta:
                     yield R.sse(chunk.text(ev.delta))
                 if ev.finished:
+                    self._streamed(route, ev)
                     if ev.finish_reason == "error":
                         yield _openai_error(ev.completion)
                     else:
@@ -437,9 +524,8 @@ class MageIngress:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    @api.post("/v1/grid")
-    async def grid(self, request: HttpRequest):
-        body = await self._parse(request, S.GridBody)
+    @api.post("/v1/grid", dependencies=AUTH)
+    async def grid(self, body: S.GridBody):
         points, prompts, reqs = S.grid_requests(body, (await self.facts()).limits)
         return await _ask(self.engine.grid.remote(points, prompts, reqs, body.score))
 

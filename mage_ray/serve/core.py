@@ -2,7 +2,7 @@
 
 :class:`Generator` owns ONE :class:`mage_ray.decode.Engine` (one copy of the base weights) and turns
 concurrent requests into engine batches: requests with different preferences and methods share a batch, each
-row with its own LoRA coefficients (DESIGN.md §2). The Ray Serve deployment (:mod:`mage_ray.serve.app`) is a
+row with its own LoRA coefficients. The Ray Serve deployment (:mod:`mage_ray.serve.app`) is a
 thin shell around it; tests drive it directly with asyncio.
 
 Batching (the semantics of Serve's ``@serve.batch``, kept in this class so it can also cancel requests)::

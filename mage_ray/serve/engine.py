@@ -48,6 +48,7 @@ from ray import serve
 from mage_ray.config import Config, config_from_dict
 from mage_ray.decode import Completion, Request, TokenEvent
 from mage_ray.serve.core import Generator
+from mage_ray.serve.monitoring import EngineGauges
 from mage_ray.serve.schema import Limits
 
 __all__ = [
@@ -115,6 +116,7 @@ class MageEngine:
             # shared node slows decoding by orders of magnitude.
             torch.set_num_threads(int(cfg.serve.num_cpus))
         self.core = Generator.from_bundle(bundle, cfg, overrides or [])
+        self.gauges = EngineGauges(self.core.stats).start()  # Prometheus: queue depth, running requests
 
     async def check_health(self) -> None:
         ok, why = self.core.health()
@@ -122,6 +124,8 @@ class MageEngine:
             raise RuntimeError(why)
 
     def __del__(self) -> None:
+        if getattr(self, "gauges", None) is not None:
+            self.gauges.stop()
         core = getattr(self, "core", None)
         if core is not None:
             core.close()

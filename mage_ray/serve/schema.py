@@ -15,10 +15,17 @@ unknown field); :func:`to_request` then checks what depends on the served bundle
 ``mage.gamma``, ...); the app renders it as ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape,
 so the ``openai`` client raises a ``BadRequestError`` carrying it).
 
-Sampling: the engine decodes greedily unless a request asks for sampling (the paper's guided argmax, Eq. 25).
-On the OpenAI endpoints ``temperature > 0`` (or ``top_p < 1``) turns sampling on and ``temperature = 0`` means
-greedy; with neither the engine's default applies. A request without ``preference`` gets the uniform one
-(1/n each); the response echoes the preference and method it was decoded with.
+The FastAPI routes take these models as their body parameters (so ``/openapi.json`` lists them) and
+:func:`validation_error` turns FastAPI's validation errors into the same ApiError that :func:`parse_body` (the
+plain-function path, JSON bytes in) gives for the same body.
+
+Defaults: ``/v1/generate`` and ``/v1/grid`` decode as the config says (``decode.do_sample``: greedy, the paper's
+guided argmax of Eq. 25, in every shipped config; ``decode.max_new_tokens``). The OpenAI endpoints follow
+OpenAI's defaults: with ``temperature`` omitted they sample at temperature 1 (``temperature: 0`` is greedy, as is
+``mage.do_sample: false``), and with ``max_tokens`` (or ``max_completion_tokens``) omitted a reply may run to
+``serve.openai_max_tokens`` tokens (:data:`OPENAI_MAX_TOKENS` unless configured), where OpenAI's run to the
+context length. A request without ``preference`` gets the uniform one (1/n each); the response echoes the
+preference and method it was decoded with.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from mage_ray.decode import Request
-from mage_ray.serve.limits import ApiError, Limits, error_body
+from mage_ray.serve.limits import ApiError, Limits, error_body, json_error
 from mage_ray.soup import PreferenceError, preference_grid, validate_preference
 
 __all__ = [
+    "OPENAI_MAX_TOKENS",
+    "OPENAI_TEMPERATURE",
     "ApiError",
     "ChatBody",
     "ChatMessage",
@@ -50,7 +59,13 @@ __all__ = [
     "grid_requests",
     "parse_body",
     "to_request",
+    "validation_error",
 ]
+
+OPENAI_TEMPERATURE = 1.0
+"""OpenAI's default sampling temperature, used by the OpenAI endpoints when a request sets none."""
+OPENAI_MAX_TOKENS = 512
+"""Default ``serve.openai_max_tokens``: the completion budget of an OpenAI request that sets no max_tokens."""
 
 PREFERENCE_TOL = 1e-4
 """A preference may miss sum 1 by this much (JSON rounding); it is then renormalised exactly."""
@@ -253,22 +268,59 @@ def _problem(err: dict) -> tuple[str, str]:
     return where, f"{where}: {err['msg']}"
 
 
+def _fields_error(errors: list[dict]) -> ApiError:
+    """ApiError 400 naming the (first) field at fault and listing every problem (up to 4) in the message."""
+    problems = list(dict.fromkeys(_problem(err) for err in errors))
+    first = problems[0][0]
+    more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+    return ApiError(400, "; ".join(m for _, m in problems[:4]) + more, first)
+
+
+def _not_json(detail: str) -> ApiError:
+    return ApiError(400, f"request body is not valid JSON: {detail}", "body")
+
+
+def _not_object(data: Any) -> ApiError:
+    return ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", "body")
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     """JSON bytes -> a validated body; malformed JSON or bad fields -> ApiError 400 naming the (first) field and
     listing every problem (up to 4) in the message."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", "body") from None
+        raise _not_json(str(e)) from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", "body")
+        raise _not_object(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = list(dict.fromkeys(_problem(err) for err in e.errors(include_url=False)))
-        first = problems[0][0]
-        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
-        raise ApiError(400, "; ".join(m for _, m in problems[:4]) + more, first) from None
+        raise _fields_error(e.errors(include_url=False)) from None
+
+
+_NOT_A_MAPPING = ("model_type", "model_attributes_type", "dict_type")
+"""pydantic's error types for a body that is not an object."""
+
+
+def validation_error(errors: list[dict], body: Any = None) -> ApiError:
+    """FastAPI's validation errors of a request (``RequestValidationError.errors()``, ``.body``) as the ApiError
+    :func:`parse_body` gives for the same bytes: a JSON syntax error, an empty body or one that is not an object
+    (location ``body``), else the fields at fault (the ``body`` prefix of their locations dropped)."""
+    first = errors[0] if errors else {"loc": ("body",), "type": "missing"}
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+        return _not_json(json_error(body or "", (first.get("ctx") or {}).get("error", "invalid JSON"), pos))
+    if loc == ("body",) and first.get("type") == "missing":  # no body at all
+        return _not_json(json_error("", "Expecting value", 0))
+    if loc == ("body",) and first.get("type") in _NOT_A_MAPPING:
+        return _not_object(first.get("input"))
+    cleaned = [
+        {**e, "loc": tuple(e.get("loc", ()))[1:] if e.get("loc", ("",))[0] == "body" else e["loc"]}
+        for e in errors
+    ]
+    return _fields_error(cleaned)
 
 
 def check_preference(pref: list[float] | None, limits: Limits, method: str | None, name: str = "preference"):
@@ -367,8 +419,17 @@ def _check_openai_fields(body: ChatBody | CompletionBody) -> None:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
 
 
-def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, prompt: Any = None) -> Request:
-    """Build the engine Request of one body (``prompt`` picks one prompt of a CompletionBody list)."""
+def to_request(
+    body: GenerateBody | ChatBody | CompletionBody,
+    limits: Limits,
+    prompt: Any = None,
+    openai_max_tokens: int = OPENAI_MAX_TOKENS,
+) -> Request:
+    """Build the engine Request of one body (``prompt`` picks one prompt of a CompletionBody list).
+
+    ``openai_max_tokens`` (``serve.openai_max_tokens``): the completion budget of an OpenAI body without max_tokens
+    (at most the server's limit); the OpenAI bodies sample at :data:`OPENAI_TEMPERATURE` unless they say otherwise
+    (module docstring)."""
     if isinstance(body, GenerateBody):
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' (text) or 'messages' (chat)", "prompt")
@@ -395,13 +456,15 @@ def to_request(body: GenerateBody | ChatBody | CompletionBody, limits: Limits, p
     method = _method(m.method, limits, "mage.method")
     mt = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens, limits, mt)
+    if max_tokens is None:  # OpenAI's default: no limit but the context; ours: serve.openai_max_tokens
+        max_tokens = min(openai_max_tokens, limits.max_tokens_limit)
     do_sample = m.do_sample
     temperature = body.temperature
-    if do_sample is None and temperature is not None:
-        do_sample = temperature > 0
-    if do_sample is None and body.top_p is not None and body.top_p < 1.0:
-        do_sample = True
-    if temperature == 0:
+    if do_sample is None:  # OpenAI samples unless temperature is 0
+        do_sample = temperature is None or temperature > 0
+    if temperature is None and do_sample:
+        temperature = OPENAI_TEMPERATURE
+    if temperature == 0 or not do_sample:
         temperature = None  # greedy; the engine only reads temperature when sampling
     return _request(
         m,

@@ -1,6 +1,6 @@
 """Hugging Face sequence-classification reward models: input templates, loading, batched scoring.
 
-The paper's reward models (mage.txt Sec 5.1, after Yang et al. 2024b, "RiC") each read their own input
+The paper's reward models (MAGE (arXiv 2510.03782) Sec 5.1, after Yang et al. 2024b, "RiC") each read their own input
 format and logit; the templates below follow RiC's ``multi_reward_models.py``:
 
 * ``helpful``  Ray2333/gpt2-large-helpful-reward_model: text pair

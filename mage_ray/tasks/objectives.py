@@ -323,7 +323,9 @@ def readability_score(text: str) -> float:
     """Flesch reading ease / 100 clipped to [0, 1]; 0 for text without words (before the quality gate).
 
     FRE = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words (Flesch 1948); sentences are runs of
-    text ended by . ! ? (an unfinished last sentence counts), at least 1.
+    text ended by . ! ? (an unfinished last sentence counts), at least 1. Not textstat's flesch_reading_ease:
+    textstat 0.7 counts syllables with NLTK's CMU dictionary, which it downloads on first use (it fails offline,
+    and nothing here may download at run time), where ours counts vowel groups, so the demo's scores would change.
     """
     words = _WORD.findall(text)
     if not words:

@@ -41,7 +41,7 @@ from mage_ray.config import TaskConfig
 
 SPLITS = ("train", "validation", "test")
 SUMMARY_INSTRUCTION = "Generate a one-sentence summary of this post."
-"""Prompt prefix of the Reddit summary task (mage.txt Sec 5.1.2, after Yang et al. 2024b)."""
+"""Prompt prefix of the Reddit summary task (MAGE (arXiv 2510.03782) Sec 5.1.2, after Yang et al. 2024b)."""
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 DEFAULT_DATA = {"hh_rlhf": "Anthropic/hh-rlhf", "summary": "openai/summarize_from_feedback:comparisons"}

@@ -1,6 +1,6 @@
 """Language-quality gate shared by the embedded objectives, and the degenerate-text flag of every report.
 
-RL against a lexical proxy finds degenerate text that scores well (DESIGN.md Sec 6): one glued token is "one
+RL against a lexical proxy finds degenerate text that scores well: one glued token is "one
 word", an echo of the prompt is "relevant", ``"עקב עקב עקב."`` is short. Every embedded objective therefore
 multiplies its raw score by a quality factor q(x, y) in [0, 1]:
 

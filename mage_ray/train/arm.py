@@ -15,7 +15,7 @@ decoding at strength beta targets pi_base * exp(r / beta) = pi_base * pi_r^(beta
 not 1 / beta_r. beta is a free decoding strength, so gamma is swept (``arm.gammas``); GenARM's public inference
 code exposes the same exponent as a free weight alpha (``M_base + alpha * M_arm``). Here pi_r is a plain PEFT LoRA (``arm.lora_r``, ``arm.lora_alpha``,
 on ``lora.target_modules``) on the base policy, as GenARM's ``training_trl`` scripts do (r 8, alpha 16).
-Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of GenARM's
+Equation numbers are not cited; the formulas are those of GenARM's
 code (``training_trl/arm_trainer.py``, ``training_openInstruct/open_instruct/arm_utils.py``).
 
 Data and choices (departures from the paper's code, and why):

@@ -1,6 +1,6 @@
 """Stage 1 "Seek": train one LoRA backbone on the combined reward h = w^T r with TRL GRPO or RLOO.
 
-Backbone i of Bone Soup maximises (Eq. 11 of mage.txt)
+Backbone i of Bone Soup maximises (Eq. 11 of MAGE (arXiv 2510.03782))
 
     E_{x~D, y~pi(.|x)} [ w_i^T r(x, y) - eta * log(pi(y|x) / pi_sft(y|x)) ]
 

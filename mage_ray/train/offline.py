@@ -125,7 +125,7 @@ def lora_config(lora: LoraSettings, *, r: int | None = None, alpha: float | None
 
     return LoraConfig(
         r=lora.r if r is None else r,
-        lora_alpha=lora.alpha if alpha is None else alpha,
+        lora_alpha=lora.lora_alpha if alpha is None else alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias="none",

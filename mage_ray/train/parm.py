@@ -13,7 +13,7 @@ with log pi_r(y | x, mu) = sum_t log pi_r(y_t | x, y_<t, mu) (:func:`mage_ray.tr
 objective). At decoding time ``parm`` samples from pi_base * pi_r(. | mu)^gamma (gamma = beta_r / beta for a KL
 strength beta, as for GenARM's ARMs: a free decoding strength, swept; not 1 / beta_r);
 :func:`mage_ray.pblora.pblora_components` turns the PBLoRA into n + 1 LoRAs mixed per row with (1, mu).
-Equation numbers are not cited (the paper's text is not in shared/papers); the formulas are those of PARM's
+Equation numbers are not cited; the formulas are those of PARM's
 code.
 
 Departures from PARM's code, and why:

@@ -7,7 +7,7 @@ objective; :func:`ensure_rollouts` generates the default ones). This module hold
 * :func:`build_pairs` (MODPO): per prompt, the best and the worst response under a weighted score w^T r
   (MODPO uses w = one-hot(pivot objective)). :func:`build_triples` (WRPO): per prompt, the best
   *source-model* response y_ws and the best / worst *target-policy* responses y_wt / y_l, all ranked by
-  h = w^T r (Eq. 11 of mage.txt). :func:`objective_matrix` reads the scores, :func:`usable_rows` marks the
+  h = w^T r (Eq. 11 of MAGE (arXiv 2510.03782)). :func:`objective_matrix` reads the scores, :func:`usable_rows` marks the
   rows with a response and finite scores, :func:`zscore_stats` gives per-objective (mean, std).
 * :func:`collate_sequences`: right-padded prompt + response, mask on the positions that predict a response
   token (the value models batch with it too).

@@ -1,4 +1,4 @@
-"""Explicit value models (Sec 3.4.1 of ``mage.txt``, Eq. 14-16): one per objective, trained on rollouts.
+"""Explicit value models (Sec 3.4.1 of MAGE (arXiv 2510.03782), Eq. 14-16): one per objective, trained on rollouts.
 
 Model: the base policy + LoRA (``value.lora_r``, ``value.lora_alpha``, on ``lora.target_modules`` like the
 backbones) + a linear head W [V, H], b [V] on the final normalised hidden state h_t [H]. One forward gives

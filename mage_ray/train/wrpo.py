@@ -1,16 +1,16 @@
 """WRPO as a backbone trainer (``backbone.trainer: wrpo``): weighted-reward preference optimisation.
 
-WRPO (Yang et al. 2024, "Weighted-Reward Preference Optimization for Implicit Model Fusion", wrpo.txt) fuses
+WRPO (Yang et al. 2024, "Weighted-Reward Preference Optimization for Implicit Model Fusion", arXiv 2412.03187) fuses
 *source* models into a *target* policy through preference optimisation alone: no vocabulary alignment, no
 weight merging, only text is exchanged. For backbone i of Bone Soup the ranking reward is the backbone's
-combined reward h_i = w_i^T r (Eq. 11-12 of mage.txt, w_i = column i of B(beta)), and each training example is
+combined reward h_i = w_i^T r (Eq. 11-12 of MAGE (arXiv 2510.03782), w_i = column i of B(beta)), and each training example is
 a triple (x, y_ws, y_wt, y_l):
 
 * y_ws: the highest-h_i response to x among all source models' responses;
 * y_wt, y_l: the highest- and lowest-h_i of the target policy's own responses (the base / SFT policy's scored
   rollouts, ``<run_dir>/rollouts``).
 
-Loss (WRPO_DPO, Table 5 of wrpo.txt), with the fusion coefficient alpha:
+Loss (WRPO_DPO, Table 5 of WRPO), with the fusion coefficient alpha:
 
     L = -E log sigmoid( alpha       * beta * log pi_theta(y_ws|x) / pi_ref(y_ws|x)
                       + (1 - alpha) * beta * log pi_theta(y_wt|x) / pi_ref(y_wt|x)
@@ -90,7 +90,7 @@ def wrpo_loss(
     alpha: float,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """WRPO_DPO loss (wrpo.txt, Table 5), averaged over the batch. All inputs are log pi(y | x), [B].
+    """WRPO_DPO loss (WRPO, Table 5), averaged over the batch. All inputs are log pi(y | x), [B].
 
         logits = alpha * beta (ps - rs) + (1 - alpha) * beta (pc - rc) - beta (pr - rr)        [B]
         loss   = mean(-log sigmoid(logits))
