@@ -59,10 +59,15 @@ def _coarse_step(n: int) -> float:
     return 0.5 if n == 2 else 1.0
 
 
-def rehearsal_overrides(cfg: Config, storage: str) -> list[str]:
+def rehearsal_overrides(cfg: Config, storage: str, workers: int | None = None) -> list[str]:
     """``section.field=value`` overrides that cut ``cfg``'s budgets to a step or two and put its artifacts under
     ``storage``. Resource fields (workers, resources per worker, use_gpu, decode / serve CPUs and GPUs), model
-    names, objectives, dtypes, batch shapes and methods are left alone: they are what is rehearsed."""
+    names, objectives, dtypes, batch shapes and methods are left alone: they are what is rehearsed.
+
+    ``workers``: also cut every Ray Train run to that many workers (``backbone.num_workers``,
+    ``value.num_workers``; each still of the config's ``resources_per_worker``), the one resource request a
+    rehearsal may change: a run's cost here is mostly its workers' start-up (importing torch, transformers and
+    TRL), so a rehearsal with 1 worker per run takes about half the time and still places every model."""
     b, n = cfg.backbone, cfg.n_objectives
     n_train = max(8, b.prompts_per_step * b.num_workers)
     out = [
@@ -88,6 +93,11 @@ def rehearsal_overrides(cfg: Config, storage: str) -> list[str]:
         "arm.gammas=[" + ",".join(f"{v:g}" for v in _two(cfg.arm.gammas, 1.0)) + "]",
         "arm.steps=2",
     ]
+    if workers is not None:
+        out += [
+            f"backbone.num_workers={min(workers, b.num_workers)}",
+            f"value.num_workers={min(workers, cfg.value.num_workers)}",
+        ]
     return out
 
 
@@ -277,11 +287,18 @@ def _grid_once(cfg: Config, bundle: str, out: str) -> int:
 def _failed_trials(cfg: Config) -> list[str]:
     """Sweep trials that failed (a sweep goes on without them; a rehearsal must not)."""
     from mage_ray.stages import stage_done
+    from mage_ray.storage import join, listdir
 
     out = []
-    for f in sorted(Path(cfg.storage.run_dir, "stages").glob("*.json")):
-        rec = stage_done(cfg, f.stem) or {}
-        out += [f"stage {f.stem!r}: trial {r.get('error')}" for r in rec.get("rows") or [] if r.get("error")]
+    try:
+        names = [
+            n[: -len(".json")] for n in listdir(join(cfg.storage.run_dir, "stages")) if n.endswith(".json")
+        ]
+    except FileNotFoundError:  # no stage finished
+        names = []
+    for stage in names:
+        rec = stage_done(cfg, stage) or {}
+        out += [f"stage {stage!r}: trial {r.get('error')}" for r in rec.get("rows") or [] if r.get("error")]
     return out
 
 
@@ -295,13 +312,18 @@ def rehearse(
     serve_app: bool = True,
     grid: bool = True,
     resume: bool = False,
+    storage: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Rehearse ``config`` (a YAML path, with ``overrides``) in a fresh local Ray; write ``<out>/rehearsal.md`` and
     ``rehearsal.json``; return the summary. Raises RehearsalFailed on a placement violation or a failed stage or
     trial (the report is written first).
 
     ``resume``: keep ``out``'s run and stand-ins, so finished stages are skipped as a resumed job skips them (the
-    ledger starts afresh: the report covers the stages this invocation ran)."""
+    ledger starts afresh: the report covers the stages this invocation ran).
+    ``storage``: where the run's artifacts go (default ``<out>/runs``), e.g. an object-store URI to rehearse the
+    storage layer with them (the store's credentials and endpoint come from the environment, as in a real job).
+    ``workers``: Ray Train workers per run (default: the config's; see :func:`rehearsal_overrides`)."""
     import ray
 
     from mage_ray.config import load_config
@@ -320,7 +342,7 @@ def rehearse(
     shutil.rmtree(ledger, ignore_errors=True)
     ledger.mkdir(parents=True)
     user = load_config(config, overrides)
-    cuts = rehearsal_overrides(user, str(out / "runs"))
+    cuts = rehearsal_overrides(user, storage or str(out / "runs"), workers)
     cfg = config_from_dict(user.to_dict(), cuts)
     cfg_path = out / "config.yaml"
     save_config(cfg, cfg_path)

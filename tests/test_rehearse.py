@@ -172,20 +172,90 @@ def _check_report(report: dict, n: int) -> None:
 
 @pytest.mark.slow
 def test_rehearse_hh_rlhf(hh_rehearsal):
+    """The whole hh_rlhf graph ran with its own requests; what the pipeline produced is what a cluster run would."""
+    from mage_ray.rehearse import read_ledger
+
     out, report = hh_rehearsal
     _check_report(report, 3)
     assert (out / "rehearsal.md").read_text().count("| beta |") == 1
-    bundle = json.loads((out / "runs" / "hh_rlhf" / "bundle" / "bundle.json").read_text())
-    assert (
-        bundle["base_model"] == "meta-llama/Llama-2-7b-hf" and len(bundle["morlhf"]) == 3
-    )  # the config's ids
+    run = out / "runs" / "hh_rlhf"
+    bundle = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert bundle["base_model"] == "meta-llama/Llama-2-7b-hf"  # the config's hub id (the stand-in behind it)
+    assert [len(bundle[k]) for k in ("backbones", "rs_backbones", "values", "morlhf")] == [3, 3, 3, 3]
+    # the beta stage was a Tune sweep of two trials, each training 3 backbones at once, decided by the bootstrap
+    beta = json.loads((run / "stages" / "beta.json").read_text())
+    assert sorted(r["backbone.beta"] for r in beta["rows"]) == [0.6, 0.7]
+    assert all(r["error"] is None and r["hv"] is not None for r in beta["rows"])
+    assert beta["decision"]["chosen"] == bundle["beta"] and beta["decision"]["default"] == 0.7
+    # the full backbones continued from the chosen trial's adapters (1 trial step + 1 = backbone.steps)
+    warm = json.loads((run / "stages" / "backbones.json").read_text())["warm_start"]
+    assert warm["steps"] == 1 and len(warm["from"]) == 3
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {
+        "rs",
+        "bs",
+        "mod",
+        "mage-e",
+        "mage-e-m",
+        "mage-i",
+        "mage-i-m",
+        "morlhf",
+    }
+    for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
+        assert (run / "report" / f).exists(), f
+    # the value models' 3 runs x 2 workers ran at once, each worker on its own (logical) GPU
+    values = {
+        e["pid"]: tuple(e["gpu_ids"])
+        for e in read_ledger(out / "ledger")
+        if e.get("stage") == "values" and e["kind"] == "process" and e["role"] == "Ray Train worker"
+    }
+    assert len(values) == 6 and all(len(g) == 1 for g in values.values()) and len(set(values.values())) == 6
+
+
+def _objects(root: str) -> dict[str, int]:
+    """Every object under ``root`` on the object store, with its modification time (ns)."""
+    import pyarrow.fs
+
+    from mage_ray import storage
+
+    fs, inner = storage.filesystem(root)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+    return {i.path: i.mtime_ns for i in infos if i.type == pyarrow.fs.FileType.File}
 
 
 @pytest.mark.slow
-def test_rehearse_summary(repo_root, tmp_path):
-    proc = _rehearse(repo_root, "summary", tmp_path / "summary")
+def test_rehearse_summary_on_s3_and_resume(repo_root, tmp_path, s3_bucket):
+    """summary.yaml rehearsed with its artifacts on an S3-compatible server (moto, started by the fixture): the
+    stages, the Ray Data grid actor and the Serve replica read the bundle from the object store; a resumed
+    rehearsal then skips every stage and writes no backbone or stage record again."""
+    from mage_ray.bundle import load_bundle
+    from mage_ray.pipeline import planned_stages
+    from mage_ray.storage import is_file, join
+
+    out, storage = tmp_path / "summary", f"{s3_bucket}/rehearsal"
+    proc = _rehearse(repo_root, "summary", out, "--storage", storage)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _check_report(json.loads((tmp_path / "summary" / "rehearsal.json").read_text()), 2)
+    report = json.loads((out / "rehearsal.json").read_text())
+    _check_report(report, 2)
+    run = join(storage, "summary")
+    for f in ("bundle/bundle.json", "report/metrics.json", "report/front.png", "report/sweep.md"):
+        assert is_file(join(run, f)), f
+    b = load_bundle(join(run, "bundle"))
+    assert b.source == join(run, "bundle") and b.objectives == ["faithful", "summary"] and len(b.morlhf) == 3
+    inner = run.split("://", 1)[1]
+    trained = {
+        k: v for k, v in _objects(run).items() if k.startswith((f"{inner}/backbones/", f"{inner}/stages/"))
+    }
+    assert any("/backbones/" in k for k in trained)
+
+    again = _rehearse(repo_root, "summary", out, "--storage", storage, "--resume", "--no-grid", "--no-serve")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    cfg = load_config(out / "config.yaml")
+    for st in planned_stages(cfg):
+        assert f"[pipeline] stage {st!r}: done at " in again.stdout, st
+    assert "[pipeline] ===" not in again.stdout  # no stage started again
+    after = _objects(run)
+    assert {k: after.get(k) for k in trained} == trained
 
 
 def _rerun_from(out, stages: list[str]) -> None:

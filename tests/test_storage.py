@@ -1,7 +1,7 @@
 """The filesystem layer (mage_ray.storage) on local paths, file:// URIs and a real S3-compatible server (moto, started
 by the ``s3_bucket`` fixture in conftest.py), and every artifact routed through it: stage records, rollouts, sweep
 trial rewards and reports, adapters, value models, PBLoRA files, model directories, bundles, evaluation reports,
-exports. The slow test runs the smoke pipeline twice on ``s3://`` and checks the second run skips every stage."""
+exports. The pipeline's resume over ``s3://`` is rehearsed with configs/summary.yaml (tests/test_rehearse.py)."""
 
 from __future__ import annotations
 
@@ -419,61 +419,3 @@ def test_bundle_round_trip_through_a_uri_decodes_the_same_tokens(kind, tiny_bund
     assert record["bundle"] == remote.location
     assert json.loads(read_text(join(base, "export", "export.json")))["preference"] == [0.5, 0.5]
     assert is_file(join(base, "export", "adapter_model.safetensors"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The pipeline on an object store: everything lands in the bucket, and a rerun skips every stage
-
-PIPELINE = [
-    "eval.methods=[rs,bs]",
-    "backbone.beta=1.0",  # the rs backbones are the bs ones: one set of backbones to train
-    "sweep.betas=[1.0]",
-    "sweep.alphas=[0.0]",
-    "sweep.gammas=[0.0]",
-    "sweep.gamma_method=bs",  # no value models: no rollouts and values stages (the suite's time budget)
-    "eval.n_resamples=50",
-]
-
-
-def _objects(root: str) -> dict[str, float]:
-    """Every file under a URI -> its modification time (a file written again gets a new one)."""
-    import pyarrow.fs
-
-    fs, inner = storage.filesystem(root)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
-    return {i.path: i.mtime_ns for i in infos if i.type == pyarrow.fs.FileType.File}
-
-
-@pytest.mark.slow
-def test_pipeline_on_s3_resumes_with_every_stage_skipped(s3_bucket, repo_root):
-    from mage_ray.pipeline import planned_stages
-
-    storage_path = f"{s3_bucket}/runs"
-    args = ["--config", "configs/smoke.yaml", *PIPELINE, f"storage.storage_path={storage_path}"]
-    cmd = [sys.executable, "jobs/pipeline.py", *args, "storage.run_name=s3"]
-    env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_ADDRESS": ""}  # workers inherit AWS_* from it
-
-    def run() -> str:
-        p = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-        return p.stdout
-
-    first = run()
-    run_dir = f"{storage_path}/s3"
-    for f in ("bundle/bundle.json", "report/metrics.json", "report/front.png", "report/sweep.md"):
-        assert is_file(join(run_dir, f)), f
-    b = load_bundle(join(run_dir, "bundle"))
-    assert b.source == join(run_dir, "bundle") and len(b.backbones) == 2
-    inner = run_dir.split("://", 1)[1]
-    # the trained backbones and the stage records (the bundle is rebuilt from them by every run, by design)
-    kept = (f"{inner}/backbones/", f"{inner}/stages/")
-    trained = {k: v for k, v in _objects(run_dir).items() if k.startswith(kept)}
-    assert any(k.startswith(kept[0]) for k in trained) and "=== beta" in first
-
-    second = run()
-    stages = planned_stages(load_config("configs/smoke.yaml", PIPELINE))
-    for st in stages:
-        assert f"[pipeline] stage {st!r}: done at " in second, st
-    assert "[pipeline] ===" not in second  # no stage started
-    after = _objects(run_dir)
-    assert {k: after.get(k) for k in trained} == trained  # no backbone or record written again

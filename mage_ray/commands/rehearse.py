@@ -33,8 +33,19 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="keep --out's run: finished stages are skipped, as a resumed job's",
     )
-    # the config's own storage, hub models and data are replaced: only the config itself and the objective names
-    parser.set_defaults(checks=("storage", "ref_point"))
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="cut every Ray Train run to this many workers (of the config's shape; default: the config's count)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="where the run's artifacts go (default <out>/runs); an s3:// or gs:// URI rehearses the object store",
+    )
+    # the config's own storage, hub models and data are replaced: only the config itself (and its reference point)
+    parser.set_defaults(checks=("ref_point",))
 
 
 def run(args, cfg) -> int:
@@ -61,6 +72,8 @@ def run(args, cfg) -> int:
             serve_app=not args.no_serve,
             grid=not args.no_grid,
             resume=args.resume,
+            storage=args.storage,
+            workers=args.workers,
         )
     except RehearsalFailed as e:
         print(f"report: {out}/rehearsal.md", flush=True)
