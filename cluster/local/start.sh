@@ -81,20 +81,40 @@ cleanup_on_error() {
   echo "start failed; stopping what was started" >&2
   CLUSTER_DIR="$CLUSTER_DIR" "$REPO/cluster/local/stop.sh" >&2 || true
 }
+
+# One node: `ray start` with fresh ports, up to 3 tries (a port picked by free_port may be taken by another
+# process before Ray binds it; a start can time out on a loaded machine). A failed try's processes are stopped
+# (found by the node's own temp dir) and the end of its log is printed.
+start_node() {
+  local name="$1"; shift
+  local try
+  for try in 1 2 3; do
+    # shellcheck disable=SC2046
+    if "$RAY" start "$@" $(node_ports) --temp-dir="$CLUSTER_DIR/$name" --disable-usage-stats \
+        >"$CLUSTER_DIR/$name.log" 2>&1; then
+      return 0
+    fi
+    echo "ray start of $name failed (try $try of 3); the end of $CLUSTER_DIR/$name.log:" >&2
+    tail -n 15 "$CLUSTER_DIR/$name.log" >&2 || true
+    "$PY" "$REPO/cluster/local/ray_procs.py" stop --mark "$CLUSTER_DIR/$name/" --grace-s 2 >&2 || true
+  done
+  return 1
+}
 trap cleanup_on_error ERR
 
-# shellcheck disable=SC2046
-"$RAY" start --head --port="$PORT" $(node_ports) \
-  --ray-client-server-port="$(free_port)" \
-  --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-  --num-cpus="$HEAD_CPUS" --num-gpus="$HEAD_GPUS" \
-  --temp-dir="$CLUSTER_DIR/head" --disable-usage-stats >"$CLUSTER_DIR/head.log" 2>&1
+for try in 1 2 3; do
+  if start_node head --head --port="$PORT" \
+      --ray-client-server-port="$(free_port)" \
+      --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --num-cpus="$HEAD_CPUS" --num-gpus="$HEAD_GPUS"; then
+    break
+  fi
+  [[ $try == 3 ]] && false
+  PORT="$(free_port)"; DASHBOARD_PORT="$(free_port)"
+done
 
 for i in $(seq 1 "$NUM_WORKERS"); do
-  # shellcheck disable=SC2046
-  "$RAY" start --address="127.0.0.1:$PORT" $(node_ports) \
-    --num-cpus="$WORKER_CPUS" --num-gpus="$WORKER_GPUS" \
-    --temp-dir="$CLUSTER_DIR/w$i" --disable-usage-stats >"$CLUSTER_DIR/w$i.log" 2>&1
+  start_node "w$i" --address="127.0.0.1:$PORT" --num-cpus="$WORKER_CPUS" --num-gpus="$WORKER_GPUS"
 done
 trap - ERR
 
