@@ -58,6 +58,10 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 PORT="${PORT:-$(free_port)}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-$(free_port)}"
 export RAY_USAGE_STATS_ENABLED=0
+# A multi-node cluster by design: a shell (or test process) in which a mage_ray job started a private local Ray
+# has RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what binds that Ray to loopback), and with it `ray start --address`
+# refuses to add a worker node.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 # Ray 2.60 turns token authentication on for `ray start` when RAY_AUTH_MODE is unset and a token exists in
 # ~/.ray/auth_token (a local `ray.init()` creates one). Decide the mode once here and record it in the env
 # file, so that clients that source it (ray.init, ray job submit) use the same mode as the cluster.
