@@ -4,6 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (a module at a time per worker; tests/conftest.py starts the longest first).
+# Two on the 2-core CI machine: the end-to-end tests wait on Ray start-up and subprocesses a good part of the time.
+TEST_WORKERS ?= 2
 
 .PHONY: setup browser test test-fast lint format demo clean
 
@@ -35,7 +38,7 @@ browser:
 	fi
 
 test: setup browser
-	$(BIN)/pytest -q --timeout=900 $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/pytest -q --timeout=900 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup browser
 	$(BIN)/pytest -q -m "not slow" --timeout=600 $(PYTEST_ARGS)

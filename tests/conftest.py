@@ -27,7 +27,19 @@ def _has_gpu() -> bool:
         return False
 
 
+HEAVY_FIRST = (
+    "test_rehearse.py",
+    "test_kill_resume.py",
+    "test_pipeline.py",
+    "test_job_submission.py",
+)
+"""Modules that take minutes, run first: `make test` runs the suite on two pytest-xdist workers, one module per
+worker at a time (``--dist loadfile``), so starting the longest ones first keeps both workers busy to the end."""
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a real GPU")

@@ -26,7 +26,9 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
             "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m,ric,modpo,bs-wrpo]",
             "sweep.gammas=[0.0,1.0]",
             "sweep.alphas=[0.0]",
-            "sweep.betas=[0.6,0.7]",  # a real Tune beta stage: 2 trials, each training 2 backbones at once
+            # one beta: no beta trials here (the rehearsal of configs/hh_rlhf.yaml runs that Tune stage, its
+            # decision and the warm start, tests/test_rehearse.py); this test covers the CPU path and the baselines
+            "sweep.betas=[0.7]",
         ],
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -34,14 +36,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         out = run_pipeline(cfg)
         run = tmp_path / "smoke"
         bundle = json.loads((run / "bundle" / "bundle.json").read_text())
-        assert bundle["beta"] in (0.6, 0.7) and len(bundle["backbones"]) == 2 and len(bundle["values"]) == 2
-        beta_rec = stage_done(cfg, "beta")
-        assert sorted(r["backbone.beta"] for r in beta_rec["rows"]) == [0.6, 0.7]
-        assert all(r["error"] is None and r["hv"] > 0 for r in beta_rec["rows"])
-        # the short sweep backbones land in the run dir (not in a Tune trial's working directory)
-        for b in ("0.6", "0.7"):
-            for i in (0, 1):
-                assert (run / "backbones" / f"beta_{b}" / f"b{i}_s1" / "adapter").is_dir(), (b, i)
+        assert bundle["beta"] == 0.7 and len(bundle["backbones"]) == 2 and len(bundle["values"]) == 2
         assert bundle["gamma"] in (0.0, 1.0) and out["gamma"] == bundle["gamma"]
         metrics = json.loads((run / "report" / "metrics.json").read_text())
         assert set(metrics["methods"]) == {
@@ -62,18 +57,6 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         # every method has its degenerate rate per preference and intervals; the claims are checked
         assert all(len(m["degenerate"]) == 3 and "intervals" in m for m in metrics["methods"].values())
         assert {c["verdict"] for c in metrics["claims"]} <= {"holds", "fails", "no evidence"}
-        # the beta stage decided with the paired bootstrap (default 0.7 kept unless beaten beyond noise), and the
-        # full backbones continued from the chosen trial's adapters: 1 trial step + 1 more = backbone.steps
-        decision = beta_rec["decision"]
-        assert decision["chosen"] == bundle["beta"] and decision["default"] == 0.7
-        assert all("hv_lo" in r for r in beta_rec["rows"])
-        warm = stage_done(cfg, "backbones")["warm_start"]
-        assert warm["steps"] == 1 and all(f"b{i}_s1" in warm["from"][i] for i in (0, 1))
-        full = json.loads(
-            (run / "backbones" / f"beta_{bundle['beta']:g}" / "b0" / "manifest.json").read_text()
-        )
-        assert full["init_adapter"] == warm["from"][0] and full["steps_done"] == 1
-        assert "vs default" in (run / "report" / "sweep.md").read_text()
         # the claims' rows: each MAGE variant at its best gamma > 0 on validation (1.0, the only candidate > 0;
         # mage-i-m swept in its own stage), alpha 0 (no candidate > 0); serving keeps the sweep's decision
         settings = metrics["context"]["settings"]

@@ -97,6 +97,12 @@ def test_unknown_hub_id_is_refused_by_name():
 # ---------------------------------------------------------------------------------------------
 # The paper configs, rehearsed end to end (slow)
 
+WORKERS = 1
+"""Ray Train workers per run in the suite's rehearsals (``--workers``): every other resource request is the
+config's, and each worker still holds the config's ``resources_per_worker``. On 2 cores a run's cost is its
+workers' start-up (~8 CPU-s each importing torch, transformers, TRL, Ray Train): hh_rlhf at its full shape starts
+66 of them (~9.5 min here), at one worker per run 17. The full-shape rehearsals' times are in docs/cluster.md."""
+
 
 def _rehearse(repo_root, config: str, out, *flags: str, patch: str = "") -> subprocess.CompletedProcess:
     """``mage-ray rehearse`` in a subprocess (it starts its own Ray); ``patch`` is Python run first, to put a
@@ -111,6 +117,8 @@ def _rehearse(repo_root, config: str, out, *flags: str, patch: str = "") -> subp
         f"configs/{config}.yaml",
         "--out",
         str(out),
+        "--workers",
+        str(WORKERS),
         *flags,
     ]
     env = {**os.environ, "PYTHONPATH": str(repo_root), "RAY_ADDRESS": ""}
@@ -189,7 +197,15 @@ def test_rehearse_hh_rlhf(hh_rehearsal):
     assert beta["decision"]["chosen"] == bundle["beta"] and beta["decision"]["default"] == 0.7
     # the full backbones continued from the chosen trial's adapters (1 trial step + 1 = backbone.steps)
     warm = json.loads((run / "stages" / "backbones.json").read_text())["warm_start"]
-    assert warm["steps"] == 1 and len(warm["from"]) == 3
+    assert warm["steps"] == 1 and all(f"b{i}_s1" in warm["from"][i] for i in range(3))
+    full = json.loads((run / "backbones" / f"beta_{bundle['beta']:g}" / "b0" / "manifest.json").read_text())
+    assert full["init_adapter"] == warm["from"][0] and full["steps_done"] == 1
+    # the trials' short backbones land in the run dir (not in a Tune trial's working directory)
+    for b in ("0.6", "0.7"):
+        for i in range(3):
+            assert (run / "backbones" / f"beta_{b}" / f"b{i}_s1" / "adapter").is_dir(), (b, i)
+    assert all("hv_lo" in r for r in beta["rows"])
+    assert "vs default" in (run / "report" / "sweep.md").read_text()
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert set(metrics["methods"]) == {
         "rs",
@@ -203,13 +219,15 @@ def test_rehearse_hh_rlhf(hh_rehearsal):
     }
     for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
         assert (run / "report" / f).exists(), f
-    # the value models' 3 runs x 2 workers ran at once, each worker on its own (logical) GPU
+    # the value models' 3 runs ran at once, each worker on its own (logical) GPU
     values = {
         e["pid"]: tuple(e["gpu_ids"])
         for e in read_ledger(out / "ledger")
         if e.get("stage") == "values" and e["kind"] == "process" and e["role"] == "Ray Train worker"
     }
-    assert len(values) == 6 and all(len(g) == 1 for g in values.values()) and len(set(values.values())) == 6
+    n_workers = 3 * min(WORKERS, load_config(out / "config.yaml").value.num_workers)
+    assert len(values) == n_workers and all(len(g) == 1 for g in values.values())
+    assert len(set(values.values())) == n_workers
 
 
 def _objects(root: str) -> dict[str, int]:
