@@ -29,6 +29,7 @@ def _has_gpu() -> bool:
 
 HEAVY_FIRST = (
     "test_rehearse.py",
+    "test_rehearse_summary.py",
     "test_kill_resume.py",
     "test_pipeline.py",
     "test_job_submission.py",

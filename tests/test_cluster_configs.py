@@ -791,7 +791,7 @@ def test_serve_yaml_deploys_the_app(tmp_path):
         "overrides": ["task.objectives=conciseness,readability"],
     }
     # The runtime_env's caches move to this test's directory (a laptop has no /mnt/mage_ray).
-    assert set(app["runtime_env"]["env_vars"]) == {"HF_HOME", "MAGE_RAY_CACHE"}
+    assert set(app["runtime_env"]["env_vars"]) == {"HF_HOME", "HF_XET_CACHE", "MAGE_RAY_CACHE"}
     app["runtime_env"]["env_vars"] = {k: str(tmp_path / k.lower()) for k in app["runtime_env"]["env_vars"]}
     deps = _deployments(app)
     deps["MageEngine"]["ray_actor_options"] = {"num_cpus": 0.5, "num_gpus": 0}

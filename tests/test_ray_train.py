@@ -28,6 +28,32 @@ def toy_objectives():
     return [length, count_e]
 
 
+def _rendezvous(objectives, where, timeout_s: float = 300.0):
+    """``objectives`` whose first call in a process waits until two processes have called them: two runs that
+    train one after the other never meet (the first times out and its run fails), two concurrent runs meet
+    however slowly each worker starts on a loaded machine."""
+    first = objectives[0]
+
+    def met(prompts, responses):
+        import os
+        import time
+        from pathlib import Path
+
+        Path(where).mkdir(parents=True, exist_ok=True)
+        mine = Path(where, str(os.getpid()))
+        if not mine.exists():
+            mine.touch()
+            t = time.monotonic()
+            while len(list(Path(where).iterdir())) < 2:
+                if time.monotonic() - t > timeout_s:
+                    raise RuntimeError("the other backbone run never started while this one trained")
+                time.sleep(0.2)
+        return first(prompts, responses)
+
+    met.name = first.name
+    return [met, *objectives[1:]]
+
+
 def smoke_cfg(tmp, *overrides: str):
     return load_config(
         None,
@@ -125,7 +151,9 @@ def test_concurrent_backbones_via_tune(ray_local, tmp_path):
 
     cfg = smoke_cfg(tmp_path)
     assert max_concurrent_runs(Scaling(), 2) == 2  # 4 logical CPUs, 1 CPU per run
-    ms = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
+    ms = train_backbones(
+        cfg, objectives=_rendezvous(toy_objectives(), tmp_path / "met"), prompts=PROMPTS, progress=False
+    )
     B = circulant_matrix(2, 0.7)
     assert [m["name"] for m in ms] == ["b0", "b1"]
     for i, m in enumerate(ms):
@@ -134,6 +162,7 @@ def test_concurrent_backbones_via_tune(ray_local, tmp_path):
         assert os.path.isfile(f"{tmp_path}/t/backbones/beta_0.7/b{i}/adapter/adapter_model.safetensors")
     (a, b) = ms
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "runs did not overlap"
+    assert len(list((tmp_path / "met").iterdir())) == 2  # both runs' workers were in the rendezvous
     mtime = os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json")
     again = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
     assert [m["created"] for m in again] == [m["created"] for m in ms]

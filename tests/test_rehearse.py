@@ -135,21 +135,23 @@ def hh_rehearsal(repo_root, tmp_path_factory):
     return out, json.loads((out / "rehearsal.json").read_text())
 
 
-def _check_report(report: dict, n: int) -> None:
+FULL_GRAPH = (
+    "beta",
+    "backbones",
+    "rollouts",
+    "values",
+    "alpha",
+    "gamma",
+    "morlhf",
+    "evaluate",
+    "grid",
+    "serve",
+)
+
+
+def _check_report(report: dict, n: int, planned: tuple[str, ...] = FULL_GRAPH) -> None:
     stages = report["stages"]
-    planned = [
-        "beta",
-        "backbones",
-        "rollouts",
-        "values",
-        "alpha",
-        "gamma",
-        "morlhf",
-        "evaluate",
-        "grid",
-        "serve",
-    ]
-    assert [s for s in planned if s in stages] == planned, list(stages)
+    assert [s for s in planned if s in stages] == list(planned), list(stages)
     assert report["failures"] == [] and report["violations"] == []
 
     def models(stage: str) -> set[str]:
@@ -165,13 +167,13 @@ def _check_report(report: dict, n: int) -> None:
         assert any(
             "GPU: 1" in r["resources"] for r in stages[st]["requested"] if r["who"].startswith("Tune trial")
         )
-    assert "decode worker (task)" in roles("beta") and "decode engine" in models(
-        "beta"
-    )  # beta trials' validation
+    if "beta" in planned:  # beta trials' validation
+        assert "decode worker (task)" in roles("beta") and "decode engine" in models("beta")
+        assert {"Ray Train worker", "beta trial"} <= roles("beta")
     assert "decode worker (task)" in roles("evaluate") and "decode engine" in models(
         "evaluate"
     )  # not the driver
-    assert {"Ray Train worker", "beta trial"} <= roles("beta")
+    assert "Ray Train worker" in roles("backbones")
     assert "rollout sampler actor" in roles("rollouts") and "rollout scorer actor" in roles("rollouts")
     assert "grid decode actor" in roles("grid") and "Serve engine replica" in roles("serve")
     assert report["serve_reply"]["finish_reason"] in ("length", "stop") and report["grid_rows"] > 0
@@ -207,16 +209,9 @@ def test_rehearse_hh_rlhf(hh_rehearsal):
     assert all("hv_lo" in r for r in beta["rows"])
     assert "vs default" in (run / "report" / "sweep.md").read_text()
     metrics = json.loads((run / "report" / "metrics.json").read_text())
-    assert set(metrics["methods"]) == {
-        "rs",
-        "bs",
-        "mod",
-        "mage-e",
-        "mage-e-m",
-        "mage-i",
-        "mage-i-m",
-        "morlhf",
-    }
+    assert {"rs", "bs", "mod", "mage-e", "mage-e-m", "mage-i", "mage-i-m", "morlhf"} <= set(
+        metrics["methods"]
+    )
     for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
         assert (run / "report" / f).exists(), f
     # the value models' 3 runs ran at once, each worker on its own (logical) GPU
@@ -228,52 +223,6 @@ def test_rehearse_hh_rlhf(hh_rehearsal):
     n_workers = 3 * min(WORKERS, load_config(out / "config.yaml").value.num_workers)
     assert len(values) == n_workers and all(len(g) == 1 for g in values.values())
     assert len(set(values.values())) == n_workers
-
-
-def _objects(root: str) -> dict[str, int]:
-    """Every object under ``root`` on the object store, with its modification time (ns)."""
-    import pyarrow.fs
-
-    from mage_ray import storage
-
-    fs, inner = storage.filesystem(root)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
-    return {i.path: i.mtime_ns for i in infos if i.type == pyarrow.fs.FileType.File}
-
-
-@pytest.mark.slow
-def test_rehearse_summary_on_s3_and_resume(repo_root, tmp_path, s3_bucket):
-    """summary.yaml rehearsed with its artifacts on an S3-compatible server (moto, started by the fixture): the
-    stages, the Ray Data grid actor and the Serve replica read the bundle from the object store; a resumed
-    rehearsal then skips every stage and writes no backbone or stage record again."""
-    from mage_ray.bundle import load_bundle
-    from mage_ray.pipeline import planned_stages
-    from mage_ray.storage import is_file, join
-
-    out, storage = tmp_path / "summary", f"{s3_bucket}/rehearsal"
-    proc = _rehearse(repo_root, "summary", out, "--storage", storage)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "rehearsal.json").read_text())
-    _check_report(report, 2)
-    run = join(storage, "summary")
-    for f in ("bundle/bundle.json", "report/metrics.json", "report/front.png", "report/sweep.md"):
-        assert is_file(join(run, f)), f
-    b = load_bundle(join(run, "bundle"))
-    assert b.source == join(run, "bundle") and b.objectives == ["faithful", "summary"] and len(b.morlhf) == 3
-    inner = run.split("://", 1)[1]
-    trained = {
-        k: v for k, v in _objects(run).items() if k.startswith((f"{inner}/backbones/", f"{inner}/stages/"))
-    }
-    assert any("/backbones/" in k for k in trained)
-
-    again = _rehearse(repo_root, "summary", out, "--storage", storage, "--resume", "--no-grid", "--no-serve")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    cfg = load_config(out / "config.yaml")
-    for st in planned_stages(cfg):
-        assert f"[pipeline] stage {st!r}: done at " in again.stdout, st
-    assert "[pipeline] ===" not in again.stdout  # no stage started again
-    after = _objects(run)
-    assert {k: after.get(k) for k in trained} == trained
 
 
 def _rerun_from(out, stages: list[str]) -> None:

@@ -293,7 +293,7 @@ def test_sweep_trial_rewards_decision_and_report(where, repo_root, monkeypatch):
     md = write_sweep_report(cfg, summary, records, None)
     report = join(cfg.storage.run_dir, "report")
     assert md == join(report, "sweep.md") and "## alpha" in read_text(md)
-    assert json.loads(read_text(join(report, "sweep.json"))) == summary
+    assert json.loads(read_text(join(report, "sweep.json"))) == {**summary, "guides": []}  # no guide trained
     assert read_bytes(join(report, "sweep_alpha.png"))[:8] == b"\x89PNG\r\n\x1a\n"
 
 

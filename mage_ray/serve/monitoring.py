@@ -77,8 +77,14 @@ class IngressMetrics:
         if completion is None:
             return
         tags = {"route": route}
-        self.tokens.inc(completion.usage.prompt_tokens, tags={**tags, "kind": "prompt"})
-        self.tokens.inc(completion.usage.completion_tokens, tags={**tags, "kind": "completion"})
+        # Ray's Counter.inc refuses 0 (ValueError): a request that failed before its prompt was encoded (the engine
+        # replica died) has none, and raising here would cut the stream that reports that failure
+        for kind, n in (
+            ("prompt", completion.usage.prompt_tokens),
+            ("completion", completion.usage.completion_tokens),
+        ):
+            if n > 0:
+                self.tokens.inc(n, tags={**tags, "kind": kind})
         if completion.rows_used:
             self.rows.observe(completion.rows_used, tags=tags)
 
