@@ -806,7 +806,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 from ray.serve._private.api import serve_start
 doc = json.load(open({str(cfg_file)!r}))
-ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 try:
     serve_start(http_options=doc["http_options"]).deploy_apps(ServeDeploySchema(**doc))
     t, st = time.time(), None

@@ -213,25 +213,6 @@ def test_incomplete_directory_is_refused(tmp_path):
         load_value_model(tmp_path)
 
 
-@pytest.mark.slow
-def test_ray_train_two_value_models_concurrently(tmp_path, synthetic_rollouts):
-    """Two objectives as two Ray Train runs inside Tune on a local 2-CPU Ray; both directories complete."""
-    import ray
-
-    from mage_ray.train.values import train_value_models
-
-    cfg = _cfg(tmp_path, "task.objectives=[frac,neg]")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        manifests = train_value_models(cfg, synthetic_rollouts, use_ray=True, steps=3)
-    finally:
-        ray.shutdown()
-    assert [m["objective"] for m in manifests] == ["frac", "neg"]
-    for m in manifests:
-        assert m["complete"] is True and m["steps"] == 3 and "ray_train_run" in m
-        load_value_model(f"{tmp_path}/smoke/values/{m['objective']}", vocab_size=49152)
-
-
 def test_resume_from_a_checkpointed_state_matches_an_uninterrupted_run(tmp_path, synthetic_rollouts):
     """What the Ray worker checkpoints (the snapshot: trainable tensors + AdamW state + step, via torch.save
     and torch.load(weights_only=True)) resumes to the same weights as a run that was never interrupted."""
