@@ -823,7 +823,7 @@ try:
         environ = dict(
             kv.split("=", 1) for kv in open(f"/proc/{{pid}}/environ").read().split("\\0") if "=" in kv
         )
-        print("ENGINE_ENV", json.dumps({{k: environ.get(k) for k in ("HF_HOME", "MAGE_RAY_CACHE")}}))
+        print("ENGINE_ENV", json.dumps({{k: environ.get(k) for k in ("HF_HOME", "HF_XET_CACHE", "MAGE_RAY_CACHE")}}))
         print("DEPLOYMENTS", sorted(st.deployments))
         t = time.time()  # the replicas' reservations reach available_resources() within a resource report
         while True:
