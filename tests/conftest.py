@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train starts a preemption-watcher actor per run (a process of its own, ~1.4 CPU-s to start); the suite's
+# local clusters are never preempted and the suite starts ~70 runs. Every resource request stays the config's.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -21,6 +21,9 @@ from mage_ray.train.ray_shell import SNAPSHOT
 
 OVERRIDES = [
     "eval.methods=[bs]",
+    # mage-i-m's guide is the backbones themselves: no rollouts or value models to train here, the stages a
+    # crash can hit are the backbone stage and the ones after it
+    "sweep.gamma_method=mage-i-m",
     "sweep.alphas=[0.0]",
     "sweep.gammas=[0.0]",
     "backbone.steps=4",
