@@ -129,7 +129,8 @@ def _rehearse(repo_root, config: str, out, *flags: str, patch: str = "") -> subp
 def hh_rehearsal(repo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("rehearse") / "hh_rlhf"
     t0 = time.time()
-    proc = _rehearse(repo_root, "hh_rlhf", out, "--no-grid", "--no-serve", *HH_OVERRIDES)  # summary's runs those
+    # summary's rehearsal runs grid and Serve
+    proc = _rehearse(repo_root, "hh_rlhf", out, "--no-grid", "--no-serve", *HH_OVERRIDES)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(f"rehearsal of hh_rlhf: {time.time() - t0:.0f} s")
     return out, json.loads((out / "rehearsal.json").read_text())
@@ -255,7 +256,9 @@ def test_rehearsal_fails_when_decode_trials_reserve_no_gpu(hh_rehearsal, tmp_pat
     shutil.copytree(hh_rehearsal[0], out)
     _rerun_from(out, ["alpha", "gamma", "evaluate"])
     patch = "import mage_ray.pipeline as p; p.decode_trial_resources = lambda cfg: {'CPU': 1}"
-    proc = _rehearse(repo_root, "hh_rlhf", out, "--resume", "--no-grid", "--no-serve", *HH_OVERRIDES, patch=patch)
+    proc = _rehearse(
+        repo_root, "hh_rlhf", out, "--resume", "--no-grid", "--no-serve", *HH_OVERRIDES, patch=patch
+    )
     assert proc.returncode == 1, proc.stdout[-2000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error:"))
     assert re.search(
@@ -272,7 +275,9 @@ def test_rehearsal_fails_when_the_driver_decodes(hh_rehearsal, tmp_path, repo_ro
     shutil.copytree(hh_rehearsal[0], out)
     _rerun_from(out, ["evaluate"])
     patch = "import mage_ray.evaluate as e; e.on_decode_worker = lambda decode, fn, *a, **k: fn(*a, **k)"
-    proc = _rehearse(repo_root, "hh_rlhf", out, "--resume", "--no-grid", "--no-serve", *HH_OVERRIDES, patch=patch)
+    proc = _rehearse(
+        repo_root, "hh_rlhf", out, "--resume", "--no-grid", "--no-serve", *HH_OVERRIDES, patch=patch
+    )
     assert proc.returncode == 1, proc.stdout[-2000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error:"))
     assert re.search(
