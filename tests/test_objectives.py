@@ -160,7 +160,8 @@ def test_readability_hand_computed():
 # content-word salad, filler; real short answers, numbers, formulas, lists) is the harder second set. Its rows
 # marked "issue" are the failures reported against the first gate (the checks filler and grammar and the
 # closed-question rule were written from them); the rows marked "blind" were written before those changes and run
-# once after them.
+# once after them; the rows marked "front" are list items repeated under new numbers that guided decoding produced
+# at the readability end of a demo front (the sentence ratio of the repetition check was written from them).
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DEGENERATE = [json.loads(line) for line in (FIXTURES / "degenerate.jsonl").open()]

@@ -20,7 +20,9 @@ symbols        fraction of the non-space characters, prose punctuation after    
                a word left out, that are letters, digits or (in a text with
                digits) math signs
 repetition     min of: distinct words / words (>= 3 words), distinct word        see ``_repetition``
-               bigrams / bigrams (>= 4 bigrams), longest run of one character
+               bigrams / bigrams (>= 4 bigrams), distinct sentences /
+               sentences (>= 2 sentences or list items, numbering left
+               out), longest run of one character
 vocabulary     fraction of words that are English words (wordfreq Zipf >= 1.5,  0.60 ... 0.85
                a number of at most 4 digits, or a short token with a digit:
                ``2x``, ``H2O``, ``5km``)
@@ -66,6 +68,7 @@ CHECKS = ("words", "script", "symbols", "repetition", "vocabulary", "echo", "fil
 
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # unicode letters/digits with inner apostrophes
 _RUN = re.compile(r"(\S)\1*")
+_SENTENCE_END = re.compile(r"[.!?\n]+")
 _PROSE_MARK = re.compile(r"(?<=[^\W_])[.,;:!?]+(?=\s|$)|[\"'()\[\]“”‘’]")  # clause ends after a word, quotes
 _MATH = set("+-=*/^%×÷<>$€£°")
 _LIST_SEPARATOR = re.compile(r"[,;\n]|(?:^|\s)(?:\d+[.)]|[-*•])\s")
@@ -170,16 +173,35 @@ def words(text: str) -> list[str]:
     return [w.lower().replace("’", "'") for w in _WORD.findall(text)]
 
 
+def _sentences(text: str) -> list[tuple[str, ...]]:
+    """The sentences and list items of ``text`` (split at . ! ? and new lines), each as its words that are not
+    numbers; items with no such word (the numbering of a list) are left out."""
+    out = []
+    for part in _SENTENCE_END.split(text):
+        ws = tuple(w for w in words(part) if not w.isdigit())
+        if ws:
+            out.append(ws)
+    return out
+
+
 def _repetition(text: str, ws: list[str]) -> float:
-    """min of three ramps: distinct words / words (0 at 0.3, 1 at 0.55; texts of >= 3 words), distinct word
-    bigrams / bigrams (0 at 0.5, 1 at 0.8; >= 4 bigrams) and the longest run of one non-space character
-    (1 up to 3, 0 from 6: ``Mmmmmmmm``, ``1111111``, ``!!!!!!``)."""
+    """min of four ramps: distinct words / words (0 at 0.3, 1 at 0.55; texts of >= 3 words), distinct word
+    bigrams / bigrams (0 at 0.5, 1 at 0.8; >= 4 bigrams), distinct sentences / sentences (0 at 0.6, 1 at 0.85;
+    >= 2 sentences or list items, their numbering left out: "1. Beach. 2. Beach. 3. Beach.", "They eat. They
+    sleep. They sleep. They eat.") and the longest run of one non-space character (1 up to 3, 0 from 6:
+    ``Mmmmmmmm``, ``1111111``, ``!!!!!!``). The sentence ratio was added after a front's texts showed guided
+    decoding repeating list items under readability-heavy preferences ("1. Buy things. 2. Buy things. ...",
+    q = 0.78 without it: the numbers make every bigram new). A list of parallel items ("1. Put on some music.
+    2. Put on some books.") is not a repetition."""
     out = 1.0
     if len(ws) >= 3:
         out = min(out, _ramp(len(set(ws)) / len(ws), 0.3, 0.55))
     bigrams = list(zip(ws, ws[1:]))
     if len(bigrams) >= 4:
         out = min(out, _ramp(len(set(bigrams)) / len(bigrams), 0.5, 0.8))
+    items = _sentences(text)
+    if len(items) >= 2:
+        out = min(out, _ramp(len(set(items)) / len(items), 0.6, 0.85))
     longest = max((len(m.group(0)) for m in _RUN.finditer(text.lower())), default=0)
     return min(out, _ramp(longest, 6, 3))
 
