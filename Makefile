@@ -38,7 +38,7 @@ browser:
 	fi
 
 test: setup browser
-	$(BIN)/pytest -q --timeout=900 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/pytest -q --timeout=900 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup browser
 	$(BIN)/pytest -q -m "not slow" --timeout=600 $(PYTEST_ARGS)

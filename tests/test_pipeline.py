@@ -30,6 +30,9 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
             # one beta: no beta trials here (the rehearsal of configs/hh_rlhf.yaml runs that Tune stage, its
             # decision and the warm start, tests/test_rehearse.py); this test covers the CPU path and the baselines
             "sweep.betas=[0.7]",
+            # WRPO's sources: the run's backbones and a full model (a tiny one with another seed, sampled as a
+            # Ray task)
+            "backbone.wrpo_sources=[tiny-random:1]",
         ],
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
@@ -51,6 +54,15 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         # the baselines trained in their own stages and joined the bundle
         assert bundle["ric"] is not None and len(bundle["modpo"]) == 3 and len(bundle["wrpo_backbones"]) == 2
         assert stage_done(cfg, "wrpo")["beta"] == bundle["beta"]
+        from mage_ray.manifest import read_manifest
+
+        wrpo = [read_manifest(d) for d in stage_done(cfg, "wrpo")["backbones"]]
+        assert [m["w"] for m in wrpo] == [pytest.approx([0.7, 0.3]), pytest.approx([0.3, 0.7])]
+        assert all(m["trainer"] == "wrpo" and "tiny-random:1" in m["sources"] for m in wrpo)
+        sampled = {p.stem for p in (run / "wrpo" / "sources").glob("*.parquet")}
+        assert len(sampled) == 3 and any("tiny-random" in p for p in sampled), (
+            sampled
+        )  # 2 backbones + the model
         for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
             assert (run / "report" / f).exists(), f
         # every method has its degenerate rate per preference and intervals; the claims are checked

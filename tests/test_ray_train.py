@@ -1,4 +1,7 @@
-"""Ray Train / Tune backbone runs on a local 4-logical-CPU Ray: DDP on gloo, kill-and-resume, concurrency."""
+"""Ray Train backbone runs on a local 4-logical-CPU Ray: DDP on gloo, kill-and-resume, a failing rank, SFT.
+
+That the n backbones of a stage train as n concurrent Tune trials is checked where the stage runs: the
+rehearsal of configs/hh_rlhf.yaml (tests/test_rehearse.py) finds its 3 backbone workers on 3 distinct GPUs at once."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ import pytest
 
 from mage_ray.config import load_config
 from mage_ray.manifest import read_manifest
-from mage_ray.soup import circulant_matrix
 
 PROMPTS = ["Say something nice.", "Tell me about boom boxes.", "What is a cat?", "Write a short poem."]
 
@@ -26,32 +28,6 @@ def toy_objectives():
 
     length.name, count_e.name = "length", "count_e"
     return [length, count_e]
-
-
-def _rendezvous(objectives, where, timeout_s: float = 300.0):
-    """``objectives`` whose first call in a process waits until two processes have called them: two runs that
-    train one after the other never meet (the first times out and its run fails), two concurrent runs meet
-    however slowly each worker starts on a loaded machine."""
-    first = objectives[0]
-
-    def met(prompts, responses):
-        import os
-        import time
-        from pathlib import Path
-
-        Path(where).mkdir(parents=True, exist_ok=True)
-        mine = Path(where, str(os.getpid()))
-        if not mine.exists():
-            mine.touch()
-            t = time.monotonic()
-            while len(list(Path(where).iterdir())) < 2:
-                if time.monotonic() - t > timeout_s:
-                    raise RuntimeError("the other backbone run never started while this one trained")
-                time.sleep(0.2)
-        return first(prompts, responses)
-
-    met.name = first.name
-    return [met, *objectives[1:]]
 
 
 def smoke_cfg(tmp, *overrides: str):
@@ -142,31 +118,6 @@ def test_worker_killed_mid_training_resumes_from_checkpoint(ray_local, tmp_path)
     assert m["steps_done"] == 4
     steps = [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
-
-
-def test_concurrent_backbones_via_tune(ray_local, tmp_path):
-    """train_backbones: the 2 columns of B(0.7) train as 2 concurrent Tune trials; a second call skips them."""
-    from mage_ray.train.ray_shell import Scaling, max_concurrent_runs
-    from mage_ray.train.ray_train import train_backbones
-
-    cfg = smoke_cfg(tmp_path)
-    assert max_concurrent_runs(Scaling(), 2) == 2  # 4 logical CPUs, 1 CPU per run
-    ms = train_backbones(
-        cfg, objectives=_rendezvous(toy_objectives(), tmp_path / "met"), prompts=PROMPTS, progress=False
-    )
-    B = circulant_matrix(2, 0.7)
-    assert [m["name"] for m in ms] == ["b0", "b1"]
-    for i, m in enumerate(ms):
-        assert m["status"] == "complete" and m["steps_done"] == 2
-        assert np.allclose(m["w"], B[:, i])
-        assert os.path.isfile(f"{tmp_path}/t/backbones/beta_0.7/b{i}/adapter/adapter_model.safetensors")
-    (a, b) = ms
-    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"], "runs did not overlap"
-    assert len(list((tmp_path / "met").iterdir())) == 2  # both runs' workers were in the rendezvous
-    mtime = os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json")
-    again = train_backbones(cfg, objectives=toy_objectives(), prompts=PROMPTS, progress=False)
-    assert [m["created"] for m in again] == [m["created"] for m in ms]
-    assert os.path.getmtime(f"{tmp_path}/t/backbones/beta_0.7/b0/manifest.json") == mtime
 
 
 @pytest.mark.slow

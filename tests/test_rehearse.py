@@ -154,11 +154,11 @@ HH_GRAPH = tuple(s for s in FULL_GRAPH if s not in ("grid", "serve"))
 """The hh_rlhf rehearsal's stages in the suite: the pipeline's whole graph; the Ray Data grid and the Serve replica
 after it run in summary's rehearsal (tests/test_rehearse_summary.py), reading its bundle from the object store."""
 
-HH_OVERRIDES = ("eval.methods=[bs,mod,mage-e-m,mage-i-m,morlhf]",)
-"""What the suite leaves out of hh_rlhf.yaml's methods: Rewarded Soups (its beta = 1 backbones are a second run of
-the backbone stage's code with the same requests) and the unmerged MAGE variants (their gamma stages are decode
-trials like mage-e-m's and mage-i-m's); summary's rehearsal runs all three. What is hh_rlhf's own: n = 3, the beta
-trials and their warm start, MORLHF, the GPT-2 reward models and the hh-rlhf dataset format."""
+HH_OVERRIDES = ("eval.methods=[bs,mage-e-m,mage-i-m,morlhf]",)
+"""What the suite leaves out of hh_rlhf.yaml's methods: the ones that read the beta = 1 backbones (rs, mod, mage-i:
+training those is a second run of the backbone stage's code with the same requests) and mage-e (its gamma stage is
+decode trials like mage-e-m's); summary's rehearsal runs all four. What is hh_rlhf's own: n = 3, the beta trials and
+their warm start, MORLHF, the GPT-2 reward models and the hh-rlhf dataset format."""
 
 
 def _check_report(report: dict, n: int, planned: tuple[str, ...] = FULL_GRAPH) -> None:
@@ -224,18 +224,22 @@ def test_rehearse_hh_rlhf(hh_rehearsal):
     assert all("hv_lo" in r for r in beta["rows"])
     assert "vs default" in (run / "report" / "sweep.md").read_text()
     metrics = json.loads((run / "report" / "metrics.json").read_text())
-    assert {"bs", "mod", "mage-e-m", "mage-i-m", "morlhf"} <= set(metrics["methods"])
+    assert {"bs", "mage-e-m", "mage-i-m", "morlhf"} <= set(metrics["methods"])
     for f in ("generations.parquet", "front.png", "metrics.md", "sweep.md", "samples.md"):
         assert (run / "report" / f).exists(), f
-    # the value models' 3 runs ran at once, each worker on its own (logical) GPU
-    values = {
-        e["pid"]: tuple(e["gpu_ids"])
-        for e in read_ledger(out / "ledger")
-        if e.get("stage") == "values" and e["kind"] == "process" and e["role"] == "Ray Train worker"
-    }
-    n_workers = 3 * min(WORKERS, load_config(out / "config.yaml").value.num_workers)
-    assert len(values) == n_workers and all(len(g) == 1 for g in values.values())
-    assert len(set(values.values())) == n_workers
+    # the 3 backbones of B(beta) and the 3 value models each ran at once (n concurrent Tune trials), each worker on
+    # its own (logical) GPU: Ray hands a freed GPU out again, so runs one after the other would share one
+    ledger = read_ledger(out / "ledger")
+    user = load_config(out / "config.yaml")
+    for stage, section in (("backbones", user.backbone), ("values", user.value)):
+        gpus = {
+            e["pid"]: tuple(e["gpu_ids"])
+            for e in ledger
+            if e.get("stage") == stage and e["kind"] == "process" and e["role"] == "Ray Train worker"
+        }
+        n_workers = 3 * min(WORKERS, section.num_workers)
+        assert len(gpus) == n_workers and all(len(g) == 1 for g in gpus.values()), (stage, gpus)
+        assert len(set(gpus.values())) == n_workers, (stage, gpus)
 
 
 def _rerun_from(out, stages: list[str]) -> None:

@@ -1,21 +1,21 @@
-"""WRPO backbones: loss, alpha schedule, triples, sources, a training step, Ray Train -> bundle -> bs."""
+"""WRPO backbones: loss, alpha schedule, triples, sources, a training step. The Ray Train path (n WRPO backbones
+as concurrent runs, a full-model source sampled as a Ray task, the bundle serving bs-wrpo) runs in the smoke pipeline
+test (tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pyarrow as pa
 import pytest
 import torch
-from offline_fixtures import OBJECTIVES, offline_cfg, write_rollouts
+from offline_fixtures import offline_cfg, write_rollouts
 
-from mage_ray.manifest import read_manifest, write_manifest
+from mage_ray.manifest import write_manifest
 from mage_ray.train.preference_data import build_triples
 from mage_ray.train.ray_shell import TrainContext
 from mage_ray.train.wrpo import (
     train_wrpo_backbone,
-    train_wrpo_backbones,
     wrpo_alpha,
     wrpo_loss,
 )
@@ -139,56 +139,6 @@ def test_one_step_changes_the_lora_and_alpha_follows_the_schedule(tmp_path):
     alphas = [json.loads(x)["alpha"] for x in (tmp_path / "b0" / "metrics.jsonl").read_text().splitlines()]
     assert alphas == [0.0, 0.5]
     load_adapter(f"{out}/adapter")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.mark.slow
-def test_wrpo_backbones_through_ray_train_then_bone_soup(ray_local, tmp_path):
-    """n = 2 WRPO backbones of B(0.7) as concurrent Ray Train runs, one full-model source (a tiny model with
-    another seed, sampled as a Ray task); the backbone layout serves Bone Soup ('bs') from a bundle."""
-    from mage_ray.bundle import build_bundle
-    from mage_ray.decode import Engine, Request
-    from mage_ray.lora_mix import load_adapter
-    from mage_ray.train.ray_train import backbone_dir
-
-    cfg = _cfg(tmp_path)
-    target = write_rollouts(tmp_path)
-    manifests = train_wrpo_backbones(
-        cfg, beta=0.7, sources=["tiny-random:1"], rollouts_path=target, progress=False
-    )
-    assert [m["name"] for m in manifests] == ["b0", "b1"]
-    assert [m["w"] for m in manifests] == [pytest.approx([0.7, 0.3]), pytest.approx([0.3, 0.7])]
-    assert all(m["trainer"] == "wrpo" and m["beta"] == 0.7 and m["steps_done"] == 2 for m in manifests)
-    assert manifests[0]["sources"] == ["tiny-random:1"]
-    dirs = [backbone_dir(cfg, 0.7, nm) for nm in ("b0", "b1")]
-    assert dirs[1].endswith("/backbones/beta_0.7/b1")
-    for d in dirs:
-        assert read_manifest(d)["status"] == "complete"
-        load_adapter(f"{d}/adapter")
-    assert len(list((tmp_path / "smoke" / "wrpo" / "sources").glob("*.parquet"))) == 1
-
-    bundle = build_bundle(
-        tmp_path / "bundle",
-        model="tiny-random",
-        objectives=OBJECTIVES,
-        beta=0.7,
-        backbones=dirs,
-        wrpo_backbones=dirs,
-        default_method="bs",
-    )
-    (out,) = Engine.from_bundle(bundle, methods=["bs"]).generate(
-        [Request("What is 2 plus 2?", preference=[0.5, 0.5], method="bs", max_new_tokens=4)]
-    )
-    assert out.finish_reason != "error", out.error
-    shutil.rmtree(tmp_path / "bundle")
 
 
 def test_train_backbones_dispatches_to_wrpo_and_names_missing_sources(tmp_path):
