@@ -1,4 +1,4 @@
-"""MODPO: loss, pivot choice, pair construction, a training step, resume, Ray Train -> bundle -> decode."""
+"""MODPO: loss, pivot choice, pair construction, a training step, resume, a grid point -> bundle -> decode."""
 
 from __future__ import annotations
 
@@ -123,18 +123,10 @@ def test_one_step_changes_the_lora_and_writes_the_artifact(tmp_path):
     assert json.loads(lines[0])["step"] == 1
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.mark.slow
-def test_modpo_through_ray_train_and_decode(ray_local, tmp_path, capsys):
-    """A grid point as a Ray Train run; a fixed pivot 0 skips (0, 1); the bundle decodes method 'modpo'."""
+def test_modpo_grid_point_trains_skips_and_decodes(tmp_path, capsys):
+    """A grid point trains into its directory; a fixed pivot 0 skips (0, 1) and a complete point is not retrained
+    (neither starts Ray); the bundle decodes method 'modpo'. (The grid as concurrent Ray Train runs is the smoke
+    pipeline test's modpo stage, tests/test_pipeline.py.)"""
     from mage_ray.bundle import build_bundle
     from mage_ray.decode import Engine, Request
     from mage_ray.lora_mix import load_adapter
@@ -142,14 +134,17 @@ def test_modpo_through_ray_train_and_decode(ray_local, tmp_path, capsys):
     cfg = _cfg(tmp_path)
     rollouts = write_rollouts(tmp_path)
     mu = [0.0, 1.0]
-    (manifest,) = train_modpo_grid(cfg, [mu], rollouts_path=rollouts, progress=False)
-    assert manifest["preference"] == mu and manifest["pivot"] == 1 and manifest["name"] == "mu_0-1"
-    assert manifest["status"] == "complete" and manifest["steps_done"] == 2 and manifest["ray_train_run"]
     d = modpo_dir(cfg, mu)
-    assert d.endswith("/modpo/mu_0-1") and read_manifest(d)["status"] == "complete"
+    assert d.endswith("/modpo/mu_0-1")
+    manifest = train_modpo(cfg, d, mu=mu, rollouts_path=rollouts)
+    assert manifest["preference"] == mu and manifest["pivot"] == 1
+    assert manifest["status"] == "complete" and manifest["steps_done"] == 2
+    assert read_manifest(d)["status"] == "complete"
     load_adapter(f"{d}/adapter")
     assert train_modpo_grid(cfg, [mu], rollouts_path=rollouts, pivot=0, progress=False) == []
     assert "skipping mu=[0.0, 1.0]" in capsys.readouterr().out
+    (again,) = train_modpo_grid(cfg, [mu], rollouts_path=rollouts, progress=False)
+    assert again["created"] == manifest["created"]
 
     bundle = build_bundle(
         tmp_path / "bundle",

@@ -56,7 +56,12 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path, repo_root):
         assert stage_done(cfg, "wrpo")["beta"] == bundle["beta"]
         from mage_ray.manifest import read_manifest
 
+        # RiC, the MODPO grid and the WRPO backbones trained as Ray Train runs (their module tests train in-process)
+        modpo = [json.loads(p.read_text()) for p in (run / "modpo").glob("mu_*/manifest.json")]
+        assert len(modpo) == 3 and all(m["ray_train_run"] for m in modpo)
+        assert read_manifest(run / "ric")["ray_train_run"]
         wrpo = [read_manifest(d) for d in stage_done(cfg, "wrpo")["backbones"]]
+        assert all(m["ray_train_run"] for m in wrpo)
         assert [m["w"] for m in wrpo] == [pytest.approx([0.7, 0.3]), pytest.approx([0.3, 0.7])]
         assert all(m["trainer"] == "wrpo" and "tiny-random:1" in m["sources"] for m in wrpo)
         sampled = {p.stem for p in (run / "wrpo" / "sources").glob("*.parquet")}

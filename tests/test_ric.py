@@ -1,4 +1,4 @@
-"""RiC: tag format, preference-to-target mapping, prompt round trip, online rounds, Ray Train -> decode."""
+"""RiC: tag format, preference-to-target mapping, prompt round trip, online rounds, training -> decode."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from mage_ray.train.ric import (
     select_online,
     sft_loss,
     train_ric,
-    train_ric_ray,
 )
 
 
@@ -119,19 +118,10 @@ def test_offline_and_online_rounds_train_on_the_tagged_prompts(tmp_path):
     assert read_manifest(out)["status"] == "complete"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.mark.slow
-def test_ric_through_ray_train_and_decode_with_the_training_prompt(ray_local, tmp_path):
-    """RiC as a Ray Train run; the decode engine's prompt tokens for method 'ric' equal the training encoding
-    of the same prompt tagged with the mapped targets."""
+def test_ric_decodes_with_the_training_prompt(tmp_path):
+    """The decode engine's prompt tokens for method 'ric' equal the training encoding of the same prompt tagged
+    with the mapped targets. (RiC as a Ray Train run, ``train_ric_ray``, is the smoke pipeline test's ric stage,
+    tests/test_pipeline.py.)"""
     from mage_ray.bundle import build_bundle
     from mage_ray.decode import Engine, Request
     from mage_ray.lora_mix import load_adapter
@@ -139,9 +129,9 @@ def test_ric_through_ray_train_and_decode_with_the_training_prompt(ray_local, tm
     from mage_ray.train.rollouts import encode_prompts
 
     cfg = _cfg(tmp_path)
-    m = train_ric_ray(cfg, rollouts_path=write_rollouts(tmp_path), progress=False)
-    out = str(tmp_path / "smoke" / "ric")
-    assert m["status"] == "complete" and m["steps_done"] == 2 and read_manifest(out)["mapping"] == "linf"
+    out = str(tmp_path / "ric")
+    m = train_ric(cfg, out, rollouts_path=write_rollouts(tmp_path), steps=1, rounds=1)
+    assert m["status"] == "complete" and m["steps_done"] == 1 and read_manifest(out)["mapping"] == "linf"
     load_adapter(f"{out}/adapter")
 
     bundle = build_bundle(
