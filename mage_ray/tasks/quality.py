@@ -191,8 +191,9 @@ def _repetition(text: str, ws: list[str]) -> float:
     sleep. They sleep. They eat.") and the longest run of one non-space character (1 up to 3, 0 from 6:
     ``Mmmmmmmm``, ``1111111``, ``!!!!!!``). The sentence ratio was added after a front's texts showed guided
     decoding repeating list items under readability-heavy preferences ("1. Buy things. 2. Buy things. ...",
-    q = 0.78 without it: the numbers make every bigram new). A list of parallel items ("1. Put on some music.
-    2. Put on some books.") is not a repetition."""
+    q = 0.78 without it: the numbers make every bigram new). Distinct items that share words ("1. Put on some
+    music. 2. Put on some books.") leave the sentence ratio at 1 (their shared bigrams still lower the bigram
+    ratio, not below the flag)."""
     out = 1.0
     if len(ws) >= 3:
         out = min(out, _ramp(len(set(ws)) / len(ws), 0.3, 0.55))
