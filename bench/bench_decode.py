@@ -49,8 +49,8 @@ def random_adapter(model, name: str, seed: int, r: int = 8, targets=("q_proj", "
     return LoraAdapter(name=name, modules=modules, scaling=scaling)
 
 
-def build_engine(model_name: str) -> Engine:
-    model, tok = load_policy(ModelConfig(name_or_path=model_name))
+def build_engine(model_name: str, dtype: str = "float32") -> Engine:
+    model, tok = load_policy(ModelConfig(name_or_path=model_name, dtype=dtype))
     V, H = model.get_output_embeddings().out_features, model.config.hidden_size
     values = []
     for i in range(2):

@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_serve.py --model tiny-random --clients 1,4 --max-tokens 8   # smoke run
     .venv/bin/python bench/bench_serve.py --checkouts .,/tmp/main --pairs 2 --clients 1,32 --methods default,bs \
         --no-naive --out /tmp/compare.json          # two revisions, alternated run by run, same bundle
+    .venv/bin/python bench/bench_serve.py --dtype bfloat16 ...   # serve a copy of the bundle in bf16 (model.dtype)
 
 One replica (``serve.num_cpus`` = --replica-cpus, max_batch_size = the largest client count) on a fresh local
 Ray, over ``runs/embedded/bundle`` if it exists, else a bundle of random r=8 adapters (q/k/v/o) and random value
@@ -223,6 +224,18 @@ def _bundle(args) -> tuple[Path, str]:
     )
 
 
+def _with_dtype(bundle: Path, dtype: str) -> Path:
+    """A copy of ``bundle`` whose base policy loads in ``dtype`` (bundle.json's ``model.dtype``)."""
+    import shutil
+
+    copy = Path(tempfile.mkdtemp(prefix="bench_serve_dtype_")) / "bundle"
+    shutil.copytree(bundle, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta.setdefault("model", {})["dtype"] = dtype
+    (copy / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return copy
+
+
 def _loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -312,6 +325,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--bundle", default=None, help="bundle dir (default runs/embedded/bundle if it exists)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="serve a copy of the bundle whose model.dtype is this (default: the bundle's own)",
+    )
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -330,6 +349,9 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     bundle, source = _bundle(args)
+    if args.dtype:
+        bundle, source = _with_dtype(bundle, args.dtype), f"{source}, served as {args.dtype}"
+        args.bundle, args.dtype = str(bundle), None  # the --checkouts runs get the copy
     if args.checkouts:
         compare(args, bundle, source)
         return
