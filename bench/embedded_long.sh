@@ -13,7 +13,8 @@
 # parm_search.txt already holds its verdict; (3) `ray job submit` of jobs/pipeline.py with the search's
 # arm.parm_learning_rate / arm.parm_steps (the largest lr at the most steps when none passed, said in the log);
 # (4) the PARM check on the bundle and the docs section (bench/study_section.py) into $RUN/section.md. Each step's
-# start and end are logged with the time to $RUN/study.log. The cluster is left running (cluster/local/stop.sh).
+# start and end are logged with the time to $RUN/study.log. The cluster is left running (cluster/local/stop.sh);
+# one recorded in $CLUSTER_DIR that no longer answers (the machine restarted) is cleared and started again.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +31,14 @@ cd "$REPO"
 mkdir -p "$RUN"
 log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RUN/study.log"; }
 
+if [[ -f "$CLUSTER_DIR/env" ]]; then
+  # a cluster recorded by an earlier run: keep it if it answers, else (machine restarted) clear and start anew
+  if ! (source "$CLUSTER_DIR/env" && timeout 120 "$REPO/.venv/bin/ray" status --address "$RAY_ADDRESS" >/dev/null 2>&1); then
+    log "the cluster recorded in $CLUSTER_DIR does not answer: stopping what is left of it and starting a new one"
+    cluster/local/stop.sh || true
+    rm -f "$CLUSTER_DIR/env"
+  fi
+fi
 if [[ ! -f "$CLUSTER_DIR/env" ]]; then
   NUM_WORKERS=1 HEAD_CPUS=1 WORKER_CPUS=1 WORKER_GPUS=0 cluster/local/start.sh
   log "cluster started in $CLUSTER_DIR"
