@@ -4,7 +4,8 @@
         --command "ray job submit ... -- python jobs/pipeline.py --config configs/embedded_long.yaml ..." \\
         --spread /abs/runs/embedded_long/arm_spread.txt > /tmp/section.md
 
-Reads ``<run>/stages/*.json`` (stage times), ``<run>/report/`` (metrics.md: the metric, HV-ratio and claims tables
+Reads ``<run>/stages/*.json`` (stage times), ``<run>/study.log`` when there is one (bench/embedded_long.sh's steps:
+their wall times, which include stages a step ran before the pipeline, recorded there with 0 s), ``<run>/report/`` (metrics.md: the metric, HV-ratio and claims tables
 with the report's instruments; metrics.json; generations.parquet: sample texts), ``<run>/report/sweep.json``
 (serving and claims choices, the learned guides' held-out accuracy) and, with ``--spread``, the saved output of
 ``bench/arm_spread.py`` (PARM's total-variation check). Prints Markdown: the command, stage times, the choices, the
@@ -47,6 +48,33 @@ def stage_times(run: Path) -> str:
         total += s
         lines.append(f"| {name} | {s:.0f} |")
     lines.append(f"| **total** | **{total:.0f} ({total / 60:.1f} min)** |")
+    return "\n".join(lines)
+
+
+def study_steps(log: Path) -> str:
+    """Table of the steps in a bench/embedded_long.sh log ("<UTC time> step N: what" ... "<UTC time> step N done")."""
+    from datetime import datetime
+
+    started: dict[str, tuple[datetime, str]] = {}
+    lines = ["| step | what | started (UTC) | ended (UTC) | minutes |", "|---|---|---|---|---|"]
+    for raw in log.read_text().splitlines():
+        stamp, _, text = raw.partition(" ")
+        if not text.startswith("step "):
+            continue
+        try:
+            t = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")
+        except ValueError:
+            continue
+        head, _, rest = text.partition(":")
+        name = head.split()[1]
+        if head.endswith(" done"):
+            if name in started:
+                t0, what = started.pop(name)
+                lines.append(
+                    f"| {name} | {what} | {t0:%Y-%m-%d %H:%M} | {t:%H:%M} | {(t - t0).total_seconds() / 60:.1f} |"
+                )
+        else:
+            started[name] = (t, rest.strip())
     return "\n".join(lines)
 
 
@@ -119,6 +147,13 @@ def main() -> None:
     if args.command:
         out.append(f"    {args.command}\n")
     out += ["### Stage times\n", stage_times(run), ""]
+    if (run / "study.log").is_file():
+        out += [
+            "Stages with 0 s were done before this pipeline invocation (by an earlier step below, or reused).\n",
+            "Steps of bench/embedded_long.sh (wall time, from study.log):\n",
+            study_steps(run / "study.log"),
+            "",
+        ]
     if sweep:
         out += ["### Choices of the sweep\n", choices(sweep), ""]
     out += [
