@@ -351,7 +351,6 @@ def main() -> None:
     bundle, source = _bundle(args)
     if args.dtype:
         bundle, source = _with_dtype(bundle, args.dtype), f"{source}, served as {args.dtype}"
-        args.bundle, args.dtype = str(bundle), None  # the --checkouts runs get the copy
     if args.checkouts:
         compare(args, bundle, source)
         return
