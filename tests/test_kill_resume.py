@@ -27,6 +27,9 @@ OVERRIDES = [
     "sweep.alphas=[0.0]",
     "sweep.gammas=[0.0]",
     "backbone.steps=4",
+    # 2 training prompts, 2 per step: every step is an epoch, so a backbone run resumed from its checkpoint has
+    # whole epochs behind it (the prompt order of an uninterrupted run needs the sampler's epochs replayed)
+    "task.n_train=2",
     "storage.run_name=k",
 ]
 TIMINGS = {"decode_seconds", "wall_time_s", "seconds", "created"}

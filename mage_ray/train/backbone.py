@@ -206,6 +206,42 @@ def _vllm_args(b) -> dict[str, Any]:
     }
 
 
+def replay_sampler_epochs(sampler: Any, epochs: int) -> None:
+    """Advance a TRL ``RepeatSampler``'s generator past ``epochs`` finished epochs.
+
+    The sampler draws one permutation of the prompts per epoch from its own ``torch.Generator`` (seeded once, never
+    reseeded by epoch), and a Trainer resumed from a checkpoint skips the batches of its current epoch but not the
+    permutations of the epochs before it: without this, a run resumed after its first epoch trains on the first
+    epoch's prompt order again and its adapters differ from an uninterrupted run's. Drawing the same number of
+    permutations again puts the generator where the uninterrupted run had it. A sampler that does not shuffle, or
+    another sampler class, is left alone."""
+    import torch
+
+    generator = getattr(sampler, "generator", None)
+    if generator is None or not getattr(sampler, "shuffle", False):
+        return
+    for _ in range(epochs):
+        torch.randperm(sampler.num_samples, generator=generator)
+
+
+def _resumable(trainer_cls: type) -> type:
+    """``trainer_cls`` (TRL's GRPO / RLOO trainer) whose resumed runs see the prompts of an uninterrupted run
+    (:func:`replay_sampler_epochs`). An uninterrupted run is unchanged: it replays 0 epochs."""
+
+    class Resumable(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            self._mage_train_sampler = super()._get_train_sampler(*args, **kwargs)
+            return self._mage_train_sampler
+
+        def _init_training_state(self, *args, **kwargs):
+            epochs_trained, steps_in_epoch = super()._init_training_state(*args, **kwargs)
+            replay_sampler_epochs(getattr(self, "_mage_train_sampler", None), epochs_trained)
+            return epochs_trained, steps_in_epoch
+
+    Resumable.__name__ = Resumable.__qualname__ = trainer_cls.__name__
+    return Resumable
+
+
 def _trainer_args(cfg: Config, trainer: str, w: np.ndarray, steps: int, output_dir: Path, quiet: bool):
     """GRPOConfig / RLOOConfig for one backbone. Completions per worker and optimizer step = prompts_per_step *
     num_generations, sampled in one generate call (TRL steps_per_generation = gradient_accumulation_steps) and
@@ -372,7 +408,7 @@ def train_backbone(
         from trl import GRPOTrainer as TrainerCls
     else:
         from trl import RLOOTrainer as TrainerCls
-    trainer = TrainerCls(
+    trainer = _resumable(TrainerCls)(
         model=model,
         reward_funcs=list(rewards),
         args=args,
