@@ -7,19 +7,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_rehearse import FULL_GRAPH, _check_report, _rehearse
+from test_rehearse import FULL_GRAPH, _check_report, _rehearse, check_runs_held_distinct_gpus
 
 from mage_ray.config import load_config
 
 SUMMARY_OVERRIDES = (
     "sweep.betas=[0.7]",
-    "eval.methods=[rs,bs,mod,mage-e,mage-e-m,mage-i,mage-i-m]",
+    "eval.methods=[rs,bs,mod,mage-e-m,mage-i-m]",
 )
-"""What the suite leaves out of summary.yaml's graph: the beta trials (one candidate) and MORLHF. The hh_rlhf
-rehearsal runs both through the same code with the same requests (a Tune trial per beta driving its backbone runs;
-one GRPO Train run per grid point); what is summary's own (its reward model classes, BART and GPT-2, and its dataset
-format) goes through every stage that is left: backbones, rollouts, value models, the decode sweeps, evaluation,
-grid and Serve. `mage-ray rehearse --config configs/summary.yaml` runs all of it."""
+"""What the suite leaves out of summary.yaml's graph: the beta trials (one candidate) and MORLHF, which the hh_rlhf
+rehearsal runs through the same code with the same requests (a Tune trial per beta driving its backbone runs; one
+GRPO Train run per grid point), and mage-e and mage-i, whose gamma stages are decode trials like mage-e-m's and
+mage-i-m's. What is summary's own (its reward model classes, BART and GPT-2, and its dataset format) goes through
+every stage that is left: backbones at beta and at 1, rollouts, value models, the decode sweeps, evaluation, grid
+and Serve. `mage-ray rehearse --config configs/summary.yaml` runs all of it."""
 
 
 def _objects(root: str) -> dict[str, int]:
@@ -47,6 +48,8 @@ def test_rehearse_summary_on_s3_and_resume(repo_root, tmp_path, s3_bucket):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "rehearsal.json").read_text())
     _check_report(report, 2, tuple(s for s in FULL_GRAPH if s not in ("beta", "morlhf")))
+    # the 2 value-model runs at once (the backbones stage also trains the beta = 1 pair after B(beta)'s)
+    check_runs_held_distinct_gpus(out, 2, ("values",))
     run = join(storage, "summary")
     for f in ("bundle/bundle.json", "report/metrics.json", "report/front.png", "report/sweep.md"):
         assert is_file(join(run, f)), f
