@@ -36,6 +36,10 @@ from mage_ray.devices import HUB_MAP_ENV, REHEARSAL_ENV, set_stage
 __all__ = ["RehearsalFailed", "cluster_shape", "read_ledger", "rehearsal_overrides", "rehearse", "summarise"]
 
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train V2's controller poll interval (seconds); a rehearsal sets 0.25 unless the environment has one."""
+
+
 class RehearsalFailed(RuntimeError):
     """The rehearsal found a defect: a model on a GPU its process does not hold, a failed stage or trial."""
 
@@ -365,6 +369,11 @@ def rehearse(
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
+    # Ray Train's controller polls its workers every 2 s and a worker's report waits for that poll: the stand-ins'
+    # steps take a fraction of a second, so each rehearsed step would wait ~2 s and each run ~5 s at its end (a
+    # real step takes longer than the poll and never waits). A value you set is kept.
+    if TRAIN_POLL_ENV not in os.environ:
+        env[TRAIN_POLL_ENV] = "0.25"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     print(
