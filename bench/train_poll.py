@@ -21,15 +21,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 INTERVALS = ("2.0", "0.25")
-PIPELINE_OVERRIDES = [  # tests/test_kill_resume.py's run
-    "eval.methods=[bs]",
-    "sweep.gamma_method=mage-i-m",
-    "sweep.alphas=[0.0]",
-    "sweep.gammas=[0.0]",
-    "backbone.steps=4",
-    "task.n_train=2",
-    "storage.run_name=k",
-]
 NOOP = """
 import time, ray, ray.train
 from ray.train.torch import TorchTrainer
@@ -63,7 +54,10 @@ def noop(interval: str) -> str:
 
 def pipeline(interval: str) -> str:
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "jobs/pipeline.py", "--config", "configs/smoke.yaml", *PIPELINE_OVERRIDES]
+        sys.path.insert(0, str(REPO / "tests"))
+        from test_kill_resume import OVERRIDES  # the kill/resume test's run, not a copy of it
+
+        cmd = [sys.executable, "jobs/pipeline.py", "--config", "configs/smoke.yaml", *OVERRIDES]
         t = time.monotonic()
         subprocess.run(
             [*cmd, f"storage.storage_path={d}"],
